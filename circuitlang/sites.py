@@ -1,0 +1,187 @@
+"""Typed sites: a place in a transformer is a value, never a hook-name string.
+
+These values are shared by every stage: the resolver produces them from the
+language (`head 9.6.q at END`), the model adapters turn them into tensors (the only
+place that knows module paths), and the intervention graph uses them as node keys.
+
+Conventions (the same for every architecture):
+
+* `Embed()` is the residual stream's starting value: token plus learned positional
+  embeddings (rotary models have only the token part). `TokenEmbed()` and
+  `PosEmbed()` name the two parts separately.
+* `Head(layer, head, channel)` is one attention head. Channel `Q`, `K`, `V` is the
+  *input* of that head's query/key/value computation: the normalised residual
+  stream the head reads, at the given positions (so an edge `5.5 -> 8.6.q` changes
+  what 8.6's query sees). Channel `OUT` is the head's own contribution to the
+  residual stream (its `z @ W_O` slice, without the shared output bias). Channel
+  `PATTERN` is its attention pattern (after softmax), shape [query, key].
+* `Mlp(layer)` is the MLP block's output (its contribution to the residual stream).
+* `Resid(layer)` is the residual stream entering block `layer`;
+  `Resid(n_layers)` is the final residual stream before the final norm.
+* `Logits()` is the unembedded output.
+
+Positions are names a task defines (`Position("S1", 1)` is `S1+1`); `ALL` is every
+position. The model layer receives concrete per-row token indices, never names.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+
+class Channel(enum.Enum):
+    """Which part of an attention head a site refers to."""
+
+    Q = "q"
+    K = "k"
+    V = "v"
+    OUT = "out"
+    PATTERN = "pattern"
+
+    @classmethod
+    def parse(cls, text: str) -> "Channel":
+        for channel in cls:
+            if channel.value == text:
+                return channel
+        raise ValueError(f"unknown channel {text!r}")
+
+    @property
+    def is_input(self) -> bool:
+        return self in (Channel.Q, Channel.K, Channel.V)
+
+
+@dataclass(frozen=True, slots=True)
+class Embed:
+    """Token + positional embedding: the residual stream before block 0."""
+
+    def __str__(self) -> str:
+        return "embed"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEmbed:
+    """The token embedding alone."""
+
+    def __str__(self) -> str:
+        return "embed.token"
+
+
+@dataclass(frozen=True, slots=True)
+class PosEmbed:
+    """The learned positional embedding alone (absent in rotary models)."""
+
+    def __str__(self) -> str:
+        return "embed.position"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Head:
+    """One attention head; `channel` picks its q/k/v input, output, or pattern."""
+
+    layer: int
+    head: int
+    channel: Channel = Channel.OUT
+
+    def with_channel(self, channel: Channel) -> "Head":
+        return Head(self.layer, self.head, channel)
+
+    def __str__(self) -> str:
+        base = f"head {self.layer}.{self.head}"
+        return base if self.channel is Channel.OUT else f"{base}.{self.channel.value}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Mlp:
+    """The output of MLP block `layer`."""
+
+    layer: int
+
+    def __str__(self) -> str:
+        return f"mlp {self.layer}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Resid:
+    """The residual stream entering block `layer` (`n_layers` means the final one)."""
+
+    layer: int
+
+    def __str__(self) -> str:
+        return f"resid {self.layer}"
+
+
+@dataclass(frozen=True, slots=True)
+class Logits:
+    """The model's output logits."""
+
+    def __str__(self) -> str:
+        return "logits"
+
+
+Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, Resid, Logits]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A token position named by a task, with an optional offset (`S1+1`).
+
+    `Position("all")` (the constant `ALL`) means every position.
+    """
+
+    name: str
+    offset: int = 0
+
+    @property
+    def is_all(self) -> bool:
+        return self.name == "all"
+
+    def __str__(self) -> str:
+        if self.offset > 0:
+            return f"{self.name}+{self.offset}"
+        if self.offset < 0:
+            return f"{self.name}{self.offset}"
+        return self.name
+
+
+ALL = Position("all")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What sites a model has: enough to check a hypothesis without loading weights.
+
+    Attributes:
+        n_layers: number of transformer blocks.
+        n_heads: query heads per attention layer.
+        n_kv_heads: key/value heads per layer (== n_heads unless grouped-query).
+        d_model: residual stream width.
+        d_head: per-head width.
+        vocab_size: tokenizer vocabulary size.
+        n_ctx: maximum context length.
+        has_mlp: False for attention-only models.
+        architecture: adapter name ("gpt2", "gpt_neox", "llama", ...).
+        name: what the user called the model (hub id, path or short name).
+    """
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    n_kv_heads: int | None = None
+    vocab_size: int = 0
+    n_ctx: int = 0
+    has_mlp: bool = True
+    architecture: str = "unknown"
+    name: str = ""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def heads(self) -> list[Head]:
+        """Every head, in (layer, head) order."""
+        return [Head(l, h) for l in range(self.n_layers) for h in range(self.n_heads)]
+
+    def describe(self) -> str:
+        return f"{self.n_layers} layers x {self.n_heads} heads"
