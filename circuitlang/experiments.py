@@ -1,0 +1,300 @@
+"""The field's standard experiments, batched: activation patching, path patching, ablation.
+
+Takes a loaded model, a task's `PromptSet` (clean prompts with aligned corrupt
+ones) and the sites to intervene on; gives per-site metric values as numpy arrays
+(a layer x head grid for a `patch head * at END` sweep).
+
+Conventions, the same as TransformerLens's `patching` module:
+
+* **Activation patching** (`patch SITE at P`) runs the *corrupt* prompt and puts
+  back the *clean* value of one site at P ("denoising"); `direction="noise"` runs
+  the clean prompt with the corrupt value instead. The metric is read against the
+  clean prompt's answers. `normalized = (patched - corrupt) / (clean - corrupt)`:
+  1 when the site alone restores the behaviour, 0 when it does nothing.
+* **Path patching** (`patch A -> B.q at P`) changes only the direct path: the
+  receiver's input at P becomes its own input plus (clean A - corrupt A), with
+  everything else left as the run computes it.
+* **Ablation** (`ablate SITES with mean|zero|resample at P`) replaces the sites'
+  values on the clean prompt by their dataset mean, zero, or their value on
+  another random prompt of the dataset.
+
+Many patches run in one forward pass: rows of the batch are (site, prompt) pairs,
+each `Patch` touching only its own rows (`Patch.rows`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from circuitlang.errors import ExecutionError
+from circuitlang.execute import position_index, run_batched
+from circuitlang.sites import Channel, Head, Logits, Position, Resid
+
+
+@dataclass
+class ExperimentResult:
+    """The numbers of one experiment statement.
+
+    Attributes:
+        kind: "patch", "path_patch" or "ablate".
+        text: the statement, as written.
+        sites: the sites intervened on, one per entry of `values` (flattened).
+        values: mean patched metric per site, shaped like the sweep's grid.
+        normalized: `values` mapped to [0 = corrupt, 1 = clean].
+        per_prompt: [n_sites, n_prompts] patched metric.
+        clean, corrupt: mean metric of the unpatched clean and corrupt runs.
+    """
+
+    kind: str
+    text: str
+    sites: list
+    values: np.ndarray
+    normalized: np.ndarray
+    per_prompt: np.ndarray
+    clean: float
+    corrupt: float
+    metric: str = ""
+    grid: tuple | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "text": self.text,
+            "metric": self.metric,
+            "sites": [str(s) for s in self.sites],
+            "values": np.nan_to_num(self.values, nan=0.0).tolist(),
+            "normalized": np.nan_to_num(self.normalized, nan=0.0).tolist(),
+            "clean": self.clean,
+            "corrupt": self.corrupt,
+            "grid": list(self.grid) if self.grid else None,
+        }
+
+    def render(self) -> str:
+        lines = [f"{self.text}   ({self.metric}; clean {self.clean:.4g}, corrupt {self.corrupt:.4g})"]
+        if self.grid and len(self.grid) == 2:
+            rows, cols = self.grid
+            lines.append("        " + "".join(f"{c:>7}" for c in range(cols)))
+            for r in range(rows):
+                cells = "".join(f"{v:>7.2f}" for v in self.normalized.reshape(rows, cols)[r])
+                lines.append(f"  L{r:<4} {cells}")
+            lines.append("  (normalized: 1 = restores the clean behaviour, 0 = no effect)")
+        else:
+            for s, v, nv in zip(self.sites, self.values.ravel(), self.normalized.ravel()):
+                lines.append(f"  {str(s):<28} {v:>9.4g}   normalized {nv:>7.3f}")
+        return "\n".join(lines)
+
+
+class Experiments:
+    """Runs experiments on one model, task and prompt set, sharing the clean/corrupt runs."""
+
+    def __init__(self, model, task, prompts, metric: str, *, batch_size: int = 64):
+        self.model = model
+        self.task = task
+        self.prompts = prompts
+        self.metric = metric
+        self.batch_size = batch_size
+        self.passes = 0
+        self._cache: dict = {}
+        self._clean_logits = None
+
+    # -- plain runs --------------------------------------------------------------
+
+    def _ids(self, which: str) -> torch.Tensor:
+        return self.prompts.input_ids if which == "clean" else self.prompts.corrupt_input_ids
+
+    def capture(self, which: str, sites) -> dict:
+        """Plain values of `sites` on the clean or corrupt prompts (cached)."""
+        missing = [s for s in dict.fromkeys(sites) if (which, s) not in self._cache]
+        if missing:
+            parts = {s: [] for s in missing}
+            ids = self._ids(which)
+            for start in range(0, len(ids), self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                run = run_batched(self.model, ids[sl], self.prompts.attention_mask[sl], capture=missing)
+                for s in missing:
+                    parts[s].append(run.cache[s].detach())
+            self.passes += 1
+            for s in missing:
+                self._cache[(which, s)] = torch.cat(parts[s])
+        return {s: self._cache[(which, s)] for s in sites}
+
+    def baseline(self, which: str) -> np.ndarray:
+        """Per-prompt metric of the unpatched clean or corrupt run."""
+        key = ("metric", which)
+        if key not in self._cache:
+            vals = []
+            ids = self._ids(which)
+            for start in range(0, len(ids), self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                run = run_batched(self.model, ids[sl], self.prompts.attention_mask[sl])
+                vals.append(self._metric(run.logits, range(sl.start, min(sl.stop, len(ids)))))
+            self.passes += 1
+            self._cache[key] = np.concatenate(vals)
+        return self._cache[key]
+
+    def _metric(self, logits, rows) -> np.ndarray:
+        sub = self.prompts.subset(list(rows))
+        reference = None
+        if self.metric == "kl":
+            reference = run_batched(self.model, sub.input_ids, sub.attention_mask).logits
+        vals = self.task.metric(self.metric, logits, sub, reference_logits=reference)
+        return vals.detach().to("cpu", torch.float64).numpy()
+
+    # -- the batched engine --------------------------------------------------------
+
+    def _sweep(self, base: str, patch_for) -> np.ndarray:
+        """Run one patched pass per (site, prompt) row; `patch_for(k, prompt_rows)` gives
+        the patches for site k at those prompts. Returns [n_sites, n_prompts]."""
+        from circuitlang.models import Patch
+
+        n = len(self.prompts.input_ids)
+        n_sites = patch_for.n_sites
+        out = np.zeros((n_sites, n))
+        ids, mask = self._ids(base), self.prompts.attention_mask
+        pairs = [(k, i) for k in range(n_sites) for i in range(n)]
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            ks = np.array([k for k, _ in chunk])
+            prompt_rows = torch.tensor([i for _, i in chunk])
+            patches = []
+            for k in np.unique(ks):
+                rows = torch.as_tensor(ks == k)
+                for p in patch_for(int(k), prompt_rows):
+                    patches.append(Patch(p.site, p.value, p.positions, rows))
+            run = run_batched(self.model, ids[prompt_rows], mask[prompt_rows], patches=patches)
+            vals = self._metric(run.logits, prompt_rows.tolist())
+            out[ks, prompt_rows.numpy()] = vals
+        self.passes += 1
+        return out
+
+    def _positions(self, position: Position, rows: torch.Tensor):
+        if position.is_all:
+            return None
+        return position_index(self.prompts, position)[rows]
+
+    # -- experiments ------------------------------------------------------------------
+
+    def activation_patching(self, sites, position: Position, *, direction: str = "denoise", text: str = "",
+                            grid=None) -> ExperimentResult:
+        """Patch each site, one at a time, at `position`; see the module docstring."""
+        from circuitlang.models import Patch
+
+        if direction not in ("denoise", "noise"):
+            raise ExecutionError(f"unknown patching direction {direction!r}", hint="use denoise or noise")
+        base, source = ("corrupt", "clean") if direction == "denoise" else ("clean", "corrupt")
+        values = self.capture(source, sites)
+
+        def patch_for(k, prompt_rows):
+            site = sites[k]
+            v = values[site][prompt_rows]
+            pos = self._positions(position, prompt_rows)
+            if pos is not None:
+                v = v[torch.arange(len(prompt_rows)), pos]
+            return [Patch(site, v, pos)]
+
+        patch_for.n_sites = len(sites)
+        per_prompt = self._sweep(base, patch_for)
+        return self._result("patch", text, sites, per_prompt, grid)
+
+    def path_patching(self, senders, receiver, position: Position, *, text: str = "", grid=None) -> ExperimentResult:
+        """Patch each sender's direct path into `receiver` (head q/k/v input or logits)."""
+        from circuitlang.models import Patch
+
+        if isinstance(receiver, Logits):
+            target = Resid(self.model.shape.n_layers)
+        elif isinstance(receiver, Head) and receiver.channel.is_input:
+            target = receiver
+        elif isinstance(receiver, Head):
+            raise ExecutionError(
+                f"path patching needs a receiver's input: {receiver}.q, .k or .v, or logits",
+                hint=f"e.g. patch ... -> {receiver.layer}.{receiver.head}.q at END",
+            )
+        else:
+            raise ExecutionError(f"{receiver} cannot receive a path", hint="use a head's q/k/v input or logits")
+        outs = [s.with_channel(Channel.OUT) if isinstance(s, Head) else s for s in senders]
+        clean = self.capture("clean", outs)
+        corrupt = self.capture("corrupt", outs + [target])
+
+        def patch_for(k, prompt_rows):
+            s = outs[k]
+            delta = clean[s][prompt_rows] - corrupt[s][prompt_rows]
+            v = corrupt[target][prompt_rows] + delta
+            pos = self._positions(position, prompt_rows)
+            if pos is not None:
+                v = v[torch.arange(len(prompt_rows)), pos]
+            return [Patch(target, v, pos)]
+
+        patch_for.n_sites = len(outs)
+        per_prompt = self._sweep("corrupt", patch_for)
+        return self._result("path_patch", text, [f"{s} -> {receiver}" for s in senders], per_prompt, grid)
+
+    def ablation(self, sites, mode: str, position: Position, *, seed: int = 0, text: str = "") -> ExperimentResult:
+        """Ablate all `sites` together on the clean prompts (one entry in `values`)."""
+        from circuitlang.models import Patch
+
+        values = self.capture("clean", sites)
+        n = len(self.prompts.input_ids)
+        rng = np.random.default_rng(seed)
+        lengths = self.prompts.attention_mask.sum(1)
+        if mode == "resample":
+            donors = np.empty(n, dtype=int)
+            for i in range(n):
+                if position.is_all:
+                    same = torch.nonzero(lengths == lengths[i]).ravel().numpy()
+                else:
+                    same = np.arange(n)
+                donors[i] = same[rng.integers(len(same))]
+        elif mode not in ("mean", "zero"):
+            raise ExecutionError(f"unknown ablation {mode!r}", hint="use mean, zero or resample")
+
+        def replacement(site, prompt_rows):
+            full = values[site]
+            pos = self._positions(position, prompt_rows)
+            ar = torch.arange(len(prompt_rows))
+            if mode == "zero":
+                v = torch.zeros_like(full[prompt_rows])
+            elif mode == "mean":
+                if pos is None:
+                    m = self.prompts.attention_mask.to(full.dtype)
+                    while m.dim() < full.dim():
+                        m = m.unsqueeze(-1)
+                    mean = (full * m).sum(0) / m.sum(0).clamp(min=1)
+                    v = mean.unsqueeze(0).expand_as(full[prompt_rows]).clone()
+                else:
+                    all_pos = position_index(self.prompts, position)
+                    at = full[torch.arange(n), all_pos].mean(0)
+                    return at.unsqueeze(0).expand(len(prompt_rows), *at.shape).clone(), pos
+            else:
+                donor = torch.as_tensor(donors)[prompt_rows]
+                if pos is None:
+                    return full[donor], None
+                dpos = position_index(self.prompts, position)[donor]
+                return full[donor, dpos], pos
+            if pos is not None:
+                v = v[ar, pos]
+            return v, pos
+
+        def patch_for(k, prompt_rows):
+            patches = []
+            for site in sites:
+                v, pos = replacement(site, prompt_rows)
+                patches.append(Patch(site, v, pos))
+            return patches
+
+        patch_for.n_sites = 1
+        per_prompt = self._sweep("clean", patch_for)
+        return self._result("ablate", text, [", ".join(str(s) for s in sites)], per_prompt, None)
+
+    def _result(self, kind, text, sites, per_prompt, grid) -> ExperimentResult:
+        clean = float(self.baseline("clean").mean())
+        corrupt = float(self.baseline("corrupt").mean())
+        values = per_prompt.mean(axis=1)
+        gap = clean - corrupt
+        normalized = (values - corrupt) / gap if gap != 0 else np.full_like(values, np.nan)
+        if grid:
+            values, normalized = values.reshape(grid), normalized.reshape(grid)
+        return ExperimentResult(kind, text, list(sites), values, normalized, per_prompt, clean, corrupt,
+                                self.metric, tuple(grid) if grid else None)

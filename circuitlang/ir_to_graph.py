@@ -1,0 +1,410 @@
+"""Lower a resolved hypothesis (IR) to a causal-scrubbing intervention graph.
+
+Takes the core claims of a `Hypothesis` (after verb expansion) and gives an
+`InterventionGraph`: the treeified correspondence that `execute.py` runs. This is
+the one place that says what the graph means.
+
+What the graph is
+-----------------
+A networkx `DiGraph` whose nodes are integers with a `ScrubNode` payload under the
+key ``"node"``, and whose edges point **from a child to the parent that reads it**
+with a `Transplant` payload under the key ``"transplant"``.
+
+* The **root** is the model's output: `ScrubNode(site=Logits())`. It is evaluated
+  on the reference prompt's answer; its input is the final residual stream.
+* Every other node is a **claimed sender**: a head output (`Head(l, h, OUT)`), an
+  MLP output or the embedding, at a position, with the features its input must
+  agree on, or an **input leaf**: one input channel of a head (`Head(l, h, Q)` ...)
+  or of the root (`Logits()`), claimed to depend only on some features.
+* An edge child -> parent with `Transplant(channel, position)` says: in the
+  parent's `channel` input (q/k/v of a head; `None` for the root's residual
+  stream), at `position`, the child's output replaces what the child contributes
+  there in the parent's own (resampled) run.
+
+Semantics (Chan et al. 2022, causal scrubbing), as `execute.py` implements it:
+the root gets the reference prompt x. Walking down, each node n gets an input x_n
+sampled from the dataset among prompts that agree with its parent's input on
+`n.features` (`Feature("input")` means: the parent's input itself). A node with no
+children is a *leaf*: its whole computation runs on x_n. A node with children runs
+on an unconditioned random resample r_n (or the mean / zero, by the hypothesis's
+`ablation`), except that the children's outputs are transplanted into its inputs:
+every path the hypothesis does not claim is scrubbed. Input leaves replace the
+whole channel input at their position with its value on x_n.
+
+How claims become nodes
+-----------------------
+* `DependsClaim(site, position, features)` on a sender makes a node; on an input
+  channel (`head L.H.q`, `logits`) it makes an input leaf under its head (or root).
+* `EdgeClaim(sender, receiver, position)` makes sender a child of receiver through
+  the receiver's channel. A sender or receiver with no claim of its own is added
+  with `Feature("input")`: it sees exactly what its parent sees (ACDC's reading of
+  an edge-only circuit).
+* A claimed sender that feeds nothing is a child of the root at its position.
+* The claim graph is a DAG in layer order; treeification copies every shared
+  sub-DAG once per parent, and identical siblings are merged.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import networkx as nx
+
+from circuitlang.errors import Diagnostic, LowerError
+from circuitlang.ir import Feature
+from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position, Site
+
+INPUT = "input"  # the feature "the whole prompt": agree on it = same prompt
+
+
+SAME_INPUT = (Feature(INPUT, INPUT),)  # "the parent's own prompt"
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubNode:
+    """What one node of the treeified graph computes.
+
+    Attributes:
+        site: `Logits()` for the root; a sender (`Head(l,h,OUT)`, `Mlp(l)`,
+            `Embed()`); or an input channel (`Head(l,h,Q|K|V)`, `Logits()` under the
+            root) for input leaves.
+        position: where its output is used by its parent (`ALL` for every position).
+        features: what its input agrees on with its parent's input.
+        role: "root", "sender" or "input".
+        claims: indices (into `Hypothesis.claims`) of the claims that made it.
+    """
+
+    site: Site
+    position: Position
+    features: tuple
+    role: str
+    claims: tuple[int, ...] = field(default=(), compare=False)
+
+    def label(self) -> str:
+        if self.role == "root":
+            return "logits"
+        feats = ", ".join(str(f) for f in self.features) or "nothing"
+        return f"{self.site} at {self.position} | {feats}"
+
+
+@dataclass(frozen=True, slots=True)
+class Transplant:
+    """How a child's value enters its parent: through `channel` at `position`.
+
+    `channel` is `Channel.Q/K/V` for a head parent and `None` for the root (the
+    final residual stream).
+    """
+
+    channel: Channel | None
+    position: Position
+
+
+@dataclass
+class InterventionGraph:
+    """A treeified causal-scrubbing graph; see the module docstring."""
+
+    graph: nx.DiGraph
+    root: int
+    ablation: str = "resample"
+    given: tuple = ()
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    def node(self, n: int) -> ScrubNode:
+        return self.graph.nodes[n]["node"]
+
+    def children(self, n: int) -> list[tuple[int, Transplant]]:
+        """Children of `n` with the way each enters it, in a stable order."""
+        kids = [(c, self.graph.edges[c, n]["transplant"]) for c in self.graph.predecessors(n)]
+        return sorted(kids, key=lambda item: item[0])
+
+    def parent(self, n: int) -> int | None:
+        parents = list(self.graph.successors(n))
+        return parents[0] if parents else None
+
+    def is_leaf(self, n: int) -> bool:
+        return self.graph.in_degree(n) == 0
+
+    def postorder(self) -> list[int]:
+        """Nodes with every child before its parent (the order of evaluation)."""
+        return list(nx.topological_sort(self.graph))
+
+    def height(self, n: int) -> int:
+        kids = self.children(n)
+        return 0 if not kids else 1 + max(self.height(c) for c, _ in kids)
+
+    def sites(self) -> set:
+        return {self.node(n).site for n in self.graph.nodes}
+
+    def uses_all_positions(self) -> bool:
+        return any(
+            self.graph.edges[e]["transplant"].position.is_all for e in self.graph.edges
+        )
+
+    def to_json(self) -> dict:
+        """A JSON-able description: nodes with payloads, edges child -> parent."""
+        nodes = []
+        for n in sorted(self.graph.nodes):
+            node = self.node(n)
+            nodes.append(
+                {
+                    "id": n,
+                    "role": node.role,
+                    "site": str(node.site),
+                    "position": str(node.position),
+                    "features": [str(f) for f in node.features],
+                    "claims": list(node.claims),
+                    "leaf": self.is_leaf(n),
+                }
+            )
+        edges = [
+            {
+                "child": c,
+                "parent": p,
+                "channel": (t.channel.value if t.channel else "resid"),
+                "position": str(t.position),
+            }
+            for c, p in sorted(self.graph.edges)
+            for t in [self.graph.edges[c, p]["transplant"]]
+        ]
+        return {"root": self.root, "ablation": self.ablation, "nodes": nodes, "edges": edges}
+
+    def to_dot(self) -> str:
+        """Graphviz text: parents above children, edges labelled by channel@position."""
+        lines = ["digraph scrub {", "  rankdir=BT;", '  node [shape=box, fontname="monospace"];']
+        for n in sorted(self.graph.nodes):
+            node = self.node(n)
+            style = ', style="bold"' if node.role == "root" else ""
+            lines.append(f'  n{n} [label={json.dumps(node.label())}{style}];')
+        for c, p in sorted(self.graph.edges):
+            t = self.graph.edges[c, p]["transplant"]
+            label = f"{t.channel.value if t.channel else 'resid'}@{t.position}"
+            lines.append(f"  n{c} -> n{p} [label={json.dumps(label)}];")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- lowering
+
+
+def _feature(f) -> Feature:
+    """Features as the IR gives them; `Feature("input", ...)` means the whole prompt."""
+    return f
+
+
+def _layer(site: Site) -> float:
+    if isinstance(site, Embed) or type(site).__name__ in ("TokenEmbed", "PosEmbed"):
+        return -1
+    if isinstance(site, (Head, Mlp)):
+        # an MLP reads the heads of its own layer: order it after them
+        return site.layer + (0.5 if isinstance(site, Mlp) else 0)
+    if isinstance(site, Logits):
+        return float("inf")
+    raise LowerError(f"{site} cannot take part in a causal scrubbing graph")
+
+
+@dataclass
+class _Template:
+    """A claim-graph node before treeification."""
+
+    key: tuple
+    site: Site
+    position: Position
+    features: tuple
+    role: str
+    claims: list[int]
+    # (child template key, Transplant)
+    children: list[tuple[tuple, Transplant]] = field(default_factory=list)
+    has_parent: bool = False
+
+
+def _covers(claimed: Position, wanted: Position) -> bool:
+    return claimed == wanted or claimed.is_all
+
+
+def ir_to_graph(hypothesis) -> InterventionGraph:
+    """Lower a resolved hypothesis to its treeified intervention graph.
+
+    Args:
+        hypothesis: a `circuitlang.ir.Hypothesis` (anything with `claims`, each a
+            depends- or edge-claim, and `ablation`).
+
+    Returns:
+        The `InterventionGraph` that `execute.scrub` runs.
+
+    Raises:
+        LowerError: an edge runs backwards in layer order, or a claim names a site
+            that cannot be scrubbed.
+    """
+    claims = list(getattr(hypothesis, "claims", ()))
+    problems: list[Diagnostic] = []
+    templates: dict[tuple, _Template] = {}
+    root_key = ("root",)
+    templates[root_key] = _Template(root_key, Logits(), ALL, SAME_INPUT, "root", [])
+
+    def add_sender(site, position, features, claim_idx) -> _Template:
+        key = ("sender", site, position)
+        t = templates.get(key)
+        if t is None:
+            t = templates[key] = _Template(key, site, position, tuple(features), "sender", [])
+        elif features and t.features == SAME_INPUT:
+            t.features = tuple(features)
+        elif features and tuple(features) != SAME_INPUT:
+            merged = tuple(dict.fromkeys(t.features + tuple(features)))
+            t.features = merged
+        if claim_idx is not None:
+            t.claims.append(claim_idx)
+        return t
+
+    def find_senders(site, position) -> list[_Template]:
+        return [
+            t
+            for t in templates.values()
+            if t.role == "sender" and t.site == site and (_covers(t.position, position) or position.is_all)
+        ]
+
+    def link(child: _Template, parent: _Template, transplant: Transplant):
+        entry = (child.key, transplant)
+        if entry not in parent.children:
+            parent.children.append(entry)
+        child.has_parent = True
+
+    # 1. senders from depends-claims (input channels wait until heads exist)
+    channel_claims = []
+    edge_claims = []
+    for i, claim in enumerate(claims):
+        kind = type(claim).__name__
+        if kind == "DependsClaim":
+            site = claim.site
+            feats = tuple(_feature(f) for f in claim.features)
+            if isinstance(site, Head) and site.channel.is_input:
+                channel_claims.append((i, claim, feats))
+            elif isinstance(site, Head) and site.channel is Channel.PATTERN:
+                # a pattern is computed from q and k: the claim is about both inputs
+                for ch in (Channel.Q, Channel.K):
+                    channel_claims.append((i, _ChannelClaim(site.with_channel(ch), claim.position), feats))
+            elif isinstance(site, Logits):
+                channel_claims.append((i, claim, feats))
+            else:
+                _layer(site)
+                add_sender(site, claim.position, feats or (), i)
+        elif kind == "EdgeClaim":
+            edge_claims.append((i, claim))
+
+    # 2. edges: sender -> receiver channel
+    for i, claim in edge_claims:
+        sender, receiver, pos = claim.sender, claim.receiver, claim.position
+        if isinstance(sender, Head):
+            sender = sender.with_channel(Channel.OUT)
+        if _layer(sender) >= _layer(receiver):
+            problems.append(
+                Diagnostic(
+                    "lower.backwards-edge",
+                    f"edge {sender} -> {receiver} runs backwards: a site can only read "
+                    "sites in earlier layers",
+                    getattr(claim, "span", None),
+                )
+            )
+            continue
+        senders = find_senders(sender, pos) or [add_sender(sender, pos, SAME_INPUT, None)]
+        for s in senders:
+            s.claims.append(i)
+        if isinstance(receiver, Logits):
+            parents, channel = [templates[root_key]], None
+        elif isinstance(receiver, Head):
+            channel = receiver.channel if receiver.channel.is_input else Channel.Q
+            out = receiver.with_channel(Channel.OUT)
+            parents = [
+                t
+                for t in templates.values()
+                if t.role == "sender"
+                and t.site == out
+                and (channel is not Channel.Q or _covers(t.position, pos) or pos.is_all)
+            ]
+            if not parents:
+                parents = [add_sender(out, pos if channel is Channel.Q else ALL, SAME_INPUT, None)]
+        else:
+            problems.append(
+                Diagnostic(
+                    "lower.unsupported-receiver",
+                    f"edges into {receiver} are not supported: a receiver is a head's q, k "
+                    "or v input, or the logits",
+                    getattr(claim, "span", None),
+                    hint="claim the MLP's output instead (`mlp L at P depends on ...`)",
+                )
+            )
+            continue
+        for p in parents:
+            p.claims.append(i)
+            for s in senders:
+                link(s, p, Transplant(channel, pos))
+
+    # 3. input-channel claims: leaves under their head (or the root)
+    for i, claim, feats in channel_claims:
+        site, pos = claim.site, claim.position
+        if isinstance(site, Logits):
+            parent = templates[root_key]
+            leaf = _Template(("input", site, pos), site, pos, feats, "input", [i])
+            templates[leaf.key] = leaf
+            link(leaf, parent, Transplant(None, pos))
+            continue
+        out = site.with_channel(Channel.OUT)
+        parents = [t for t in templates.values() if t.role == "sender" and t.site == out]
+        if not parents:
+            parents = [add_sender(out, pos if site.channel is Channel.Q else ALL, SAME_INPUT, None)]
+        key = ("input", site, pos)
+        leaf = templates.get(key)
+        if leaf is None:
+            leaf = templates[key] = _Template(key, site, pos, feats, "input", [i])
+        for p in parents:
+            link(leaf, p, Transplant(site.channel, pos))
+
+    if problems:
+        raise LowerError(problems)
+
+    # 4. claimed senders that feed nothing are read by the root at their position
+    root = templates[root_key]
+    for t in list(templates.values()):
+        if t.role == "sender" and not t.has_parent:
+            link(t, root, Transplant(None, t.position))
+
+    # 5. treeify from the root: copy shared sub-DAGs per parent, merge equal siblings
+    graph = nx.DiGraph()
+    counter = iter(range(10**9))
+
+    def build(key: tuple) -> int:
+        t = templates[key]
+        n = next(counter)
+        graph.add_node(
+            n,
+            node=ScrubNode(t.site, t.position, t.features, t.role, tuple(sorted(set(t.claims)))),
+        )
+        seen = set()
+        for child_key, transplant in t.children:
+            if (child_key, transplant) in seen:
+                continue
+            seen.add((child_key, transplant))
+            c = build(child_key)
+            graph.add_edge(c, n, transplant=transplant)
+        return n
+
+    root_id = build(root_key)
+    ablation = getattr(hypothesis, "ablation", None)
+    mode = getattr(ablation, "mode", ablation) or "resample"
+    given = tuple(_feature(f) for f in getattr(ablation, "given", ()) or ())
+    return InterventionGraph(graph, root_id, str(mode), given)
+
+
+@dataclass(frozen=True, slots=True)
+class _ChannelClaim:
+    site: Site
+    position: Position
+
+
+def claim_sites(hypothesis) -> Iterable[Site]:
+    """Every site a hypothesis's claims mention (for sizing random circuits)."""
+    for claim in getattr(hypothesis, "claims", ()):
+        for attr in ("site", "sender", "receiver"):
+            site = getattr(claim, attr, None)
+            if site is not None:
+                yield site
