@@ -33,15 +33,23 @@ DEFAULT_PERMUTATIONS = 20
 
 
 def load_hypothesis(program_or_text, *, model=None, task=None, filename=None):
-    """Parse and resolve a hypothesis; returns (hypothesis, source text, shape name).
+    """Parse and resolve a hypothesis against its model's shape and its task.
 
     Args:
         program_or_text: circuitlang source, a path to a `.circ` file, or a parsed
             `Program`.
-        model: a model name, path or `LoadedModel` that overrides the file's `model`.
-        task: a task name or task object that overrides the file's `task`.
+        model: a model name, path or `LoadedModel`; overrides the file's `model`.
+        task: a task name or task object; overrides the file's `task`.
         filename: the name errors point at.
+
+    Returns:
+        (hypothesis, source text or None).
+
+    Raises:
+        CircuitlangError: the text does not parse, names no model or task, or names
+            things the model or task lacks (every problem at once).
     """
+    from circuitlang import ast
     from circuitlang.ast_to_ir import resolve
     from circuitlang.text_to_ast import parse
 
@@ -54,22 +62,61 @@ def load_hypothesis(program_or_text, *, model=None, task=None, filename=None):
             raise CircuitlangError(f"no hypothesis file {str(path)!r}", hint="pass a .circ file or DSL text")
         source = path.read_text()
         filename = filename or str(path)
-        program = parse(source, filename=filename)
+        program = parse(source, filename)
     elif isinstance(program_or_text, str):
         source = program_or_text
-        program = parse(source, filename=filename)
+        program = parse(source, filename)
     else:
         program = program_or_text
-    model_name = model if isinstance(model, str) else getattr(model, "name", None)
-    task_name = task if isinstance(task, str) else getattr(getattr(task, "SIGNATURE", None), "name", None)
-    hypothesis = resolve(
-        program,
-        model=model_name,
-        task=task_name,
-        shape=getattr(model, "shape", None),
-        source=source,
-    )
+    shape, model_name = _shape_for(program, model)
+    signature = _signature_for(program, task)
+    try:
+        hypothesis = resolve(program, shape, signature, filename=filename)
+    except CircuitlangError as exc:
+        raise (exc.with_source(source) if source is not None else exc) from None
+    if hypothesis.model != model_name:
+        hypothesis = dataclasses.replace(hypothesis, model=model_name)
     return hypothesis, source
+
+
+def _declared(program, kind) -> str | None:
+    for statement in program.statements:
+        if isinstance(statement, kind):
+            return statement.name
+    return None
+
+
+def _shape_for(program, model):
+    """The model shape to resolve against: the override's, else the `model` line's."""
+    from circuitlang import ast
+    from circuitlang.models import known_shape
+
+    if model is not None and not isinstance(model, (str, Path)):
+        return model.shape, model.name
+    name = str(model) if model is not None else _declared(program, ast.ModelDecl)
+    if name is None:
+        raise CircuitlangError(
+            "no model: the hypothesis has no `model` line and none was given",
+            code="check.no-model",
+            hint="add `model toy-ioi` (or another name) to the file, or pass --model",
+        )
+    return known_shape(name), name
+
+
+def _signature_for(program, task):
+    from circuitlang import ast
+    from circuitlang.tasks import get_signature
+
+    if task is not None and not isinstance(task, str):
+        return task.SIGNATURE
+    name = task if task is not None else _declared(program, ast.TaskDecl)
+    if name is None:
+        raise CircuitlangError(
+            "no task: the hypothesis has no `task` line and none was given",
+            code="check.no-task",
+            hint="add `task ioi` (or another task) to the file, or pass --task",
+        )
+    return get_signature(name)
 
 
 def check(
@@ -126,6 +173,8 @@ def check(
         )
     if model is None or isinstance(model, str):
         model = load_model(model or hypothesis.model, device=device)
+    elif device is not None:
+        raise CircuitlangError("`device` applies to a model loaded by name", hint="move your LoadedModel yourself")
     if task is None or isinstance(task, str):
         task = load_task(task or hypothesis.task, tokenizer=model.tokenizer)
     seed = seed if seed is not None else (hypothesis.seed if hypothesis.seed is not None else 0)

@@ -25,9 +25,11 @@ How the work is laid out
    reference prompt is rebuilt the same way and unembedded by one forward pass on
    the reference prompts with the final residual patched.
 
-Named positions align values across prompts of different lengths (IOI's S2 is
-at different indices in different templates); a transplant `at all` needs prompts
-of equal length, so when a graph has one, every resample also agrees on length.
+Every resample agrees with its parent prompt on token length, so that whole
+sequences line up; values at named positions are still moved by name (IOI's S2
+sits at different indices in different templates of the same length). For IOI
+this keeps random resamples among templates of the same length, a documented
+departure from resampling over the whole distribution.
 """
 from __future__ import annotations
 
@@ -43,15 +45,15 @@ from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position, 
 DEFAULT_BATCH = 64
 
 
-def metric_positions(task) -> str:
+def metric_positions(task, metric: str) -> str:
     """Where the task's metric reads the logits: "END" or "all".
 
-    A task says so with a `METRIC_POSITIONS` attribute; otherwise a task that
+    A task says so with a `metric_positions(metric)` method; otherwise a task that
     defines an `END` position is read there, and any other at every position.
     """
-    explicit = getattr(task, "METRIC_POSITIONS", None)
-    if explicit is not None:
-        return explicit
+    explicit = getattr(task, "metric_positions", None)
+    if callable(explicit):
+        return explicit(metric)
     return "END" if "END" in task.SIGNATURE.positions else "all"
 
 
@@ -239,11 +241,17 @@ def position_index(prompts, position: Position) -> torch.Tensor:
 
 @dataclass
 class _Inst:
-    """A node's values for every reference prompt."""
+    """A node's sampled prompts and, once computed, its value for every reference.
 
-    rows: np.ndarray  # the prompt each reference's node input agrees with (x_n)
-    frame: np.ndarray  # the prompt whose positions its value is laid out in
-    value: torch.Tensor | None = None  # [N, T, D] for computed nodes, else None (cache)
+    `rows` is the prompt the node runs on (agreeing with its parent's on the node's
+    features): its value is laid out in that prompt's positions. `remainder` is the
+    random prompt (or, with mean/zero ablation, only a placeholder) that feeds the
+    paths into it nobody claimed.
+    """
+
+    rows: np.ndarray
+    remainder: np.ndarray
+    value: torch.Tensor | None = None  # [N, T, D] for computed nodes; leaves read the cache
 
 
 @dataclass
@@ -272,7 +280,7 @@ class Scrubber:
         self.n_layers = model.shape.n_layers
         self.final = Resid(self.n_layers)
         self.passes = 0
-        self.metric_at = metric_positions(task)
+        self.metric_at = metric_positions(task, metric)
         self._clean: np.ndarray | None = None
 
     # -- metrics ---------------------------------------------------------------
@@ -291,12 +299,11 @@ class Scrubber:
     def _metric(self, logits, sl: slice, reference=None) -> np.ndarray:
         sub = self.prompts.subset(list(range(sl.start, sl.stop)))
         if self.metric == "kl" and reference is None:
-            ref = run_batched(self.model, sub.input_ids, sub.attention_mask).logits
-            reference = ref
+            reference = run_batched(self.model, sub.input_ids, sub.attention_mask).logits
         out = self.task.metric(self.metric, logits, sub, reference_logits=reference)
         return out.detach().to("cpu", torch.float64).numpy()
 
-    # -- positions ---------------------------------------------------------------
+    # -- values --------------------------------------------------------------------
 
     def _index(self, position: Position, rows: np.ndarray) -> torch.Tensor | None:
         """Token indices of `position` in the given prompts ([N]); None for `all`."""
@@ -304,13 +311,11 @@ class Scrubber:
             return None
         return position_index(self.prompts, position)[torch.as_tensor(rows)]
 
-    # -- sources of values -------------------------------------------------------
-
     def _plain(self, site, rows: np.ndarray) -> torch.Tensor:
         return self.cache.get(site)[torch.as_tensor(rows)]
 
     def _remainder(self, site, rows: np.ndarray, mode: str) -> torch.Tensor:
-        """What an unclaimed path contributes: the plain value on `rows`, the mean, or zero."""
+        """What unclaimed paths give a site: its plain value on `rows`, the mean, or zero."""
         if mode == "resample":
             return self._plain(site, rows)
         full = self.cache.get(site)
@@ -321,14 +326,13 @@ class Scrubber:
             return torch.zeros(n, t, full.shape[2], dtype=full.dtype)
         raise ExecutionError(f"unknown ablation {mode!r}", hint="use resample, mean or zero")
 
-    def _child_value(self, graph: InterventionGraph, c: int, insts: dict) -> tuple[torch.Tensor, np.ndarray]:
-        """A child's value laid out in its own frame, and that frame's prompts."""
-        node = graph.node(c)
-        inst = insts[c]
+    def _child_value(self, graph: InterventionGraph, c: int, insts: dict) -> torch.Tensor:
+        """A child's value, laid out in its own prompt's positions."""
+        node, inst = graph.node(c), insts[c]
         if inst.value is not None:
-            return inst.value, inst.frame
-        site = self._input_site(node.site) if node.role == "input" else node.site
-        return self._plain(site, inst.rows), inst.rows
+            return inst.value
+        site = self._input_site(node.site) if node.role == "input" else self._sender_site(node.site)
+        return self._plain(site, inst.rows)
 
     def _input_site(self, site):
         return self.final if isinstance(site, Logits) else site
@@ -344,9 +348,8 @@ class Scrubber:
             node = graph.node(n)
             if node.role == "sender":
                 sites.append(self._sender_site(node.site))
-                if not graph.is_leaf(n) and isinstance(node.site, Head):
-                    for ch in (Channel.Q, Channel.K, Channel.V):
-                        sites.append(node.site.with_channel(ch))
+                for _, t in graph.children(n):
+                    sites.append(node.site.with_channel(t.channel))
             elif node.role == "input":
                 sites.append(self._input_site(node.site))
         return sites
@@ -355,23 +358,20 @@ class Scrubber:
         """Scrubbed per-reference metric values for one graph (every prompt a reference)."""
         self.cache.ensure(self.sites_needed(graph))
         rng = np.random.default_rng(seed)
-        sampler = Sampler(self.prompts, rng, same_length=graph.uses_all_positions() or self.metric_at == "all")
-        n = len(self.prompts.input_ids)
-        refs = np.arange(n)
+        sampler = Sampler(self.prompts, rng, same_length=True)
+        refs = np.arange(len(self.prompts.input_ids))
         given = tuple(graph.given)
 
-        # top-down: what each node's input agrees with, and its remainder prompt
+        # top-down: the prompt each node runs on, and its remainder prompt
         insts: dict[int, _Inst] = {}
-        order = list(reversed(graph.postorder()))  # parents before children
-        for v in order:
+        for v in reversed(graph.postorder()):  # parents before children
             node = graph.node(v)
             parent = graph.parent(v)
-            parent_rows = refs if parent is None else insts[parent].rows
-            rows = refs if parent is None else sampler.agree(parent_rows, node.features)
-            frame = rows if graph.is_leaf(v) else sampler.agree(rows if parent is not None else refs, given)
-            insts[v] = _Inst(rows=rows, frame=frame)
+            rows = refs if parent is None else sampler.agree(insts[parent].rows, node.features)
+            remainder = sampler.agree(rows, given) if not graph.is_leaf(v) or parent is None else rows
+            insts[v] = _Inst(rows=rows, remainder=remainder)
 
-        # bottom-up by height: compute nodes with children
+        # bottom-up, one batched pass per height: nodes with children
         heights: dict[int, list[int]] = {}
         for v in graph.graph.nodes:
             if v != graph.root and not graph.is_leaf(v):
@@ -385,57 +385,54 @@ class Scrubber:
         self.passes += passes
         return ScrubResult(scrubbed, passes, {v: insts[v].rows for v in insts})
 
-    def _assemble(self, graph, v: int, insts, channel, frame_rows: np.ndarray, input_site) -> torch.Tensor | None:
-        """The input of node `v` through `channel`, in its frame: [N, T, D].
+    def _assemble(self, graph, v: int, insts, channel, input_site) -> torch.Tensor | None:
+        """Node `v`'s input through `channel`, laid out in its prompt's positions [N, T, D].
 
-        Returns None when no child enters through this channel (the input is then
-        the plain one on the frame prompt, which the forward pass computes itself).
+        None when no claim concerns this channel: the node then reads it on its own
+        prompt, which its forward pass computes by itself. Otherwise the channel
+        starts from the remainder (random prompt / mean / zero) and each claimed child
+        replaces, at its position, what its site contributes there.
         """
         kids = [(c, t) for c, t in graph.children(v) if t.channel == channel]
         if not kids:
             return None
-        mode = graph.ablation
-        value = self._remainder(input_site, frame_rows, mode)
-        # which prompt each position's base value came from (for sender deltas)
-        base_rows: dict[Position, np.ndarray] = {}
-        for c, t in kids:  # input leaves first: they replace the base
-            if graph.node(c).role != "input":
-                continue
-            cval, crows = self._child_value(graph, c, insts)
-            self._place(value, cval, t.position, frame_rows, crows, replace=True)
-            base_rows[t.position] = crows
+        inst, mode = insts[v], graph.ablation
+        value = self._remainder(input_site, inst.remainder, mode)
+        # input leaves replace the channel's whole value at their position
+        leaf_at: dict[Position, np.ndarray] = {}
+        for c, t in kids:
+            if graph.node(c).role == "input":
+                self._place(value, self._child_value(graph, c, insts), t.position, inst.rows, insts[c].rows,
+                            replace=True)
+                leaf_at[t.position] = insts[c].rows
+        # claimed senders swap their own contribution for the child's value
         for c, t in kids:
             if graph.node(c).role == "input":
                 continue
-            cval, cframe = self._child_value(graph, c, insts)
             site = self._sender_site(graph.node(c).site)
-            brows = base_rows.get(t.position)
-            if brows is None:
-                base = self._remainder(site, frame_rows, mode)
-                self._place(value, cval, t.position, frame_rows, cframe, minus=(base, frame_rows))
+            leaf_rows = leaf_at.get(t.position)
+            if leaf_rows is None:
+                base, base_rows = self._remainder(site, inst.remainder, mode), inst.rows
             else:
-                base = self._plain(site, brows)
-                self._place(value, cval, t.position, frame_rows, cframe, minus=(base, brows))
+                base, base_rows = self._plain(site, leaf_rows), leaf_rows
+            self._place(value, self._child_value(graph, c, insts), t.position, inst.rows, insts[c].rows,
+                        minus=(base, base_rows))
         return value
 
     def _place(self, dest, src, position, dest_rows, src_rows, *, replace=False, minus=None):
-        """dest[at position] (+)= src[at position] (- base[at position]), aligned by name."""
-        ar = torch.arange(dest.shape[0])
+        """dest[P] (+)= src[P] (- base[P]), each read where P is in its own prompt.
+
+        `minus` is (base tensor, the prompts whose positions index it).
+        """
         if position.is_all:
-            if dest.shape[1] != src.shape[1]:
-                raise ExecutionError("a transplant `at all` needs prompts of equal length")
             delta = src if minus is None else src - minus[0]
-            if replace:
-                dest.copy_(src)
-            else:
-                dest.add_(delta)
+            dest.copy_(src) if replace else dest.add_(delta)
             return
-        td = self._index(position, dest_rows)
-        ts = self._index(position, src_rows)
-        piece = src[ar, ts]
+        ar = torch.arange(dest.shape[0])
+        piece = src[ar, self._index(position, src_rows)]
         if minus is not None:
-            tb = self._index(position, minus[1])
-            piece = piece - minus[0][ar, tb]
+            piece = piece - minus[0][ar, self._index(position, minus[1])]
+        td = self._index(position, dest_rows)
         if replace:
             dest[ar, td] = piece
         else:
@@ -446,61 +443,51 @@ class Scrubber:
         from circuitlang.models import Patch
 
         n = len(self.prompts.input_ids)
-        frames = np.concatenate([insts[v].frame for v in nodes])
-        input_ids = self.prompts.input_ids[torch.as_tensor(frames)]
-        attention_mask = self.prompts.attention_mask[torch.as_tensor(frames)]
+        rows = np.concatenate([insts[v].rows for v in nodes])
+        input_ids = self.prompts.input_ids[torch.as_tensor(rows)]
+        attention_mask = self.prompts.attention_mask[torch.as_tensor(rows)]
         patch_values: dict = {}
+        patch_rows: dict = {}
         for k, v in enumerate(nodes):
             node = graph.node(v)
             if not isinstance(node.site, Head):
                 raise ExecutionError(f"{node.site} cannot receive edges; only heads and logits can")
             for ch in (Channel.Q, Channel.K, Channel.V):
                 site = node.site.with_channel(ch)
-                val = self._assemble(graph, v, insts, ch, insts[v].frame, site)
+                val = self._assemble(graph, v, insts, ch, site)
                 if val is None:
                     continue
                 if site not in patch_values:
-                    patch_values[site] = self._plain(site, frames).clone()
+                    patch_values[site] = torch.zeros(len(rows), *val.shape[1:], dtype=val.dtype)
+                    patch_rows[site] = torch.zeros(len(rows), dtype=torch.bool)
                 patch_values[site][k * n : (k + 1) * n] = val
+                patch_rows[site][k * n : (k + 1) * n] = True
         capture = list(dict.fromkeys(self._sender_site(graph.node(v).site) for v in nodes))
         outs = {s: [] for s in capture}
-        for sl in _chunks(len(frames), self.batch_size):
-            patches = [Patch(s, val[sl]) for s, val in patch_values.items()]
+        for sl in _chunks(len(rows), self.batch_size):
+            patches = [Patch(s, val[sl], rows=patch_rows[s][sl]) for s, val in patch_values.items()]
             run = run_batched(self.model, input_ids[sl], attention_mask[sl], capture=capture, patches=patches)
             for s in capture:
                 outs[s].append(run.cache[s].detach().to("cpu"))
         outs = {s: torch.cat(v) for s, v in outs.items()}
         for k, v in enumerate(nodes):
-            site = self._sender_site(graph.node(v).site)
-            insts[v].value = outs[site][k * n : (k + 1) * n]
+            insts[v].value = outs[self._sender_site(graph.node(v).site)][k * n : (k + 1) * n]
 
     def _root_pass(self, graph: InterventionGraph, insts) -> np.ndarray:
-        """Rebuild the final residual at the metric positions and read the metric."""
+        """Rebuild the final residual stream of every reference prompt and read the metric."""
         from circuitlang.models import Patch
 
         root = graph.root
-        frame = insts[root].frame
-        value = self._assemble(graph, root, insts, None, frame, self.final)
+        value = self._assemble(graph, root, insts, None, self.final)
         if value is None:
-            value = self._remainder(self.final, frame, graph.ablation)
-        refs = np.arange(len(self.prompts.input_ids))
-        # lay the rebuilt stream out in the reference prompts' frame
-        target = self._plain(self.final, refs).clone()
-        if self.metric_at == "all":
-            if target.shape != value.shape:
-                raise ExecutionError("an all-position metric needs prompts of equal length")
-            target = value
-        else:
-            end = Position("END")
-            ar = torch.arange(len(refs))
-            target[ar, self._index(end, refs)] = value[ar, self._index(end, frame)]
+            value = self._remainder(self.final, insts[root].remainder, graph.ablation)
         vals = []
-        for sl in _chunks(len(refs), self.batch_size):
+        for sl in _chunks(len(value), self.batch_size):
             run = run_batched(
                 self.model,
                 self.prompts.input_ids[sl],
                 self.prompts.attention_mask[sl],
-                patches=[Patch(self.final, target[sl])],
+                patches=[Patch(self.final, value[sl])],
             )
             vals.append(self._metric(run.logits, sl))
         return np.concatenate(vals)

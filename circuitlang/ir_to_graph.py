@@ -24,12 +24,16 @@ with a `Transplant` payload under the key ``"transplant"``.
 Semantics (Chan et al. 2022, causal scrubbing), as `execute.py` implements it:
 the root gets the reference prompt x. Walking down, each node n gets an input x_n
 sampled from the dataset among prompts that agree with its parent's input on
-`n.features` (`Feature("input")` means: the parent's input itself). A node with no
-children is a *leaf*: its whole computation runs on x_n. A node with children runs
-on an unconditioned random resample r_n (or the mean / zero, by the hypothesis's
-`ablation`), except that the children's outputs are transplanted into its inputs:
-every path the hypothesis does not claim is scrubbed. Input leaves replace the
-whole channel input at their position with its value on x_n.
+`n.features` (`Feature("input", ...)` means: the parent's input itself). A node
+runs on x_n. For each of its input channels (q, k, v of a head; the final residual
+stream of the root) that some claim concerns, the channel is rebuilt: it starts
+from its value on an unconditioned random resample r_n (or the dataset mean, or
+zero, by the hypothesis's `ablation`) and each claimed child's output is swapped
+in for that child's own contribution, at the child's position; an input leaf
+replaces the whole channel there with its value on its own sample. A channel no
+claim mentions is read on x_n: what a node depends on covers the inputs the
+hypothesis says nothing more about. So a leaf runs entirely on x_n, and every
+path the hypothesis does not claim into a channel it does describe is scrubbed.
 
 How claims become nodes
 -----------------------
@@ -280,9 +284,9 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             if isinstance(site, Head) and site.channel.is_input:
                 channel_claims.append((i, claim, feats))
             elif isinstance(site, Head) and site.channel is Channel.PATTERN:
-                # a pattern is computed from q and k: the claim is about both inputs
-                for ch in (Channel.Q, Channel.K):
-                    channel_claims.append((i, _ChannelClaim(site.with_channel(ch), claim.position), feats))
+                # a pattern row at P is computed from q at P and k everywhere
+                channel_claims.append((i, _ChannelClaim(site.with_channel(Channel.Q), claim.position), feats))
+                channel_claims.append((i, _ChannelClaim(site.with_channel(Channel.K), ALL), feats))
             elif isinstance(site, Logits):
                 channel_claims.append((i, claim, feats))
             else:

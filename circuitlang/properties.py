@@ -39,7 +39,7 @@ _OPS = {
     "!=": lambda a, b: ~np.isclose(a, b),
 }
 
-POOL_FOR_SEARCH = 31  # resampling pool size when judging one generated prompt
+POOL_FOR_SEARCH = 15  # resampling pool size when judging one generated prompt
 
 
 def evaluate(expr: sympy.Expr, env: dict) -> np.ndarray | float:
@@ -181,7 +181,7 @@ def _dataset_counterexample(e, scrubber, failing, lhs) -> Counterexample:
 def _search_counterexample(e, scrubber, graph, seed, max_examples) -> Counterexample | None:
     """Search the task's prompt distribution for a prompt breaking `e`; shrink it."""
     import hypothesis
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
     from hypothesis.errors import NoSuchExample
 
     from circuitlang.execute import Scrubber
@@ -189,7 +189,7 @@ def _search_counterexample(e, scrubber, graph, seed, max_examples) -> Counterexa
     task = scrubber.task
     pool_specs = list(scrubber.prompts.specs[:POOL_FOR_SEARCH])
     calls = {"n": 0}
-    budget = 4 * max_examples
+    budget = 3 * max_examples
     seen: dict = {}
 
     def value_of(spec):
@@ -201,24 +201,29 @@ def _search_counterexample(e, scrubber, graph, seed, max_examples) -> Counterexa
             seen[key] = None  # the task could not build this prompt with this tokenizer
             return None
         sub = Scrubber(scrubber.model, task, prompts, scrubber.metric, batch_size=scrubber.batch_size)
-        clean = sub.clean()
-        empty = type(graph)(graph.graph.subgraph([graph.root]).copy(), graph.root, graph.ablation, graph.given)
-        random = sub.scrub(empty, seed=seed).scrubbed
+        names = set(e.symbols())
         scrubbed = sub.scrub(graph, seed=seed).scrubbed
-        env = {"clean": clean, "scrubbed": scrubbed, "random": random, "p_value": np.nan}
-        env["recovered"] = _per_prompt_recovered(clean, scrubbed, random)
+        env = {"scrubbed": scrubbed, "p_value": np.nan}
+        if names & {"clean", "recovered"}:
+            env["clean"] = sub.clean()
+        if names & {"random", "recovered"}:
+            empty = type(graph)(graph.graph.subgraph([graph.root]).copy(), graph.root, graph.ablation, graph.given)
+            env["random"] = sub.scrub(empty, seed=seed).scrubbed
+        if "recovered" in names:
+            env["recovered"] = _per_prompt_recovered(env["clean"], scrubbed, env["random"])
         for name in _metric_names([e]):
             env[name] = scrubbed if name == sub.metric else _scrubbed_metric(sub, name, graph, seed)
-        lhs = float(np.broadcast_to(evaluate(e.lhs, env), clean.shape)[0])
-        rhs = float(np.broadcast_to(evaluate(e.rhs, env), clean.shape)[0])
+        lhs = float(np.broadcast_to(evaluate(e.lhs, env), scrubbed.shape)[0])
+        rhs = float(np.broadcast_to(evaluate(e.rhs, env), scrubbed.shape)[0])
         result = (lhs, rhs, prompts)
         seen[key] = result
         return result
 
     def breaks(spec) -> bool:
-        if calls["n"] >= budget:
-            return False
-        calls["n"] += 1
+        if repr(spec) not in seen:
+            if calls["n"] >= budget:
+                return False  # out of budget: stop exploring, keep answers consistent
+            calls["n"] += 1
         got = value_of(spec)
         if got is None:
             return False
@@ -233,6 +238,7 @@ def _search_counterexample(e, scrubber, graph, seed, max_examples) -> Counterexa
             breaks,
             settings=settings(
                 max_examples=max_examples,
+                phases=(Phase.generate, Phase.shrink),
                 database=None,
                 deadline=None,
                 suppress_health_check=list(HealthCheck),
