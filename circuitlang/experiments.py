@@ -4,16 +4,19 @@ Takes a loaded model, a task's `PromptSet` (clean prompts with aligned corrupt
 ones) and the sites to intervene on; gives per-site metric values as numpy arrays
 (a layer x head grid for a `patch head * at END` sweep).
 
-Conventions, the same as TransformerLens's `patching` module:
+Conventions:
 
-* **Activation patching** (`patch SITE at P`) runs the *corrupt* prompt and puts
-  back the *clean* value of one site at P ("denoising"); `direction="noise"` runs
-  the clean prompt with the corrupt value instead. The metric is read against the
-  clean prompt's answers. `normalized = (patched - corrupt) / (clean - corrupt)`:
-  1 when the site alone restores the behaviour, 0 when it does nothing.
-* **Path patching** (`patch A -> B.q at P`) changes only the direct path: the
-  receiver's input at P becomes its own input plus (clean A - corrupt A), with
-  everything else left as the run computes it.
+* **Activation patching** (`patch SITE at P`) runs the *clean* prompt and puts in
+  the *corrupt* value of the site at P ("noising", as in Wang et al. 2022);
+  `direction="denoise"` runs the corrupt prompt with the clean value instead (the
+  convention of TransformerLens's `patching` module). The metric is always read
+  against the clean prompt's answers. `normalized` is the fraction of the
+  clean-vs-corrupt gap the patch moves: `(clean - patched) / (clean - corrupt)`
+  when noising, `(patched - corrupt) / (clean - corrupt)` when denoising, so 1
+  means the site alone carries the whole effect and 0 that it carries none.
+* **Path patching** (`patch A -> B.q at P`) changes only the direct path: on the
+  clean run, the receiver's input at P becomes its own input plus
+  (corrupt A - clean A), with everything else left as the run computes it.
 * **Ablation** (`ablate SITES with mean|zero|resample at P`) replaces the sites'
   values on the clean prompt by their dataset mean, zero, or their value on
   another random prompt of the dataset.
@@ -80,7 +83,7 @@ class ExperimentResult:
             for r in range(rows):
                 cells = "".join(f"{v:>7.2f}" for v in self.normalized.reshape(rows, cols)[r])
                 lines.append(f"  L{r:<4} {cells}")
-            lines.append("  (normalized: 1 = restores the clean behaviour, 0 = no effect)")
+            lines.append("  (normalized: share of the clean-vs-corrupt gap this site carries; 1 = all of it)")
         else:
             for s, v, nv in zip(self.sites, self.values.ravel(), self.normalized.ravel()):
                 lines.append(f"  {str(s):<28} {v:>9.4g}   normalized {nv:>7.3f}")
@@ -177,9 +180,12 @@ class Experiments:
 
     # -- experiments ------------------------------------------------------------------
 
-    def activation_patching(self, sites, position: Position, *, direction: str = "denoise", text: str = "",
-                            grid=None) -> ExperimentResult:
-        """Patch each site, one at a time, at `position`; see the module docstring."""
+    def activation_patching(self, sites, position: Position, *, direction: str = "noise", text: str = "",
+                            grid=None, together: bool = False) -> ExperimentResult:
+        """Patch each site, one at a time (or all `together`), at `position`.
+
+        See the module docstring for the direction and `normalized`.
+        """
         from circuitlang.models import Patch
 
         if direction not in ("denoise", "noise"):
@@ -187,17 +193,21 @@ class Experiments:
         base, source = ("corrupt", "clean") if direction == "denoise" else ("clean", "corrupt")
         values = self.capture(source, sites)
 
-        def patch_for(k, prompt_rows):
-            site = sites[k]
+        def one(site, prompt_rows):
             v = values[site][prompt_rows]
             pos = self._positions(position, prompt_rows)
             if pos is not None:
                 v = v[torch.arange(len(prompt_rows)), pos]
-            return [Patch(site, v, pos)]
+            return Patch(site, v, pos)
 
-        patch_for.n_sites = len(sites)
+        def patch_for(k, prompt_rows):
+            chosen = sites if together else [sites[k]]
+            return [one(site, prompt_rows) for site in chosen]
+
+        patch_for.n_sites = 1 if together else len(sites)
         per_prompt = self._sweep(base, patch_for)
-        return self._result("patch", text, sites, per_prompt, grid)
+        names = [", ".join(str(s) for s in sites)] if together else sites
+        return self._result("patch", text, names, per_prompt, grid, direction=direction)
 
     def path_patching(self, senders, receiver, position: Position, *, text: str = "", grid=None) -> ExperimentResult:
         """Patch each sender's direct path into `receiver` (head q/k/v input or logits)."""
@@ -215,24 +225,27 @@ class Experiments:
         else:
             raise ExecutionError(f"{receiver} cannot receive a path", hint="use a head's q/k/v input or logits")
         outs = [s.with_channel(Channel.OUT) if isinstance(s, Head) else s for s in senders]
-        clean = self.capture("clean", outs)
-        corrupt = self.capture("corrupt", outs + [target])
+        clean = self.capture("clean", outs + [target])
+        corrupt = self.capture("corrupt", outs)
 
         def patch_for(k, prompt_rows):
             s = outs[k]
-            delta = clean[s][prompt_rows] - corrupt[s][prompt_rows]
-            v = corrupt[target][prompt_rows] + delta
+            delta = corrupt[s][prompt_rows] - clean[s][prompt_rows]
+            v = clean[target][prompt_rows] + delta
             pos = self._positions(position, prompt_rows)
             if pos is not None:
                 v = v[torch.arange(len(prompt_rows)), pos]
             return [Patch(target, v, pos)]
 
         patch_for.n_sites = len(outs)
-        per_prompt = self._sweep("corrupt", patch_for)
+        per_prompt = self._sweep("clean", patch_for)
         return self._result("path_patch", text, [f"{s} -> {receiver}" for s in senders], per_prompt, grid)
 
     def ablation(self, sites, mode: str, position: Position, *, seed: int = 0, text: str = "") -> ExperimentResult:
-        """Ablate all `sites` together on the clean prompts (one entry in `values`)."""
+        """Ablate all `sites` together on the clean prompts (one entry in `values`).
+
+        `normalized` is the share of the clean-vs-corrupt gap the ablation removes.
+        """
         from circuitlang.models import Patch
 
         values = self.capture("clean", sites)
@@ -288,12 +301,13 @@ class Experiments:
         per_prompt = self._sweep("clean", patch_for)
         return self._result("ablate", text, [", ".join(str(s) for s in sites)], per_prompt, None)
 
-    def _result(self, kind, text, sites, per_prompt, grid) -> ExperimentResult:
+    def _result(self, kind, text, sites, per_prompt, grid, direction: str = "noise") -> ExperimentResult:
         clean = float(self.baseline("clean").mean())
         corrupt = float(self.baseline("corrupt").mean())
         values = per_prompt.mean(axis=1)
         gap = clean - corrupt
-        normalized = (values - corrupt) / gap if gap != 0 else np.full_like(values, np.nan)
+        moved = (clean - values) if direction == "noise" else (values - corrupt)
+        normalized = moved / gap if gap != 0 else np.full_like(values, np.nan)
         if grid:
             values, normalized = values.reshape(grid), normalized.reshape(grid)
         return ExperimentResult(kind, text, list(sites), values, normalized, per_prompt, clean, corrupt,

@@ -121,6 +121,7 @@ class CheckResult:
     seconds: float = 0.0
     source: str | None = None
     notes: list[str] = field(default_factory=list)
+    experiments: list = field(default_factory=list)
 
     @property
     def holds(self) -> bool:
@@ -153,6 +154,7 @@ class CheckResult:
             "counterexamples": [c.to_json() for c in self.counterexamples],
             "reported": self.reported,
             "notes": self.notes,
+            "experiments": [e.to_json() for e in self.experiments],
             "passes": self.passes,
             "seconds": round(self.seconds, 3),
             "versions": versions(),
@@ -160,10 +162,18 @@ class CheckResult:
 
     def render(self) -> str:
         """The terminal report: numbers, one line per claim and expectation, counterexamples."""
+        header = (
+            f"model {self.model}   task {self.task}   metric {self.metric}   "
+            f"ablation {self.ablation}   n={self.n}   seed={self.seed}"
+        )
+        experiments = []
+        for e in self.experiments:
+            experiments += ["", e.render()]
+        if math.isnan(self.recovered.value) and self.experiments and not self.expectations:
+            return "\n".join([header] + experiments) + "\n"
         r = self.recovered
         lines = [
-            f"model {self.model}   task {self.task}   metric {self.metric}   "
-            f"ablation {self.ablation}   n={self.n}   seed={self.seed}",
+            header,
             "",
             f"  clean      {_fmt(self.clean.value):>10}   [{_fmt(self.clean.low)}, {_fmt(self.clean.high)}]",
             f"  scrubbed   {_fmt(self.scrubbed.value):>10}   [{_fmt(self.scrubbed.low)}, {_fmt(self.scrubbed.high)}]",
@@ -198,6 +208,7 @@ class CheckResult:
                 lines.append(f"  {c.expectation}: value {c.value:.4g}{' (shrunk)' if c.shrunk else ''}")
                 lines.append(f"    {c.text!r}")
                 lines.append("    tokens: " + " ".join(repr(t) for t in c.tokens))
+        lines += experiments
         for note in self.notes:
             lines.append(f"note: {note}")
         verdict = "every expectation holds" if self.holds else "an expectation FAILS"

@@ -159,11 +159,10 @@ def check(
     Raises:
         CircuitlangError: bad text, unknown model or task, holes left unfilled.
     """
-    from circuitlang.models import load_model
-    from circuitlang.tasks import load_task
-
     started = time.perf_counter()
-    hypothesis, source = load_hypothesis(program_or_text, model=model, task=task)
+    hypothesis, model, task, prompts, metric, seed = _prepare(
+        program_or_text, model=model, task=task, n=n, seed=seed, metric=metric, device=device
+    )
     holes = hypothesis.holes()
     if holes:
         raise ResolveError(
@@ -171,16 +170,10 @@ def check(
             "`check` tests complete hypotheses",
             hint="fill them with `circuitlang discover`, or name the components",
         )
-    if model is None or isinstance(model, str):
-        model = load_model(model or hypothesis.model, device=device)
-    elif device is not None:
-        raise CircuitlangError("`device` applies to a model loaded by name", hint="move your LoadedModel yourself")
-    if task is None or isinstance(task, str):
-        task = load_task(task or hypothesis.task, tokenizer=model.tokenizer)
-    seed = seed if seed is not None else (hypothesis.seed if hypothesis.seed is not None else 0)
-    n = n or hypothesis.samples or DEFAULT_N
-    metric = metric or hypothesis.metric or task.SIGNATURE.default_metric
-    prompts = task.prompts(n, seed)
+    experiments = run_experiments(hypothesis, model, task, prompts, metric, seed=seed, batch_size=batch_size)
+    if not hypothesis.claims and not hypothesis.expectations:
+        # a file of experiments only (`patch head * at END`): nothing to scrub
+        return _experiments_only(hypothesis, model, task, prompts, metric, seed, experiments, started)
 
     bar = Progress(3 + (len(hypothesis.claims) if breakdown else 0) + permutations, "checking", enabled=progress)
     scrubber = Scrubber(model, task, prompts, metric, batch_size=batch_size)
@@ -206,6 +199,7 @@ def check(
         reported={r.name: r.value for r in hypothesis.reported},
         ablation=scrubber_mode(hypothesis),
         source=getattr(hypothesis, "filename", None),
+        experiments=experiments,
     )
     if recovered.value != recovered.value:  # NaN
         result.notes.append(
@@ -233,6 +227,101 @@ def check(
     )
     bar.close()
     result.passes = scrubber.passes + scrubber.cache.passes
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def run(
+    program_or_text,
+    *,
+    model=None,
+    task=None,
+    n: int | None = None,
+    seed: int | None = None,
+    metric: str | None = None,
+    batch_size: int = 64,
+    device=None,
+) -> list:
+    """Run a program's experiments (`patch`, `ablate`) and return their numbers.
+
+    For notebooks: `circuitlang.run("patch head * at END", model=m, task="ioi")`
+    returns one `ExperimentResult` per experiment statement, whose `.values` and
+    `.normalized` are numpy arrays (a layers x heads grid for a head sweep).
+
+    Args: as for `check`.
+
+    Raises:
+        CircuitlangError: bad text, unknown model or task, or a program with no
+            experiment statements.
+    """
+    hypothesis, model, task, prompts, metric, seed = _prepare(
+        program_or_text, model=model, task=task, n=n, seed=seed, metric=metric, device=device
+    )
+    if not hypothesis.experiments:
+        raise CircuitlangError(
+            "this program has no experiments to run",
+            code="run.no-experiments",
+            hint="write e.g. `patch head * at END`, `ablate heads 9.6, 9.9 with mean at END`; "
+            "use circuitlang.check for claims and expectations",
+        )
+    return run_experiments(hypothesis, model, task, prompts, metric, seed=seed, batch_size=batch_size)
+
+
+def _prepare(program_or_text, *, model, task, n, seed, metric, device):
+    """Parse, resolve, load model and task, and draw the prompts."""
+    from circuitlang.models import load_model
+    from circuitlang.tasks import load_task
+
+    hypothesis, _ = load_hypothesis(program_or_text, model=model, task=task)
+    if model is None or isinstance(model, (str, Path)):
+        model = load_model(str(model or hypothesis.model), device=device)
+    if task is None or isinstance(task, str):
+        task = load_task(task or hypothesis.task, tokenizer=model.tokenizer)
+    seed = seed if seed is not None else (hypothesis.seed if hypothesis.seed is not None else 0)
+    n = n or hypothesis.samples or DEFAULT_N
+    metric = metric or hypothesis.metric or task.SIGNATURE.default_metric
+    return hypothesis, model, task, task.prompts(n, seed), metric, seed
+
+
+def run_experiments(hypothesis, model, task, prompts, metric, *, seed, batch_size) -> list:
+    """Every experiment statement of a hypothesis, run on one shared set of clean/corrupt runs."""
+    from circuitlang import ir
+    from circuitlang.experiments import Experiments
+
+    if not hypothesis.experiments:
+        return []
+    holes = hypothesis.holes()
+    if holes:
+        raise ResolveError("experiments cannot run with holes: " + ", ".join(str(h) for h in holes),
+                           hint="name the components, or use `circuitlang discover`")
+    runner = Experiments(model, task, prompts, metric, batch_size=batch_size)
+    out = []
+    for exp in hypothesis.experiments:
+        grid = getattr(exp, "grid", ()) or None
+        if isinstance(exp, ir.Patch):
+            out.append(runner.activation_patching(list(exp.sites), exp.position, text=exp.text, grid=grid,
+                                                  together=not exp.sweep))
+        elif isinstance(exp, ir.PathPatch):
+            for receiver in exp.receivers:
+                out.append(runner.path_patching(list(exp.senders), receiver, exp.position,
+                                                text=exp.text, grid=grid))
+        elif isinstance(exp, ir.Ablate):
+            out.append(runner.ablation(list(exp.sites), exp.mode, exp.position, seed=seed, text=exp.text))
+    return out
+
+
+def _experiments_only(hypothesis, model, task, prompts, metric, seed, experiments, started) -> CheckResult:
+    import math
+
+    from circuitlang.stats import Interval
+
+    nan = Interval(math.nan, math.nan, math.nan)
+    result = CheckResult(
+        model=model.name, task=task.SIGNATURE.name, metric=metric, seed=seed, n=len(prompts.input_ids),
+        clean=nan, scrubbed=nan, random=nan, recovered=nan,
+        reported={r.name: r.value for r in hypothesis.reported},
+        ablation=scrubber_mode(hypothesis), source=hypothesis.filename, experiments=experiments,
+    )
     result.seconds = time.perf_counter() - started
     return result
 
