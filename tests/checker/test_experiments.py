@@ -1,0 +1,75 @@
+"""The classic experiments, run from programs on the planted induction model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import circuitlang
+from circuitlang.errors import CircuitlangError
+from circuitlang.experiments import Experiments
+from circuitlang.models import Patch
+from circuitlang.sites import Head, Position
+
+HEADER = "task induction\nmetric logit_diff\n"
+
+
+def run(text, planted, task):
+    return circuitlang.run(HEADER + text, model=planted, task=task, n=16)
+
+
+def test_head_sweep_is_a_layer_by_head_grid_that_finds_the_induction_head(planted, induction_task):
+    [sweep] = run("patch head * at END\n", planted, induction_task)
+    assert sweep.values.shape == (2, 2) and sweep.grid == (2, 2)
+    assert sweep.normalized[1, 0] > 0.9  # the induction head carries the behaviour
+    assert abs(sweep.normalized[0, 1]) < 1e-6 and abs(sweep.normalized[1, 1]) < 1e-6  # null heads
+
+
+def test_patching_matches_a_hand_written_patch(planted, induction_task):
+    """Noising head 1.0 at END = running clean with its corrupt output put in by hand."""
+    prompts = induction_task.prompts(16, 0)
+    exp = Experiments(planted, induction_task, prompts, "logit_diff")
+    result = exp.activation_patching([Head(1, 0)], Position("END"))
+    site = Head(1, 0)
+    corrupt = planted.run(prompts.corrupt_input_ids, prompts.attention_mask, capture=[site]).cache[site]
+    end = prompts.positions["END"]
+    rows = torch.arange(len(end))
+    run = planted.run(prompts.input_ids, prompts.attention_mask,
+                      patches=[Patch(site, corrupt[rows, end], end)])
+    by_hand = induction_task.metric("logit_diff", run.logits, prompts).numpy()
+    np.testing.assert_allclose(result.per_prompt[0], by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_denoising_is_the_mirror_image(planted, induction_task):
+    prompts = induction_task.prompts(16, 0)
+    exp = Experiments(planted, induction_task, prompts, "logit_diff")
+    noise = exp.activation_patching([Head(1, 0), Head(1, 1)], Position("END"))
+    denoise = exp.activation_patching([Head(1, 0), Head(1, 1)], Position("END"), direction="denoise")
+    assert noise.normalized[0] > 0.9 and denoise.normalized[0] > 0.9
+    assert abs(noise.normalized[1]) < 1e-6 and abs(denoise.normalized[1]) < 1e-6
+
+
+def test_ablations(planted, induction_task):
+    mean, zero, resample, nothing = run(
+        "ablate head 1.0 with mean at END\n"
+        "ablate head 1.0 with zero at END\n"
+        "ablate head 1.0 with resample at END\n"
+        "ablate head 1.1 with mean at END\n",
+        planted, induction_task,
+    )
+    for r in (mean, zero, resample):
+        assert r.values[0] < 0.5 * r.clean  # the behaviour is gone
+    assert nothing.values[0] == pytest.approx(nothing.clean)  # a null head changes nothing
+
+
+def test_path_patching_is_direct_only(planted, induction_task):
+    """0.0 -> 1.0.k at all: the corrupt prompt keeps the first copy, so the keys the
+    induction head uses are unchanged and the path carries none of the effect."""
+    path, to_logits = run("patch 0.0 -> 1.0.k at all\npatch 1.0 -> logits at END\n", planted, induction_task)
+    assert abs(path.normalized[0]) < 1e-6
+    assert to_logits.normalized[0] > 0.9
+
+
+def test_run_needs_experiments(planted, induction_task):
+    with pytest.raises(CircuitlangError, match="no experiments"):
+        run("0.0 -> 1.0.k at all\n", planted, induction_task)
