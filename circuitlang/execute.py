@@ -40,7 +40,7 @@ import torch
 
 from circuitlang.errors import ExecutionError
 from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph, Transplant
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position, Resid
+from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, MlpIn, Position, Resid
 
 DEFAULT_BATCH = 64
 
@@ -337,6 +337,14 @@ class Scrubber:
     def _input_site(self, site):
         return self.final if isinstance(site, Logits) else site
 
+    def _channel_site(self, site, channel):
+        """The input site of a node through a channel: a head's q/k/v, an MLP's input."""
+        if isinstance(site, Head):
+            return site.with_channel(channel)
+        if isinstance(site, Mlp):
+            return MlpIn(site.layer)
+        return self.final
+
     def _sender_site(self, site):
         return site.with_channel(Channel.OUT) if isinstance(site, Head) else site
 
@@ -349,7 +357,7 @@ class Scrubber:
             if node.role == "sender":
                 sites.append(self._sender_site(node.site))
                 for _, t in graph.children(n):
-                    sites.append(node.site.with_channel(t.channel))
+                    sites.append(self._channel_site(node.site, t.channel))
             elif node.role == "input":
                 sites.append(self._input_site(node.site))
         return sites
@@ -450,10 +458,14 @@ class Scrubber:
         patch_rows: dict = {}
         for k, v in enumerate(nodes):
             node = graph.node(v)
-            if not isinstance(node.site, Head):
-                raise ExecutionError(f"{node.site} cannot receive edges; only heads and logits can")
-            for ch in (Channel.Q, Channel.K, Channel.V):
-                site = node.site.with_channel(ch)
+            if isinstance(node.site, Head):
+                channels = (Channel.Q, Channel.K, Channel.V)
+            elif isinstance(node.site, Mlp):
+                channels = (None,)
+            else:
+                raise ExecutionError(f"{node.site} cannot receive edges; heads, MLPs and logits can")
+            for ch in channels:
+                site = self._channel_site(node.site, ch)
                 val = self._assemble(graph, v, insts, ch, site)
                 if val is None:
                     continue

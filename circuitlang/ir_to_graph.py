@@ -17,8 +17,8 @@ with a `Transplant` payload under the key ``"transplant"``.
   agree on, or an **input leaf**: one input channel of a head (`Head(l, h, Q)` ...)
   or of the root (`Logits()`), claimed to depend only on some features.
 * An edge child -> parent with `Transplant(channel, position)` says: in the
-  parent's `channel` input (q/k/v of a head; `None` for the root's residual
-  stream), at `position`, the child's output replaces what the child contributes
+  parent's `channel` input (q/k/v of a head; `None` for an MLP's input or the
+  root's residual stream), at `position`, the child's output replaces what the child contributes
   there in the parent's own (resampled) run.
 
 Semantics (Chan et al. 2022, causal scrubbing), as `execute.py` implements it:
@@ -96,8 +96,8 @@ class ScrubNode:
 class Transplant:
     """How a child's value enters its parent: through `channel` at `position`.
 
-    `channel` is `Channel.Q/K/V` for a head parent and `None` for the root (the
-    final residual stream).
+    `channel` is `Channel.Q/K/V` for a head parent and `None` for an MLP parent
+    (the stream it reads) or the root (the final residual stream).
     """
 
     channel: Channel | None
@@ -327,14 +327,22 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             ]
             if not parents:
                 parents = [add_sender(out, pos if channel is Channel.Q else ALL, SAME_INPUT, None)]
+        elif isinstance(receiver, Mlp):
+            channel = None
+            parents = [
+                t
+                for t in templates.values()
+                if t.role == "sender" and t.site == receiver and (_covers(t.position, pos) or pos.is_all)
+            ]
+            if not parents:
+                parents = [add_sender(receiver, pos, SAME_INPUT, None)]
         else:
             problems.append(
                 Diagnostic(
                     "lower.unsupported-receiver",
-                    f"edges into {receiver} are not supported: a receiver is a head's q, k "
-                    "or v input, or the logits",
+                    f"{receiver} cannot receive an edge: a receiver is a head's q, k or v "
+                    "input, an MLP, or the logits",
                     getattr(claim, "span", None),
-                    hint="claim the MLP's output instead (`mlp L at P depends on ...`)",
                 )
             )
             continue

@@ -15,7 +15,8 @@ Conventions (the same for every architecture):
   what 8.6's query sees). Channel `OUT` is the head's own contribution to the
   residual stream (its `z @ W_O` slice, without the shared output bias). Channel
   `PATTERN` is its attention pattern (after softmax), shape [query, key].
-* `Mlp(layer)` is the MLP block's output (its contribution to the residual stream).
+* `Mlp(layer)` is the MLP block's output (its contribution to the residual stream);
+  `MlpIn(layer)` is the stream it reads, before its layer norm.
 * `Resid(layer)` is the residual stream entering block `layer`;
   `Resid(n_layers)` is the final residual stream before the final norm.
 * `Logits()` is the unembedded output.
@@ -102,6 +103,19 @@ class Mlp:
 
 
 @dataclass(frozen=True, slots=True, order=True)
+class MlpIn:
+    """The residual stream MLP block `layer` reads, before its layer norm.
+
+    Patching it changes only what the MLP sees, not the residual stream itself.
+    """
+
+    layer: int
+
+    def __str__(self) -> str:
+        return f"mlp {self.layer}.in"
+
+
+@dataclass(frozen=True, slots=True, order=True)
 class Resid:
     """The residual stream entering block `layer` (`n_layers` means the final one)."""
 
@@ -119,7 +133,7 @@ class Logits:
         return "logits"
 
 
-Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, Resid, Logits]
+Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits]
 
 
 @dataclass(frozen=True, slots=True, order=True)

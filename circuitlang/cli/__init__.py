@@ -17,6 +17,7 @@ from circuitlang.errors import CircuitlangError
 # module name -> one-line description; order is the order in `--help`.
 COMMAND_MODULES = (
     "circuitlang.cli.lang",  # fmt, parse, check
+    "circuitlang.cli.graph",  # graph
     "circuitlang.cli.models",  # models
     "circuitlang.cli.tasks",  # tasks
 )
