@@ -173,6 +173,57 @@ class Experiments:
         self.passes += 1
         return out
 
+    def _sweep_suffix(self, base: str, patch_for, position: Position) -> np.ndarray:
+        """`_sweep` for patches at one named position P, recomputing only from P on.
+
+        A patch at P cannot change anything before P (attention is causal), so the
+        prompts are grouped by where P falls, each group's prefix runs once with the
+        model's key/value cache, and every (site, prompt) row runs only the tokens
+        from P on. For END (the last token) that is one token per row instead of the
+        whole prompt. The numbers equal `_sweep`'s up to float rounding.
+        """
+        import copy
+
+        n = len(self.prompts.input_ids)
+        n_sites = patch_for.n_sites
+        out = np.zeros((n_sites, n))
+        ids, mask = self._ids(base), self.prompts.attention_mask
+        where = position_index(self.prompts, position)
+        for p in sorted(set(where.tolist())):
+            members = torch.nonzero(where == p).ravel()
+            prefix_cache, prefix_logits = self._prefix(ids[members, :p], mask[members, :p])
+            pairs = [(k, j) for k in range(n_sites) for j in range(len(members))]
+            for start in range(0, len(pairs), self.batch_size):
+                chunk = pairs[start : start + self.batch_size]
+                ks = np.array([k for k, _ in chunk])
+                local = torch.tensor([j for _, j in chunk])
+                prompt_rows = members[local]
+                patches = []
+                zero = torch.zeros(len(chunk), dtype=torch.long)
+                for k in np.unique(ks):
+                    rows = torch.as_tensor(ks == k)
+                    for patch in patch_for(int(k), prompt_rows, at=zero):
+                        patches.append(type(patch)(patch.site, patch.value, patch.positions, rows))
+                cache = None
+                if prefix_cache is not None:
+                    cache = copy.deepcopy(prefix_cache)
+                    cache.reorder_cache(local.to(self.model.device))
+                run = self.model.run(ids[prompt_rows, p:], mask[prompt_rows], patches=patches,
+                                     past_key_values=cache)
+                logits = run.logits if prefix_logits is None else torch.cat([prefix_logits[local], run.logits], 1)
+                out[ks, prompt_rows.numpy()] = self._metric(logits, prompt_rows.tolist())
+        self.passes += 1
+        return out
+
+    def _prefix(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Run prompt prefixes once: (key/value cache, logits), or (None, None) if empty."""
+        if ids.shape[1] == 0:
+            return None, None
+        with torch.no_grad():
+            out = self.model.hf_model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                      use_cache=True)
+        return out.past_key_values, out.logits
+
     def _positions(self, position: Position, rows: torch.Tensor):
         if position.is_all:
             return None
@@ -193,19 +244,22 @@ class Experiments:
         base, source = ("corrupt", "clean") if direction == "denoise" else ("clean", "corrupt")
         values = self.capture(source, sites)
 
-        def one(site, prompt_rows):
+        def one(site, prompt_rows, at=None):
             v = values[site][prompt_rows]
             pos = self._positions(position, prompt_rows)
             if pos is not None:
                 v = v[torch.arange(len(prompt_rows)), pos]
-            return Patch(site, v, pos)
+            return Patch(site, v, pos if at is None else at)
 
-        def patch_for(k, prompt_rows):
+        def patch_for(k, prompt_rows, at=None):
             chosen = sites if together else [sites[k]]
-            return [one(site, prompt_rows) for site in chosen]
+            return [one(site, prompt_rows, at) for site in chosen]
 
         patch_for.n_sites = 1 if together else len(sites)
-        per_prompt = self._sweep(base, patch_for)
+        if position.is_all:
+            per_prompt = self._sweep(base, patch_for)
+        else:
+            per_prompt = self._sweep_suffix(base, patch_for, position)
         names = [", ".join(str(s) for s in sites)] if together else sites
         return self._result("patch", text, names, per_prompt, grid, direction=direction)
 

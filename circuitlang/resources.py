@@ -7,6 +7,7 @@ installed wheel they are the packages `circuitlang._grammar` and `circuitlang._s
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +17,11 @@ def _folder(repo_name: str, package: str) -> Path:
     in_repo = _REPO_ROOT / repo_name
     if in_repo.is_dir() and (_REPO_ROOT / "pyproject.toml").is_file():
         return in_repo
+    # the shipped folders have no __init__.py (namespace packages), for which
+    # importlib.resources.files() gives a MultiplexedPath that str() does not unwrap
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
     return Path(str(importlib.resources.files(package)))
 
 

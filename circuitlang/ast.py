@@ -1,0 +1,455 @@
+"""The AST: what a hypothesis file says, before any name is looked up.
+
+`circuitlang.text_to_ast.parse` produces these nodes; `circuitlang.printer.format`
+turns them back into canonical text; `circuitlang.ast_to_ir.resolve` turns them into
+the IR. Every node is a frozen dataclass. Source spans (`span`) and layout trivia
+(comments, blank lines: `trivia`) are excluded from equality, so two nodes with the
+same content compare equal wherever they came from, and `parse(format(p)) == p`.
+
+Nothing here knows about models or tasks: a head is just two numbers, a position
+just a name, and a verb use is just a subject followed by terms (which verb it is
+gets decided by the resolver, against the verb patterns in scope).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Union
+
+from circuitlang.errors import Span
+
+
+def _span() -> Span | None:
+    return field(default=None, compare=False, repr=False, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Trivia:
+    """Layout the printer keeps but equality ignores.
+
+    Attributes:
+        leading: the full-line comments just above the statement (text after `#`),
+            with `None` for a blank line between them.
+        trailing: the comment at the end of the statement's (first) line, if any.
+        blank_before: whether a blank line separated it from the previous statement.
+    """
+
+    leading: tuple[str | None, ...] = ()
+    trailing: str | None = None
+    blank_before: bool = False
+
+
+NO_TRIVIA = Trivia()
+
+
+def _trivia() -> Trivia:
+    return field(default=NO_TRIVIA, compare=False, repr=False, kw_only=True)
+
+
+# ---------------------------------------------------------------- references
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRef:
+    """A head by number: `9.6`, `8.6.q`; `None` in layer/head is a wildcard `*`.
+
+    `channel` is the raw channel word (`q`, `k`, `v`, `out`, `pattern`), or a slot
+    name such as `$c` inside a verb body; the resolver checks it.
+    """
+
+    layer: int | None
+    head: int | None
+    channel: str | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class Hole:
+    """An unknown component the solver fills in: `?h` (optionally `?h.q`)."""
+
+    name: str
+    channel: str | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A verb parameter `$x` inside a verb definition."""
+
+    name: str
+    span: Span | None = _span()
+
+
+# -------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True, slots=True)
+class HeadTarget:
+    """`head 9.6`, `head ?h`, `head *`, `head 9.*`, or a bare `9.6`.
+
+    `keyword` records whether `head` was written (layout only: not part of equality,
+    so `5.5 -> 8.6.q` and `head 5.5 -> head 8.6.q` are the same edge).
+    """
+
+    ref: HeadRef | Hole
+    span: Span | None = _span()
+    keyword: bool = field(default=True, compare=False, repr=False, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadsTarget:
+    """`heads 7.3, 7.9, 8.6`: several heads as one subject."""
+
+    items: tuple[HeadRef | Hole, ...]
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class MlpTarget:
+    """`mlp 3`, `mlp *` (layer `None`), `mlp ?m` (a hole)."""
+
+    layer: int | Hole | None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class ResidTarget:
+    """`resid 3`: the residual stream entering block 3 (`resid *`, `resid ?r`)."""
+
+    layer: int | Hole | None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedTarget:
+    """`embed`: token plus positional embedding."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class LogitsTarget:
+    """`logits`: the model's output."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTarget:
+    """A named group (`name_movers`), optionally at one channel (`name_movers.q`)."""
+
+    name: str
+    channel: str | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTarget:
+    """A verb parameter used as a site: `$h`, `$g.q`, `$g.$c`."""
+
+    name: str
+    channel: str | None = None
+    span: Span | None = _span()
+
+
+Target = Union[
+    HeadTarget, HeadsTarget, MlpTarget, ResidTarget, EmbedTarget, LogitsTarget,
+    GroupTarget, SlotTarget,
+]
+
+
+# ------------------------------------------------------- positions, features
+
+
+@dataclass(frozen=True, slots=True)
+class PositionRef:
+    """A position the task names, with an offset: `END`, `S1+1`, `all`."""
+
+    name: str
+    offset: int = 0
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRef:
+    """A feature of the prompt: `template`, `IO`, or built-in `token(IO)`, `position(S)`.
+
+    `arg` is set for the call form (`token(IO)` is `FeatureRef("token", PositionRef("IO"))`).
+    """
+
+    name: str
+    arg: PositionRef | Slot | None = None
+    span: Span | None = _span()
+
+
+Position = Union[PositionRef, Slot]
+Feature = Union[FeatureRef, Slot]
+
+
+# ---------------------------------------------------------------- verb terms
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """A bare word in a verb use: a verb word (`moves`) or an argument (`name`, `END`)."""
+
+    text: str
+    span: Span | None = _span()
+
+
+# A term of a verb use: a word, or something only an argument can be.
+Term = Union[Word, PositionRef, FeatureRef, HeadRef, Hole, Slot]
+
+
+# ------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """A numeric literal, kept exact (`0.85` is 85/100, never a float)."""
+
+    value: Decimal
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """A metric name in an expression: `recovered`, `clean`, `logit_diff`."""
+
+    name: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class BinOp:
+    """`left op right` with op one of `+ - * /`."""
+
+    op: str
+    left: "Expr"
+    right: "Expr"
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class Neg:
+    """Unary minus."""
+
+    operand: "Expr"
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A function in an expression: `abs(x)`, `min(a, b)`, `max(a, b)`."""
+
+    func: str
+    args: tuple["Expr", ...]
+    span: Span | None = _span()
+
+
+Expr = Union[Number, Name, BinOp, Neg, Call]
+
+
+# ---------------------------------------------------------------- statements
+
+
+@dataclass(frozen=True, slots=True)
+class Cite:
+    """`cite "..."`: the paper a circuit comes from."""
+
+    text: str
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDecl:
+    """`model gpt2` or `model "path/to/model"`."""
+
+    name: str
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDecl:
+    """`task ioi`."""
+
+    name: str
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    """`use stdlib.ioi`: import another file's groups, verbs and claims."""
+
+    path: tuple[str, ...]
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDecl:
+    """`metric logit_diff`."""
+
+    name: str
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class AblationDecl:
+    """`ablation resample given template, order` (or `mean`, `zero`)."""
+
+    mode: str
+    given: tuple[Feature, ...] = ()
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """`reported clean = 3.56`: a number the paper reports."""
+
+    name: str
+    value: Decimal
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """`seed 0` or `samples 200`."""
+
+    name: str
+    value: int
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDef:
+    """`group name_movers = heads 9.9, 9.6, 10.0`."""
+
+    name: str
+    target: Target
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Depends:
+    """`SITE at POS depends on F, G` (`depends on nothing`: empty `features`)."""
+
+    target: Target
+    position: Position
+    features: tuple[Feature, ...]
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """`SENDER -> RECEIVER at POS`: the receiver reads the sender at that position."""
+
+    sender: Target
+    receiver: Target
+    position: Position
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class VerbUse:
+    """`SUBJECT verb term...`: `head 9.6 moves name to END`.
+
+    `verb` is the first word after the subject; `terms` are the rest, still unsorted
+    into words and arguments.
+    """
+
+    subject: Target
+    verb: str
+    terms: tuple[Term, ...]
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class VerbDef:
+    """`verb $h moves $x to $p:` and an indented body of claims.
+
+    `words` is the pattern after the subject slot: the verb word first, then words
+    (`Word`) and parameters (`Slot`).
+    """
+
+    subject: str
+    words: tuple[Word | Slot, ...]
+    body: tuple["Statement", ...]
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """`patch TARGET at POS`: activation patching; wildcards make a sweep."""
+
+    target: Target
+    position: Position
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class PathPatch:
+    """`patch SENDER -> RECEIVER at POS`: path patching along one edge."""
+
+    sender: Target
+    receiver: Target
+    position: Position
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Ablate:
+    """`ablate TARGET [with MODE] [at POS]`."""
+
+    target: Target
+    mode: str | None = None
+    position: Position | None = None
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """`expect [each] LHS OP RHS`; `each` makes it a per-prompt property."""
+
+    each: bool
+    lhs: Expr
+    op: str
+    rhs: Expr
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+Statement = Union[
+    Cite, ModelDecl, TaskDecl, Use, MetricDecl, AblationDecl, Reported, Setting,
+    GroupDef, Depends, Edge, VerbUse, VerbDef, Patch, PathPatch, Ablate, Expect,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """A whole file: its statements in order.
+
+    Attributes:
+        statements: the statements, in source order.
+        trailing_comments: comments after the last statement (printed at the end).
+        filename: where the text came from (for messages), not part of equality.
+    """
+
+    statements: tuple[Statement, ...]
+    trailing_comments: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    filename: str | None = field(default=None, compare=False, repr=False)

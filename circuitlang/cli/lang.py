@@ -1,0 +1,212 @@
+"""The language commands: `circuitlang fmt`, `circuitlang parse`, `circuitlang check`.
+
+Takes parsed command-line arguments; gives an exit code (0 fine, 1 an `expect`
+failed or `fmt --check` found unformatted files, 2 a user error, rendered as a
+diagnostic by `circuitlang.cli.main`).
+
+`check` has two halves. The front half is here: `load_hypothesis` parses the file,
+resolves it against the model's shape and the task (every problem reported at
+once), and returns the `Hypothesis`. The back half (running it on the model)
+belongs to the executor (`circuitlang.check`); until it is wired in, `check_command`
+prints the resolved hypothesis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from circuitlang import ir
+from circuitlang.errors import CircuitlangError, Diagnostic
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def register(subparsers) -> None:
+    """Add `fmt`, `parse` and `check` to the `circuitlang` command."""
+    fmt = subparsers.add_parser(
+        "fmt",
+        help="format .circ files in canonical form",
+        description="Rewrite hypothesis files in canonical form (comments kept). "
+        "With --check, change nothing and exit 1 if a file would change.",
+    )
+    fmt.add_argument("files", nargs="+", metavar="FILE", help=".circ files to format")
+    fmt.add_argument("--check", action="store_true",
+                     help="only report files that are not formatted (exit 1 if any)")
+    fmt.add_argument("--stdout", action="store_true",
+                     help="print the formatted text instead of rewriting the files")
+    fmt.set_defaults(func=fmt_command)
+
+    parse_cmd = subparsers.add_parser(
+        "parse",
+        help="parse and resolve a .circ file; print the AST or the IR",
+        description="Parse FILE and print it. With --json, resolve it against its model "
+        "and task and print the IR (the resolved hypothesis) as JSON, for tools.",
+    )
+    parse_cmd.add_argument("file", metavar="FILE", help="a .circ file")
+    parse_cmd.add_argument("--json", action="store_true",
+                           help="print the resolved IR as JSON")
+    parse_cmd.add_argument("--model", metavar="M", help="override the file's `model` line")
+    parse_cmd.add_argument("--task", metavar="T", help="override the file's `task` line")
+    parse_cmd.set_defaults(func=parse_command)
+
+    check = subparsers.add_parser(
+        "check",
+        help="check a hypothesis file against a model",
+        description="Parse FILE, resolve it against the model and task (reporting every "
+        "problem at once), then test it with causal scrubbing. Exit 0 if every "
+        "`expect` holds, 1 if one fails, 2 on a user error.",
+    )
+    check.add_argument("file", metavar="FILE", help="a .circ file")
+    check.add_argument("--model", metavar="M",
+                       help="model name, hub id or local path (overrides the file's `model`)")
+    check.add_argument("--task", metavar="T", help="task name (overrides the file's `task`)")
+    check.set_defaults(func=check_command)
+
+
+def fmt_command(args: argparse.Namespace) -> int:
+    """Format files in place (or check, or print); every file is tried."""
+    from circuitlang.printer import format
+    from circuitlang.text_to_ast import parse
+
+    errors: list[CircuitlangError] = []
+    unformatted: list[str] = []
+    for name in args.files:
+        try:
+            source = _read(name)
+            text = format(parse(source, name))
+        except CircuitlangError as exc:
+            errors.append(exc)
+            continue
+        if args.stdout:
+            sys.stdout.write(text)
+        elif text != source:
+            if args.check:
+                unformatted.append(name)
+            else:
+                Path(name).write_text(text, encoding="utf-8")
+                print(f"formatted {name}")
+    for exc in errors[:-1]:
+        print(exc.render(), file=sys.stderr)
+    for name in unformatted:
+        print(f"would reformat {name}")
+    if errors:
+        raise errors[-1]
+    return EXIT_FAILED if unformatted else EXIT_OK
+
+
+def parse_command(args: argparse.Namespace) -> int:
+    """Print the canonical text, or (with --json) the resolved IR as JSON."""
+    if args.json:
+        hypothesis, _ = load_hypothesis(args.file, args.model, args.task)
+        json.dump(hypothesis.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    from circuitlang.printer import format
+    from circuitlang.text_to_ast import parse
+
+    sys.stdout.write(format(parse(_read(args.file), args.file)))
+    return EXIT_OK
+
+
+def load_hypothesis(
+    path: str, model_override: str | None = None, task_override: str | None = None
+) -> tuple[ir.Hypothesis, str]:
+    """The front half of `check`: read, parse and resolve one file.
+
+    Args:
+        path: the .circ file.
+        model_override: a model name that beats the file's `model` line.
+        task_override: a task name that beats the file's `task` line.
+
+    Returns:
+        (the resolved hypothesis, the file's text).
+
+    Raises:
+        CircuitlangError: unreadable file, syntax error, or every resolve problem.
+    """
+    from circuitlang.ast_to_ir import resolve
+    from circuitlang.text_to_ast import parse
+
+    source = _read(path)
+    program = parse(source, path)
+    hypothesis = resolve(program, None, task_override, model=model_override, filename=path,
+                         source=source)
+    return hypothesis, source
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """`circuitlang check FILE`: the front half (parse, resolve, report), then a summary.
+
+    The back half (lower, execute, report numbers; exit 1 when an `expect` fails)
+    takes `hypothesis` and `source` from here: it is the executor's, and replaces
+    the summary below.
+    """
+    hypothesis, source = load_hypothesis(args.file, args.model, args.task)
+    print(summarize(hypothesis))
+    return EXIT_OK
+
+
+def summarize(hypothesis: ir.Hypothesis) -> str:
+    """A readable account of a resolved hypothesis (what `check` shows before running)."""
+    h = hypothesis
+    lines = [f"{h.filename or '<string>'}: model {h.model}, task {h.task}, metric {h.metric}, "
+             f"ablation {h.ablation.mode}"
+             + (" given " + ", ".join(map(str, h.ablation.given)) if h.ablation.given else "")]
+    for cite in h.citations:
+        lines.append(f"  cites {cite}")
+    if h.imports:
+        lines.append("  uses " + ", ".join(h.imports))
+    for r in h.reported:
+        lines.append(f"  reported {r.name} = {r.value:g}")
+    if h.groups:
+        lines.append("groups:")
+        for name, heads in h.groups:
+            lines.append(f"  {name} = " + ", ".join(f"{x.layer}.{x.head}" for x in heads))
+    if h.claims:
+        statements: dict[tuple, list[ir.Claim]] = {}
+        for claim in h.claims:
+            key = (claim.span.line if claim.span else 0, claim.text)
+            statements.setdefault(key, []).append(claim)
+        lines.append(f"claims ({len(h.claims)} core claims from {len(statements)} statements):")
+        for (_, text), claims in statements.items():
+            lines.append(f"  {text}")
+            for claim in claims:
+                lines.append(f"    {_claim_text(claim)}")
+    if h.experiments:
+        lines.append("experiments:")
+        for exp in h.experiments:
+            extra = ""
+            if getattr(exp, "sweep", False):
+                extra = f"  (sweep: {' x '.join(map(str, exp.grid))} grid over " \
+                        f"{' x '.join(exp.axes)})"
+            lines.append(f"  {exp.text}{extra}")
+    if h.expectations:
+        lines.append("expectations:")
+        for exp in h.expectations:
+            lines.append(f"  {exp.text}    [{exp.kind}: {exp.lhs} {exp.op} {exp.rhs}]")
+    holes = h.holes()
+    if holes:
+        lines.append("holes (the solver fills these; the checker needs them filled): "
+                     + ", ".join(str(x) for x in holes))
+    lines.append("resolved: every name checked against the model and the task")
+    return "\n".join(lines)
+
+
+def _claim_text(claim: ir.Claim) -> str:
+    if isinstance(claim, ir.DependsClaim):
+        feats = ", ".join(map(str, claim.features)) or "nothing"
+        return f"{claim.site} at {claim.position} depends on {feats}"
+    return f"{claim.sender} -> {claim.receiver} at {claim.position}"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CircuitlangError(Diagnostic("cli.file", f"no such file: {path}", None,
+                                          "pass the path of a .circ file")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CircuitlangError(Diagnostic("cli.file", f"cannot read {path}: {exc}", None,
+                                          "pass a readable UTF-8 .circ file")) from None

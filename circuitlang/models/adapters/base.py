@@ -1,0 +1,226 @@
+"""The adapter contract: where an architecture keeps each part of a transformer.
+
+An adapter takes a loaded Hugging Face causal LM and gives the run engine
+(`circuitlang.models.run`) the modules to hook and the per-head weight slices it
+needs. Adapters are the only place module paths appear; every other part of
+circuitlang speaks in typed sites (`circuitlang.sites`).
+
+Adding an architecture is one small file: subclass `Adapter`, fill in the module
+accessors and the q/k/v column layout, and decorate the class with `@register`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from circuitlang.errors import ModelError
+from circuitlang.sites import Channel, ModelShape
+
+#: HF `config.model_type` -> adapter class.
+_REGISTRY: dict[str, type["Adapter"]] = {}
+
+
+def register(cls: type["Adapter"]) -> type["Adapter"]:
+    """Class decorator: make `cls` the adapter for each of its `model_types`."""
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The HF `config.model_type` values circuitlang has an adapter for."""
+    _import_builtin_adapters()
+    return tuple(sorted(_REGISTRY))
+
+
+def adapter_class(model_type: str, name: str = "") -> type["Adapter"]:
+    """The adapter class for a HF `model_type`.
+
+    Raises:
+        ModelError: no adapter handles this architecture.
+    """
+    _import_builtin_adapters()
+    cls = _REGISTRY.get(model_type)
+    if cls is None:
+        supported = ", ".join(sorted(_REGISTRY))
+        what = f"model {name!r}" if name else "this model"
+        raise ModelError(
+            f"{what} has architecture {model_type!r}, which circuitlang does not support",
+            code="model.unsupported-architecture",
+            hint=f"supported architectures (HF config.model_type): {supported}",
+        )
+    return cls
+
+
+def _import_builtin_adapters() -> None:
+    # Imported on first use (not at import time) so the registry fills lazily.
+    from circuitlang.models.adapters import gpt2, gpt_neox, llama  # noqa: F401
+
+
+def shape_from_config(config: Any, name: str = "") -> ModelShape:
+    """A `ModelShape` from a HF config, without building the model."""
+    cls = adapter_class(getattr(config, "model_type", "?"), name)
+    return cls.shape_from_config(config, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """Where one channel (q, k or v) of every head of a layer is computed.
+
+    Attributes:
+        module: the linear layer whose output holds the channel (maybe fused with others).
+        columns: LongTensor [n_heads_c, d_head]: output columns of head i's channel.
+        weight: [n_heads_c, d_model, d_head]: maps the normalised input to head i's channel.
+    """
+
+    module: nn.Module
+    columns: torch.Tensor
+    weight: torch.Tensor
+
+
+def linear_weight_in_out(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer as [in, out] (HF `Conv1D` already is; `nn.Linear` is not)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.t()
+    return module.weight  # transformers.pytorch_utils.Conv1D stores [in, out]
+
+
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+class Adapter(ABC):
+    """Module accessors and weight layouts for one architecture.
+
+    Subclasses set `name`, `model_types`, and implement the accessors below. The
+    base class derives per-head weights from them and caches them per layer.
+    """
+
+    name: ClassVar[str] = "base"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: True when a rotary model has no learned positional embedding.
+    has_pos_embed: ClassVar[bool] = True
+
+    def __init__(self, hf_model: nn.Module):
+        self.model = hf_model
+        self.config = hf_model.config
+        self._projections: dict[tuple[int, Channel], Projection] = {}
+        self._out_weights: dict[int, torch.Tensor] = {}
+
+    # ---- shape -----------------------------------------------------------------
+    @classmethod
+    def shape_from_config(cls, config: Any, name: str = "") -> ModelShape:
+        n_heads = int(config.num_attention_heads)
+        d_model = int(config.hidden_size)
+        d_head = getattr(config, "head_dim", None) or d_model // n_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        return ModelShape(
+            n_layers=int(config.num_hidden_layers),
+            n_heads=n_heads,
+            d_model=d_model,
+            d_head=int(d_head),
+            n_kv_heads=int(n_kv),
+            vocab_size=int(config.vocab_size),
+            n_ctx=int(getattr(config, "max_position_embeddings", 0) or 0),
+            has_mlp=not bool(getattr(config, "circuitlang_attn_only", False)),
+            architecture=cls.name,
+            name=name,
+        )
+
+    # ---- module accessors (one architecture's module paths) ----------------------
+    @abstractmethod
+    def token_embed(self) -> nn.Module:
+        ...
+
+    def pos_embed(self) -> nn.Module | None:
+        return None
+
+    @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        ...
+
+    @abstractmethod
+    def attn(self, layer: int) -> nn.Module:
+        """The attention module; its forward returns (output, pattern)."""
+        ...
+
+    @abstractmethod
+    def attn_norm(self, layer: int) -> nn.Module:
+        """The norm whose output the attention reads."""
+        ...
+
+    @abstractmethod
+    def mlp_norm(self, layer: int) -> nn.Module:
+        """The norm whose output the MLP reads (its input is the MLP's input stream)."""
+        ...
+
+    @abstractmethod
+    def mlp(self, layer: int) -> nn.Module:
+        ...
+
+    @abstractmethod
+    def out_proj(self, layer: int) -> nn.Module:
+        """The attention output projection; its input is z [B, T, n_heads * d_head]."""
+        ...
+
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        ...
+
+    @abstractmethod
+    def unembed(self) -> nn.Module:
+        ...
+
+    @property
+    def parallel_residual(self) -> bool:
+        """True when the MLP reads the block's input, not the stream after attention."""
+        return False
+
+    @abstractmethod
+    def _qkv_layout(self, layer: int, channel: Channel) -> tuple[nn.Module, torch.Tensor]:
+        """(module, columns [n_heads_c, d_head]) for one channel of one layer."""
+        ...
+
+    # ---- derived ---------------------------------------------------------------
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+
+    def heads_for_channel(self, channel: Channel) -> int:
+        """How many distinct heads compute `channel` (k and v are shared under GQA)."""
+        return self.n_heads if channel is Channel.Q else self.n_kv_heads
+
+    def kv_group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def projection(self, layer: int, channel: Channel) -> Projection:
+        key = (layer, channel)
+        proj = self._projections.get(key)
+        if proj is None:
+            module, columns = self._qkv_layout(layer, channel)
+            w = linear_weight_in_out(module)  # [D, out]
+            weight = w[:, columns].permute(1, 0, 2).detach()  # [H_c, D, d_head]
+            proj = Projection(module, columns.to(w.device), weight.contiguous())
+            self._projections[key] = proj
+        return proj
+
+    def out_weight(self, layer: int) -> torch.Tensor:
+        """W_O of a layer as [n_heads, d_head, d_model]."""
+        w = self._out_weights.get(layer)
+        if w is None:
+            w_io = linear_weight_in_out(self.out_proj(layer)).detach()
+            w = w_io.reshape(self.n_heads, -1, w_io.shape[-1]).contiguous()
+            self._out_weights[layer] = w
+        return w
+
+    def out_bias(self, layer: int) -> torch.Tensor | None:
+        """The attention output bias shared by all heads (not part of any head's output)."""
+        return linear_bias(self.out_proj(layer))

@@ -1,0 +1,234 @@
+"""Intervention values: node patches, edge patches, and the result of a run.
+
+Takes nothing from the model; gives the frozen values `LoadedModel.run` accepts
+(`Patch`, `EdgePatch`, `EdgeSet`) and returns (`Run`). Shapes use B = batch,
+T = tokens, D = d_model, V = vocab, R = receivers, S = senders.
+
+Edges follow the ACDC / auto-circuit scheme. The residual stream is a sum of node
+outputs (embedding, each head's own output, each MLP's output, plus shared biases),
+so an edge sender -> receiver is "the receiver's input contains the sender's
+output". Ablating it gives the receiver::
+
+    receiver_input = current_input - sum_s mask[..., r, s] * (current_out_s - ablated_out_s)
+
+Senders: `Embed()`, `Head(l, h)` (channel OUT), `Mlp(l)`. Receivers: `Head(l, h, Q|K|V)`
+(that head's q/k/v input, before its layer norm), `Mlp(l)` (its input) and `Logits()`
+(the final residual stream). Under grouped-query attention one k/v head serves a
+group of query heads: `Head(l, h, K)` names the k input of the key/value head that
+query head `h` uses, so name one head per group (`EdgeSet.build` uses the first).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+
+from circuitlang.errors import ModelError
+from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, ModelShape, Site
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Patch:
+    """Replace the value of one site during a run.
+
+    Attributes:
+        site: what to replace (any site kind; `Head(l, h, PATTERN)` replaces the
+            pattern's rows at the query positions).
+        value: the new value: [B, T, ...] for the whole sequence (B may be 1 to
+            broadcast), or with `positions` [B, ...] / [B, k, ...].
+        positions: None (every position), LongTensor [B] (one index per row), or [B, k].
+        rows: optional BoolTensor [B]: only these rows are patched (per-row choices
+            along the batch); the others keep their own value.
+    """
+
+    site: Site
+    value: torch.Tensor
+    positions: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+
+def sender_key(site: Site) -> tuple[int, int, int]:
+    """Where a sender sits in the forward pass (sorting by it gives computation order)."""
+    if isinstance(site, Embed):
+        return (-1, 0, 0)
+    if isinstance(site, Head) and site.channel is Channel.OUT:
+        return (site.layer, 0, site.head)
+    if isinstance(site, Mlp):
+        return (site.layer, 1, 0)
+    raise ModelError(
+        f"{site} cannot send an edge",
+        code="model.bad-sender",
+        hint="senders are embed, head L.H (its output) and mlp L",
+    )
+
+
+def _check_receiver(site: Site) -> None:
+    if isinstance(site, Head) and site.channel.is_input:
+        return
+    if isinstance(site, (Mlp, Logits)):
+        return
+    raise ModelError(
+        f"{site} cannot receive an edge",
+        code="model.bad-receiver",
+        hint="receivers are head L.H.q / .k / .v, mlp L (its input) and logits",
+    )
+
+
+def edge_is_valid(sender: Site, receiver: Site, parallel_residual: bool = False) -> bool:
+    """True when `sender`'s output is part of `receiver`'s input stream."""
+    s_layer, s_kind, _ = sender_key(sender)
+    if isinstance(receiver, Logits):
+        return True
+    if isinstance(receiver, Head):
+        return s_layer < receiver.layer
+    if isinstance(receiver, Mlp):
+        if s_layer < receiver.layer:
+            return True
+        return s_layer == receiver.layer and s_kind == 0 and not parallel_residual
+    _check_receiver(receiver)
+    return False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EdgeSet:
+    """An ordered list of senders and receivers, and the edges between them.
+
+    Attributes:
+        senders: sender sites, the mask's last axis.
+        receivers: receiver sites, the mask's second-to-last axis.
+        parallel_residual: True for models whose MLP reads the block's input (Pythia).
+    """
+
+    senders: tuple[Site, ...]
+    receivers: tuple[Site, ...]
+    parallel_residual: bool = False
+    _s_index: dict = field(default_factory=dict, repr=False)
+    _r_index: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for s in self.senders:
+            sender_key(s)
+        for r in self.receivers:
+            _check_receiver(r)
+        self._s_index.update({s: i for i, s in enumerate(self.senders)})
+        self._r_index.update({r: i for i, r in enumerate(self.receivers)})
+        if len(self._s_index) != len(self.senders) or len(self._r_index) != len(self.receivers):
+            raise ModelError("an edge set lists a sender or receiver twice", code="model.duplicate-site")
+
+    @classmethod
+    def build(cls, shape: ModelShape, parallel_residual: bool = False) -> "EdgeSet":
+        """Every sender and receiver of a model, in computation order.
+
+        Senders: embed, then per layer its heads and its MLP. Receivers: per layer each
+        head's q, k, v (k and v only for the first query head of each key/value group
+        under grouped-query attention), then the MLP; finally the logits.
+        """
+        group = shape.n_heads // shape.kv_heads
+        senders: list[Site] = [Embed()]
+        receivers: list[Site] = []
+        for layer in range(shape.n_layers):
+            senders += [Head(layer, h) for h in range(shape.n_heads)]
+            for channel in (Channel.Q, Channel.K, Channel.V):
+                step = 1 if channel is Channel.Q else group
+                receivers += [Head(layer, h, channel) for h in range(0, shape.n_heads, step)]
+            if shape.has_mlp:
+                senders.append(Mlp(layer))
+                receivers.append(Mlp(layer))
+        receivers.append(Logits())
+        return cls(tuple(senders), tuple(receivers), parallel_residual)
+
+    def index(self, sender: Site, receiver: Site) -> tuple[int, int]:
+        """(receiver index, sender index) of an edge in the mask's last two axes."""
+        try:
+            return self._r_index[receiver], self._s_index[sender]
+        except KeyError as exc:
+            raise ModelError(
+                f"edge {sender} -> {receiver} is not in this edge set",
+                code="model.unknown-edge",
+                hint="build the set with EdgeSet.build(shape) or list both sites",
+            ) from exc
+
+    def valid(self) -> torch.Tensor:
+        """BoolTensor [R, S]: which (receiver, sender) pairs are edges of the model."""
+        return torch.tensor(
+            [[edge_is_valid(s, r, self.parallel_residual) for s in self.senders] for r in self.receivers],
+            dtype=torch.bool,
+        ).reshape(len(self.receivers), len(self.senders))
+
+    def edges(self) -> list[tuple[Site, Site]]:
+        """Every valid (sender, receiver) pair, receivers in order."""
+        return [
+            (s, r)
+            for r in self.receivers
+            for s in self.senders
+            if edge_is_valid(s, r, self.parallel_residual)
+        ]
+
+    def mask(self, batch: int, edges: Iterable[tuple[Site, Site]] = (), value: float = 1.0) -> torch.Tensor:
+        """A [batch, R, S] mask with `value` on the given edges (all valid edges if none given)."""
+        out = torch.zeros(batch, len(self.receivers), len(self.senders))
+        chosen = list(edges)
+        if not chosen:
+            out[:] = self.valid().to(out.dtype) * value
+            return out
+        for s, r in chosen:
+            ri, si = self.index(s, r)
+            out[:, ri, si] = value
+        return out
+
+
+Ablated = Union[Mapping[Site, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EdgePatch:
+    """Ablate any set of edges in one forward pass.
+
+    Attributes:
+        ablated: the senders' replacement outputs: a mapping site -> [B, T, D] (a
+            `Run.cache` works), or one tensor [B, S, T, D] in `senders` order.
+        mask: [B, R, S] or [B, T, R, S]; 1 = ablate the edge, 0 = keep it; values in
+            between mix clean and ablated linearly.
+        senders: the sender sites (the mask's last axis).
+        receivers: the receiver sites (the mask's second-to-last axis).
+    """
+
+    ablated: Ablated
+    mask: torch.Tensor
+    senders: Sequence[Site]
+    receivers: Sequence[Site]
+
+    @staticmethod
+    def all_edges(shape: ModelShape, parallel_residual: bool = False) -> EdgeSet:
+        """The canonical senders and receivers of a model; see `EdgeSet.build`."""
+        return EdgeSet.build(shape, parallel_residual)
+
+    @classmethod
+    def from_set(cls, edge_set: EdgeSet, ablated: Ablated, mask: torch.Tensor) -> "EdgePatch":
+        """An edge patch over an `EdgeSet`'s senders and receivers."""
+        return cls(ablated, mask, edge_set.senders, edge_set.receivers)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Run:
+    """What one forward pass gives back.
+
+    Attributes:
+        logits: [B, T, V].
+        cache: the captured sites' values (as they were in this pass, patches included).
+    """
+
+    logits: torch.Tensor
+    cache: dict[Site, torch.Tensor]
+
+    def __getitem__(self, site: Site) -> torch.Tensor:
+        try:
+            return self.cache[site]
+        except KeyError as exc:
+            have = ", ".join(str(s) for s in self.cache) or "none"
+            raise ModelError(
+                f"{site} was not captured in this run",
+                code="model.not-captured",
+                hint=f"pass it in capture=(...); captured: {have}",
+            ) from exc

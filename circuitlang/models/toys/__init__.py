@@ -1,0 +1,1 @@
+"""The embedded toy models (one folder each) and the script that trains them (`train.py`)."""

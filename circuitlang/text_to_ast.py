@@ -1,0 +1,654 @@
+"""Parse: hypothesis text -> `Program` (the AST), or a `ParseError`.
+
+The grammar lives in `grammar/circuitlang.lark` (found through
+`circuitlang.resources`); it is loaded once per process and parsed with Lark's
+LALR(1) parser, the contextual lexer, and an indenter for verb bodies. Syntax
+errors fail fast: the first one raises a `ParseError` whose single diagnostic
+points at the offending token and says, in words, what could have come there.
+
+Comments and blank lines are not part of the grammar's trees; they are read off the
+source lines and attached to statements as `Trivia`, so the printer can keep them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from decimal import Decimal
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import (
+    LarkError,
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+    VisitError,
+)
+from lark.indenter import DedentError, Indenter
+
+from circuitlang import ast
+from circuitlang.errors import Diagnostic, ParseError, Span
+from circuitlang.resources import grammar_dir
+
+__all__ = ["parse", "grammar", "KEYWORDS"]
+
+# Words that are keywords somewhere in the grammar. Keywords are contextual, but a
+# group, verb word or feature spelled like one of these can be unusable in places,
+# so the resolver and the printer's strategies avoid them.
+KEYWORDS = frozenset(
+    "cite model task use metric ablation given reported seed samples group head heads "
+    "mlp resid embed logits at depends on nothing patch ablate with expect each verb".split()
+)
+
+
+class _CircIndenter(Indenter):
+    NL_type = "_NL"
+    OPEN_PAREN_types: list[str] = []  # statements are one line: parens never span lines
+    CLOSE_PAREN_types: list[str] = []
+    INDENT_type = "_INDENT"
+    DEDENT_type = "_DEDENT"
+    tab_len = 4
+
+
+@functools.cache
+def grammar() -> Lark:
+    """The compiled circuitlang grammar (loaded and built once per process)."""
+    text = (grammar_dir() / "circuitlang.lark").read_text(encoding="utf-8")
+    return Lark(
+        text,
+        parser="lalr",
+        lexer="contextual",
+        postlex=_CircIndenter(),
+        propagate_positions=True,
+        maybe_placeholders=False,
+    )
+
+
+def parse(text: str, filename: str | None = None) -> ast.Program:
+    """Parse hypothesis text into an AST.
+
+    Args:
+        text: the program, e.g. ``"head 9.6 moves name to END"``.
+        filename: shown in error messages (``ioi.circ:3:6: error: ...``).
+
+    Returns:
+        The `Program`, with source spans and comments attached.
+
+    Raises:
+        ParseError: on the first syntax error, rendered with the source line, a caret
+            and what was expected there.
+    """
+    if not isinstance(text, str):
+        raise ParseError(
+            f"expected the program as text (str), got {type(text).__name__}",
+            code="parse.input",
+        )
+    source = text if text.endswith("\n") else text + "\n"
+    try:
+        tree = grammar().parse(source)
+        program = _ToAst(filename).transform(tree)
+    except VisitError as exc:  # a bad literal found while building nodes
+        if isinstance(exc.orig_exc, ParseError):
+            raise exc.orig_exc.with_source(text) from None
+        raise ParseError(
+            f"cannot read this program: {exc.orig_exc}", code="parse.internal"
+        ).with_source(text) from None
+    except DedentError:
+        raise ParseError(
+            _dedent_diagnostic(source, filename)
+        ).with_source(text) from None
+    except UnexpectedInput as exc:
+        raise ParseError(_syntax_diagnostic(exc, source, filename)).with_source(text) from None
+    except LarkError as exc:  # any other Lark failure is still a syntax problem
+        raise ParseError(f"cannot parse: {exc}", code="parse.syntax").with_source(text) from None
+    first = program.statements[0].span if program.statements else None
+    if first is not None and first.column > 1:  # the indenter sees only later lines
+        raise ParseError(Diagnostic(
+            "parse.indent", "unexpected indentation",
+            Span(first.line, first.column, first.line, first.column + 1, filename),
+            "only the body of a `verb` definition is indented; start other statements "
+            "at the beginning of the line")).with_source(text)
+    return _attach_trivia(program, source)
+
+
+# ------------------------------------------------------------ tree -> AST
+
+
+def _tok_span(tok: Token, filename: str | None) -> Span:
+    return Span(tok.line, tok.column, tok.end_line, tok.end_column, filename)
+
+
+def _unquote(tok: Token, filename: str | None) -> str:
+    body, out, i = tok[1:-1], [], 0
+    escapes = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\":
+            nxt = body[i + 1]  # the STRING terminal guarantees a character follows
+            if nxt not in escapes:
+                col = tok.column + 1 + i
+                raise ParseError(
+                    f"unknown escape \\{nxt} in a string",
+                    code="parse.escape",
+                    span=Span(tok.line, col, tok.line, col + 2, filename),
+                    hint='strings may contain \\" \\\\ \\n \\t',
+                )
+            out.append(escapes[nxt])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+_MAX_DIGITS = 18  # whole numbers: layers, heads, offsets, seeds, sample counts
+_MAX_EXPONENT = 300  # decimals: anything a metric can be compared with
+
+
+def _too_large(tok: Token, filename: str | None, what: str) -> ParseError:
+    return ParseError(f"{what} {str(tok)[:20]}{'...' if len(tok) > 20 else ''} is out of range",
+                      code="parse.number", span=_tok_span(tok, filename),
+                      hint="write a number of ordinary size")
+
+
+def _decimal(tok: Token, filename: str | None) -> Decimal:
+    value = Decimal(str(tok))  # the NUMBER and INT terminals only match valid numbers
+    exponent = value.as_tuple().exponent
+    if abs(exponent) > _MAX_EXPONENT or (value and abs(value.adjusted()) > _MAX_EXPONENT):
+        raise _too_large(tok, filename, "number")
+    return value
+
+
+def _int(tok: Token, filename: str | None) -> int:
+    if len(str(tok).lstrip("+-")) > _MAX_DIGITS:
+        raise _too_large(tok, filename, "number")
+    return int(str(tok))
+
+
+def _parse_headref(tok: Token, filename: str | None) -> ast.HeadRef:
+    parts = str(tok).split(".")
+    if any(len(p) > _MAX_DIGITS for p in parts[:2]):
+        raise _too_large(tok, filename, "head")
+    layer = None if parts[0] == "*" else int(parts[0])
+    head = None if parts[1] == "*" else int(parts[1])
+    channel = parts[2] if len(parts) > 2 else None
+    return ast.HeadRef(layer, head, channel, span=_tok_span(tok, filename))
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """Builds AST nodes from Lark's tree, bottom up."""
+
+    def __init__(self, filename: str | None):
+        super().__init__()
+        self.filename = filename
+
+    def _span(self, meta) -> Span | None:
+        if getattr(meta, "empty", True):
+            return None
+        return Span(meta.line, meta.column, meta.end_line, meta.end_column, self.filename)
+
+    # -- program
+    def start(self, meta, children):
+        return ast.Program(tuple(children), filename=self.filename)
+
+    # -- header statements
+    def cite(self, meta, c):
+        return ast.Cite(_unquote(c[0], self.filename), span=self._span(meta))
+
+    def model(self, meta, c):
+        tok = c[0]
+        name = _unquote(tok, self.filename) if tok.type == "STRING" else str(tok)
+        return ast.ModelDecl(name, span=self._span(meta))
+
+    def task(self, meta, c):
+        return ast.TaskDecl(str(c[0]), span=self._span(meta))
+
+    def use(self, meta, c):
+        return ast.Use(tuple(str(t) for t in c), span=self._span(meta))
+
+    def metric(self, meta, c):
+        return ast.MetricDecl(str(c[0]), span=self._span(meta))
+
+    def ablation(self, meta, c):
+        return ast.AblationDecl(str(c[0]), tuple(c[1:]), span=self._span(meta))
+
+    def reported(self, meta, c):
+        return ast.Reported(str(c[0]), c[1], span=self._span(meta))
+
+    def signed_number(self, meta, c):
+        if len(c) == 2:
+            return -_decimal(c[1], self.filename)
+        return _decimal(c[0], self.filename)
+
+    def seed(self, meta, c):
+        return ast.Setting("seed", _int(c[0], self.filename), span=self._span(meta))
+
+    def samples(self, meta, c):
+        return ast.Setting("samples", _int(c[0], self.filename), span=self._span(meta))
+
+    def group(self, meta, c):
+        return ast.GroupDef(str(c[0]), c[1], span=self._span(meta))
+
+    # -- targets
+    def _head_item(self, item):
+        if isinstance(item, Token):
+            return _parse_headref(item, self.filename)
+        return item  # a Hole
+
+    def head_target(self, meta, c):
+        item = c[0]
+        if isinstance(item, Token) and item.type == "STAR":
+            ref = ast.HeadRef(None, None, None, span=_tok_span(item, self.filename))
+        else:
+            ref = self._head_item(item)
+        return ast.HeadTarget(ref, span=self._span(meta))
+
+    def bare_head_target(self, meta, c):
+        return ast.HeadTarget(_parse_headref(c[0], self.filename), span=self._span(meta),
+                              keyword=False)
+
+    def bare_hole_target(self, meta, c):
+        return ast.HeadTarget(c[0], span=self._span(meta), keyword=False)
+
+    def heads_target(self, meta, c):
+        return ast.HeadsTarget(tuple(self._head_item(i) for i in c), span=self._span(meta))
+
+    def hole(self, meta, c):
+        channel = str(c[1]) if len(c) > 1 else None
+        return ast.Hole(str(c[0])[1:], channel, span=self._span(meta))
+
+    def _layer(self, tok: Token):
+        if tok.type == "STAR":
+            return None
+        if tok.type == "HOLE":
+            return ast.Hole(str(tok)[1:], span=_tok_span(tok, self.filename))
+        return _int(tok, self.filename)
+
+    def mlp_target(self, meta, c):
+        return ast.MlpTarget(self._layer(c[0]), span=self._span(meta))
+
+    def resid_target(self, meta, c):
+        return ast.ResidTarget(self._layer(c[0]), span=self._span(meta))
+
+    def embed_target(self, meta, c):
+        return ast.EmbedTarget(span=self._span(meta))
+
+    def logits_target(self, meta, c):
+        return ast.LogitsTarget(span=self._span(meta))
+
+    def group_target(self, meta, c):
+        channel = str(c[1]) if len(c) > 1 else None
+        return ast.GroupTarget(str(c[0]), channel, span=self._span(meta))
+
+    def slot_target(self, meta, c):
+        channel = str(c[1]) if len(c) > 1 else None
+        return ast.SlotTarget(str(c[0])[1:], channel, span=self._span(meta))
+
+    # -- positions and features
+    def position(self, meta, c):
+        tok = c[0]
+        if tok.type == "SLOT":
+            return ast.Slot(str(tok)[1:], span=self._span(meta))
+        offset = _int(c[1], self.filename) if len(c) > 1 else 0
+        return ast.PositionRef(str(tok), offset, span=self._span(meta))
+
+    def plain_feature(self, meta, c):
+        return ast.FeatureRef(str(c[0]), span=self._span(meta))
+
+    def call_feature(self, meta, c):
+        return ast.FeatureRef(str(c[0]), c[1], span=self._span(meta))
+
+    def slot_feature(self, meta, c):
+        return ast.Slot(str(c[0])[1:], span=self._span(meta))
+
+    # -- claims
+    def depends(self, meta, c):
+        target, position, *features = c
+        if len(features) == 1 and isinstance(features[0], Token):  # `nothing`
+            features = []
+        return ast.Depends(target, position, tuple(features), span=self._span(meta))
+
+    def edge(self, meta, c):
+        sender, _arrow, receiver, position = c
+        return ast.Edge(sender, receiver, position, span=self._span(meta))
+
+    def verb_use(self, meta, c):
+        subject, verb, *terms = c
+        return ast.VerbUse(subject, str(verb), tuple(terms), span=self._span(meta))
+
+    def word(self, meta, c):
+        return ast.Word(str(c[0]), span=self._span(meta))
+
+    def at_word(self, meta, c):
+        return ast.Word("at", span=self._span(meta))
+
+    def offset_term(self, meta, c):
+        return ast.PositionRef(str(c[0]), _int(c[1], self.filename), span=self._span(meta))
+
+    def call_term(self, meta, c):
+        return ast.FeatureRef(str(c[0]), c[1], span=self._span(meta))
+
+    def head_term(self, meta, c):
+        return _parse_headref(c[0], self.filename)
+
+    def hole_term(self, meta, c):
+        return c[0]
+
+    def slot_term(self, meta, c):
+        return ast.Slot(str(c[0])[1:], span=self._span(meta))
+
+    # -- verb definitions
+    def verb_def(self, meta, c):
+        subject, verb, *rest = c
+        words = [ast.Word(str(verb), span=_tok_span(verb, self.filename))]
+        body = []
+        for item in rest:
+            if isinstance(item, (ast.Word, ast.Slot)):
+                words.append(item)
+            else:
+                body.append(item)
+        span = self._span(meta)
+        if span is not None and body and body[-1].span is not None:
+            # the grammar's span runs on to the dedent; the definition ends with its body
+            end = body[-1].span
+            span = Span(span.line, span.column, end.end_line, end.end_column, self.filename)
+        return ast.VerbDef(str(subject)[1:], tuple(words), tuple(body), span=span)
+
+    def pattern_word(self, meta, c):
+        return ast.Word(str(c[0]), span=self._span(meta))
+
+    def pattern_at(self, meta, c):
+        return ast.Word("at", span=self._span(meta))
+
+    def pattern_slot(self, meta, c):
+        return ast.Slot(str(c[0])[1:], span=self._span(meta))
+
+    # -- experiments
+    def patch(self, meta, c):
+        return ast.Patch(c[0], c[1], span=self._span(meta))
+
+    def path_patch(self, meta, c):
+        sender, _arrow, receiver, position = c
+        return ast.PathPatch(sender, receiver, position, span=self._span(meta))
+
+    def ablate(self, meta, c):
+        target, mode, position = c[0], None, None
+        for item in c[1:]:
+            if isinstance(item, Token):
+                mode = str(item)
+            else:
+                position = item
+        return ast.Ablate(target, mode, position, span=self._span(meta))
+
+    # -- expectations
+    def expect(self, meta, c):
+        each = isinstance(c[0], Token) and c[0].type == "EACH"
+        lhs, op, rhs = c[1:] if each else c
+        return ast.Expect(each, lhs, str(op), rhs, span=self._span(meta))
+
+    def number(self, meta, c):
+        return ast.Number(_decimal(c[0], self.filename), span=self._span(meta))
+
+    def name(self, meta, c):
+        return ast.Name(str(c[0]), span=self._span(meta))
+
+    def call(self, meta, c):
+        return ast.Call(str(c[0]), tuple(c[1:]), span=self._span(meta))
+
+    def _binop(self, op, meta, c):
+        left, right = c[0], c[-1]
+        return ast.BinOp(op, left, right, span=self._span(meta))
+
+    def add(self, meta, c):
+        return self._binop("+", meta, c)
+
+    def sub(self, meta, c):
+        return self._binop("-", meta, c)
+
+    def mul(self, meta, c):
+        return self._binop("*", meta, c)
+
+    def div(self, meta, c):
+        return self._binop("/", meta, c)
+
+    def neg(self, meta, c):
+        return ast.Neg(c[-1], span=self._span(meta))
+
+
+# ------------------------------------------------------------ comments, layout
+
+
+def _scan_comments(source: str) -> dict[int, tuple[str, bool]]:
+    """Line number -> (comment text after '#', whether code precedes it on the line)."""
+    found: dict[int, tuple[str, bool]] = {}
+    for lineno, line in enumerate(source.split("\n"), start=1):
+        in_string, escaped = False, False
+        for col, ch in enumerate(line):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch == "#":
+                text = line[col + 1 :].rstrip()
+                found[lineno] = (text, bool(line[:col].strip()))
+                break
+    return found
+
+
+def _attach_trivia(program: ast.Program, source: str) -> ast.Program:
+    comments = _scan_comments(source)
+    lines = source.split("\n")
+
+    def is_blank(lineno: int) -> bool:
+        return 1 <= lineno <= len(lines) and not lines[lineno - 1].strip()
+
+    def attach(stmt, prev_line: int):
+        """Trivia for one statement; prev_line is the last line the previous one used."""
+        first = stmt.span.line
+        leading: list[str | None] = []
+        blank_before = False
+        for ln in range(prev_line + 1, first):
+            if ln in comments and not comments[ln][1]:
+                leading.append(comments[ln][0])
+            elif is_blank(ln):
+                if not leading:
+                    blank_before = True
+                elif leading[-1] is not None:
+                    leading.append(None)
+        trailing = None
+        if first in comments and comments[first][1]:
+            trailing = comments[first][0]
+        trivia = ast.Trivia(tuple(leading), trailing, blank_before)
+        if isinstance(stmt, ast.VerbDef):
+            body, last = [], first
+            for inner in stmt.body:
+                body.append(attach(inner, last))
+                last = inner.span.end_line
+            stmt = replace(stmt, body=tuple(body))
+        return replace(stmt, trivia=trivia)
+
+    statements, last = [], 0
+    for stmt in program.statements:
+        statements.append(attach(stmt, last))
+        last = stmt.span.end_line
+        if isinstance(stmt, ast.VerbDef) and stmt.body:
+            last = max(last, stmt.body[-1].span.end_line)
+    trailing = tuple(
+        comments[ln][0] for ln in sorted(comments) if ln > last and not comments[ln][1]
+    )
+    return replace(program, statements=tuple(statements), trailing_comments=trailing)
+
+
+# ------------------------------------------------------------ syntax errors
+
+# What each terminal is, in words, for "expected ..." hints.
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "HEADREF": "a head such as 9.6",
+    "HOLE": "a hole such as ?h",
+    "SLOT": "a verb parameter such as $x",
+    "OFFSET": "an offset such as +1",
+    "INT": "a whole number",
+    "NUMBER": "a number",
+    "STRING": 'a quoted string such as "..."',
+    "MODEL_ID": "a model name such as gpt2",
+    "CMP": "a comparison (>=, <=, >, <, ==, !=)",
+    "_NL": "the end of the line",
+    "_INDENT": "an indented verb body",
+    "_DEDENT": "the end of the verb body",
+    "$END": "the end of the file",
+}
+
+# After these tokens a NAME has a more specific meaning.
+_NAME_AFTER = {
+    "_AT": "a position such as END",
+    "ON": "a feature such as token(IO)",
+    "METRIC": "a metric such as logit_diff",
+    "ABLATION": "an ablation mode (resample, mean or zero)",
+    "_WITH": "an ablation mode (resample, mean or zero)",
+    "_GIVEN": "a feature such as template",
+    "GROUP": "a group name",
+    "USE": "a file to import such as stdlib.ioi",
+}
+
+
+def _expected_order(name: str) -> tuple[int, str]:
+    # names and values first, punctuation next, line structure last
+    if name in ("_NL", "_INDENT", "_DEDENT", "$END"):
+        return (2, name)
+    if name in _TERMINAL_WORDS:
+        return (0, name)
+    return (1, name)
+
+
+def _describe_expected(expected: set[str], previous: str | None) -> str:
+    g = grammar()
+    words: list[str] = []
+    if "NUMBER" in expected:
+        expected = expected - {"INT"}  # "a number" covers whole numbers too
+    if len(expected) > 1:
+        expected = expected - {"SLOT"}  # verb parameters: only worth naming when alone
+    for name in sorted(expected, key=_expected_order):
+        if name == "NAME" and previous in _NAME_AFTER:
+            words.insert(0, _NAME_AFTER[previous])
+            continue
+        if name in _TERMINAL_WORDS:
+            words.append(_TERMINAL_WORDS[name])
+            continue
+        try:
+            term = g.get_terminal(name)
+        except KeyError:
+            term = None
+        if term is not None and term.pattern.type == "str":
+            words.append(f"'{term.pattern.value}'")
+        else:
+            words.append(name.lower())
+    words = list(dict.fromkeys(words))
+    if len(words) > 8:
+        words = words[:8] + ["..."]
+    if len(words) == 1:
+        return f"expected {words[0]}"
+    return "expected " + ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _previous_token_type(exc: UnexpectedInput) -> str | None:
+    """The type of the token shifted just before the error, if the parser kept it."""
+    state = getattr(exc, "state", None)
+    stack = getattr(state, "value_stack", None)
+    if stack and isinstance(stack[-1], Token):
+        return stack[-1].type
+    return None
+
+
+def _line_text(source: str, line: int) -> str:
+    lines = source.split("\n")
+    return lines[line - 1] if 1 <= line <= len(lines) else ""
+
+
+def _syntax_diagnostic(exc: UnexpectedInput, source: str, filename: str | None) -> Diagnostic:
+    previous = _previous_token_type(exc)
+    if isinstance(exc, UnexpectedCharacters):
+        line, col = exc.line, exc.column
+        ch = source[exc.pos_in_stream] if exc.pos_in_stream < len(source) else ""
+        hint = _describe_expected(set(exc.allowed), previous) if exc.allowed else None
+        return Diagnostic(
+            "parse.character",
+            f"unexpected character {ch!r}",
+            Span(line, col, line, col + 1, filename),
+            hint,
+        )
+    if isinstance(exc, UnexpectedEOF):
+        line = max(1, source.count("\n"))
+        col = len(_line_text(source, line)) + 1
+        return Diagnostic(
+            "parse.eof",
+            "unexpected end of file",
+            Span(line, col, line, col + 1, filename),
+            _describe_expected(set(exc.expected), None),
+        )
+    tok = getattr(exc, "token", None)
+    if not isinstance(tok, Token) or tok.type == "$END":
+        line = max(1, source.count("\n"))
+        col = len(_line_text(source, line)) + 1
+        return Diagnostic(
+            "parse.eof", "unexpected end of file", Span(line, col, line, col + 1, filename),
+            _describe_expected(set(getattr(exc, "expected", ())), previous),
+        )
+    if tok.type == "_NL":
+        line, col = tok.line, tok.column
+        what = "end of line"
+        if str(tok).lstrip().startswith("#"):
+            what = "comment"
+        span = Span(line, col, line, col + 1, filename)
+        message = f"unexpected {what}"
+    elif tok.type in ("_INDENT", "_DEDENT"):
+        # the indenter places these at the newline; point at the next line's text
+        line = tok.end_line if tok.end_line else tok.line
+        text = _line_text(source, line)
+        col = len(text) - len(text.lstrip()) + 1
+        span = Span(line, col, line, col + 1, filename)
+        message = "unexpected indentation" if tok.type == "_INDENT" else "unexpected unindent"
+        if tok.type == "_INDENT":
+            return Diagnostic("parse.indent", message, span,
+                              "only the body of a `verb` definition is indented; start "
+                              "other statements at the beginning of the line")
+    else:
+        span = Span(tok.line, tok.column, tok.end_line or tok.line,
+                    tok.end_column or tok.column + 1, filename)
+        message = f"unexpected {str(tok)!r}"
+        before = [ln for ln in source.split("\n")[: tok.line - 1] if ln.strip()]
+        code_before = before[-1].split("#")[0].strip() if before else ""
+        if code_before.startswith("verb") and code_before.endswith(":") and tok.column == 1:
+            return Diagnostic("parse.indent", "expected the indented body of the verb above",
+                              span, "indent each claim of a verb's body, e.g. by 4 spaces")
+    return Diagnostic("parse.syntax", message, span, _describe_expected(set(exc.expected), previous))
+
+
+def _dedent_diagnostic(source: str, filename: str | None) -> Diagnostic:
+    # Find the first line whose indentation matches no enclosing level.
+    levels = [0]
+    for lineno, line in enumerate(source.split("\n"), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
+        if indent > levels[-1]:
+            levels.append(indent)
+            continue
+        open_levels = list(levels)
+        while indent < levels[-1]:
+            levels.pop()
+        if indent != levels[-1]:
+            choices = " or ".join(str(n) for n in reversed(open_levels))
+            return Diagnostic(
+                "parse.indent",
+                "unindent does not match any outer indentation level",
+                Span(lineno, 1, lineno, indent + 1, filename),
+                f"indent this line by {choices} spaces, to continue or end the block above",
+            )
+    return Diagnostic("parse.indent", "inconsistent indentation", None, None)
