@@ -213,6 +213,11 @@ def check(
         null = permutation_null(hypothesis, scrubber, clean, random, model.shape, permutations, seed, bar)
         result.null_scores = [float(x) for x in null]
         result.p_value = stats.permutation_p_value(recovered.value, null)
+        if len(null) < permutations:
+            result.notes.append(
+                f"permutation test: only {len(null)} of {permutations} random circuits of the same "
+                "size could keep every edge's layer order in this model"
+            )
 
     from circuitlang.properties import judge_expectations
 
@@ -276,11 +281,27 @@ def _prepare(program_or_text, *, model, task, n, seed, metric, device):
     if model is None or isinstance(model, (str, Path)):
         model = load_model(str(model or hypothesis.model), device=device)
     if task is None or isinstance(task, str):
-        task = load_task(task or hypothesis.task, tokenizer=model.tokenizer)
+        task = load_task(task or hypothesis.task, tokenizer=model.tokenizer, **_model_task_params(model))
     seed = seed if seed is not None else (hypothesis.seed if hypothesis.seed is not None else 0)
     n = n or hypothesis.samples or DEFAULT_N
     metric = metric or hypothesis.metric or task.SIGNATURE.default_metric
     return hypothesis, model, task, task.prompts(n, seed), metric, seed
+
+
+def _model_task_params(model) -> dict:
+    """Task parameters a model's own metadata asks for (an embedded toy trained
+    without a BOS token says `"prepend_bos": false` in its circuitlang.json)."""
+    import json
+
+    from circuitlang.models.known import toy_dir, toy_names
+
+    if model.name not in toy_names():
+        return {}
+    meta = toy_dir(model.name) / "circuitlang.json"
+    if not meta.is_file():
+        return {}
+    data = json.loads(meta.read_text())
+    return {"prepend_bos": data["prepend_bos"]} if "prepend_bos" in data else {}
 
 
 def run_experiments(hypothesis, model, task, prompts, metric, *, seed, batch_size) -> list:

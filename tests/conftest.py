@@ -1,7 +1,12 @@
 """Shared pytest configuration: markers that skip with a reason instead of failing."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# No hub here: make a hub lookup fail at once instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):

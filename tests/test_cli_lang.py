@@ -37,7 +37,7 @@ def _needs_model_and_task_lookups():
 
 
 def test_check_resolves_and_summarises(ioi_file: Path, capsys):
-    assert main(["check", str(ioi_file)]) == 0
+    assert main(["check", str(ioi_file), "--resolve-only"]) == 0
     out = capsys.readouterr().out
     assert f"{ioi_file}: model gpt2, task ioi, metric logit_diff" in out
     assert "head 9.6 moves name to END" in out
@@ -130,7 +130,7 @@ def test_help_is_useful(command: str, capsys):
 
 
 def test_the_console_entry_point_runs(ioi_file: Path):
-    done = subprocess.run([sys.executable, "-m", "circuitlang", "check", str(ioi_file)],
+    done = subprocess.run([sys.executable, "-m", "circuitlang", "check", str(ioi_file), "--resolve-only"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "task ioi" in done.stdout

@@ -62,6 +62,22 @@ def register(subparsers) -> None:
     check.add_argument("--model", metavar="M",
                        help="model name, hub id or local path (overrides the file's `model`)")
     check.add_argument("--task", metavar="T", help="task name (overrides the file's `task`)")
+    check.add_argument("-n", "--samples", type=int, metavar="N",
+                       help="number of prompts (default: the file's `samples`, else 64)")
+    check.add_argument("--seed", type=int, help="seed for prompts, resampling, bootstrap, search")
+    check.add_argument("--metric", help="metric to score in (default: the file's, else the task's)")
+    check.add_argument("--permutations", type=int, default=20, metavar="K",
+                       help="random circuits of the same size for the permutation test (0: skip)")
+    check.add_argument("--no-breakdown", action="store_true",
+                       help="skip measuring what each claim costs when removed")
+    check.add_argument("--max-examples", type=int, default=25, metavar="K",
+                       help="prompts `hypothesis` tries per per-prompt expectation")
+    check.add_argument("--batch-size", type=int, default=64, metavar="B", help="prompts per forward pass")
+    check.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    check.add_argument("--json", metavar="FILE", dest="json_out",
+                       help="also write the full result as JSON to FILE (atomically)")
+    check.add_argument("--resolve-only", action="store_true",
+                       help="parse and resolve, print what the file claims, run nothing")
     check.set_defaults(func=check_command)
 
 
@@ -137,15 +153,36 @@ def load_hypothesis(
 
 
 def check_command(args: argparse.Namespace) -> int:
-    """`circuitlang check FILE`: the front half (parse, resolve, report), then a summary.
+    """`circuitlang check FILE`: resolve (every problem at once, exit 2), then scrub.
 
-    The back half (lower, execute, report numbers; exit 1 when an `expect` fails)
-    takes `hypothesis` and `source` from here: it is the executor's, and replaces
-    the summary below.
+    Prints the report; exit 0 when every `expect` holds, 1 when one fails.
+    `--resolve-only` stops after the front half and prints what the file claims.
     """
     hypothesis, source = load_hypothesis(args.file, args.model, args.task)
-    print(summarize(hypothesis))
-    return EXIT_OK
+    if args.resolve_only:
+        print(summarize(hypothesis))
+        return EXIT_OK
+    from circuitlang.checker import check
+    from circuitlang.report import write_json_atomic
+
+    result = check(
+        args.file,
+        model=args.model,
+        task=args.task,
+        n=args.samples,
+        seed=args.seed,
+        metric=args.metric,
+        permutations=args.permutations,
+        breakdown=not args.no_breakdown,
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=None,
+    )
+    print(result.render())
+    if args.json_out:
+        write_json_atomic(args.json_out, result.to_json())
+    return EXIT_OK if result.holds else EXIT_FAILED
 
 
 def summarize(hypothesis: ir.Hypothesis) -> str:

@@ -291,6 +291,8 @@ def train(name: str, steps: int | None = None, seed: int = 0, log: Callable[[str
             "steps": steps,
             "final_train_loss": round(loss_value, 4),
             "trained_by": "python -m circuitlang.models.toys.train --only " + name,
+            # whether its training prompts began with <bos>: tasks follow this
+            "prepend_bos": name != "toy-ioi",
             "measured": measure(model),
         }
         return model, tok, meta
