@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "checker.json"))
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
+    torch.set_num_threads(1)  # the peer scripts pin one thread too: a like-for-like comparison
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         model = build(args.size, folder)
@@ -179,13 +180,13 @@ def main(argv=None) -> int:
         else:
             tl_time = tl["timing"]["head_sweep_pos"]
             ours = np.array(report["sweep"]["circuitlang_values"])
-            theirs = np.array(tl["head_out_pos"])
+            theirs = np.array(tl["results"]["head_out_pos"])
             report["transformer_lens"] = {
                 "sweep_s": tl_time,
                 "plain_forward_s": tl["timing"].get("plain_forward"),
                 "max_abs_diff": float(np.abs(ours - theirs).max()),
                 "speedup": tl_time / report["sweep"]["circuitlang_sweep_s"],
-                "version": tl.get("environment", {}).get("transformer_lens"),
+                "version": tl.get("environment"),
             }
         report["scrubbing"] = scrubbing(model, task, args.n, args.repeats)
     report["sweep"].pop("circuitlang_values")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from circuitlang.errors import ExecutionError
-from circuitlang.execute import position_index, run_batched
+from circuitlang.execute import metric_positions, position_index, run_batched
 from circuitlang.sites import Channel, Head, Logits, Position, Resid
 
 
@@ -189,6 +189,7 @@ class Experiments:
         out = np.zeros((n_sites, n))
         ids, mask = self._ids(base), self.prompts.attention_mask
         where = position_index(self.prompts, position)
+        read_at_end = metric_positions(self.task, self.metric) == "END" and self.metric != "kl"
         for p in sorted(set(where.tolist())):
             members = torch.nonzero(where == p).ravel()
             prefix_cache, prefix_logits = self._prefix(ids[members, :p], mask[members, :p])
@@ -210,7 +211,13 @@ class Experiments:
                     cache.reorder_cache(local.to(self.model.device))
                 run = self.model.run(ids[prompt_rows, p:], mask[prompt_rows], patches=patches,
                                      past_key_values=cache)
-                logits = run.logits if prefix_logits is None else torch.cat([prefix_logits[local], run.logits], 1)
+                if read_at_end:  # the metric reads END only: hand it those logits [B, V]
+                    end = self.prompts.positions["END"][prompt_rows] - p
+                    logits = run.logits[torch.arange(len(chunk)), end.to(run.logits.device)]
+                elif prefix_logits is None:
+                    logits = run.logits
+                else:
+                    logits = torch.cat([prefix_logits[local], run.logits], 1)
                 out[ks, prompt_rows.numpy()] = self._metric(logits, prompt_rows.tolist())
         self.passes += 1
         return out

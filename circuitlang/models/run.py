@@ -522,7 +522,15 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
         z = plan.z.pop(layer)
         b, t = z.shape[:2]
         w_o = adapter.out_weight(layer)  # [H, dh, D]
-        heads = torch.matmul(z.reshape(b, t, n_heads, -1).transpose(1, 2), w_o)  # [B, H, T, D]
+        zh = z.reshape(b, t, n_heads, -1)
+        edges = plan.edges
+        patterns = any(Head(layer, h, Channel.PATTERN) in plan.patches or Head(layer, h, Channel.PATTERN)
+                       in plan.capture for h in range(n_heads))
+        # every head's output only when edges or patterns need them all; otherwise
+        # just the heads that are patched or captured (a sweep touches one per row)
+        heads = None
+        if patterns or (edges is not None and layer in edges.head_slots):
+            heads = torch.matmul(zh.transpose(1, 2), w_o)  # [B, H, T, D]
         delta = None
         new_weights = weights
         for h in range(n_heads):
@@ -549,18 +557,20 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
         for h in range(n_heads):
             site = Head(layer, h, Channel.OUT)
             patches = plan.patches.get(site, ())
-            if patches:
-                cur = heads[:, h]
-                new = cur
-                for p in patches:
-                    new = apply_patch(new, p)
+            if not patches and site not in plan.capture:
+                continue
+            cur = heads[:, h] if heads is not None else torch.matmul(zh[:, :, h], w_o[h])
+            new = cur
+            for p in patches:
+                new = apply_patch(new, p)
+            if new is not cur:
                 d_out = new - cur
                 delta = d_out if delta is None else delta + d_out
-                heads = heads.clone()
-                heads[:, h] = new
+                if heads is not None:
+                    heads = heads.clone()
+                    heads[:, h] = new
             if site in plan.capture:
-                plan.cache[site] = heads[:, h]
-        edges = plan.edges
+                plan.cache[site] = new
         if edges is not None and layer in edges.head_slots:
             hs, slots = edges.head_slots[layer]
             if isinstance(slots, slice):
