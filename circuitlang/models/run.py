@@ -29,7 +29,7 @@ import torch
 
 from circuitlang.errors import ModelError
 from circuitlang.models.interventions import EdgePatch, Patch, Run, edge_is_valid, sender_key
-from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, PosEmbed, Resid, Site, TokenEmbed
+from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed, Resid, Site, TokenEmbed
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
@@ -54,7 +54,7 @@ def check_site(lm: "LoadedModel", site: Site) -> None:
                 code="model.bad-site",
                 hint=f"model has heads 0-{shape.n_heads - 1} per layer",
             )
-    elif isinstance(site, Mlp):
+    elif isinstance(site, (Mlp, MlpIn)):
         if not shape.has_mlp:
             raise ModelError(f"{site}: model {shape.name!r} is attention-only", code="model.bad-site",
                              hint="use head, embed, resid or logits sites")
@@ -71,7 +71,7 @@ def check_site(lm: "LoadedModel", site: Site) -> None:
                              code="model.bad-site", hint="rotary models: use embed or embed.token")
     elif not isinstance(site, (Embed, TokenEmbed, Logits)):
         raise ModelError(f"{site!r} is not a site", code="model.bad-site",
-                         hint="sites are Embed, TokenEmbed, PosEmbed, Head, Mlp, Resid, Logits")
+                         hint="sites are Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits")
 
 
 def apply_patch(current: torch.Tensor, patch: Patch) -> torch.Tensor:
@@ -401,7 +401,7 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
         if per_head:
             hooks.append((adapter.out_proj(layer), _z_hook(layer, plan), "pre"))
             hooks.append((adapter.attn(layer), _attn_hook(lm, layer, plan), "fwd"))
-        if edges is not None and layer in edges.mlp_recv:
+        if (edges is not None and layer in edges.mlp_recv) or MlpIn(layer) in touched:
             hooks.append((adapter.mlp_norm(layer), _mlp_in_hook(layer, plan), "pre"))
         if shape.has_mlp and (Mlp(layer) in touched or (edges is not None and layer in edges.mlp_slot)):
             hooks.append((adapter.mlp(layer), _mlp_out_hook(layer, plan), "fwd"))
@@ -585,13 +585,24 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
 
 
 def _mlp_in_hook(layer: int, plan: _Plan):
+    """The stream MLP `layer` reads (its norm's input): edge patches, then `MlpIn` patches."""
+    site = MlpIn(layer)
+
     def hook(module, args, kwargs):
         edges = plan.edges
         x = _first(args, kwargs, "input")
-        xs = edges.inputs(x, edges.mlp_recv[layer], edges.mlp_prefix[layer])
-        if xs is None:
+        new = x
+        if edges is not None and layer in edges.mlp_recv:
+            xs = edges.inputs(x, edges.mlp_recv[layer], edges.mlp_prefix[layer])
+            if xs is not None:
+                new = xs[:, 0]
+        for p in plan.patches.get(site, ()):
+            new = apply_patch(new, p)
+        if site in plan.capture:
+            plan.cache[site] = new
+        if new is x:
             return None
-        return _replace_first(args, kwargs, "input", xs[:, 0])
+        return _replace_first(args, kwargs, "input", new)
     return hook
 
 

@@ -60,3 +60,15 @@ def test_graph_command_writes_each_format(tmp_path, capsys):
     assert json.loads((tmp_path / "g.json").read_text())["nodes"][0]["role"] == "root"
     assert main(["graph", str(ROOT / "stdlib" / "toy_ioi.circ"), "-o", str(tmp_path / "g.png")]) == 2
     assert "name the output .dot, .json or .svg" in capsys.readouterr().err
+
+
+def test_edges_into_an_mlp_are_scrubbed(capsys):
+    """Edges may end at an MLP: its input is rebuilt like a head's q/k/v."""
+    import circuitlang
+
+    text = "model toy-ioi\ntask ioi\n0.0 -> mlp 1 at END\nmlp 1 -> logits at END\n"
+    with_edge = circuitlang.check(text, n=16, permutations=0, breakdown=False)
+    without = circuitlang.check("model toy-ioi\ntask ioi\nmlp 1 -> logits at END\n", n=16,
+                                permutations=0, breakdown=False)
+    assert with_edge.scrubbed.value != without.scrubbed.value
+    assert with_edge.random.value == without.random.value
