@@ -323,3 +323,49 @@ def test_ac_edge_sets_per_position(ac, lm, prompts):
     _check_sets(lm, prompts, section, tokens)
 
 
+
+
+# ---- the checker's experiments against TransformerLens -------------------------------
+class _TokenTask:
+    """A task over the peers' token-id prompts: logit difference at the last token."""
+
+    from circuitlang.tasks.signature import TaskSignature
+
+    SIGNATURE = TaskSignature("peer_tokens", ("P", "END"), (), ("logit_diff",), "logit_diff")
+
+    def metric(self, name, logits, prompts, reference_logits=None):
+        rows = torch.arange(logits.shape[0])
+        if logits.dim() == 3:
+            logits = logits[rows, prompts.positions["END"]]
+        return logits[rows, prompts.answers[:, 0]] - logits[rows, prompts.wrong_answers[:, 0]]
+
+
+def _prompt_set(prompts: dict):
+    from circuitlang.tasks import PromptSet
+
+    clean, corrupt = prompts["clean"], prompts["corrupt"]
+    b, t = clean.shape
+    ones = torch.ones_like(clean)
+    names = tuple(str(i) for i in range(b))
+    return PromptSet(
+        task="peer_tokens", specs=names, texts=names, input_ids=clean, attention_mask=ones,
+        positions={"P": torch.full((b,), int(prompts["position"])), "END": torch.full((b,), t - 1)},
+        features={}, answers=prompts["answer"][:, None], wrong_answers=prompts["wrong"][:, None],
+        corrupt_specs=names, corrupt_texts=names, corrupt_input_ids=corrupt,
+        corrupt_attention_mask=ones,
+    )
+
+
+@pytest.mark.parametrize("where", ["P", "all"])
+def test_tl_experiment_sweeps(tl, lm, prompts, where):
+    """`patch head * at P` (the checker's batched, prefix-cached sweep) equals TransformerLens."""
+    from circuitlang.experiments import Experiments
+    from circuitlang.sites import ALL, Position
+
+    shape = lm.shape
+    heads = [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
+    exp = Experiments(lm, _TokenTask(), _prompt_set(prompts), "logit_diff", batch_size=7)
+    position = ALL if where == "all" else Position("P")
+    ours = exp.activation_patching(heads, position).per_prompt.reshape(shape.n_layers, shape.n_heads, -1)
+    key = "head_out_all_per_prompt" if where == "all" else "head_out_pos_per_prompt"
+    assert_close(ours, tl["results"][key], f"experiment sweep at {where}")
