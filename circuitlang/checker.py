@@ -26,7 +26,7 @@ from circuitlang import stats
 from circuitlang.errors import CircuitlangError, ResolveError
 from circuitlang.execute import Scrubber
 from circuitlang.ir_to_graph import ir_to_graph
-from circuitlang.report import CheckResult, ClaimResult, ExpectationResult, Progress
+from circuitlang.report import CheckResult, ClaimResult, Progress
 
 DEFAULT_N = 64
 DEFAULT_PERMUTATIONS = 20
@@ -49,7 +49,6 @@ def load_hypothesis(program_or_text, *, model=None, task=None, filename=None):
         CircuitlangError: the text does not parse, names no model or task, or names
             things the model or task lacks (every problem at once).
     """
-    from circuitlang import ast
     from circuitlang.ast_to_ir import resolve
     from circuitlang.text_to_ast import parse
 

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from circuitlang.errors import ExecutionError
-from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph, Transplant
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, MlpIn, Position, Resid
+from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph
+from circuitlang.sites import Channel, Head, Logits, Mlp, MlpIn, Position, Resid
 
 DEFAULT_BATCH = 64
 
@@ -121,28 +121,15 @@ def run_batched(model, input_ids, attention_mask, *, capture=(), patches=()):
                 hint="use a smaller model, shorter prompts, or --device cpu",
             )
         torch.cuda.empty_cache()
-        half = n // 2
-        from circuitlang.models import Patch  # local: models imports torch-heavy code
+        from circuitlang.models import Patch, Run  # local: models imports torch-heavy code
 
-        def split(p, sl):
-            value = p.value[sl]
-            positions = None if p.positions is None else p.positions[sl]
-            return Patch(p.site, value, positions)
+        def part(sl):
+            cut = [Patch(p.site, p.value[sl], None if p.positions is None else p.positions[sl],
+                         None if p.rows is None else p.rows[sl]) for p in patches]
+            return run_batched(model, input_ids[sl], attention_mask[sl], capture=capture, patches=cut)
 
-        a = run_batched(model, input_ids[:half], attention_mask[:half], capture=capture,
-                        patches=[split(p, slice(0, half)) for p in patches])
-        b = run_batched(model, input_ids[half:], attention_mask[half:], capture=capture,
-                        patches=[split(p, slice(half, n)) for p in patches])
-        return _concat_runs(a, b)
-
-
-def _concat_runs(a, b):
-    run = type(a).__new__(type(a))
-    for name in getattr(a, "__dataclass_fields__", {}):
-        setattr(run, name, getattr(a, name))
-    run.logits = torch.cat([a.logits, b.logits])
-    run.cache = {k: torch.cat([a.cache[k], b.cache[k]]) for k in a.cache}
-    return run
+        a, b = part(slice(0, n // 2)), part(slice(n // 2, n))
+        return Run(torch.cat([a.logits, b.logits]), {k: torch.cat([a.cache[k], b.cache[k]]) for k in a.cache})
 
 
 # --------------------------------------------------------------------------- sampling

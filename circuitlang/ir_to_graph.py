@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import networkx as nx
 
@@ -137,9 +136,6 @@ class InterventionGraph:
         kids = self.children(n)
         return 0 if not kids else 1 + max(self.height(c) for c, _ in kids)
 
-    def sites(self) -> set:
-        return {self.node(n).site for n in self.graph.nodes}
-
     def uses_all_positions(self) -> bool:
         return any(
             self.graph.edges[e]["transplant"].position.is_all for e in self.graph.edges
@@ -189,11 +185,6 @@ class InterventionGraph:
 
 
 # --------------------------------------------------------------------------- lowering
-
-
-def _feature(f) -> Feature:
-    """Features as the IR gives them; `Feature("input", ...)` means the whole prompt."""
-    return f
 
 
 def _layer(site: Site) -> float:
@@ -280,7 +271,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
         kind = type(claim).__name__
         if kind == "DependsClaim":
             site = claim.site
-            feats = tuple(_feature(f) for f in claim.features)
+            feats = tuple(claim.features)
             if isinstance(site, Head) and site.channel.is_input:
                 channel_claims.append((i, claim, feats))
             elif isinstance(site, Head) and site.channel is Channel.PATTERN:
@@ -403,7 +394,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
     root_id = build(root_key)
     ablation = getattr(hypothesis, "ablation", None)
     mode = getattr(ablation, "mode", ablation) or "resample"
-    given = tuple(_feature(f) for f in getattr(ablation, "given", ()) or ())
+    given = tuple(getattr(ablation, "given", ()) or ())
     return InterventionGraph(graph, root_id, str(mode), given)
 
 
@@ -411,12 +402,3 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
 class _ChannelClaim:
     site: Site
     position: Position
-
-
-def claim_sites(hypothesis) -> Iterable[Site]:
-    """Every site a hypothesis's claims mention (for sizing random circuits)."""
-    for claim in getattr(hypothesis, "claims", ()):
-        for attr in ("site", "sender", "receiver"):
-            site = getattr(claim, attr, None)
-            if site is not None:
-                yield site

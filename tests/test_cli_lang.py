@@ -28,13 +28,6 @@ def ioi_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _needs_model_and_task_lookups():
-    models = pytest.importorskip("circuitlang.models", reason="circuitlang.models not written")
-    tasks = pytest.importorskip("circuitlang.tasks", reason="circuitlang.tasks not written")
-    if not (hasattr(models, "known_shape") and hasattr(tasks, "get_signature")):
-        pytest.skip("known_shape / get_signature not written yet")
-
 
 def test_check_resolves_and_summarises(ioi_file: Path, capsys):
     assert main(["check", str(ioi_file), "--resolve-only"]) == 0

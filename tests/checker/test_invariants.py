@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -86,3 +87,25 @@ def test_feature_agreement_is_respected(scrubber):
     for ref, row in enumerate(result.rows[node]):
         assert nexts[row] == nexts[ref]
     assert any(row != ref for ref, row in enumerate(result.rows[node])), "never resampled anything"
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_numbers(planted, induction_task, scrubber, monkeypatch):
+    """A CUDA out-of-memory error splits the batch (patches' rows included) instead of failing."""
+    from circuitlang import execute
+
+    h = hyp(EdgeClaim(Head(0, 0), Head(1, 0, Channel.K), ALL), EdgeClaim(Head(1, 0), Logits(), ALL))
+    expected = scrubber.scrub(ir_to_graph(h), seed=2).scrubbed
+    real_run = type(planted).run
+    calls = {"oom": 0}
+
+    def small_memory(self, input_ids, attention_mask=None, **kw):
+        if input_ids.shape[0] > 4:
+            calls["oom"] += 1
+            raise torch.cuda.OutOfMemoryError("pretend")
+        return real_run(self, input_ids, attention_mask, **kw)
+
+    monkeypatch.setattr(type(planted), "run", small_memory)
+    other = execute.Scrubber(planted, induction_task, scrubber.prompts, "loss", batch_size=16)
+    got = other.scrub(ir_to_graph(h), seed=2).scrubbed
+    assert calls["oom"] > 0
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
