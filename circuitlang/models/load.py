@@ -8,7 +8,7 @@ exist and intervened runs reproduce the plain forward pass exactly). Failures be
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -46,6 +46,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     name: str
+    buffers: dict = field(default_factory=dict, repr=False)  # scratch reused across runs (run.py)
 
     @classmethod
     def from_hf(cls, hf_model: Any, tokenizer: Any = None, name: str = "") -> "LoadedModel":

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from circuitlang.errors import ModelError
+from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
 from circuitlang.models.interventions import EdgePatch, Patch, Run, edge_is_valid, sender_key
 from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed, Resid, Site, TokenEmbed
 
@@ -126,35 +127,151 @@ def _replace_first(args: tuple, kwargs: dict, name: str, value: torch.Tensor):
 
 
 # ---- edge bookkeeping ---------------------------------------------------------------
+CLEAN, ABLATED, MIXED = "clean", "ablated", "mixed"
+
+
+@dataclass
+class _Group:
+    """Receivers that read one stream at one sender prefix: a layer's q/k/v inputs, an MLP's
+    input, or the logits' stream.
+
+    Receivers with identical mask rows (over the whole batch) share one input, computed
+    once. A row is `clean` (no edge ablated: the stream itself), `ablated` (every edge
+    in the prefix ablated: the stream minus the running sum of deltas) or `mixed` (one
+    matmul row of `coef @ delta`)."""
+
+    prefix: int
+    inverse: list[int]  # receiver (group order) -> distinct row
+    kinds: list[str]  # per distinct row
+    coef: torch.Tensor | None  # the mixed rows' masks: [B|1, k, P] or [B, T, k, P]
+    mixed: list[int]  # distinct row of each coef row
+
+    def counts(self) -> list[int]:
+        out = [0] * len(self.kinds)
+        for j in self.inverse:
+            out[j] += 1
+        return out
+
+
+def _group(mask: torch.Tensor, rows: list[int], prefix: int, differentiable: bool = False) -> _Group:
+    """Find the distinct mask rows of `rows` (mask unexpanded: [B|1, R, S] or [B, T, R, S]).
+    A mask that needs gradients keeps every row as a matmul row."""
+    sub = mask[..., rows, :prefix]
+    n = len(rows)
+    if differentiable:
+        return _Group(prefix, list(range(n)), [MIXED] * n, sub, list(range(n)))
+    key = sub.movedim(-2, 0).reshape(n, -1)
+    if key.shape[1] == 0:
+        return _Group(prefix, [0] * n, [CLEAN], None, [])
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    kinds = []
+    for row in uniq:
+        if not bool(row.any()):
+            kinds.append(CLEAN)
+        elif bool((row == 1).all()):
+            kinds.append(ABLATED)
+        else:
+            kinds.append(MIXED)
+    mixed = [j for j, k in enumerate(kinds) if k == MIXED]
+    coef = None
+    if mixed:
+        first = [int((inverse == j).nonzero()[0]) for j in mixed]
+        coef = sub[..., first, :].contiguous()
+    return _Group(prefix, inverse.tolist(), kinds, coef, mixed)
+
+
+class _Slots:
+    """The delta buffer under autograd: one tensor per sender, stacked when read (writing
+    into one shared buffer would change tensors autograd saved)."""
+
+    def __init__(self, n: int):
+        self.items: list[torch.Tensor | None] = [None] * n
+
+    def __setitem__(self, key, value: torch.Tensor) -> None:
+        if isinstance(key, int):
+            self.items[key] = value
+            return
+        index = range(len(self.items))[key] if isinstance(key, slice) else key.tolist()
+        for j, i in enumerate(index):
+            self.items[i] = value[j]
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        return torch.stack(self.items[key])
+
+
 @dataclass
 class _Edges:
-    """An `EdgePatch` prepared for one batch: senders sorted, mask permuted, buffers."""
+    """An `EdgePatch` prepared for one batch: senders sorted, receivers grouped, buffers."""
 
-    mask: torch.Tensor  # [B, R, S] or [B, T, R, S], senders in computation order
-    ablated: torch.Tensor  # [B, S, T, D]
-    delta: torch.Tensor  # [B, S, T, D]
+    ablated: torch.Tensor  # [B, S_all, T, D], as given (indexed through the slots' sources)
+    delta: torch.Tensor | _Slots  # [S, B, T, D]: current_out_s - ablated_out_s, filled as senders run
+    scratch: torch.Tensor | None  # reused for the mixed receivers' inputs (None under autograd)
     embed_slot: int | None
-    head_slots: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (heads, slots)
+    head_slots: dict[int, tuple[Any, Any]]  # layer -> (heads, slots)
     mlp_slot: dict[int, int]
-    attn_prefix: dict[int, int]
-    mlp_prefix: dict[int, int]
-    qkv_recv: dict[int, dict[Channel, tuple[torch.Tensor, list[int]]]]  # layer -> ch -> (r_idx, units)
-    mlp_recv: dict[int, torch.Tensor]
-    logits_recv: torch.Tensor | None
+    attn: dict[int, _Group]  # layer -> its q/k/v receivers
+    qkv_recv: dict[int, dict[Channel, list[tuple[int, int]]]]  # layer -> ch -> [(unit, index in group)]
+    attn_base: dict[int, int]  # layer -> distinct row the attention norm reads (others: per unit)
+    mlp: dict[int, _Group]
+    logits: _Group | None
+    _cum: tuple[int, torch.Tensor | None] = (0, None)
 
-    def inputs(self, x: torch.Tensor, r_idx: torch.Tensor, prefix: int) -> torch.Tensor | None:
-        """[B, R, T, D] receiver inputs `x - mask @ delta`, or None when no edge is ablated."""
-        if prefix == 0:
-            return None
-        m = self.mask[..., r_idx, :prefix]
-        if not bool(m.any()):
-            return None
-        b, t, d = x.shape
-        dl = self.delta[:, :prefix]
-        if m.dim() == 3:  # x - m @ delta, fused into one batched matmul
-            base = x.reshape(b, 1, t * d).expand(b, m.shape[1], t * d)
-            return torch.baddbmm(base, m, dl.reshape(b, prefix, t * d), alpha=-1.0).view(b, -1, t, d)
-        return x.unsqueeze(1) - torch.einsum("bptd,btrp->brtd", dl, m)
+    def cum(self, prefix: int, like: torch.Tensor) -> torch.Tensor:
+        """sum of delta over the first `prefix` senders (kept as a running sum)."""
+        done, total = self._cum
+        if total is None or done > prefix:
+            done, total = 0, torch.zeros_like(like)
+        if prefix > done:
+            total = total + self.delta[done:prefix].sum(0)
+        self._cum = (prefix, total)
+        return total
+
+    def inputs(self, x: torch.Tensor, group: _Group) -> list[torch.Tensor | None]:
+        """Per distinct row: the receivers' input stream (None: `x` itself)."""
+        out: list[torch.Tensor | None] = [None] * len(group.kinds)
+        for j, kind in enumerate(group.kinds):
+            if kind == ABLATED:
+                out[j] = x - self.cum(group.prefix, x)
+        if group.coef is not None:
+            for j, xs in zip(group.mixed, _mix(x, group.coef, self.delta[:group.prefix], self.scratch)):
+                out[j] = xs
+        return out
+
+
+def _mix(x: torch.Tensor, coef: torch.Tensor, delta: torch.Tensor, scratch: torch.Tensor | None
+         ) -> list[torch.Tensor]:
+    """`x - coef @ delta` per coef row ([B, T, D] each), for coef [B|1, k, P] or [B, T, k, P]
+    and delta [P, B, T, D]; written into `scratch` when given (no autograd)."""
+    b, t, d = x.shape
+    k, p = coef.shape[-2:]
+    if coef.dim() == 4:
+        return list((x.unsqueeze(1) - torch.einsum("pbtd,btkp->bktd", delta, coef)).unbind(1))
+    if scratch is None:
+        return list((x.unsqueeze(1) - torch.einsum("pbtd,bkp->bktd", delta, coef.expand(b, k, p))).unbind(1))
+    n = b * t * d
+    if coef.shape[0] == 1:  # one circuit for the whole batch: a single GEMM
+        out = scratch[: k * n].view(k, n)
+        torch.addmm(x.reshape(1, n).expand(k, n), coef[0], delta.reshape(p, n), alpha=-1.0, out=out)
+        return list(out.view(k, b, t, d).unbind(0))
+    out = scratch[: k * n].view(k, b, t * d)  # receiver-major: each input contiguous
+    flat_x, flat_d = x.reshape(b, 1, t * d), delta.reshape(p, b, t * d)
+    for i in range(b):  # a circuit per row: one GEMM each
+        torch.addmm(flat_x[i].expand(k, t * d), coef[i], flat_d[:, i], alpha=-1.0, out=out[:, i])
+    return list(out.view(k, b, t, d).unbind(0))
+
+
+def _buffer(lm: "LoadedModel", name: str, numel: int, dtype, device) -> torch.Tensor | None:
+    """A flat scratch tensor of at least `numel` elements kept on the model across runs (fresh
+    large allocations cost page faults on every run), or None under autograd."""
+    if torch.is_grad_enabled():
+        return None
+    key = (name, dtype, str(device))
+    buf = lm.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        lm.buffers.pop(key, None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        lm.buffers[key] = buf
+    return buf[:numel]
 
 
 @functools.lru_cache(maxsize=32)
@@ -184,13 +301,10 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
     order = sorted(range(n_s), key=lambda i: sender_key(senders[i]))
     if len(set(senders)) != n_s:
         raise ModelError("edge patch lists a sender twice", code="model.duplicate-site")
-    identity = order == list(range(n_s))
-    perm = torch.tensor(order, dtype=torch.long, device=device)
     sorted_senders = [senders[i] for i in order]
     mask = mask.to(device=device, dtype=dtype)
-    if not identity:
-        mask = mask.index_select(-1, perm)
-    mask = mask.expand(batch, *mask.shape[1:])
+    if order != list(range(n_s)):
+        mask = mask.index_select(-1, torch.tensor(order, dtype=torch.long, device=device))
     valid = _valid_matrix(tuple(sorted_senders), tuple(receivers), adapter.parallel_residual).to(device)
     bad = (mask != 0) & ~valid
     if bool(bad.any()):
@@ -202,81 +316,111 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
             hint="a sender must be computed before its receiver reads the residual stream",
         )
     d_model = shape.d_model
+
+    # Senders whose every edge is kept cost nothing: drop them (an all-zero mask is free),
+    # unless the mask wants gradients (attribution needs them at 0 too).
+    differentiable = mask.requires_grad and torch.is_grad_enabled()
+    active = (mask != 0).reshape(-1, n_s).any(0) | differentiable
+    kept = active.nonzero()[:, 0].tolist()
+    if len(kept) < n_s:
+        mask = mask.index_select(-1, torch.tensor(kept, dtype=torch.long, device=device))
+    source = [order[i] for i in kept]  # where each kept sender's ablated value is
+    sorted_senders = [sorted_senders[i] for i in kept]
+    n_s = len(sorted_senders)
+    want = f"[{batch}, {len(senders)}, {tokens}, {d_model}] (batch may be 1)"
     if isinstance(edges.ablated, torch.Tensor):
         ablated = edges.ablated.to(device=device, dtype=dtype)
-        if not identity:
-            ablated = ablated.index_select(1, perm)
+        if ablated.dim() != 4 or ablated.shape[0] not in (1, batch) or tuple(ablated.shape[1:]) != (
+                len(senders), tokens, d_model):
+            raise ModelError(f"ablated sender values have shape {tuple(ablated.shape)}",
+                             code="model.bad-ablated", hint=f"expected {want}, in `senders` order")
     else:
         missing = [str(s) for s in sorted_senders if s not in edges.ablated]
         if missing:
             raise ModelError(f"edge patch has no ablated value for {', '.join(missing[:5])}",
                              code="model.bad-ablated", hint="capture every sender in the ablation run")
-        ablated = torch.stack([edges.ablated[s].to(device=device, dtype=dtype) for s in sorted_senders], 1)
+        values = [edges.ablated[s].to(device=device, dtype=dtype) for s in sorted_senders]
+        for s, v in zip(sorted_senders, values):
+            if v.dim() != 3 or v.shape[0] not in (1, batch) or tuple(v.shape[1:]) != (tokens, d_model):
+                raise ModelError(f"ablated value of {s} has shape {tuple(v.shape)}", code="model.bad-ablated",
+                                 hint=f"expected [{batch}, {tokens}, {d_model}] (batch may be 1)")
+        ablated = torch.stack([v.expand(batch, tokens, d_model) for v in values], 1) if values else \
+            torch.empty(batch, 0, tokens, d_model, dtype=dtype, device=device)
+        source = list(range(n_s))
     if ablated.shape[0] == 1 and batch > 1:
         ablated = ablated.expand(batch, *ablated.shape[1:])
-    if tuple(ablated.shape) != (batch, n_s, tokens, d_model):
-        raise ModelError(f"ablated sender values have shape {tuple(ablated.shape)}", code="model.bad-ablated",
-                         hint=f"expected [{batch}, {n_s}, {tokens}, {d_model}] or [B, T, D] per sender")
 
-    # Senders whose every edge is kept cost nothing: drop them (an all-zero mask is free).
-    active = (mask != 0).reshape(-1, n_s).any(0)
-    if not bool(active.all()):
-        keep = active.nonzero()[:, 0]
-        sorted_senders = [sorted_senders[i] for i in keep.tolist()]
-        mask = mask.index_select(-1, keep)
-        ablated = ablated.index_select(1, keep)
-        n_s = len(sorted_senders)
     keys = [sender_key(s) for s in sorted_senders]
     embed_slot = None
-    head_slots: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    mlp_slot: dict[int, int] = {}
+    head_slots: dict[int, tuple[list[int], list[int], list[int]]] = defaultdict(lambda: ([], [], []))
+    mlp_slot: dict[int, tuple[int, int]] = {}
     for i, s in enumerate(sorted_senders):
         if isinstance(s, Embed):
-            embed_slot = i
+            embed_slot = (i, source[i])
         elif isinstance(s, Head):
-            head_slots[s.layer][0].append(s.head)
-            head_slots[s.layer][1].append(i)
+            hs, slots, srcs = head_slots[s.layer]
+            hs.append(s.head)
+            slots.append(i)
+            srcs.append(source[i])
         else:
-            mlp_slot[s.layer] = i
+            mlp_slot[s.layer] = (i, source[i])
     attn_prefix = {l: sum(k[0] < l for k in keys) for l in range(shape.n_layers)}
     if adapter.parallel_residual:
         mlp_prefix = dict(attn_prefix)
     else:
         mlp_prefix = {l: sum(k[:2] <= (l, 0) for k in keys) for l in range(shape.n_layers)}
 
-    group = adapter.kv_group()
-    qkv: dict[int, dict[Channel, tuple[list[int], list[int]]]] = defaultdict(dict)
-    mlp_recv: dict[int, torch.Tensor] = {}
-    logits_recv = None
+    # receivers, grouped by the stream they read; identical mask rows share one input
+    group_mask = mask[:1] if mask.dim() == 3 and mask.shape[0] == 1 else mask.expand(batch, *mask.shape[1:])
+    kv_group = adapter.kv_group()
+    qkv_rows: dict[int, list[int]] = defaultdict(list)
+    qkv_recv: dict[int, dict[Channel, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    seen: set[tuple[int, Channel, int]] = set()
+    mlp: dict[int, _Group] = {}
+    logits = None
     for r, site in enumerate(receivers):
         if isinstance(site, Head):
-            idx, units = qkv[site.layer].setdefault(site.channel, ([], []))
-            unit = site.head if site.channel is Channel.Q else site.head // group
-            if unit in units:
+            unit = site.head if site.channel is Channel.Q else site.head // kv_group
+            if (site.layer, site.channel, unit) in seen:
                 raise ModelError(
-                    f"{site}: query heads {unit * group}-{unit * group + group - 1} share one "
+                    f"{site}: query heads {unit * kv_group}-{unit * kv_group + kv_group - 1} share one "
                     f"{site.channel.value} head (grouped-query attention)",
                     code="model.gqa-receiver",
-                    hint=f"name one head per group, e.g. head {site.layer}.{unit * group}.{site.channel.value}",
+                    hint=f"name one head per group, e.g. head {site.layer}.{unit * kv_group}.{site.channel.value}",
                 )
-            idx.append(r)
-            units.append(unit)
+            seen.add((site.layer, site.channel, unit))
+            qkv_recv[site.layer][site.channel].append((unit, len(qkv_rows[site.layer])))
+            qkv_rows[site.layer].append(r)
         elif isinstance(site, Mlp):
-            mlp_recv[site.layer] = torch.tensor([r], device=device)
+            mlp[site.layer] = _group(group_mask, [r], mlp_prefix[site.layer], differentiable)
         else:
-            logits_recv = torch.tensor([r], device=device)
+            logits = _group(group_mask, [r], n_s, differentiable)
+    attn = {l: _group(group_mask, rows, attn_prefix[l], differentiable) for l, rows in qkv_rows.items()}
+    attn_base = {}
+    for l, g in attn.items():
+        # the attention norm reads the input most of this layer's q/k/v units want; the
+        # others get their own columns written. Units no receiver names read the stream.
+        units = shape.n_heads + 2 * adapter.n_kv_heads
+        votes = g.counts()
+        clean = units - sum(c for c, k in zip(votes, g.kinds) if k != CLEAN)
+        best = max(range(len(votes)), key=lambda j: (votes[j] if g.kinds[j] != CLEAN else -1, -j))
+        if g.kinds[best] != CLEAN and votes[best] > clean:
+            attn_base[l] = best
+    delta = _buffer(lm, "edge-delta", n_s * batch * tokens * d_model, dtype, device)
+    widest = max([len(g.mixed) for g in attn.values()] + [1])
     return _Edges(
-        mask=mask,
         ablated=ablated,
-        delta=torch.empty(batch, n_s, tokens, d_model, dtype=dtype, device=device),
+        delta=_Slots(n_s) if delta is None else delta.view(n_s, batch, tokens, d_model),
+        scratch=_buffer(lm, "edge-inputs", widest * batch * tokens * d_model, dtype, device),
         embed_slot=embed_slot,
-        head_slots={l: (_as_index(h, device), _as_index(s, device)) for l, (h, s) in head_slots.items()},
+        head_slots={l: (_as_index(h, device), _as_index(s, device), _as_index(o, device))
+                    for l, (h, s, o) in head_slots.items()},
         mlp_slot=mlp_slot,
-        attn_prefix=attn_prefix,
-        mlp_prefix=mlp_prefix,
-        qkv_recv={l: {c: (torch.tensor(i, device=device), u) for c, (i, u) in d.items()} for l, d in qkv.items()},
-        mlp_recv=mlp_recv,
-        logits_recv=logits_recv,
+        attn=attn,
+        qkv_recv={l: dict(d) for l, d in qkv_recv.items()},
+        attn_base=attn_base,
+        mlp=mlp,
+        logits=logits,
     )
 
 
@@ -297,6 +441,7 @@ class _Plan:
     resid_pre: dict[int, torch.Tensor] = field(default_factory=dict)
     z: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_in: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # edge inputs per layer
 
     def wants(self, site: Site) -> bool:
         return site in self.capture
@@ -379,6 +524,7 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
 
     for layer in range(n):
         qkv_recv = edges.qkv_recv.get(layer, {}) if edges else {}
+        rebase = edges is not None and layer in edges.attn_base
         qkv_sites = plan.layer_heads(layer, _QKV)
         pattern_patch = any(isinstance(s, Head) and s.layer == layer and s.channel is Channel.PATTERN
                             for s in plan.patches)
@@ -387,7 +533,9 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
                         or (layer == 0 and (Embed() in touched or (edges and edges.embed_slot is not None))))
         if block_needed:
             hooks.append((adapter.blocks()[layer], _block_hook(layer, plan), "pre"))
-        channels = {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
+        if rebase:  # the norm reads an edge input: every projection rewrites the units it misleads
+            hooks.append((adapter.attn_norm(layer), _attn_norm_hook(layer, plan), "pre"))
+        channels = set(_QKV) if rebase else {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
         if pattern_patch:
             channels.add(Channel.V)
         by_module: dict[int, tuple[torch.nn.Module, list[Channel]]] = {}
@@ -401,11 +549,11 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
         if per_head:
             hooks.append((adapter.out_proj(layer), _z_hook(layer, plan), "pre"))
             hooks.append((adapter.attn(layer), _attn_hook(lm, layer, plan), "fwd"))
-        if (edges is not None and layer in edges.mlp_recv) or MlpIn(layer) in touched:
+        if (edges is not None and layer in edges.mlp) or MlpIn(layer) in touched:
             hooks.append((adapter.mlp_norm(layer), _mlp_in_hook(layer, plan), "pre"))
         if shape.has_mlp and (Mlp(layer) in touched or (edges is not None and layer in edges.mlp_slot)):
             hooks.append((adapter.mlp(layer), _mlp_out_hook(layer, plan), "fwd"))
-    if Resid(n) in touched or (edges is not None and edges.logits_recv is not None):
+    if Resid(n) in touched or (edges is not None and edges.logits is not None):
         hooks.append((adapter.final_norm(), _final_hook(n, plan), "pre"))
     if Logits() in plan.patches:
         def logits_hook(module, args, output):
@@ -431,73 +579,111 @@ def _block_hook(layer: int, plan: _Plan):
             plan.cache[Resid(layer)] = x
         edges = plan.edges
         if layer == 0 and edges is not None and edges.embed_slot is not None:
-            i = edges.embed_slot
-            edges.delta[:, i] = x - edges.ablated[:, i]
+            i, src = edges.embed_slot
+            edges.delta[i] = x - edges.ablated[:, src]
         plan.resid_pre[layer] = x
+        if edges is not None and layer in edges.attn:
+            plan.attn_in[layer] = edges.inputs(x, edges.attn[layer])
         if x is not x0:
             return _replace_first(args, kwargs, "hidden_states", x)
         return None
     return hook
 
 
+def _only_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _attn_norm_hook(layer: int, plan: _Plan):
+    """Feed the attention norm the edge input most of the layer's q/k/v units read."""
+    def hook(module, args, kwargs):
+        x = _only_input(args, kwargs)
+        if x is not plan.resid_pre.get(layer):  # someone else calling the norm
+            return None
+        base = plan.attn_in[layer][plan.edges.attn_base[layer]]
+        if args:
+            return (base, *args[1:]), kwargs
+        return args, {**kwargs, next(iter(kwargs)): base}
+    return hook
+
+
 def _proj_hook(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Plan, stash_v: bool):
+    """Rewrite the output columns of every q/k/v unit whose input is not the one the norm read.
+
+    A unit reads the norm's stream `base` (the residual stream, or under edge patches the
+    input most units share) unless an edge patch gives it another input, a node patch
+    changes its input, or `base` is an edge input it does not share. Units reading the
+    same tensor are projected together in one matmul. Node-patched units get
+    `(norm(x_u) - norm(base)) @ W_u` added, so a patch with the stream's own value is
+    exactly the identity; units changed only by edges get their columns written.
+    """
     adapter = lm.adapter
     group = adapter.kv_group()
+    norm = adapter.attn_norm(layer)
+    n_heads = lm.shape.n_heads
 
     def hook(module, args, output):
-        x = plan.resid_pre[layer] if layer in plan.resid_pre else None
+        x = plan.resid_pre.get(layer)
         edges = plan.edges
-        # every receiver this module feeds, in one batched matmul
-        from_edges: dict[Channel, torch.Tensor] = {}
+        base, base_row, row_inputs = x, None, None
+        if edges is not None and layer in edges.attn:
+            row_inputs = plan.attn_in[layer]
+            base_row = edges.attn_base.get(layer)
+            if base_row is not None:
+                base = row_inputs[base_row]
         recvs = edges.qkv_recv.get(layer, {}) if edges is not None else {}
-        with_recv = [c for c in channels if c in recvs]
-        if with_recv:
-            r_all = torch.cat([recvs[c][0] for c in with_recv])
-            xs_all = edges.inputs(x, r_all, edges.attn_prefix[layer])
-            if xs_all is not None:
-                parts = xs_all.split([len(recvs[c][1]) for c in with_recv], dim=1)
-                from_edges = dict(zip(with_recv, parts))
+        direct: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        added: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         for c in channels:
             proj = adapter.projection(layer, c)
-            units: list[int] = []
-            inputs: list[torch.Tensor] = []
-            stacked: torch.Tensor | None = from_edges.get(c)
-            if stacked is not None:
-                units = list(recvs[c][1])
-                inputs = list(stacked.unbind(1))
-            for h in range(lm.shape.n_heads):
+            own: dict[int, torch.Tensor] = {}
+            if base is not x:
+                own = dict.fromkeys(range(proj.columns.shape[0]), x)
+            for unit, i in recvs.get(c, ()):
+                j = edges.attn[layer].inverse[i]
+                if j == base_row:
+                    own.pop(unit, None)
+                else:
+                    own[unit] = x if row_inputs[j] is None else row_inputs[j]
+            patched: set[int] = set()
+            for h in range(n_heads):
                 site = Head(layer, h, c)
                 unit = h if c is Channel.Q else h // group
                 for p in plan.patches.get(site, ()):
-                    if unit in units:
-                        i = units.index(unit)
-                        inputs[i] = apply_patch(inputs[i], p)
-                        stacked = None
+                    own[unit] = apply_patch(own.get(unit, base), p)
+                    patched.add(unit)
+                if site in plan.capture:  # (edge inputs live in reused scratch: copy them)
+                    value = own.get(unit, base)
+                    plan.cache[site] = value.clone() if edges is not None and value is not x else value
+            for unit, inp in own.items():
+                bucket = added if unit in patched else direct
+                bucket.setdefault(id(inp), (inp, []))[1].append((proj, unit))
+        if direct or added:
+            weight = linear_weight_in_out(module)
+            bias = linear_bias(module)
+            normed_base = args[0] if args else norm(base)
+            lead = output.shape[:-1]
+            for bucket, add in ((direct, False), (added, True)):
+                if not bucket:
+                    continue
+                cols, ys = [], []
+                for inp, units in bucket.values():
+                    if len(units) == 1:  # the cached per-head weight, no gather
+                        proj, unit = units[0]
+                        cs, w = proj.columns[unit], proj.weight[unit]
                     else:
-                        units.append(unit)
-                        inputs.append(apply_patch(x, p))
-                        stacked = None
-                if site in plan.capture:
-                    plan.cache[site] = inputs[units.index(unit)] if unit in units else x
-            if units and stacked is not None and stacked is from_edges.get(c):
-                # only edges act on this channel: write the receivers' columns directly
-                # (an all-zero mask never gets here: senders with no ablated edge are dropped)
-                u = torch.tensor(units, device=output.device)
-                cols = proj.columns[u].reshape(-1)
-                y = torch.matmul(adapter.attn_norm(layer)(stacked), proj.weight[u])  # [B, n, T, dh]
-                y = y.transpose(1, 2).reshape(*output.shape[:2], -1)
-                bias = getattr(proj.module, "bias", None)
-                if bias is not None:
-                    y = y + bias[cols]
-                output = output.index_copy(-1, cols, y)
-            elif units:
-                xs = stacked if stacked is not None else torch.stack(inputs, 1)  # [B, n, T, D]
-                norm = adapter.attn_norm(layer)
-                diff = norm(xs) - norm(x.unsqueeze(1))
-                u = torch.tensor(units, device=output.device)
-                delta = torch.matmul(diff, proj.weight[u])  # [B, n, T, dh]
-                delta = delta.transpose(1, 2).reshape(*output.shape[:2], -1)
-                output = output.index_add(-1, proj.columns[u].reshape(-1), delta)
+                        cs = torch.cat([proj.columns[unit] for proj, unit in units])
+                        w = weight[:, cs]
+                    normed = norm.forward(inp)
+                    if add:
+                        ys.append(torch.matmul(normed - normed_base, w))
+                    elif bias is not None:
+                        ys.append(torch.addmm(bias[cs], normed.reshape(-1, normed.shape[-1]), w).view(*lead, -1))
+                    else:
+                        ys.append(torch.matmul(normed, w))
+                    cols.append(cs)
+                cs, y = torch.cat(cols), torch.cat(ys, -1)
+                output = output.index_add(-1, cs, y) if add else output.index_copy(-1, cs, y)
         if stash_v and Channel.V in channels:
             cols = adapter.projection(layer, Channel.V).columns
             plan.v[layer] = output[..., cols.reshape(-1)].view(*output.shape[:2], *cols.shape)
@@ -510,6 +696,18 @@ def _z_hook(layer: int, plan: _Plan):
         plan.z[layer] = _first(args, kwargs, "input")
         return None
     return hook
+
+
+def _head_outputs(zh: torch.Tensor, w_o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, T, D]: each head's own output `z_h @ W_O[h]` from zh [B, T, H, dh] and
+    w_o [H, dh, D]; a view of `out` [H, B, T, D] when given (one GEMM per head)."""
+    b, t, n, dh = zh.shape
+    zc = zh.permute(2, 0, 1, 3).reshape(n, b * t, dh)
+    if out is None:
+        out = torch.bmm(zc, w_o).view(n, b, t, -1)
+    else:
+        torch.bmm(zc, w_o, out=out.view(n, b * t, -1))
+    return out.transpose(0, 1)
 
 
 def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
@@ -529,8 +727,15 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
         # every head's output only when edges or patterns need them all; otherwise
         # just the heads that are patched or captured (a sweep touches one per row)
         heads = None
-        if patterns or (edges is not None and layer in edges.head_slots):
-            heads = torch.matmul(zh.transpose(1, 2), w_o)  # [B, H, T, D]
+        sends = edges is not None and layer in edges.head_slots
+        in_delta = False  # heads computed straight into the edge buffer
+        if sends:
+            hs, slots, srcs = edges.head_slots[layer]
+            in_delta = (isinstance(hs, slice) and hs == slice(0, n_heads) and isinstance(slots, slice) and not torch.is_grad_enabled()
+                        and not any(Head(layer, h) in plan.capture for h in range(n_heads)))
+            heads = _head_outputs(zh, w_o, edges.delta[slots] if in_delta else None)
+        elif patterns:
+            heads = _head_outputs(zh, w_o)
         delta = None
         new_weights = weights
         for h in range(n_heads):
@@ -571,12 +776,14 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
                     heads[:, h] = new
             if site in plan.capture:
                 plan.cache[site] = new
-        if edges is not None and layer in edges.head_slots:
-            hs, slots = edges.head_slots[layer]
-            if isinstance(slots, slice):
-                torch.sub(heads[:, hs], edges.ablated[:, slots], out=edges.delta[:, slots])
+        if sends:
+            abl = edges.ablated[:, srcs].transpose(0, 1)
+            if in_delta and heads.data_ptr() == edges.delta[slots].data_ptr():
+                edges.delta[slots].sub_(abl)  # heads were written there and not patched since
+            elif isinstance(slots, slice) and not torch.is_grad_enabled():
+                torch.sub(heads[:, hs].transpose(0, 1), abl, out=edges.delta[slots])
             else:
-                edges.delta[:, slots] = heads[:, hs] - edges.ablated[:, slots]
+                edges.delta[slots] = heads[:, hs].transpose(0, 1) - abl
         if delta is None and new_weights is weights:
             return None
         new_out = attn_out if delta is None else attn_out + delta
@@ -592,14 +799,14 @@ def _mlp_in_hook(layer: int, plan: _Plan):
         edges = plan.edges
         x = _first(args, kwargs, "input")
         new = x
-        if edges is not None and layer in edges.mlp_recv:
-            xs = edges.inputs(x, edges.mlp_recv[layer], edges.mlp_prefix[layer])
+        if edges is not None and layer in edges.mlp:
+            xs = edges.inputs(x, edges.mlp[layer])[0]
             if xs is not None:
-                new = xs[:, 0]
+                new = xs
         for p in plan.patches.get(site, ()):
             new = apply_patch(new, p)
-        if site in plan.capture:
-            plan.cache[site] = new
+        if site in plan.capture:  # (edge inputs live in reused scratch: copy them)
+            plan.cache[site] = new.clone() if new is not x and edges is not None else new
         if new is x:
             return None
         return _replace_first(args, kwargs, "input", new)
@@ -616,8 +823,8 @@ def _mlp_out_hook(layer: int, plan: _Plan):
             plan.cache[site] = output
         edges = plan.edges
         if edges is not None and layer in edges.mlp_slot:
-            i = edges.mlp_slot[layer]
-            edges.delta[:, i] = output - edges.ablated[:, i]
+            i, src = edges.mlp_slot[layer]
+            edges.delta[i] = output - edges.ablated[:, src]
         return output
     return hook
 
@@ -633,10 +840,10 @@ def _final_hook(n_layers: int, plan: _Plan):
         if site in plan.capture:
             plan.cache[site] = x
         edges = plan.edges
-        if edges is not None and edges.logits_recv is not None:
-            xs = edges.inputs(x, edges.logits_recv, edges.delta.shape[1])
+        if edges is not None and edges.logits is not None:
+            xs = edges.inputs(x, edges.logits)[0]
             if xs is not None:
-                x = xs[:, 0]
+                x = xs
         if x is not x0:
             return _replace_first(args, kwargs, "input", x)
         return None
