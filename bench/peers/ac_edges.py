@@ -33,8 +33,10 @@ and it reports `none`, `all` and `--position-sets N` random subsets.
 
 Timings (each section's `timing`, seconds, best of `--repeats`): `plain_forward` (the unpatched
 HookedTransformer), `patchable_forward` (wrapped, patching off), `full_mask_forward`
-(wrapped, every edge ablated), `src_ablations` (the corrupt run that collects the
-ablation values).
+(wrapped, every edge ablated, including setting the masks edge by edge),
+`all_ablated_forward_only` and `random_half_forward_only` (the patched forward alone,
+masks set beforehand: every edge, or each edge with probability 1/2), `src_ablations`
+(the corrupt run that collects the ablation values).
 
 Run inside the auto-circuit venv::
 
@@ -208,6 +210,18 @@ def graph_section(model_dir: str, prompts, *, dtype: str, per_position: bool, si
             "full_mask_forward": best_of(lambda: forward(everything), repeats),
             "src_ablations": best_of(lambda: src_ablations(pm, corrupt, AblationType.RESAMPLE), repeats),
         }
+        # the forward pass alone, masks set beforehand: every edge ablated, then a random half
+        set_all_masks(pm, 1.0)
+        with patch_mode(pm, ablations):
+            section["timing"]["all_ablated_forward_only"] = best_of(lambda: pm(clean), repeats)
+        gen = torch.Generator().manual_seed(seed)
+        for wrapper in pm.wrappers:
+            if wrapper.is_dest:
+                mask = wrapper.patch_mask
+                mask.data = (torch.rand(mask.shape, generator=gen) < 0.5).to(mask.dtype)
+        with patch_mode(pm, ablations):
+            section["timing"]["random_half_forward_only"] = best_of(lambda: pm(clean), repeats)
+        set_all_masks(pm, 0.0)
     return section
 
 

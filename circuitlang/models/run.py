@@ -400,11 +400,13 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
     for l, g in attn.items():
         # the attention norm reads the input most of this layer's q/k/v units want; the
         # others get their own columns written. Units no receiver names read the stream.
+        # An input shared by only a few units is not worth a whole projection: then, if no
+        # unit reads the stream, the projection does not run at all (`_rewrites_every_unit`).
         units = shape.n_heads + 2 * adapter.n_kv_heads
         votes = g.counts()
         clean = units - sum(c for c, k in zip(votes, g.kinds) if k != CLEAN)
         best = max(range(len(votes)), key=lambda j: (votes[j] if g.kinds[j] != CLEAN else -1, -j))
-        if g.kinds[best] != CLEAN and votes[best] > clean:
+        if g.kinds[best] != CLEAN and votes[best] > clean and 4 * votes[best] >= units:
             attn_base[l] = best
     delta = _buffer(lm, "edge-delta", n_s * batch * tokens * d_model, dtype, device)
     widest = max([len(g.mixed) for g in attn.values()] + [1])
@@ -484,6 +486,11 @@ def run_model(
 
     with ExitStack() as stack:
         for module, hook, kind in _hooks(lm, plan):
+            if kind == "skip":
+                n_out = linear_weight_in_out(module).shape[1]
+                module.forward = lambda x, *a, n_out=n_out, **k: x.new_empty(*x.shape[:-1], n_out)
+                stack.callback(delattr, module, "forward")
+                continue
             if kind == "pre":
                 handle = module.register_forward_pre_hook(hook, with_kwargs=True)
             else:
@@ -543,6 +550,8 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
             proj = adapter.projection(layer, c)
             by_module.setdefault(id(proj.module), (proj.module, []))[1].append(c)
         for module, chans in by_module.values():
+            if edges is not None and _rewrites_every_unit(lm, layer, module, chans, plan):
+                hooks.append((module, None, "skip"))  # its own output would be overwritten whole
             hooks.append((module, _proj_hook(lm, layer, chans, plan, pattern_patch), "fwd"))
         per_head = plan.layer_heads(layer, [Channel.OUT, Channel.PATTERN]) or (
             edges is not None and layer in edges.head_slots)
@@ -562,6 +571,25 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
             return output
         hooks.append((adapter.unembed(), logits_hook, "fwd"))
     return hooks
+
+
+def _rewrites_every_unit(lm: "LoadedModel", layer: int, module, channels: list[Channel], plan: _Plan) -> bool:
+    """True when edge inputs give every q/k/v unit this projection computes an input of its
+    own, so `_proj_hook` writes all of its columns and the module need not run."""
+    edges = plan.edges
+    if layer in edges.attn_base or layer not in edges.attn:
+        return False
+    group = edges.attn[layer]
+    columns = 0
+    for c in channels:
+        if any(isinstance(s, Head) and s.layer == layer and s.channel is c for s in plan.patches):
+            return False
+        proj = lm.adapter.projection(layer, c)
+        units = {u for u, i in edges.qkv_recv.get(layer, {}).get(c, ()) if group.kinds[group.inverse[i]] != CLEAN}
+        if len(units) != proj.columns.shape[0]:
+            return False
+        columns += proj.columns.numel()
+    return columns == linear_weight_in_out(module).shape[1]
 
 
 def _block_hook(layer: int, plan: _Plan):
@@ -641,10 +669,11 @@ def _proj_hook(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Pl
                 own = dict.fromkeys(range(proj.columns.shape[0]), x)
             for unit, i in recvs.get(c, ()):
                 j = edges.attn[layer].inverse[i]
-                if j == base_row:
+                inp = x if row_inputs[j] is None else row_inputs[j]
+                if j == base_row or inp is base:
                     own.pop(unit, None)
                 else:
-                    own[unit] = x if row_inputs[j] is None else row_inputs[j]
+                    own[unit] = inp
             patched: set[int] = set()
             for h in range(n_heads):
                 site = Head(layer, h, c)
