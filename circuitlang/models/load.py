@@ -110,6 +110,10 @@ class LoadedModel:
             return run_model(self, input_ids, attention_mask, capture=capture, patches=patches, edges=edges,
                              past_key_values=past_key_values)
 
+    def free_buffers(self) -> None:
+        """Release the scratch memory edge patching keeps between runs on CPU."""
+        self.buffers.clear()
+
     def edge_set(self) -> EdgeSet:
         """Every sender and receiver of this model (knows about parallel attention + MLP)."""
         return EdgeSet.build(self.shape, self.adapter.parallel_residual)

@@ -261,10 +261,15 @@ def _mix(x: torch.Tensor, coef: torch.Tensor, delta: torch.Tensor, scratch: torc
 
 
 def _buffer(lm: "LoadedModel", name: str, numel: int, dtype, device) -> torch.Tensor | None:
-    """A flat scratch tensor of at least `numel` elements kept on the model across runs (fresh
-    large allocations cost page faults on every run), or None under autograd."""
+    """A flat scratch tensor of at least `numel` elements, or None under autograd.
+
+    On CPU it is kept on the model across runs (a fresh large allocation is fresh pages,
+    and faulting them in costs as much as the arithmetic); `LoadedModel.free_buffers()`
+    lets it go. Elsewhere the framework's caching allocator already reuses memory."""
     if torch.is_grad_enabled():
         return None
+    if torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
     key = (name, dtype, str(device))
     buf = lm.buffers.get(key)
     if buf is None or buf.numel() < numel:

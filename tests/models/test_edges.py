@@ -165,3 +165,17 @@ def test_mask_gradients_match_finite_differences(build_tiny):
             with torch.no_grad():
                 fd = (metric(mask.detach() + e) - metric(mask.detach() - e)) / 2e-4
             assert float(mask.grad[:, r, s].sum()) == pytest.approx(float(fd), rel=1e-4, abs=1e-7)
+
+
+def test_buffers_are_reused_and_can_be_freed(tiny, tokens):
+    arch, lm = tiny
+    clean, es, abl = _setup(lm, tokens)
+    patch = EdgePatch.from_set(es, abl, es.mask(clean.shape[0]))
+    first = lm.run(clean, edges=patch).logits
+    held = {k: v.data_ptr() for k, v in lm.buffers.items()}
+    assert held, "edge patching on CPU keeps its scratch between runs"
+    second = lm.run(clean, edges=patch).logits
+    assert {k: v.data_ptr() for k, v in lm.buffers.items()} == held
+    lm.free_buffers()
+    assert not lm.buffers
+    assert torch.equal(lm.run(clean, edges=patch).logits, first) and torch.equal(second, first)
