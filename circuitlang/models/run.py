@@ -12,10 +12,17 @@ bit for bit on CPU fp32. A head's q/k/v input patch adds
 `(norm(x_h) - norm(x)) @ W_h` to that head's slice of the (possibly fused) projection;
 a head output patch adds `(value - current)` to the attention block's output.
 
-Edge patches keep a buffer `delta[B, S, T, D] = current_out_s - ablated_out_s` filled as
-each sender is computed; each receiver group of a layer then reads
-`x - mask @ delta[:, :prefix]` in one batched matmul (senders are sorted in computation
-order, so the ones a layer can see are a prefix).
+Edge patches keep a buffer `delta[S, B, T, D] = current_out_s - ablated_out_s`, filled
+as each sender is computed (a layer's heads straight from `z @ W_O` into it); senders are
+sorted in computation order, so the ones a receiver can see are a prefix. The receivers
+that read one stream (a layer's q/k/v inputs, an MLP's input, the logits' stream) are
+grouped by their mask rows: a row with nothing ablated costs nothing, a fully ablated
+row is the stream minus a running sum of the deltas, and the remaining distinct rows
+are one GEMM `x - coef @ delta[:prefix]`. The attention norm reads the input most q/k/v
+units share; every other unit's columns are written from its own input, and a
+projection whose every unit has its own input does not run at all. Large buffers are
+reused between runs on CPU (`LoadedModel.free_buffers`). A mask that requires grad
+keeps every row in the GEMM so attribution gets d(metric)/d(mask) everywhere.
 """
 from __future__ import annotations
 
