@@ -21,7 +21,7 @@ def test_readme_quickstart_checks_the_toy_induction_circuit(tmp_path, capsys):
     assert data["model"] == "toy-induction" and data["task"] == "induction"
     assert data["recovered"] >= 0.8 and data["ci"]["low"] <= data["recovered"] <= data["ci"]["high"]
     assert all(e["holds"] for e in data["expectations"])
-    assert data["experiments"][0]["grid"] == [2, 8]
+    assert data["experiments"][0]["grid"] == [2, 4]
     assert "recovered" in text and "patch head * at END" in text
 
 
