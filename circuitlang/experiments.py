@@ -33,7 +33,7 @@ import torch
 
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
-from circuitlang.sites import Channel, Head, Logits, Position, Resid
+from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, Position, Resid
 
 
 @dataclass
@@ -68,8 +68,8 @@ class ExperimentResult:
             "text": self.text,
             "metric": self.metric,
             "sites": [str(s) for s in self.sites],
-            "values": np.nan_to_num(self.values, nan=0.0).tolist(),
-            "normalized": np.nan_to_num(self.normalized, nan=0.0).tolist(),
+            "values": _floats(self.values),  # NaN (no such path, or no gap) -> null
+            "normalized": _floats(self.normalized),
             "clean": self.clean,
             "corrupt": self.corrupt,
             "grid": list(self.grid) if self.grid else None,
@@ -81,13 +81,23 @@ class ExperimentResult:
             rows, cols = self.grid
             lines.append("        " + "".join(f"{c:>7}" for c in range(cols)))
             for r in range(rows):
-                cells = "".join(f"{v:>7.2f}" for v in self.normalized.reshape(rows, cols)[r])
+                cells = "".join("      -" if np.isnan(v) else f"{v:>7.2f}"
+                                for v in self.normalized.reshape(rows, cols)[r])
                 lines.append(f"  L{r:<4} {cells}")
             lines.append("  (normalized: share of the clean-vs-corrupt gap this site carries; 1 = all of it)")
         else:
             for s, v, nv in zip(self.sites, self.values.ravel(), self.normalized.ravel()):
-                lines.append(f"  {str(s):<28} {v:>9.4g}   normalized {nv:>7.3f}")
+                if np.isnan(v):
+                    lines.append(f"  {str(s):<28} {'-':>9}   (no path)")
+                else:
+                    lines.append(f"  {str(s):<28} {v:>9.4g}   normalized {nv:>7.3f}")
         return "\n".join(lines)
+
+
+def _floats(values: np.ndarray):
+    """Nested lists of floats, NaN as None (JSON null)."""
+    arr = np.asarray(values, dtype=float)
+    return np.where(np.isnan(arr), None, arr).tolist()
 
 
 class Experiments:
@@ -286,11 +296,21 @@ class Experiments:
         else:
             raise ExecutionError(f"{receiver} cannot receive a path", hint="use a head's q/k/v input or logits")
         outs = [s.with_channel(Channel.OUT) if isinstance(s, Head) else s for s in senders]
-        clean = self.capture("clean", outs + [target])
-        corrupt = self.capture("corrupt", outs)
+        # a sender computed at or after the receiver reads the stream has no path to it:
+        # its row stays empty (NaN, shown as "-") instead of a number that means nothing
+        from circuitlang.models.interventions import edge_is_valid
 
-        def patch_for(k, prompt_rows):
-            s = outs[k]
+        par = self.model.adapter.parallel_residual
+        keep = [k for k, s in enumerate(outs)
+                if not isinstance(s, (Embed, Head, Mlp)) or edge_is_valid(s, receiver, par)]
+        if not keep:
+            raise ExecutionError(f"no sender in this sweep has a path to {receiver}",
+                                 hint="senders must be computed before the receiver reads the residual stream")
+        clean = self.capture("clean", [outs[k] for k in keep] + [target])
+        corrupt = self.capture("corrupt", [outs[k] for k in keep])
+
+        def patch_for(j, prompt_rows):
+            s = outs[keep[j]]
             delta = corrupt[s][prompt_rows] - clean[s][prompt_rows]
             v = clean[target][prompt_rows] + delta
             pos = self._positions(position, prompt_rows)
@@ -298,8 +318,9 @@ class Experiments:
                 v = v[torch.arange(len(prompt_rows)), pos]
             return [Patch(target, v, pos)]
 
-        patch_for.n_sites = len(outs)
-        per_prompt = self._sweep("clean", patch_for)
+        patch_for.n_sites = len(keep)
+        per_prompt = np.full((len(outs), len(self.prompts.input_ids)), np.nan)
+        per_prompt[keep] = self._sweep("clean", patch_for)
         return self._result("path_patch", text, [f"{s} -> {receiver}" for s in senders], per_prompt, grid)
 
     def ablation(self, sites, mode: str, position: Position, *, seed: int = 0, text: str = "") -> ExperimentResult:

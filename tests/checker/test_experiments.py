@@ -73,3 +73,16 @@ def test_path_patching_is_direct_only(planted, induction_task):
 def test_run_needs_experiments(planted, induction_task):
     with pytest.raises(CircuitlangError, match="no experiments"):
         run("0.0 -> 1.0.k at all\n", planted, induction_task)
+
+
+def test_path_patching_sweep_leaves_senders_without_a_path_empty(planted, induction_task):
+    """`head * -> 1.0.k`: layer-1 heads cannot send to a layer-1 key; their cells are
+    NaN, rendered "-" and written as null, not a number computed from a backwards path."""
+    (sweep,) = run("patch head * -> 1.0.k at PREV+1\n", planted, induction_task)
+    n_heads = planted.shape.n_heads
+    grid = sweep.normalized.reshape(-1, n_heads)
+    assert np.isnan(grid[1]).all() and not np.isnan(grid[0]).any()
+    assert sweep.to_json()["normalized"][1] == [None] * n_heads
+    assert "      -" in sweep.render()
+    with pytest.raises(CircuitlangError, match="goes backwards"):  # named: the resolver says so
+        run("patch 1.1 -> 1.0.k at PREV+1\n", planted, induction_task)
