@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from make_model import build_model, make_prompts  # noqa: E402
 from peer_io import best_of, read_prompts  # noqa: E402
 
 from circuitlang.models import EdgePatch, LoadedModel, load_model, toy_names  # noqa: E402
+from circuitlang.report import write_json_atomic  # noqa: E402
 
 RESULTS = HERE / "results" / "interventions.json"
 AC_PYTHON = HERE.parent / ".peers" / "ac" / "bin" / "python"
@@ -110,15 +110,6 @@ def bench_auto_circuit(folder: Path, prompts: Path, repeats: int, threads: int) 
     }
 
 
-def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _fmt(row: dict) -> str:
     cells = "  ".join(f"{m} {row[f'ratio_{m}']:.2f}x" for m in MASKS if f"ratio_{m}" in row)
     return f"{row.get('model', row.get('tool')):<34} plain {row['plain_s'] * 1e3:8.1f} ms  {cells}"
@@ -158,7 +149,7 @@ def main() -> None:
         clean, corrupt = torch.randint(0, lm.shape.vocab_size, (2, args.batch, tokens), generator=g)
         rows.append(bench_circuitlang(lm, clean, corrupt, args.repeats))
         print(_fmt(rows[-1]), flush=True)
-    write_atomic(RESULTS, {
+    write_json_atomic(RESULTS, {
         "benchmark": "forward pass with edge masks over every edge vs the same tool's plain forward, same batch",
         "device": "cpu",
         "threads": args.threads,

@@ -702,7 +702,7 @@ def _proj_hook(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Pl
         if direct or added:
             weight = linear_weight_in_out(module)
             bias = linear_bias(module)
-            normed_base = args[0] if args else norm(base)
+            normed_base = args[0] if args else norm.forward(base)
             lead = output.shape[:-1]
             for bucket, add in ((direct, False), (added, True)):
                 if not bucket:
