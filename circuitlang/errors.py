@@ -14,7 +14,7 @@ finds and raises them together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +69,14 @@ class Diagnostic:
         if self.hint:
             lines.append(f"hint: {self.hint}")
         return "\n".join(lines)
+
+
+def diagnostic_order(diag: Diagnostic):
+    """Sort key: diagnostics without a place first, then by file, line and column."""
+    span = diag.span
+    if span is None:
+        return (0, "", 0, 0)
+    return (1, span.filename or "", span.line, span.column)
 
 
 class CircuitlangError(Exception):

@@ -220,7 +220,7 @@ class Experiments:
                     cache = copy.deepcopy(prefix_cache)
                     cache.reorder_cache(local.to(self.model.device))
                 run = self.model.run(ids[prompt_rows, p:], mask[prompt_rows], patches=patches,
-                                     past_key_values=cache)
+                                     cache=cache)
                 if read_at_end:  # the metric reads END only: hand it those logits [B, V]
                     end = self.prompts.positions["END"][prompt_rows] - p
                     logits = run.logits[torch.arange(len(chunk)), end.to(run.logits.device)]
@@ -236,10 +236,12 @@ class Experiments:
         """Run prompt prefixes once: (key/value cache, logits), or (None, None) if empty."""
         if ids.shape[1] == 0:
             return None, None
+        from circuitlang.models import compat
+
         with torch.no_grad():
-            out = self.model.hf_model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                                      use_cache=True)
-        return out.past_key_values, out.logits
+            logits, cache = compat.forward(self.model.hf_model, ids.to(self.model.device),
+                                           mask.to(self.model.device), keep_cache=True)
+        return cache, logits
 
     def _positions(self, position: Position, rows: torch.Tensor):
         if position.is_all:

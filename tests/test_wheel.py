@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import venv
 from pathlib import Path
@@ -49,6 +50,13 @@ def installed_wheel(tmp_path_factory) -> Path:
     env = work / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env)
     python = env / "bin" / "python"
+    # When the tests themselves run in a venv, its packages (torch, lark, ...) are not the
+    # system's: let the new venv see them too, after its own (a plain path line, so the
+    # editable install's finder there is not run and circuitlang comes from the wheel).
+    here = [p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])]
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "_circuitlang_test_parent.pth").write_text("\n".join(dict.fromkeys(here)) + "\n")
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
           str(wheel)], cwd=work)
     return python

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from circuitlang.errors import ModelError
+from circuitlang.models import compat
 from circuitlang.models.adapters import Adapter, adapter_class, supported_model_types
 from circuitlang.models.interventions import EdgePatch, EdgeSet, Patch, Run
 from circuitlang.models.known import toy_dir, toy_names
@@ -83,7 +84,7 @@ class LoadedModel:
         patches: Iterable[Patch] = (),
         edges: EdgePatch | None = None,
         grad: bool = False,
-        past_key_values: Any = None,
+        cache: Any = None,
     ) -> Run:
         """One forward pass: capture any sites, apply node and edge patches.
 
@@ -94,8 +95,8 @@ class LoadedModel:
             patches: `Patch`es (node interventions), applied in order.
             edges: an `EdgePatch` (edge interventions), or None.
             grad: keep the autograd graph (for attribution patching); off by default.
-            past_key_values: a HF key/value cache of prompt prefixes; `input_ids` are
-                then the tokens after them, `attention_mask` covers prefix and
+            cache: a HF key/value cache of prompt prefixes (`compat.forward(...,
+                keep_cache=True)` makes one); `input_ids` are then the tokens after them, `attention_mask` covers prefix and
                 tokens, and patch positions index the new tokens.
 
         Returns:
@@ -108,7 +109,7 @@ class LoadedModel:
 
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return run_model(self, input_ids, attention_mask, capture=capture, patches=patches, edges=edges,
-                             past_key_values=past_key_values)
+                             cache=cache)
 
     def free_buffers(self) -> None:
         """Release the scratch memory edge patching keeps between runs on CPU."""
@@ -237,7 +238,7 @@ def load_model(
         hf_model = AutoModelForCausalLM.from_pretrained(
             source,
             config=config,
-            dtype=torch_dtype,
+            **{compat.dtype_keyword(): torch_dtype},
             attn_implementation="eager",
             trust_remote_code=trust_remote_code,
         )

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from circuitlang.errors import ModelError
+from circuitlang.models import compat
 from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
 from circuitlang.models.interventions import EdgePatch, Patch, Run, edge_is_valid, sender_key
 from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed, Resid, Site, TokenEmbed
@@ -474,7 +475,7 @@ def run_model(
     capture: Iterable[Site] = (),
     patches: Iterable[Patch] = (),
     edges: EdgePatch | None = None,
-    past_key_values: Any = None,
+    cache: Any = None,
 ) -> Run:
     """One forward pass with captures and interventions; see `LoadedModel.run`."""
     device = lm.device
@@ -508,12 +509,8 @@ def run_model(
             else:
                 handle = module.register_forward_hook(hook)
             stack.callback(handle.remove)
-        if past_key_values is None:
-            out = lm.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        else:  # continue cached prefixes: input_ids are the tokens after them
-            out = lm.hf_model(input_ids=input_ids, attention_mask=attention_mask,
-                              past_key_values=past_key_values, use_cache=True)
-    logits = out.logits
+        # with a cache, continue cached prefixes: input_ids are the tokens after them
+        logits, _ = compat.forward(lm.hf_model, input_ids, attention_mask, cache=cache)
     if Logits() in plan.capture:
         plan.cache[Logits()] = logits
     return Run(logits=logits, cache=plan.cache)

@@ -126,13 +126,28 @@ def test_training_is_deterministic():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TOYS)
-def test_training_script_reproduces_shipped_weights(name, tmp_path):
-    from safetensors.torch import load_file
-
+def test_training_script_reproduces_shipped_model(name, tmp_path):
+    """Retraining gives the shipped model. On the versions it was trained with
+    (`trained_with`), bit for bit; on others the last-bit rounding of a release compounds
+    over thousands of steps, so the weights differ and the behaviour must repeat: the
+    same sharp heads, and the recorded measurements within tolerances."""
     model, tok, meta = toy_train.train(name, log=lambda s: None)
-    toy_train.save(model, tok, meta, tmp_path / name)
-    fresh = load_file(str(tmp_path / name / "model.safetensors"))
-    shipped = load_file(str(toy_dir(name) / "model.safetensors"))
-    assert fresh.keys() == shipped.keys()
-    for key in fresh:
-        torch.testing.assert_close(fresh[key], shipped[key], atol=1e-5, rtol=1e-5)
+    saved = toy_train.save(model, tok, meta, tmp_path / name)
+    shipped = json.loads((toy_dir(name) / "circuitlang.json").read_text())
+    if shipped.get("trained_with") == toy_train.trained_with():
+        assert saved["sha256"] == shipped["sha256"]
+    got, want = saved["measured"], shipped["measured"]
+    if name == "toy-induction":
+        for key in ("previous_token_head", "induction_head", "sharp_previous_token_heads",
+                    "sharp_induction_heads"):
+            assert got[key] == want[key], key
+        assert got["loss_second_copy"] < 0.5 * got["loss_first_copy"]
+        assert got["loss_second_copy"] == pytest.approx(want["loss_second_copy"], abs=0.15)
+        for key in ("previous_token_scores_layer0", "induction_scores_layer1"):
+            sharp = [i for i, v in enumerate(want[key]) if v > toy_train.SHARP]
+            for i in sharp:  # the heads the hypothesis files name stay sharp, and near their scores
+                assert got[key][i] == pytest.approx(want[key][i], abs=0.25), (key, i)
+    else:
+        assert got["heldout_logit_diff_mean"] == pytest.approx(want["heldout_logit_diff_mean"], rel=0.15)
+        assert got["heldout_top1_is_io"] >= 0.98
+        assert got["heldout_logit_diff_positive_fraction"] >= 0.98

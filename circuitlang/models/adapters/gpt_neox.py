@@ -42,7 +42,8 @@ class GPTNeoXAdapter(Adapter):
         return self.model.gpt_neox.final_layer_norm
 
     def unembed(self) -> nn.Module:
-        return self.model.lm_head
+        # `lm_head` from transformers 5.1 on, `embed_out` before: ask the model
+        return self.model.get_output_embeddings()
 
     @property
     def parallel_residual(self) -> bool:

@@ -37,8 +37,12 @@ Models:
   (`circuitlang.tasks.ioi`), trained as a language model on IOI sentences.
 
 Training fixes every seed, uses one CPU thread and deterministic algorithms, so a
-rerun reproduces the shipped weights (the sha256 of each `model.safetensors` is
-recorded in `circuitlang.json`).
+rerun on the same versions of torch and transformers (`trained_with` in
+`circuitlang.json`) reproduces the shipped weights bit for bit (the sha256 of each
+`model.safetensors` is recorded there too). On other versions the float rounding of
+one step differs in the last bits and compounds over thousands of steps: the weights
+then differ, but the behaviour repeats (the same sharp heads, the measurements within
+a few hundredths), which is what tests/models/test_toys.py checks.
 """
 from __future__ import annotations
 
@@ -398,6 +402,9 @@ def train(name: str, steps: int | None = None, seed: int = 0, log: Callable[[str
             "steps": steps,
             "final_train_loss": round(loss_value, 4),
             "trained_by": "python -m circuitlang.models.toys.train --only " + name,
+            # a rerun reproduces the weights bit for bit on these versions; on others,
+            # float rounding compounds over the steps and only the behaviour repeats
+            "trained_with": trained_with(),
             # whether its training prompts began with <bos>: tasks follow this
             "prepend_bos": name != "toy-ioi",
             "measured": measure(model),
@@ -408,11 +415,26 @@ def train(name: str, steps: int | None = None, seed: int = 0, log: Callable[[str
         torch.use_deterministic_algorithms(deterministic)
 
 
+def trained_with() -> dict[str, str]:
+    """The versions whose arithmetic a training run's exact weights depend on."""
+    import tokenizers
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
 def save(model, tok, meta: dict, folder: Path) -> dict:
     """Write config.json, model.safetensors, tokenizer files and circuitlang.json; returns meta."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
+    # transformers 5 names its fast tokenizers' class `TokenizersBackend`, which 4.x does
+    # not know; `PreTrainedTokenizerFast` loads the same tokenizer.json on both
+    config_path = folder / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
     for extra in ("generation_config.json",):
         (folder / extra).unlink(missing_ok=True)
     meta = dict(meta)

@@ -1,0 +1,175 @@
+"""The resolver: one pass over a program, collecting every problem, giving a `Hypothesis`."""
+from __future__ import annotations
+
+from circuitlang import ast, ir, sites, verbs
+from circuitlang.ast_to_ir.claims import ClaimResolver, _Origin
+from circuitlang.ast_to_ir.expressions import ExpressionResolver
+from circuitlang.ast_to_ir.header import HeaderResolver
+from circuitlang.ast_to_ir.imports import ImportResolver
+from circuitlang.ast_to_ir.names import NameResolver, _base_position, _similar
+from circuitlang.errors import Diagnostic, ResolveError, Span, diagnostic_order
+from circuitlang.printer import format_statement
+from circuitlang.tasks.signature import TaskSignature
+from circuitlang.text_to_ast import KEYWORDS
+
+
+class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, ExpressionResolver):
+    """One resolution: collects diagnostics, builds the Hypothesis."""
+
+    def __init__(self, shape: sites.ModelShape, task: TaskSignature, filename: str | None,
+                 importing: tuple[str, ...] = ()):
+        self.shape = shape
+        self.task = task
+        self.filename = filename
+        self.importing = importing
+        self.diagnostics: list[Diagnostic] = []
+        self.verbs: list[verbs.Verb] = []
+        self.groups: dict[str, tuple[sites.Head, ...]] = {}
+        self.imports: list[str] = []
+        self.origin: _Origin | None = None
+        self.local_groups: set[str] = set()
+        positions = [_base_position(p) for p in task.positions]
+        self.position_names = {name for name, _ in positions}
+        self.metric_names = ir.BUILTIN_METRICS + tuple(
+            m for m in task.metrics if m not in ir.BUILTIN_METRICS
+        )
+
+    # -- diagnostics
+    def report(self, code: str, message: str, span: Span | None, hint: str | None = None):
+        if self.origin is not None and (span is None or span.filename != self.filename):
+            span = self.origin.span  # inside another file's verb: point at the use
+        diag = Diagnostic(code, message, span, hint)
+        if diag not in self.diagnostics:
+            self.diagnostics.append(diag)
+
+    # -- the whole program
+    def run(self, program: ast.Program) -> ir.Hypothesis:
+        self._imports(program)
+        self._local_verbs(program)
+        header = self._header(program)
+        for stmt in program.statements:
+            if isinstance(stmt, ast.GroupDef):
+                self._group(stmt)
+        claims: list[ir.Claim] = []
+        experiments: list[ir.Experiment] = []
+        expectations: list[ir.Expectation] = []
+        for stmt in program.statements:
+            text = format_statement(stmt)
+            if isinstance(stmt, (ast.Depends, ast.Edge, ast.VerbUse)):
+                claims.extend(self._claims(stmt, _Origin(stmt.span, text), 0))
+            elif isinstance(stmt, (ast.Patch, ast.PathPatch, ast.Ablate)):
+                exp = self._experiment(stmt, text, header["ablation"].mode)
+                if exp is not None:
+                    experiments.append(exp)
+            elif isinstance(stmt, ast.Expect):
+                exp = self._expectation(stmt, text)
+                if exp is not None:
+                    expectations.append(exp)
+        self._check_holes(claims, experiments)
+        if self.diagnostics:
+            raise ResolveError(sorted(self.diagnostics, key=diagnostic_order))
+        return ir.Hypothesis(
+            model=self.shape.name or header["model"],
+            task=self.task.name,
+            metric=header["metric"],
+            ablation=header["ablation"],
+            seed=header["seed"],
+            samples=header["samples"],
+            citations=header["citations"],
+            reported=header["reported"],
+            groups=tuple(self.groups.items()),
+            claims=tuple(claims),
+            experiments=tuple(experiments),
+            expectations=tuple(expectations),
+            imports=tuple(self.imports),
+            filename=self.filename,
+        )
+
+
+    # -- groups
+    def _group(self, stmt: ast.GroupDef) -> None:
+        if stmt.name in KEYWORDS:
+            self.report("resolve.group_name", f"{stmt.name!r} is a keyword and cannot name a "
+                        "group", stmt.span, f"call it {stmt.name}s or my_{stmt.name}")
+            return
+        if stmt.name in self.local_groups:
+            self.report("resolve.group_twice", f"group {stmt.name} is defined twice", stmt.span,
+                        "merge the two definitions or rename one")
+            return
+        found = self._sites(stmt.target, wildcards=True)
+        if found is None:
+            return
+        heads = []
+        for site in found:
+            if isinstance(site, ir.Hole):
+                self.report("resolve.group_hole", f"group {stmt.name} contains the hole "
+                            f"?{site.name}", stmt.target.span,
+                            "groups hold known heads; put the hole in a claim instead")
+                return
+            if not isinstance(site, sites.Head):
+                self.report("resolve.group_kind", f"group {stmt.name} may hold only heads, not "
+                            f"{site}", stmt.target.span, "write `group NAME = heads 9.6, 9.9`")
+                return
+            heads.append(site)
+        self.local_groups.add(stmt.name)
+        self.groups[stmt.name] = tuple(heads)
+
+
+    # -- experiments
+    def _experiment(self, stmt, text: str, default_mode: str) -> ir.Experiment | None:
+        match stmt:
+            case ast.Patch(target=target, position=position):
+                found = self._sites(target, wildcards=True)
+                pos = self._position(position)
+                if found is None or pos is None:
+                    return None
+                grid, axes = self._grid(target)
+                return ir.Patch(tuple(found), pos, bool(axes), grid, axes, text,
+                                span=stmt.span)
+            case ast.PathPatch(sender=sender, receiver=receiver, position=position):
+                senders = self._sites(sender, wildcards=True)
+                receivers = self._sites(receiver)
+                pos = self._position(position)
+                if senders is None or receivers is None or pos is None:
+                    return None
+                grid, axes = self._grid(sender)
+                # a sweep's grid keeps every cell; a path that cannot exist patches nothing
+                pairs = [(s, r) for s in senders for r in receivers
+                         if not axes or not isinstance(s, sites.Head) or
+                         s.layer < getattr(r, "layer", s.layer + 1)]
+                if not all(self._edge_ok(s, r, stmt.span) for s, r in pairs):
+                    return None
+                return ir.PathPatch(tuple(senders), tuple(receivers), pos, bool(axes), grid,
+                                    axes, text, span=stmt.span)
+            case ast.Ablate(target=target, mode=mode, position=position):
+                found = self._sites(target, wildcards=True)
+                pos = sites.ALL if position is None else self._position(position)
+                if mode is not None and mode not in ir.ABLATION_MODES:
+                    close = _similar(mode, ir.ABLATION_MODES)
+                    self.report("resolve.ablation", f"unknown ablation {mode!r}", stmt.span,
+                                (f"did you mean {close}? " if close else "")
+                                + "ablations are resample, mean or zero")
+                    return None
+                if found is None or pos is None:
+                    return None
+                return ir.Ablate(tuple(found), mode or default_mode, pos, text, span=stmt.span)
+        raise TypeError(f"not an experiment: {stmt!r}")  # pragma: no cover
+
+    def _grid(self, target: ast.Target) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The sweep grid a wildcard target spans ((), () for no wildcard)."""
+        if isinstance(target, ast.HeadTarget) and isinstance(target.ref, ast.HeadRef):
+            grid, axes = [], []
+            if target.ref.layer is None:
+                grid.append(self.shape.n_layers)
+                axes.append("layer")
+            if target.ref.head is None:
+                grid.append(self.shape.n_heads)
+                axes.append("head")
+            return tuple(grid), tuple(axes)
+        if isinstance(target, (ast.MlpTarget, ast.ResidTarget)) and target.layer is None:
+            extra = 1 if isinstance(target, ast.ResidTarget) else 0
+            return (self.shape.n_layers + extra,), ("layer",)
+        return (), ()
+
+
+
