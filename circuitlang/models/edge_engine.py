@@ -1,0 +1,349 @@
+"""Edge patching's bookkeeping: an `EdgePatch` prepared for one batch of one forward pass.
+
+Takes a `LoadedModel`, an `EdgePatch` and the batch's shape; gives `_Edges`, which the
+run engine's hooks (`circuitlang.models.run`) fill and read.
+
+Edge patches keep a buffer `delta[S, B, T, D] = current_out_s - ablated_out_s`, filled
+as each sender is computed (a layer's heads straight from `z @ W_O` into it); senders are
+sorted in computation order, so the ones a receiver can see are a prefix. The receivers
+that read one stream (a layer's q/k/v inputs, an MLP's input, the logits' stream) are
+grouped by their mask rows: a row with nothing ablated costs nothing, a fully ablated
+row is the stream minus a running sum of the deltas, and the remaining distinct rows
+are one GEMM `x - coef @ delta[:prefix]`. The attention norm reads the input most q/k/v
+units share; every other unit's columns are written from its own input, and a
+projection whose every unit has its own input does not run at all. Large buffers are
+reused between runs on CPU (`LoadedModel.free_buffers`). A mask that requires grad
+keeps every row in the GEMM so attribution gets d(metric)/d(mask) everywhere.
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from circuitlang.errors import ModelError
+from circuitlang.models.interventions import EdgePatch, edge_is_valid, sender_key
+from circuitlang.sites import Channel, Embed, Head, Mlp
+
+if TYPE_CHECKING:  # pragma: no cover
+    from circuitlang.models.load import LoadedModel
+
+_QKV = (Channel.Q, Channel.K, Channel.V)
+
+from circuitlang.models.patches import check_site
+
+
+# ---- edge bookkeeping ---------------------------------------------------------------
+CLEAN, ABLATED, MIXED = "clean", "ablated", "mixed"
+
+
+@dataclass
+class _Group:
+    """Receivers that read one stream at one sender prefix: a layer's q/k/v inputs, an MLP's
+    input, or the logits' stream.
+
+    Receivers with identical mask rows (over the whole batch) share one input, computed
+    once. A row is `clean` (no edge ablated: the stream itself), `ablated` (every edge
+    in the prefix ablated: the stream minus the running sum of deltas) or `mixed` (one
+    matmul row of `coef @ delta`)."""
+
+    prefix: int
+    inverse: list[int]  # receiver (group order) -> distinct row
+    kinds: list[str]  # per distinct row
+    coef: torch.Tensor | None  # the mixed rows' masks: [B|1, k, P] or [B, T, k, P]
+    mixed: list[int]  # distinct row of each coef row
+
+    def counts(self) -> list[int]:
+        out = [0] * len(self.kinds)
+        for j in self.inverse:
+            out[j] += 1
+        return out
+
+
+def _group(mask: torch.Tensor, rows: list[int], prefix: int, differentiable: bool = False) -> _Group:
+    """Find the distinct mask rows of `rows` (mask unexpanded: [B|1, R, S] or [B, T, R, S]).
+    A mask that needs gradients keeps every row as a matmul row."""
+    sub = mask[..., rows, :prefix]
+    n = len(rows)
+    if differentiable:
+        return _Group(prefix, list(range(n)), [MIXED] * n, sub, list(range(n)))
+    key = sub.movedim(-2, 0).reshape(n, -1)
+    if key.shape[1] == 0:
+        return _Group(prefix, [0] * n, [CLEAN], None, [])
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    kinds = []
+    for row in uniq:
+        if not bool(row.any()):
+            kinds.append(CLEAN)
+        elif bool((row == 1).all()):
+            kinds.append(ABLATED)
+        else:
+            kinds.append(MIXED)
+    mixed = [j for j, k in enumerate(kinds) if k == MIXED]
+    coef = None
+    if mixed:
+        first = [int((inverse == j).nonzero()[0]) for j in mixed]
+        coef = sub[..., first, :].contiguous()
+    return _Group(prefix, inverse.tolist(), kinds, coef, mixed)
+
+
+class _Slots:
+    """The delta buffer under autograd: one tensor per sender, stacked when read (writing
+    into one shared buffer would change tensors autograd saved)."""
+
+    def __init__(self, n: int):
+        self.items: list[torch.Tensor | None] = [None] * n
+
+    def __setitem__(self, key, value: torch.Tensor) -> None:
+        if isinstance(key, int):
+            self.items[key] = value
+            return
+        index = range(len(self.items))[key] if isinstance(key, slice) else key.tolist()
+        for j, i in enumerate(index):
+            self.items[i] = value[j]
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        return torch.stack(self.items[key])
+
+
+@dataclass
+class _Edges:
+    """An `EdgePatch` prepared for one batch: senders sorted, receivers grouped, buffers."""
+
+    ablated: torch.Tensor  # [B, S_all, T, D], as given (indexed through the slots' sources)
+    delta: torch.Tensor | _Slots  # [S, B, T, D]: current_out_s - ablated_out_s, filled as senders run
+    scratch: torch.Tensor | None  # reused for the mixed receivers' inputs (None under autograd)
+    embed_slot: int | None
+    head_slots: dict[int, tuple[Any, Any]]  # layer -> (heads, slots)
+    mlp_slot: dict[int, int]
+    attn: dict[int, _Group]  # layer -> its q/k/v receivers
+    qkv_recv: dict[int, dict[Channel, list[tuple[int, int]]]]  # layer -> ch -> [(unit, index in group)]
+    attn_base: dict[int, int]  # layer -> distinct row the attention norm reads (others: per unit)
+    mlp: dict[int, _Group]
+    logits: _Group | None
+    _cum: tuple[int, torch.Tensor | None] = (0, None)
+
+    def cum(self, prefix: int, like: torch.Tensor) -> torch.Tensor:
+        """sum of delta over the first `prefix` senders (kept as a running sum)."""
+        done, total = self._cum
+        if total is None or done > prefix:
+            done, total = 0, torch.zeros_like(like)
+        if prefix > done:
+            total = total + self.delta[done:prefix].sum(0)
+        self._cum = (prefix, total)
+        return total
+
+    def inputs(self, x: torch.Tensor, group: _Group) -> list[torch.Tensor | None]:
+        """Per distinct row: the receivers' input stream (None: `x` itself)."""
+        out: list[torch.Tensor | None] = [None] * len(group.kinds)
+        for j, kind in enumerate(group.kinds):
+            if kind == ABLATED:
+                out[j] = x - self.cum(group.prefix, x)
+        if group.coef is not None:
+            for j, xs in zip(group.mixed, _mix(x, group.coef, self.delta[:group.prefix], self.scratch)):
+                out[j] = xs
+        return out
+
+
+def _mix(x: torch.Tensor, coef: torch.Tensor, delta: torch.Tensor, scratch: torch.Tensor | None
+         ) -> list[torch.Tensor]:
+    """`x - coef @ delta` per coef row ([B, T, D] each), for coef [B|1, k, P] or [B, T, k, P]
+    and delta [P, B, T, D]; written into `scratch` when given (no autograd)."""
+    b, t, d = x.shape
+    k, p = coef.shape[-2:]
+    if coef.dim() == 4:
+        return list((x.unsqueeze(1) - torch.einsum("pbtd,btkp->bktd", delta, coef)).unbind(1))
+    if scratch is None:
+        return list((x.unsqueeze(1) - torch.einsum("pbtd,bkp->bktd", delta, coef.expand(b, k, p))).unbind(1))
+    n = b * t * d
+    if coef.shape[0] == 1:  # one circuit for the whole batch: a single GEMM
+        out = scratch[: k * n].view(k, n)
+        torch.addmm(x.reshape(1, n).expand(k, n), coef[0], delta.reshape(p, n), alpha=-1.0, out=out)
+        return list(out.view(k, b, t, d).unbind(0))
+    out = scratch[: k * n].view(k, b, t * d)  # receiver-major: each input contiguous
+    flat_x, flat_d = x.reshape(b, 1, t * d), delta.reshape(p, b, t * d)
+    for i in range(b):  # a circuit per row: one GEMM each
+        torch.addmm(flat_x[i].expand(k, t * d), coef[i], flat_d[:, i], alpha=-1.0, out=out[:, i])
+    return list(out.view(k, b, t, d).unbind(0))
+
+
+def _buffer(lm: "LoadedModel", name: str, numel: int, dtype, device) -> torch.Tensor | None:
+    """A flat scratch tensor of at least `numel` elements, or None under autograd.
+
+    On CPU it is kept on the model across runs (a fresh large allocation is fresh pages,
+    and faulting them in costs as much as the arithmetic); `LoadedModel.free_buffers()`
+    lets it go. Elsewhere the framework's caching allocator already reuses memory."""
+    if torch.is_grad_enabled():
+        return None
+    if torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (name, dtype, str(device))
+    buf = lm.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        lm.buffers.pop(key, None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        lm.buffers[key] = buf
+    return buf[:numel]
+
+
+@functools.lru_cache(maxsize=32)
+def _valid_matrix(senders: tuple, receivers: tuple, parallel_residual: bool) -> torch.Tensor:
+    """BoolTensor [R, S]: which pairs are edges (cached: edge sets are reused across runs)."""
+    return torch.tensor(
+        [[edge_is_valid(s, r, parallel_residual) for s in senders] for r in receivers], dtype=torch.bool
+    ).reshape(len(receivers), len(senders))
+
+
+def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int], dtype, device) -> _Edges:
+    shape, adapter = lm.shape, lm.adapter
+    senders, receivers = list(edges.senders), list(edges.receivers)
+    for site in senders + receivers:
+        check_site(lm, site)
+    n_s, n_r = len(senders), len(receivers)
+    batch, tokens = x_shape
+    mask = edges.mask
+    if mask.dim() not in (3, 4) or mask.shape[-2:] != (n_r, n_s) or mask.shape[0] not in (1, batch) or (
+        mask.dim() == 4 and mask.shape[1] != tokens
+    ):
+        raise ModelError(
+            f"edge mask has shape {tuple(mask.shape)}",
+            code="model.bad-mask",
+            hint=f"expected [{batch}, {n_r}, {n_s}] or [{batch}, {tokens}, {n_r}, {n_s}] (receivers, senders)",
+        )
+    order = sorted(range(n_s), key=lambda i: sender_key(senders[i]))
+    if len(set(senders)) != n_s:
+        raise ModelError("edge patch lists a sender twice", code="model.duplicate-site")
+    sorted_senders = [senders[i] for i in order]
+    mask = mask.to(device=device, dtype=dtype)
+    if order != list(range(n_s)):
+        mask = mask.index_select(-1, torch.tensor(order, dtype=torch.long, device=device))
+    valid = _valid_matrix(tuple(sorted_senders), tuple(receivers), adapter.parallel_residual).to(device)
+    bad = (mask != 0) & ~valid
+    if bool(bad.any()):
+        where = bad.nonzero()[0]
+        r, s = int(where[-2]), int(where[-1])
+        raise ModelError(
+            f"edge {sorted_senders[s]} -> {receivers[r]} is not an edge of this model",
+            code="model.bad-edge",
+            hint="a sender must be computed before its receiver reads the residual stream",
+        )
+    d_model = shape.d_model
+
+    # Senders whose every edge is kept cost nothing: drop them (an all-zero mask is free),
+    # unless the mask wants gradients (attribution needs them at 0 too).
+    differentiable = mask.requires_grad and torch.is_grad_enabled()
+    active = (mask != 0).reshape(-1, n_s).any(0) | differentiable
+    kept = active.nonzero()[:, 0].tolist()
+    if len(kept) < n_s:
+        mask = mask.index_select(-1, torch.tensor(kept, dtype=torch.long, device=device))
+    source = [order[i] for i in kept]  # where each kept sender's ablated value is
+    sorted_senders = [sorted_senders[i] for i in kept]
+    n_s = len(sorted_senders)
+    want = f"[{batch}, {len(senders)}, {tokens}, {d_model}] (batch may be 1)"
+    if isinstance(edges.ablated, torch.Tensor):
+        ablated = edges.ablated.to(device=device, dtype=dtype)
+        if ablated.dim() != 4 or ablated.shape[0] not in (1, batch) or tuple(ablated.shape[1:]) != (
+                len(senders), tokens, d_model):
+            raise ModelError(f"ablated sender values have shape {tuple(ablated.shape)}",
+                             code="model.bad-ablated", hint=f"expected {want}, in `senders` order")
+    else:
+        missing = [str(s) for s in sorted_senders if s not in edges.ablated]
+        if missing:
+            raise ModelError(f"edge patch has no ablated value for {', '.join(missing[:5])}",
+                             code="model.bad-ablated", hint="capture every sender in the ablation run")
+        values = [edges.ablated[s].to(device=device, dtype=dtype) for s in sorted_senders]
+        for s, v in zip(sorted_senders, values):
+            if v.dim() != 3 or v.shape[0] not in (1, batch) or tuple(v.shape[1:]) != (tokens, d_model):
+                raise ModelError(f"ablated value of {s} has shape {tuple(v.shape)}", code="model.bad-ablated",
+                                 hint=f"expected [{batch}, {tokens}, {d_model}] (batch may be 1)")
+        ablated = torch.stack([v.expand(batch, tokens, d_model) for v in values], 1) if values else \
+            torch.empty(batch, 0, tokens, d_model, dtype=dtype, device=device)
+        source = list(range(n_s))
+    if ablated.shape[0] == 1 and batch > 1:
+        ablated = ablated.expand(batch, *ablated.shape[1:])
+
+    keys = [sender_key(s) for s in sorted_senders]
+    embed_slot = None
+    head_slots: dict[int, tuple[list[int], list[int], list[int]]] = defaultdict(lambda: ([], [], []))
+    mlp_slot: dict[int, tuple[int, int]] = {}
+    for i, s in enumerate(sorted_senders):
+        if isinstance(s, Embed):
+            embed_slot = (i, source[i])
+        elif isinstance(s, Head):
+            hs, slots, srcs = head_slots[s.layer]
+            hs.append(s.head)
+            slots.append(i)
+            srcs.append(source[i])
+        else:
+            mlp_slot[s.layer] = (i, source[i])
+    attn_prefix = {l: sum(k[0] < l for k in keys) for l in range(shape.n_layers)}
+    if adapter.parallel_residual:
+        mlp_prefix = dict(attn_prefix)
+    else:
+        mlp_prefix = {l: sum(k[:2] <= (l, 0) for k in keys) for l in range(shape.n_layers)}
+
+    # receivers, grouped by the stream they read; identical mask rows share one input
+    group_mask = mask[:1] if mask.dim() == 3 and mask.shape[0] == 1 else mask.expand(batch, *mask.shape[1:])
+    kv_group = adapter.kv_group()
+    qkv_rows: dict[int, list[int]] = defaultdict(list)
+    qkv_recv: dict[int, dict[Channel, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    seen: set[tuple[int, Channel, int]] = set()
+    mlp: dict[int, _Group] = {}
+    logits = None
+    for r, site in enumerate(receivers):
+        if isinstance(site, Head):
+            unit = site.head if site.channel is Channel.Q else site.head // kv_group
+            if (site.layer, site.channel, unit) in seen:
+                raise ModelError(
+                    f"{site}: query heads {unit * kv_group}-{unit * kv_group + kv_group - 1} share one "
+                    f"{site.channel.value} head (grouped-query attention)",
+                    code="model.gqa-receiver",
+                    hint=f"name one head per group, e.g. head {site.layer}.{unit * kv_group}.{site.channel.value}",
+                )
+            seen.add((site.layer, site.channel, unit))
+            qkv_recv[site.layer][site.channel].append((unit, len(qkv_rows[site.layer])))
+            qkv_rows[site.layer].append(r)
+        elif isinstance(site, Mlp):
+            mlp[site.layer] = _group(group_mask, [r], mlp_prefix[site.layer], differentiable)
+        else:
+            logits = _group(group_mask, [r], n_s, differentiable)
+    attn = {l: _group(group_mask, rows, attn_prefix[l], differentiable) for l, rows in qkv_rows.items()}
+    attn_base = {}
+    for l, g in attn.items():
+        # the attention norm reads the input most of this layer's q/k/v units want; the
+        # others get their own columns written. Units no receiver names read the stream.
+        # An input shared by only a few units is not worth a whole projection: then, if no
+        # unit reads the stream, the projection does not run at all (`_rewrites_every_unit`).
+        units = shape.n_heads + 2 * adapter.n_kv_heads
+        votes = g.counts()
+        clean = units - sum(c for c, k in zip(votes, g.kinds) if k != CLEAN)
+        best = max(range(len(votes)), key=lambda j: (votes[j] if g.kinds[j] != CLEAN else -1, -j))
+        if g.kinds[best] != CLEAN and votes[best] > clean and 4 * votes[best] >= units:
+            attn_base[l] = best
+    delta = _buffer(lm, "edge-delta", n_s * batch * tokens * d_model, dtype, device)
+    widest = max([len(g.mixed) for g in attn.values()] + [1])
+    return _Edges(
+        ablated=ablated,
+        delta=_Slots(n_s) if delta is None else delta.view(n_s, batch, tokens, d_model),
+        scratch=_buffer(lm, "edge-inputs", widest * batch * tokens * d_model, dtype, device),
+        embed_slot=embed_slot,
+        head_slots={l: (_as_index(h, device), _as_index(s, device), _as_index(o, device))
+                    for l, (h, s, o) in head_slots.items()},
+        mlp_slot=mlp_slot,
+        attn=attn,
+        qkv_recv={l: dict(d) for l, d in qkv_recv.items()},
+        attn_base=attn_base,
+        mlp=mlp,
+        logits=logits,
+    )
+
+
+def _as_index(values: list[int], device) -> torch.Tensor | slice:
+    """A slice when the indices are a contiguous run (cheap views), else a LongTensor."""
+    if values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return torch.tensor(values, device=device)
+
