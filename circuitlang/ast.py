@@ -309,6 +309,16 @@ class AblationDecl:
 
 
 @dataclass(frozen=True, slots=True)
+class SemanticsDecl:
+    """`semantics paths` (the default) or `semantics channels`: how the scrubber reads a
+    claimed node's inputs that no claimed child covers (docs/checker.md)."""
+
+    mode: str
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
 class Reported:
     """`reported clean = 3.56`: a number the paper reports."""
 
@@ -435,7 +445,7 @@ class Expect:
 
 
 Statement = Union[
-    Cite, ModelDecl, TaskDecl, Use, MetricDecl, AblationDecl, Reported, Setting,
+    Cite, ModelDecl, TaskDecl, Use, MetricDecl, AblationDecl, SemanticsDecl, Reported, Setting,
     GroupDef, Depends, Edge, VerbUse, VerbDef, Patch, PathPatch, Ablate, Expect,
 ]
 

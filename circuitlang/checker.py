@@ -126,6 +126,7 @@ def check(
     n: int | None = None,
     seed: int | None = None,
     metric: str | None = None,
+    semantics: str | None = None,
     permutations: int = DEFAULT_PERMUTATIONS,
     breakdown: bool = True,
     max_examples: int = 25,
@@ -145,6 +146,8 @@ def check(
         seed: seed for prompts, resampling, bootstrap and search (default: the
             file's `seed`, else 0).
         metric: overrides the file's `metric` (default: the task's).
+        semantics: overrides the file's `semantics` ("paths", the default, or
+            "channels"; docs/checker.md).
         permutations: random circuits of the same size to compare against (0: skip).
         breakdown: also measure what each claim costs when removed.
         max_examples: prompts `hypothesis` tries per per-prompt expectation.

@@ -37,6 +37,11 @@ from circuitlang import sites
 from circuitlang.errors import Span
 
 ABLATION_MODES = ("resample", "mean", "zero")
+#: How the scrubber reads a claimed node's inputs that no claimed child covers:
+#: "paths" (Chan et al. 2022: every such input path is scrubbed, on every channel) or
+#: "channels" (a channel no claim mentions is read on the node's own sample).
+SEMANTICS = ("paths", "channels")
+DEFAULT_SEMANTICS = "paths"
 BUILTIN_METRICS = ("recovered", "clean", "scrubbed", "random")
 
 
@@ -220,6 +225,7 @@ class Hypothesis:
         task: the task's name.
         metric: the metric recovered is measured in (the task's default if unnamed).
         ablation: how unclaimed paths are replaced.
+        semantics: how a claimed node's uncovered inputs are read (`SEMANTICS`).
         seed: the random seed, if the file sets one.
         samples: how many prompts to use, if the file sets it.
         citations: `cite` lines.
@@ -236,6 +242,7 @@ class Hypothesis:
     task: str
     metric: str
     ablation: Ablation = Ablation()
+    semantics: str = DEFAULT_SEMANTICS
     seed: int | None = None
     samples: int | None = None
     citations: tuple[str, ...] = ()
@@ -283,6 +290,7 @@ class Hypothesis:
             "metric": self.metric,
             "ablation": {"mode": self.ablation.mode,
                          "given": [feature_to_json(f) for f in self.ablation.given]},
+            "semantics": self.semantics,
             "seed": self.seed,
             "samples": self.samples,
             "citations": list(self.citations),

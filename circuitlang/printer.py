@@ -79,6 +79,8 @@ def format_statement(stmt: ast.Statement) -> str:
             if given:
                 text += " given " + ", ".join(_feature(f) for f in given)
             return text
+        case ast.SemanticsDecl(mode=mode):
+            return f"semantics {mode}"
         case ast.Reported(name=name, value=value):
             return f"reported {name} = {_decimal(value)}"
         case ast.Setting(name=name, value=value):

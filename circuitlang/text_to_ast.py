@@ -36,7 +36,7 @@ __all__ = ["parse", "grammar", "KEYWORDS"]
 # group, verb word or feature spelled like one of these can be unusable in places,
 # so the resolver and the printer's strategies avoid them.
 KEYWORDS = frozenset(
-    "cite model task use metric ablation given reported seed samples group head heads "
+    "cite model task use metric ablation semantics given reported seed samples group head heads "
     "mlp resid embed logits at depends on nothing patch ablate with expect each verb".split()
 )
 
@@ -212,6 +212,9 @@ class _ToAst(Transformer):
 
     def ablation(self, meta, c):
         return ast.AblationDecl(str(c[0]), tuple(c[1:]), span=self._span(meta))
+
+    def semantics(self, meta, c):
+        return ast.SemanticsDecl(str(c[0]), span=self._span(meta))
 
     def reported(self, meta, c):
         return ast.Reported(str(c[0]), c[1], span=self._span(meta))

@@ -135,6 +135,7 @@ statements = st.one_of(
     st.builds(ast.Use, st.lists(names, min_size=1, max_size=3).map(tuple)),
     st.builds(ast.MetricDecl, names),
     st.builds(ast.AblationDecl, names, st.lists(features, max_size=2).map(tuple)),
+    st.builds(ast.SemanticsDecl, names),
     st.builds(ast.Reported, names, st.decimals(min_value=-10**12, max_value=10**12,
                                                allow_nan=False, allow_infinity=False,
                                                places=4)),

@@ -63,13 +63,14 @@ class HeaderResolver:
 
     def _header(self, program: ast.Program) -> dict:
         out: dict = {"model": None, "metric": self.task.default_metric,
-                     "ablation": ir.Ablation(), "seed": None, "samples": None,
+                     "ablation": ir.Ablation(), "semantics": ir.DEFAULT_SEMANTICS,
+                     "seed": None, "samples": None,
                      "citations": (), "reported": ()}
         seen: dict[str, Span | None] = {}
         citations, reported = [], []
         for stmt in program.statements:
             kind = {ast.ModelDecl: "model", ast.TaskDecl: "task", ast.MetricDecl: "metric",
-                    ast.AblationDecl: "ablation"}.get(type(stmt))
+                    ast.AblationDecl: "ablation", ast.SemanticsDecl: "semantics"}.get(type(stmt))
             if isinstance(stmt, ast.Setting):
                 kind = stmt.name
             if kind is not None:
@@ -92,6 +93,15 @@ class HeaderResolver:
                         out["metric"] = name
                 case ast.AblationDecl(mode=mode, given=given):
                     out["ablation"] = self._ablation(stmt, mode, given)
+                case ast.SemanticsDecl(mode=mode):
+                    if mode not in ir.SEMANTICS:
+                        close = _similar(mode, ir.SEMANTICS)
+                        self.report("resolve.semantics", f"unknown semantics {mode!r}", stmt.span,
+                                    (f"did you mean {close}? " if close else "")
+                                    + "semantics are paths (Chan et al.: every input path no "
+                                    "claimed child covers is scrubbed) or channels")
+                    else:
+                        out["semantics"] = mode
                 case ast.Setting(name=name, value=value):
                     if name == "samples" and value < 1:
                         self.report("resolve.setting", "samples must be at least 1", stmt.span)

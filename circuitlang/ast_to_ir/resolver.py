@@ -73,6 +73,7 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
             task=self.task.name,
             metric=header["metric"],
             ablation=header["ablation"],
+            semantics=header["semantics"],
             seed=header["seed"],
             samples=header["samples"],
             citations=header["citations"],

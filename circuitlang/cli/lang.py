@@ -66,6 +66,9 @@ def register(subparsers) -> None:
                        help="number of prompts (default: the file's `samples`, else 64)")
     check.add_argument("--seed", type=int, help="seed for prompts, resampling, bootstrap, search")
     check.add_argument("--metric", help="metric to score in (default: the file's, else the task's)")
+    check.add_argument("--semantics", choices=("paths", "channels"),
+                       help="how a claimed node's inputs that no claimed child covers are read: "
+                       "paths (default, Chan et al.: scrubbed) or channels (see docs/checker.md)")
     check.add_argument("--permutations", type=int, default=20, metavar="K",
                        help="random circuits of the same size for the permutation test (0: skip)")
     check.add_argument("--no-breakdown", action="store_true",
@@ -172,6 +175,7 @@ def check_command(args: argparse.Namespace) -> int:
         n=args.samples,
         seed=args.seed,
         metric=args.metric,
+        semantics=args.semantics,
         permutations=args.permutations,
         breakdown=not args.no_breakdown,
         max_examples=args.max_examples,
