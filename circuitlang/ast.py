@@ -271,11 +271,48 @@ class ModelDecl:
     trivia: Trivia = _trivia()
 
 
+#: A task parameter's value: a whole number, a decimal, a string or bare word, `true` /
+#: `false`, or a list of those (`[0, 1, 2]`, `["Mary", "John"]`).
+ParamValue = Union[int, Decimal, str, bool, tuple]
+
+
 @dataclass(frozen=True, slots=True)
-class TaskDecl:
-    """`task ioi`."""
+class TaskParam:
+    """`length=20` in `task induction length=20`.
+
+    `value` keeps the literal's kind: `int`, `Decimal`, `str` (from a quoted string or
+    a bare word: `template_set=ABBA` is `template_set="ABBA"`), `bool`, or a tuple of
+    those for a list. Which parameters a task has, and of what type, is the
+    resolver's business (`circuitlang.tasks.params`).
+    """
 
     name: str
+    value: ParamValue
+    span: Span | None = _span()
+
+    def __eq__(self, other: object) -> bool:
+        # `true` and `1` (and `1` and `1.0`) are different literals, though Python's
+        # `True == 1 == Decimal(1)`: compare the kinds too.
+        if not isinstance(other, TaskParam):
+            return NotImplemented
+        return self.name == other.name and _typed(self.value) == _typed(other.value)
+
+    def __hash__(self) -> int:
+        return hash((self.name, _typed(self.value)))
+
+
+def _typed(value: ParamValue):
+    if isinstance(value, tuple):
+        return tuple(_typed(v) for v in value)
+    return (type(value).__name__, value)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDecl:
+    """`task ioi`, `task induction length=20 vocab=32`, `task "data/pairs.jsonl"`."""
+
+    name: str
+    params: tuple[TaskParam, ...] = ()
     span: Span | None = _span()
     trivia: Trivia = _trivia()
 

@@ -18,6 +18,7 @@ from circuitlang import ast
 __all__ = ["format", "format_target", "format_expr", "format_statement"]
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*")
+_BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INDENT = "    "
 
 
@@ -68,8 +69,10 @@ def format_statement(stmt: ast.Statement) -> str:
         case ast.ModelDecl(name=name):
             bare = _MODEL_ID.fullmatch(name) is not None
             return f"model {name if bare else _quote(name)}"
-        case ast.TaskDecl(name=name):
-            return f"task {name}"
+        case ast.TaskDecl(name=name, params=params):
+            bare = _MODEL_ID.fullmatch(name) is not None
+            text = f"task {name if bare else _quote(name)}"
+            return text + "".join(f" {p.name}={_param_value(p.value)}" for p in params)
         case ast.Use(path=path):
             return "use " + ".".join(path)
         case ast.MetricDecl(name=name):
@@ -131,6 +134,21 @@ def _decimal(value: Decimal) -> str:
     if "E" in text:  # 3e2 is printed 300, 1e-3 is printed 0.001
         text = f"{abs(value):f}"
     return sign + text
+
+
+def _param_value(value: ast.ParamValue) -> str:
+    """A task parameter's value: `20`, `0.5`, `true`, `ABBA`, `"two words"`, `[0, 1]`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, Decimal):
+        return _decimal(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_param_value(v) for v in value) + "]"
+    if _BARE_WORD.fullmatch(value) and value not in ("true", "false"):
+        return value
+    return _quote(value)
 
 
 def _channel(channel: str | None) -> str:

@@ -28,9 +28,26 @@ from lark.indenter import DedentError, Indenter
 
 from circuitlang import ast
 from circuitlang.errors import Diagnostic, ParseError, Span
+from circuitlang.printer import format_target
 from circuitlang.resources import grammar_dir
 
-__all__ = ["parse", "grammar", "KEYWORDS"]
+__all__ = ["parse", "parse_task_param", "grammar", "KEYWORDS", "MAX_SOURCE_CHARS",
+           "MAX_STATEMENTS", "MAX_EXPR_DEPTH", "MAX_CLAIMS", "claim_limit_diagnostic"]
+
+# Limits on one file (docs/language.md, "Limits"). Each is far above any published
+# circuit, and each keeps a hostile or generated file from taking minutes and
+# gigabytes: going over one is an error that names the limit.
+MAX_SOURCE_CHARS = 2_000_000  # characters in one file
+MAX_STATEMENTS = 50_000  # statements in one file, verb bodies included (~10 s to parse)
+MAX_EXPR_DEPTH = 64  # nesting of an `expect` expression: `-`, `abs(`, operators
+MAX_CLAIMS = 100_000  # core claims after verb and group expansion (the resolver's limit)
+
+# The rules whose nodes nest inside an expression (for MAX_EXPR_DEPTH), and the rules
+# that are statements (for MAX_STATEMENTS).
+_EXPR_RULES = frozenset({"add", "sub", "mul", "div", "neg", "call"})
+_STATEMENT_RULES = frozenset(
+    "cite model task use metric ablation semantics reported seed samples group depends "
+    "edge verb_use verb_def patch path_patch ablate expect".split())
 
 # Words that are keywords somewhere in the grammar. Keywords are contextual, but a
 # group, verb word or feature spelled like one of these can be unusable in places,
@@ -61,6 +78,7 @@ def grammar() -> Lark:
         postlex=_CircIndenter(),
         propagate_positions=True,
         maybe_placeholders=False,
+        start=["start", "task_param"],
     )
 
 
@@ -83,9 +101,15 @@ def parse(text: str, filename: str | None = None) -> ast.Program:
             f"expected the program as text (str), got {type(text).__name__}",
             code="parse.input",
         )
+    if len(text) > MAX_SOURCE_CHARS:
+        raise ParseError(
+            f"the file is {len(text):,} characters long; the limit is {MAX_SOURCE_CHARS:,}",
+            code="parse.too_large", span=Span(1, 1, 1, 2, filename),
+            hint="split it into files joined with `use`, or state the claims with groups")
     source = text if text.endswith("\n") else text + "\n"
     try:
-        tree = grammar().parse(source)
+        tree = grammar().parse(source, start="start")
+        _check_size(tree, filename)
         program = _ToAst(filename).transform(tree)
     except VisitError as exc:  # a bad literal found while building nodes
         if isinstance(exc.orig_exc, ParseError):
@@ -93,6 +117,8 @@ def parse(text: str, filename: str | None = None) -> ast.Program:
         raise ParseError(
             f"cannot read this program: {exc.orig_exc}", code="parse.internal"
         ).with_source(text) from None
+    except ParseError as exc:  # a limit
+        raise exc.with_source(text) from None
     except DedentError:
         raise ParseError(
             _dedent_diagnostic(source, filename)
@@ -109,6 +135,85 @@ def parse(text: str, filename: str | None = None) -> ast.Program:
             "only the body of a `verb` definition is indented; start other statements "
             "at the beginning of the line")).with_source(text)
     return _attach_trivia(program, source)
+
+
+def parse_task_param(text: str, where: str = "--task-param") -> ast.TaskParam:
+    """Read one `NAME=VALUE` task parameter, written as in a file's `task` line.
+
+    The command line's `--task-param length=20` and the file's `task induction
+    length=20` share this syntax (and so this grammar rule).
+
+    Args:
+        text: `length=20`, `tokens=[a, b]`, `template_set=ABBA`, `path="x.jsonl"`.
+        where: what to call the text in messages.
+
+    Raises:
+        ParseError: the text is not `NAME=VALUE`.
+    """
+    try:
+        tree = grammar().parse(text.strip(), start="task_param")
+        return _ToAst(where).transform(tree)
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, ParseError):
+            raise exc.orig_exc.with_source(text) from None
+        raise ParseError(f"cannot read {where} {text!r}", code="parse.task_param") from None
+    except LarkError:
+        raise ParseError(
+            f"cannot read {where} {text!r}: expected NAME=VALUE", code="parse.task_param",
+            hint="for example length=20, template_set=ABBA, tokens=[a, b], "
+            'path="pairs.jsonl", prepend_bos=false') from None
+
+
+def claim_limit_diagnostic(count: int, span: Span | None) -> Diagnostic:
+    """The resolver's error for a program that expands into more than MAX_CLAIMS claims.
+
+    Args:
+        count: how many core claims the program had reached (or one statement asks for).
+        span: the statement that went over the limit.
+    """
+    return Diagnostic(
+        "resolve.too_many_claims",
+        f"this expands into {count:,} core claims, more than the limit of {MAX_CLAIMS:,}",
+        span, "claim fewer sites at once: an edge between two large groups means every "
+        "pair of their heads (and q, k, v of each receiver)")
+
+
+def _check_size(tree, filename: str | None) -> None:
+    """Enforce MAX_STATEMENTS and MAX_EXPR_DEPTH before building the AST.
+
+    Walks the tree with an explicit stack: the point is to refuse trees too deep for
+    the recursive passes after it (the transformer, the printer, equality, sympy).
+    """
+    from lark import Tree
+
+    def at(node) -> Span:
+        meta = node.meta
+        return Span(meta.line, meta.column, meta.line, meta.column + 1, filename)
+
+    statements = 0
+    for node in tree.children:
+        if not isinstance(node, Tree):
+            continue
+        statements += 1 + (sum(isinstance(c, Tree) and c.data in _STATEMENT_RULES
+                               for c in node.children) if node.data == "verb_def" else 0)
+        if statements > MAX_STATEMENTS:
+            raise ParseError(
+                f"the file has more than {MAX_STATEMENTS:,} statements (the limit)",
+                code="parse.too_many", span=at(node),
+                hint="split it into files joined with `use`, or state the claims with groups")
+    stack = [(tree, 0)]  # (node, how many expression nodes enclose it)
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, Tree):
+            continue
+        if node.data in _EXPR_RULES:
+            depth += 1
+            if depth > MAX_EXPR_DEPTH:
+                raise ParseError(
+                    f"this expression nests deeper than {MAX_EXPR_DEPTH} levels (the limit)",
+                    code="parse.too_deep", span=at(node),
+                    hint="write it more simply, or split it over several `expect` lines")
+        stack.extend((child, depth) for child in node.children)
 
 
 # ------------------------------------------------------------ tree -> AST
@@ -202,7 +307,26 @@ class _ToAst(Transformer):
         return ast.ModelDecl(name, span=self._span(meta))
 
     def task(self, meta, c):
-        return ast.TaskDecl(str(c[0]), span=self._span(meta))
+        tok, *params = c
+        name = _unquote(tok, self.filename) if tok.type == "STRING" else str(tok)
+        return ast.TaskDecl(name, tuple(params), span=self._span(meta))
+
+    def task_param(self, meta, c):
+        return ast.TaskParam(str(c[0]), c[1], span=self._span(meta))
+
+    def param_list(self, meta, c):
+        return tuple(c)
+
+    def param_scalar(self, meta, c):
+        tok = c[-1]
+        sign = -1 if len(c) == 2 else 1  # MINUS INT, MINUS NUMBER
+        if tok.type == "INT":
+            return sign * _int(tok, self.filename)
+        if tok.type == "NUMBER":
+            return sign * _decimal(tok, self.filename)
+        if tok.type == "STRING":
+            return _unquote(tok, self.filename)
+        return {"true": True, "false": False}.get(str(tok), str(tok))
 
     def use(self, meta, c):
         return ast.Use(tuple(str(t) for t in c), span=self._span(meta))
@@ -318,6 +442,13 @@ class _ToAst(Transformer):
 
     def verb_use(self, meta, c):
         subject, verb, *terms = c
+        if str(verb) == "depends" and terms and terms[0] == ast.Word("on"):
+            # `name_movers.q depends on IO`: a core claim missing its position
+            raise ParseError(
+                "a `depends on` claim needs a position", code="parse.depends_position",
+                span=_tok_span(verb, self.filename),
+                hint=f"write `{format_target(subject)} at END depends on ...` (or another "
+                "position the task defines)")
         return ast.VerbUse(subject, str(verb), tuple(terms), span=self._span(meta))
 
     def word(self, meta, c):
@@ -327,7 +458,10 @@ class _ToAst(Transformer):
         return ast.Word("at", span=self._span(meta))
 
     def offset_term(self, meta, c):
-        return ast.PositionRef(str(c[0]), _int(c[1], self.filename), span=self._span(meta))
+        offset = _int(c[1], self.filename)
+        if offset == 0:  # `IO+0` is `IO`: the same word, whatever a verb makes of it
+            return ast.Word(str(c[0]), span=self._span(meta))
+        return ast.PositionRef(str(c[0]), offset, span=self._span(meta))
 
     def call_term(self, meta, c):
         return ast.FeatureRef(str(c[0]), c[1], span=self._span(meta))
@@ -344,6 +478,11 @@ class _ToAst(Transformer):
     # -- verb definitions
     def verb_def(self, meta, c):
         subject, verb, *rest = c
+        if str(verb) == "depends":
+            raise ParseError(
+                "a verb cannot start with `depends`", code="parse.verb_word",
+                span=_tok_span(verb, self.filename),
+                hint="`SITE at P depends on F` is a core claim; give the verb another word")
         words = [ast.Word(str(verb), span=_tok_span(verb, self.filename))]
         body = []
         for item in rest:
@@ -352,6 +491,12 @@ class _ToAst(Transformer):
             else:
                 body.append(item)
         span = self._span(meta)
+        if not body:  # only blank (or form-feed) lines were indented under it
+            raise ParseError(
+                "a verb definition needs at least one claim in its body",
+                code="parse.verb_body", span=_tok_span(verb, self.filename),
+                hint="indent the claims it stands for under the `verb ...:` line, e.g. "
+                f"`    ${subject[1:]} at END depends on ...`")
         if span is not None and body and body[-1].span is not None:
             # the grammar's span runs on to the dedent; the definition ends with its body
             end = body[-1].span
