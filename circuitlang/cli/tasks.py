@@ -1,4 +1,4 @@
-"""`circuitlang tasks`: list the tasks with their positions, features and metrics.
+"""`circuitlang tasks`: list the tasks with their positions, features, metrics and parameters.
 
 Takes argv (`circuitlang tasks [NAME ...] [--json] [--load-module M] [--example]`);
 prints one block per task and returns exit code 0 (2, through the caller, on an
@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tasks",
         help="list tasks: their positions, features and metrics",
         description="List the tasks a hypothesis can name (`task ioi`): the positions "
-        "(`at END`), features (`depends on IO`) and metrics each defines.",
+        "(`at END`), features (`depends on IO`) and metrics each defines, and the "
+        "parameters it takes (`task induction length=20`, `check --task-param length=20`).",
     )
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="tasks to show (default: all); a .jsonl path shows a custom file")
@@ -31,9 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def describe(name: str, example: bool = False) -> dict:
     """A task's signature (and optionally one example prompt) as a plain dict."""
-    from circuitlang.tasks import get_signature, load_task
+    from circuitlang.tasks import get_signature, load_task, task_class
+    from circuitlang.tasks.params import describe_params
 
     sig = get_signature(name)
+    cls = task_class("custom" if name.endswith((".jsonl", ".json")) else name)
     info = {
         "name": sig.name if not name.endswith((".jsonl", ".json")) else name,
         "description": sig.description,
@@ -42,6 +45,7 @@ def describe(name: str, example: bool = False) -> dict:
         "aliases": dict(sig.aliases),
         "metrics": list(sig.metrics),
         "default_metric": sig.default_metric,
+        "params": describe_params(cls),
     }
     if example:
         if name == "custom":
@@ -65,9 +69,20 @@ def _text(info: dict) -> str:
         + "   built in: token(P), position(P)",
         f"  metrics:   {metrics}",
     ]
+    for i, param in enumerate(info.get("params", ())):
+        default = "" if param["default"] is None else f"={_value(param['default'])}"
+        about = f": {param['help']}" if param["help"] else ""
+        lines.append(f"  {'params:' if i == 0 else '':<9}  {param['name']}{default} "
+                     f"({param['type']}){about}")
     if info.get("example"):
         lines.append(f"  example:   {info['example']!r}")
     return "\n".join(lines)
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def run(args: argparse.Namespace) -> int:

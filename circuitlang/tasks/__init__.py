@@ -23,6 +23,7 @@ from typing import Any
 
 from circuitlang.errors import TaskError
 from circuitlang.tasks.base import Dropped, PromptSet, Spec, Task
+from circuitlang.tasks.params import merge_task_params, validate_task_params
 from circuitlang.tasks.signature import TaskSignature
 
 __all__ = [
@@ -35,7 +36,10 @@ __all__ = [
     "list_tasks",
     "load_task",
     "load_task_module",
+    "merge_task_params",
     "register_task",
+    "task_for",
+    "validate_task_params",
 ]
 
 # name -> "module:Class"; imported only when asked for.
@@ -115,6 +119,39 @@ def load_task(name: str, tokenizer: Any = None, **params: Any) -> Task:
         params = {"path": name, **params}
         name = "custom"
     return task_class(name)(tokenizer, **params)
+
+
+def task_for(hypothesis: Any, tokenizer: Any = None, *, params: dict | None = None,
+             shape: Any = None, model_name: str | None = None,
+             source: str = "given by the caller") -> Task:
+    """The task a resolved hypothesis runs on, built with every source of its parameters.
+
+    Parameters, the later winning: what the model's own metadata asks for (an
+    embedded toy trained without a BOS token says `prepend_bos: false`), the file's
+    `task` line (`Hypothesis.task_params`, a JSONL task's path among them), and
+    `params`, the caller's (`--task-param`, `task_params=` in Python).
+
+    Args:
+        hypothesis: the resolved `Hypothesis` (its `task` and `task_params`).
+        tokenizer: the model's tokenizer, or None (tasks over token ids need none).
+        params: the caller's parameters; each beats the file's.
+        shape: the model's `ModelShape`: prompts longer than its context, or with ids
+            outside its vocabulary, are then refused when built (`Task.for_model`).
+        model_name: the model's name, for its metadata's parameters.
+        source: what to call `params` in messages (`--task-param`).
+
+    Raises:
+        TaskError: a parameter the task does not have or of the wrong type, or a
+            task that cannot be built with them.
+    """
+    from circuitlang.models.known import model_task_params
+
+    merged = {**(model_task_params(model_name) if model_name else {}),
+              **merge_task_params(hypothesis.task, hypothesis.task_params, params, source=source)}
+    task = load_task(hypothesis.task, tokenizer, **merged)
+    if shape is not None:
+        task.for_model(shape)
+    return task
 
 
 def register_task(cls: type[Task]) -> type[Task]:

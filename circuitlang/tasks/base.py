@@ -30,7 +30,9 @@ The contract the checker relies on (every task implements it):
   `logit_diff` = mean logit of the answers minus mean logit of the wrong answers;
   `prob_diff` = summed probability of the answers minus that of the wrong answers
   (greater-than: p(years > YY) - p(years <= YY)); `loss` = -log of the summed
-  probability of the answers; `kl` = KL(reference || logits) at END.
+  probability of the answers; `kl` = KL(reference || logits) at END; and, needing
+  no wrong answer, `answer_logit` = mean logit of the answers and `answer_prob` =
+  their summed probability.
   `task.metric_direction(name)` is +1 when higher is better, -1 otherwise.
 * `task.strategy()` — a `hypothesis` strategy of specs shrinking toward the simplest
   prompt (first template, first names); `task.resample_strategy(spec, agree_on)` —
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 from circuitlang.errors import TaskError
 from circuitlang.tasks.metrics import kl_divergence, masked_mean, masked_sum
+from circuitlang.tasks.params import ParamType
 from circuitlang.tasks.prompt_set import BUILTIN_FEATURE, Dropped, PromptSet, parse_position
 from circuitlang.tasks.signature import TaskSignature
 
@@ -52,7 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hypothesis.strategies import SearchStrategy
 
 #: +1: higher is better; -1: lower is better.
-METRIC_DIRECTIONS: dict[str, int] = {"logit_diff": 1, "prob_diff": 1, "loss": -1, "kl": -1}
+METRIC_DIRECTIONS: dict[str, int] = {"logit_diff": 1, "prob_diff": 1, "loss": -1, "kl": -1,
+                                     "answer_logit": 1, "answer_prob": 1}
 
 __all__ = ["Dropped", "METRIC_DIRECTIONS", "PromptSet", "Spec", "Task", "check_params",
            "fixed_or", "parse_position", "stable_seed"]
@@ -104,17 +108,30 @@ def stable_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode("utf-8"))
 
 
-def check_params(task: str, given: dict[str, Any], allowed: dict[str, Any]) -> dict[str, Any]:
-    """Merge `given` over the defaults in `allowed`; unknown names raise TaskError."""
+def check_params(task: str, given: dict[str, Any], allowed: dict[str, Any],
+                 types: dict[str, "ParamType"] | None = None) -> dict[str, Any]:
+    """Merge `given` over the defaults in `allowed`.
+
+    Raises:
+        TaskError: an unknown name (the message lists the valid ones), or a value not
+            of its parameter's type in `types` (None, a default, is always accepted).
+    """
+    from circuitlang.tasks.params import check_value
+
     unknown = sorted(set(given) - set(allowed))
     if unknown:
+        valid = ", ".join(f"{n} ({types[n].describe()})" if types and n in types else n
+                          for n in sorted(allowed))
         raise TaskError(
             f"task {task} has no parameter {unknown[0]!r}",
             code="task.unknown-param",
-            hint=f"valid parameters: {', '.join(sorted(allowed))}",
+            hint=f"valid parameters: {valid}",
         )
     merged = dict(allowed)
-    merged.update(given)
+    for name, value in given.items():
+        if types and name in types and value is not None:
+            value = check_value(task, name, types[name], value)
+        merged[name] = value
     return merged
 
 
@@ -127,15 +144,26 @@ class Task:
 
     SIGNATURE: ClassVar[TaskSignature]
     PARAMS: ClassVar[dict[str, Any]] = {}
+    #: name -> `ParamType` of each of `PARAMS` (`circuitlang tasks` lists them).
+    PARAM_TYPES: ClassVar[dict[str, "ParamType"]] = {}
     COMMON_PARAMS: ClassVar[dict[str, Any]] = {"n": 100, "seed": 0, "prepend_bos": True}
+    COMMON_PARAM_TYPES: ClassVar[dict[str, "ParamType"]] = {
+        "n": ParamType("int", "prompts drawn by default"),
+        "seed": ParamType("int", "seed of the default draw"),
+        "prepend_bos": ParamType("bool", "put the tokenizer's BOS token first (when it has "
+                                 "one and does not add it itself)"),
+    }
     #: position name -> features that fix the token there (for `token(P)` agreement).
     TOKEN_FEATURES: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: position name -> features that fix its index (for `position(P)` agreement).
     POSITION_FEATURES: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, tokenizer: Any = None, **params: Any):
+        from circuitlang.tasks.params import param_types
+
         allowed = {**self.COMMON_PARAMS, **self.PARAMS}
-        self.params = check_params(self.SIGNATURE.name, params, allowed)
+        self.params = check_params(self.SIGNATURE.name, params, allowed,
+                                   param_types(type(self)))
         self.tokenizer = tokenizer
         if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
             raise TaskError(
@@ -149,6 +177,9 @@ class Task:
             raise TaskError(f"n must be a positive integer, got {n!r}", code="task.bad-param",
                             hint="for example n=100")
         self.dropped_names: tuple[str, ...] = ()
+        #: the shape of the model the prompts are for; when set (`for_model`), `build`
+        #: refuses prompts longer than its context or ids outside its vocabulary
+        self.model_shape: Any = None
         self._encode_cache: dict[str, Any] = {}
         self._continuation_cache: dict[tuple[str, str], int | None] = {}
 
@@ -196,6 +227,19 @@ class Task:
         """The counterfactual of `spec`, the same for the same task seed and spec."""
         return self._corrupt(spec, random.Random(stable_seed("corrupt", self.seed, spec)))
 
+    def for_model(self, shape: Any) -> "Task":
+        """Build prompts for a model of this `ModelShape` from now on.
+
+        `build` then refuses a prompt longer than the model's context (`n_ctx`) or a
+        token id outside its vocabulary, with a `TaskError` that says which, instead
+        of an index error deep in the model's forward pass.
+
+        Returns:
+            The task itself.
+        """
+        self.model_shape = shape
+        return self
+
     def prompts(self, n: int | None = None, seed: int | None = None) -> PromptSet:
         """`build(sample(n, seed))`."""
         return self.build(self.sample(n, seed))
@@ -213,7 +257,8 @@ class Task:
                 f"task {self.name} was loaded without a tokenizer, so it can sample specs "
                 "and texts but not token ids",
                 code="task.no-tokenizer",
-                hint="pass tokenizer=... to load_task (a model's tokenizer)",
+                hint="pass tokenizer=... to load_task (a model's tokenizer); on the command "
+                "line, --tokenizer PATH gives a model folder without one its tokenizer",
             )
         return self.tokenizer
 
@@ -360,9 +405,10 @@ class Task:
         """Tokenize specs and their counterfactuals into a `PromptSet`.
 
         Raises:
-            TaskError: no tokenizer, or every prompt had to be dropped.
+            TaskError: no tokenizer (for a task whose prompts are text), every prompt
+                had to be dropped, or (for a task made for a model) a prompt longer
+                than the model's context or a token id outside its vocabulary.
         """
-        self._require_tokenizer()
         rows, kept, corrupts, reasons = [], [], [], []
         for spec in specs:
             corrupt = self.corrupt(spec)
@@ -373,7 +419,12 @@ class Task:
             rows.append(row)
             kept.append(spec)
             corrupts.append(corrupt)
-        return self._assemble(kept, corrupts, rows, Dropped(tuple(reasons)))
+        prompts = self._assemble(kept, corrupts, rows, Dropped(tuple(reasons)))
+        if self.model_shape is not None:
+            from circuitlang.options import check_prompts_fit
+
+            check_prompts_fit(prompts, self.model_shape)
+        return prompts
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -476,7 +527,11 @@ class Task:
             return kl_divergence(ref, final)
         if name == "logit_diff":
             return masked_mean(final, prompts.answers) - masked_mean(final, prompts.wrong_answers)
+        if name == "answer_logit":
+            return masked_mean(final, prompts.answers)
         probs = final.float().softmax(dim=-1)
+        if name == "answer_prob":
+            return masked_sum(probs, prompts.answers)
         if name == "prob_diff":
             return masked_sum(probs, prompts.answers) - masked_sum(probs, prompts.wrong_answers)
         if name == "loss":

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from circuitlang.errors import TaskError
 from circuitlang.tasks.base import Spec, Task, fixed_or
+from circuitlang.tasks.params import ParamType
 from circuitlang.tasks.signature import TaskSignature
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,6 +139,11 @@ class DocstringTask(Task):
 
     SIGNATURE = SIGNATURE
     PARAMS = {"words": None, "n_extra": 1, "corruption": "random_random"}
+    PARAM_TYPES = {
+        "words": ParamType("list[str]", "argument names and descriptions (default WORDS)"),
+        "n_extra": ParamType("int", "arguments after C in the signature, 0-3"),
+        "corruption": ParamType("str", "the counterfactual", CORRUPTIONS),
+    }
     TOKEN_FEATURES = {"A_def": ("A",), "B_def": ("B",), "C_def": ("C",),
                       "A_doc": ("A",), "B_doc": ("B",), "END": ()}
     POSITION_FEATURES = {p: ("fn", "desc", "param_desc") for p in SIGNATURE.positions}

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from circuitlang.errors import TaskError
 from circuitlang.tasks.base import Spec, Task, fixed_or
+from circuitlang.tasks.params import ParamType
 from circuitlang.tasks.signature import TaskSignature
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,6 +90,10 @@ class GenderedPronounTask(Task):
 
     SIGNATURE = SIGNATURE
     PARAMS = {"male_names": None, "female_names": None}
+    PARAM_TYPES = {
+        "male_names": ParamType("list[str]", "names answered with he"),
+        "female_names": ParamType("list[str]", "names answered with she"),
+    }
     TOKEN_FEATURES = {"NAME": ("name",), "IS": (), "END": ()}
     POSITION_FEATURES = {"NAME": (), "IS": (), "END": ()}
 

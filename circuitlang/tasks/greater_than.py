@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from circuitlang.errors import TaskError
 from circuitlang.tasks.base import Spec, Task, fixed_or
+from circuitlang.tasks.params import ParamType
 from circuitlang.tasks.signature import TaskSignature
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,6 +107,11 @@ class GreaterThanTask(Task):
 
     SIGNATURE = SIGNATURE
     PARAMS = {"nouns": None, "centuries": None, "years": None}
+    PARAM_TYPES = {
+        "nouns": ParamType("list[str]", "the event nouns (default the paper's)"),
+        "centuries": ParamType("list[int]", "the XX values, 10-99 (default 11-17)"),
+        "years": ParamType("list[int]", "the YY values, 1-98 (default 2-98)"),
+    }
     TOKEN_FEATURES = {"YY": ("YY",), "XX1": ("XX",), "XX2": ("XX",), "END": ("XX",),
                       "NOUN": ("noun",)}
     POSITION_FEATURES = {p: ("noun",) for p in SIGNATURE.positions}

@@ -2,8 +2,11 @@
 
 Takes a tokenizer (or none) and parameters; gives prompts `[BOS] t0 .. tL-1 t0 .. tL-1`
 built directly from token ids sampled from the tokenizer's vocabulary (special tokens
-excluded), so they fit any tokenizer. With no tokenizer, the ids index a built-in
-word list (`WORDS`) and the text is those words joined by spaces.
+excluded), so they fit any tokenizer. `vocab=N` samples from the first N non-special
+ids only (a model trained on a small vocabulary, or a TransformerLens-style
+experiment on ids 0..N-1). The task needs no tokenizer: without one the ids are
+0 .. len(WORDS)-1 (or 0 .. N-1 with `vocab=N`), no BOS is put first, and the text
+(for display only) names each id by a word of the built-in list `WORDS`.
 
 Positions (by repeat offset; b = 1 with a BOS token, else 0; L = `length`):
     `FIRST` = b (t0, first copy), `PREV` = b+L-1 (the first copy of END's token),
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from circuitlang.errors import TaskError
 from circuitlang.tasks.base import Spec, Task
+from circuitlang.tasks.params import ParamType
 from circuitlang.tasks.signature import TaskSignature
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,10 +93,18 @@ class InductionTask(Task):
             small models trained on short periods).
         tokens: token strings to sample from (default: the whole vocabulary without
             special tokens; with no tokenizer, `WORDS`).
+        vocab: sample from the first `vocab` non-special token ids only (with no
+            tokenizer: ids 0 .. vocab-1). Not together with `tokens`.
     """
 
     SIGNATURE = SIGNATURE
-    PARAMS = {"length": 10, "tokens": None}
+    PARAMS = {"length": 10, "tokens": None, "vocab": None}
+    PARAM_TYPES = {
+        "length": ParamType("int", "tokens in each copy, at least 2"),
+        "tokens": ParamType("list[str]", "token strings to sample from (default: the "
+                            "whole vocabulary without special tokens)"),
+        "vocab": ParamType("int", "sample from the first N non-special token ids only"),
+    }
     TOKEN_FEATURES = {"END": ("last",), "PREV": ("last",), "FIRST": ("next",),
                       "REPEAT": ("next",), "PREV+1": ("next",)}
     POSITION_FEATURES = {p: () for p in SIGNATURE.positions}
@@ -104,11 +116,18 @@ class InductionTask(Task):
             raise TaskError(f"induction length must be an integer >= 2, got {length!r}",
                             code="task.bad-param", hint="for example length=20")
         self.length = length
-        chosen = self.params["tokens"]
+        chosen, vocab = self.params["tokens"], self.params["vocab"]
+        if vocab is not None and vocab < 1:
+            raise TaskError(f"induction vocab must be a positive number of tokens, got {vocab}",
+                            code="task.bad-param", hint="for example vocab=32")
+        if vocab is not None and chosen:
+            raise TaskError("induction takes tokens=[...] or vocab=N, not both",
+                            code="task.bad-param",
+                            hint="vocab=N samples the first N ids; tokens=[...] names them")
+        self._words = tuple(chosen or WORDS)
         if tokenizer is None:
-            words = tuple(chosen or WORDS)
-            self.candidates: tuple[int, ...] = tuple(range(len(words)))
-            self._words = words
+            size = vocab if vocab is not None else len(self._words)
+            self.candidates: tuple[int, ...] = tuple(range(size))
         else:
             special = set(tokenizer.all_special_ids)
             if chosen:
@@ -121,6 +140,14 @@ class InductionTask(Task):
                 self.candidates = tuple(dict.fromkeys(i for i in ids if i not in special))
             else:
                 self.candidates = tuple(i for i in range(len(tokenizer)) if i not in special)
+                if vocab is not None:
+                    if vocab > len(self.candidates):
+                        raise TaskError(
+                            f"induction vocab={vocab}, but the tokenizer has only "
+                            f"{len(self.candidates)} non-special tokens",
+                            code="task.bad-param",
+                            hint=f"use vocab={len(self.candidates)} or less")
+                    self.candidates = self.candidates[:vocab]
         if len(self.candidates) < self.length + 1:
             raise TaskError(
                 f"induction needs at least length+1 = {self.length + 1} distinct tokens; "
@@ -132,7 +159,7 @@ class InductionTask(Task):
 
     def _render(self, ids: tuple[int, ...]) -> str:
         if self.tokenizer is None:
-            return " ".join(self._words[i] for i in ids)
+            return " ".join(self._words[i] if i < len(self._words) else f"<{i}>" for i in ids)
         return self.tokenizer.decode(list(ids))
 
     def make_spec(self, tokens: tuple[int, ...], distractor: int,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from circuitlang.errors import TaskError
 from circuitlang.tasks.base import Spec, Task, fixed_or
+from circuitlang.tasks.params import ParamType
 from circuitlang.tasks.signature import TaskSignature
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -187,6 +188,14 @@ class IOITask(Task):
     SIGNATURE = SIGNATURE
     PARAMS = {"template_set": "both", "templates": None, "names": None, "places": None,
               "objects": None, "corruption": "abc"}
+    PARAM_TYPES = {
+        "template_set": ParamType("str", "which word orders", ("both", "ABBA", "BABA")),
+        "templates": ParamType("list[int]", "indices of the templates to use (default all 15)"),
+        "names": ParamType("list[str]", "names for IO and S (default the paper's)"),
+        "places": ParamType("list[str]", "places (default the paper's)"),
+        "objects": ParamType("list[str]", "objects (default the paper's)"),
+        "corruption": ParamType("str", "the counterfactual", ("abc",)),
+    }
     TOKEN_FEATURES = {"IO": ("IO",), "S1": ("S",), "S2": ("S",), "S1+1": ("template", "order"),
                       "END": ("template",)}
     POSITION_FEATURES = {p: ("template", "order", "place", "object")

@@ -28,6 +28,8 @@ class TaskSignature:
         aliases: extra feature names mapped to a defined feature (IOI: `name` -> `IO`,
             the name the name movers move).
         description: one line for `circuitlang tasks`.
+        params: parameters the names depend on, as (name, value) pairs: a custom
+            task's `path` (absolute), which the hypothesis carries to the checker.
     """
 
     name: str
@@ -37,6 +39,7 @@ class TaskSignature:
     default_metric: str
     aliases: tuple[tuple[str, str], ...] = ()
     description: str = ""
+    params: tuple[tuple[str, object], ...] = ()
 
     def feature_names(self) -> tuple[str, ...]:
         return self.features + tuple(a for a, _ in self.aliases)

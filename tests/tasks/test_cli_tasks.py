@@ -44,3 +44,18 @@ def test_load_module_registers_tasks(tmp_path, capsys):
         "                              description='a demo')\n")
     assert main(["tasks", "--load-module", str(module), "cli_demo"]) == 0
     assert "cli_demo: a demo" in capsys.readouterr().out
+
+
+def test_lists_each_tasks_parameters_with_types_and_defaults(capsys):
+    assert main(["tasks", "induction"]) == 0
+    out = capsys.readouterr().out
+    assert "  params:    length=10 (int): tokens in each copy, at least 2\n" in out
+    assert "             vocab (int): sample from the first N non-special token ids only" in out
+    assert "             prepend_bos=true (bool)" in out
+    assert " n=" not in out and "seed" not in out  # run options, not task parameters
+    assert main(["tasks", "ioi", "--json"]) == 0
+    (info,) = json.loads(capsys.readouterr().out)
+    by_name = {p["name"]: p for p in info["params"]}
+    assert by_name["template_set"] == {"name": "template_set", "type": "both | ABBA | BABA",
+                                       "default": "both", "help": "which word orders"}
+    assert by_name["templates"]["type"] == "list[int]"

@@ -42,7 +42,7 @@ def test_docstring_positions_and_corruptions(gpt2_tokenizer, corruption):
         else:
             assert not set(corrupt.args) & set(spec.args) and not set(doc) & set(spec.args)
         assert len(prompts.corrupt_input_ids[i]) == len(prompts.input_ids[i])
-    with pytest.raises(TaskError, match="valid corruptions: random_random"):
+    with pytest.raises(TaskError, match="valid values of corruption: random_random"):
         load_task("docstring", corruption="shuffle")
 
 

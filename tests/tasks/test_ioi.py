@@ -131,7 +131,7 @@ def test_sampling_is_deterministic_and_respects_parameters():
 @pytest.mark.parametrize("params, fragment", [
     ({"template_set": "AABB"}, "template_set must be one of"),
     ({"templates": [15]}, "templates must be indices 0-14"),
-    ({"corruption": "flip"}, "valid corruptions: abc"),
+    ({"corruption": "flip"}, "valid values of corruption: abc"),
     ({"colour": 1}, "valid parameters:"),
     ({"n": 0}, "n must be a positive integer"),
     ({"names": ["Mary", "John"]}, "at least 4 single-token names"),

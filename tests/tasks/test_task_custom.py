@@ -61,9 +61,14 @@ def test_pairs_that_do_not_fit_are_dropped_with_reasons(tmp_path, gpt2_tokenizer
 @pytest.mark.parametrize("record, line, fragment", [
     ('{"clean": "a", ', 2, "not valid JSON"),
     ('[1, 2]', 2, "must be a JSON object"),
-    ({"clean": "a b", "corrupt": "c d", "answers": [" x"]}, 2, "missing field 'wrong_answers'"),
-    ({"clean": "a b", "corrupt": "c d", "answers": 3, "wrong_answers": " y"}, 2,
-     "field 'answers' must be a string or a non-empty list of strings, got 3"),
+    ({"clean": "a b", "corrupt": "c d", "wrong_answers": [" x"]}, 2, "missing field 'answers'"),
+    ({"clean": "a b", "corrupt": "c d", "answers": [" x"]}, 2,
+     "this record has no wrong_answers, but line 1 has"),
+    ({"clean": "a b", "corrupt": "c d", "answers": 3.5, "wrong_answers": " y"}, 2,
+     "field 'answers' must be a string, a token id, or a non-empty list of strings or of "
+     "token ids, got 3.5"),
+    ({"clean": [1, 2], "corrupt": [3, 4], "answers": [5], "wrong_answers": [6]}, 2,
+     "this record is token ids, but line 1 is text"),
     ({"clean": "", "corrupt": "c d", "answers": " x", "wrong_answers": " y"}, 2,
      "field 'clean' must be a non-empty string"),
     ({"clean": "a b", "corrupt": "c d", "answers": " x", "wrong_answers": " y", "extra": 1}, 2,
