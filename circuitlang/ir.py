@@ -230,6 +230,8 @@ class Hypothesis:
         samples: how many prompts to use, if the file sets it.
         citations: `cite` lines.
         reported: numbers from the paper.
+        task_params: the task's parameters, (name, value) pairs sorted by name: the
+            `task` line's (`task induction length=20`), and a JSONL task's `path`.
         groups: group name -> heads, in definition order (imports first).
         claims: core claims after verb expansion, in source order.
         experiments: patching and ablation statements.
@@ -250,6 +252,7 @@ class Hypothesis:
     groups: tuple[tuple[str, tuple[sites.Head, ...]], ...] = ()
     claims: tuple[Claim, ...] = ()
     experiments: tuple[Experiment, ...] = ()
+    task_params: tuple[tuple[str, Any], ...] = ()
     expectations: tuple[Expectation, ...] = ()
     imports: tuple[str, ...] = ()
     filename: str | None = field(default=None, compare=False)

@@ -3,6 +3,13 @@
 `use stdlib.NAME` reads the stdlib shipped with the package; `use NAME` reads
 `NAME.circ` next to the importing file. Imports are parsed and resolved the same way
 (never executed); verbs and groups come back, claims do not.
+
+What a file may read (docs/language.md, "What a file may read"): the stdlib, and
+files inside the folder tree of the file that names them, after symlinks are
+resolved: `.circ` files for `use`, `.jsonl` / `.json` files for `task`. A
+hypothesis given as text without a file name reads relative to the working
+directory, within it. Paths a user gives on the command line or in Python are
+theirs to choose and are not confined. `confined_path` is that rule.
 """
 from __future__ import annotations
 
@@ -14,7 +21,49 @@ from circuitlang import ast, verbs
 from circuitlang.ast_to_ir.names import _similar
 from circuitlang.errors import CircuitlangError, Span, diagnostic_order
 from circuitlang.resources import stdlib_dir
-from circuitlang.text_to_ast import parse
+from circuitlang.text_to_ast import MAX_SOURCE_CHARS, parse
+
+
+class OutsideError(Exception):
+    """A file a hypothesis names lies outside the folder it may read (never raised out:
+    the resolver reports it as a diagnostic)."""
+
+    def __init__(self, named: str, real: Path, root: Path):
+        super().__init__(f"{named} resolves to {real}, outside {root}")
+        self.named, self.real, self.root = named, real, root
+
+    @property
+    def message(self) -> str:
+        return (f"{self.named} lies outside the folder this file may read ({self.root}): "
+                f"it resolves to {self.real}")
+
+
+def base_folder(importer: str | None) -> Path:
+    """The folder paths in a hypothesis are relative to: its file's, else the cwd."""
+    return Path(importer).parent if importer else Path.cwd()
+
+
+def confined_path(named: str | Path, importer: str | None) -> Path:
+    """A path a hypothesis file names, relative to the file's folder, checked to lie inside it.
+
+    Args:
+        named: the path as the file writes it (`pairs.jsonl`, `data/pairs.jsonl`).
+        importer: the hypothesis file's name (None: text without a file; the working
+            directory is then the folder).
+
+    Returns:
+        The path, absolute, with symlinks resolved.
+
+    Raises:
+        OutsideError: it resolves (through `..` or a symlink) outside the folder tree
+            of the file that names it.
+    """
+    base = base_folder(importer)
+    root = base.resolve()
+    real = (base / Path(named).expanduser()).resolve()
+    if not real.is_relative_to(root):
+        raise OutsideError(str(named), real, root)
+    return real
 
 
 def stdlib_modules() -> list[str]:
@@ -39,21 +88,41 @@ def _module_path(path: tuple[str, ...], importer: str | None) -> Path:
 
 
 def _load_module(path: tuple[str, ...], importer: str | None) -> tuple[ast.Program, str, str]:
-    """Parse an imported file: (program, display name, source). Raises CircuitlangError."""
+    """Parse an imported file: (program, display name, source).
+
+    Raises:
+        FileNotFoundError: no such file.
+        OutsideError: a (symlinked) file outside the importer's folder tree.
+        CircuitlangError: it does not parse, or cannot be read as UTF-8 text.
+    """
     file = _module_path(path, importer)
     # stdlib files are named as users write them; others by their path (for their own
     # relative imports)
     display = "/".join(path) + ".circ" if path[0] == "stdlib" else str(file)
     if len(path) < 2 and path[0] == "stdlib" or not file.is_file():
         raise FileNotFoundError(display)
-    program, text = _parse_file(str(file), file.stat().st_mtime_ns, display)
+    if path[0] != "stdlib":
+        confined_path(file.relative_to(base_folder(importer)), importer)
+    stat = file.stat()
+    if stat.st_size > 4 * MAX_SOURCE_CHARS:  # too long however it decodes: do not read it
+        raise CircuitlangError(f"{display} is {stat.st_size:,} bytes, more than a "
+                               f"hypothesis file may hold ({MAX_SOURCE_CHARS:,} characters)",
+                               code="resolve.import")
+    program, text = _parse_file(str(file), stat.st_mtime_ns, display)
     return program, display, text
 
 
 @functools.lru_cache(maxsize=64)
 def _parse_file(file: str, mtime_ns: int, display: str) -> tuple[ast.Program, str]:
     """Parse an imported file once per version of it (the prelude is read by every resolve)."""
-    text = Path(file).read_text(encoding="utf-8")
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CircuitlangError(f"{display} is not UTF-8 text ({exc.reason} at byte "
+                               f"{exc.start})", code="resolve.import") from None
+    except OSError as exc:
+        raise CircuitlangError(f"cannot read {display}: {exc.strerror}",
+                               code="resolve.import") from None
     return parse(text, display), text
 
 
@@ -94,6 +163,11 @@ class ImportResolver:
                 hint = (f"looked for {_module_path(path, self.filename)}; stdlib modules: "
                         + ", ".join(stdlib_modules()))
             self.report("resolve.import", f"unknown import {dotted!r}", span, hint)
+            return
+        except OutsideError as exc:
+            self.report("resolve.import_outside", f"cannot import {dotted}: {exc.message}",
+                        span, "a file may import only .circ files in its own folder tree "
+                        "(and the stdlib); copy the file there instead of linking to it")
             return
         except CircuitlangError as exc:
             self.report("resolve.import", f"cannot import {dotted}: {exc.message}", span,

@@ -78,6 +78,7 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
             samples=header["samples"],
             citations=header["citations"],
             reported=header["reported"],
+            task_params=header["task_params"],
             groups=tuple(self.groups.items()),
             claims=tuple(claims),
             experiments=tuple(experiments),
