@@ -41,9 +41,9 @@ KNOWN_SHAPES: dict[str, dict] = {
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": _shape("llama", 22, 32, 2048, 32000, 2048, n_kv=4),
     "meta-llama/Llama-3.2-1B": _shape("llama", 16, 32, 2048, 128256, 131072, n_kv=8),
     "meta-llama/Llama-2-7b-hf": _shape("llama", 32, 32, 4096, 32000, 4096),
-    "mistralai/Mistral-7B-v0.1": _shape("llama", 32, 32, 4096, 32000, 32768, n_kv=8),
-    "Qwen/Qwen2-0.5B": _shape("llama", 24, 14, 896, 151936, 131072, n_kv=2),
-    "Qwen/Qwen2.5-0.5B": _shape("llama", 24, 14, 896, 151936, 32768, n_kv=2),
+    "mistralai/Mistral-7B-v0.1": _shape("mistral", 32, 32, 4096, 32000, 32768, n_kv=8),
+    "Qwen/Qwen2-0.5B": _shape("qwen2", 24, 14, 896, 151936, 131072, n_kv=2),
+    "Qwen/Qwen2.5-0.5B": _shape("qwen2", 24, 14, 896, 151936, 32768, n_kv=2),
     # TransformerLens' attention-only models (Nanda), for hypotheses written against them.
     "attn-only-1l": _shape("gpt2", 1, 8, 512, 48262, 1024, has_mlp=False),
     "attn-only-2l": _shape("gpt2", 2, 8, 512, 48262, 1024, has_mlp=False),
@@ -80,14 +80,57 @@ def toy_dir(name: str) -> Path:
     return TOYS_DIR / name
 
 
+def refuse_remote_code(folder: Path, name: str) -> None:
+    """Refuse a folder whose config asks for its own Python code for an architecture
+    transformers does not have built in (with a built-in one, `auto_map` is ignored).
+
+    Raises:
+        ModelError: that folder.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # AutoConfig reports it
+    if not isinstance(config, dict) or "auto_map" not in config:
+        return
+    from circuitlang.models.adapters import supported_model_types
+
+    model_type = config.get("model_type")
+    if model_type in supported_model_types():
+        return
+    raise ModelError(
+        f"model folder {name!r} asks to run its own Python code (`auto_map` in config.json) "
+        f"for architecture {model_type!r}; circuitlang never runs code from a model folder",
+        code="model.remote-code",
+        hint="supported architectures (HF config.model_type): "
+        + ", ".join(supported_model_types()))
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What `AutoConfig.from_pretrained` raises for a config it cannot read: a missing or
+    malformed file, an unknown model type, a field of the wrong type."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return errors
+    return errors + (StrictDataclassError,)
+
+
 def _shape_from_config_file(path: Path, name: str) -> ModelShape:
     from circuitlang.models.adapters import shape_from_config
     from transformers import AutoConfig
 
+    refuse_remote_code(path, name)
     try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path / 'config.json'}: {exc}", code="model.bad-config") from exc
+        # explicit: left unset, transformers asks on stdin whether to run the folder's code
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except config_errors() as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot read {path / 'config.json'}: {first}",
+                         code="model.bad-config",
+                         hint="a model folder needs a config.json saved by save_pretrained") \
+            from None
     return shape_from_config(config, name)
 
 
@@ -101,6 +144,18 @@ def list_models() -> list[ToyInfo]:
         out.append(ToyInfo(name, folder, _shape_from_config_file(folder, name),
                            meta.get("description", ""), meta))
     return out
+
+
+def model_task_params(name: str) -> dict:
+    """Task parameters a model's own metadata asks for: an embedded toy trained without a
+    BOS token says `"prepend_bos": false` in its circuitlang.json (others: none)."""
+    if str(name) not in toy_names():
+        return {}
+    meta = toy_dir(str(name)) / "circuitlang.json"
+    if not meta.is_file():
+        return {}
+    data = json.loads(meta.read_text(encoding="utf-8"))
+    return {"prepend_bos": data["prepend_bos"]} if "prepend_bos" in data else {}
 
 
 def known_shape(name: str) -> ModelShape:

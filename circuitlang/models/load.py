@@ -1,10 +1,25 @@
 """Loading models: a short name, a local folder or a hub id in; a `LoadedModel` out.
 
 `load_model` uses the real `transformers` loading code (`AutoConfig`,
-`AutoModelForCausalLM.from_pretrained`, `AutoTokenizer`), with safetensors preferred,
-`trust_remote_code` off unless asked for, and eager attention (so attention patterns
-exist and intervened runs reproduce the plain forward pass exactly). Failures become
-`ModelError`s that say what would have worked.
+`AutoModelForCausalLM.from_pretrained`, `AutoTokenizer`), with eager attention (so
+attention patterns exist and intervened runs reproduce the plain forward pass
+exactly). Failures become `ModelError`s that say what would have worked.
+
+Loading never runs code from a model folder or repository:
+
+* `trust_remote_code=False` is passed to every `from_pretrained` (transformers
+  otherwise asks on stdin whether to run a folder's own Python when its config has
+  an `auto_map`);
+* weights are read from safetensors only. Pickle weights (`pytorch_model.bin`,
+  `*.pt`) can run code when read; they are refused, naming the file, unless the
+  caller opts in (`allow_pickle=True`, `--allow-pickle`), and even then they go
+  through torch's weights-only unpickler, whose refusal is a `ModelError`;
+* a weights file that is truncated or corrupt, or lacks tensors the model needs
+  (which transformers would silently fill with random values), is a `ModelError`.
+
+A folder with weights but no tokenizer files loads with `tokenizer=None` (transformers
+would build an empty tokenizer from the config's model type); tasks over token ids
+need none, and `tokenizer=PATH` (`--tokenizer PATH`) supplies one.
 """
 from __future__ import annotations
 
@@ -18,7 +33,7 @@ from circuitlang.errors import ModelError
 from circuitlang.models import compat
 from circuitlang.models.adapters import Adapter, adapter_class, supported_model_types
 from circuitlang.models.interventions import EdgePatch, EdgeSet, Patch, Run
-from circuitlang.models.known import toy_dir, toy_names
+from circuitlang.models.known import config_errors, refuse_remote_code, toy_dir, toy_names
 from circuitlang.sites import ModelShape, Site
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -164,13 +179,103 @@ def _resolve_dtype(dtype: Any) -> torch.dtype:
 
 
 def _resolve_device(device: Any) -> torch.device:
+    from circuitlang.options import check_device
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        device = str(device)
+    return torch.device(check_device(device, "device"))
+
+
+#: Weight files by format, as `save_pretrained` and the hub name them.
+_SAFE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
+_PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.bin.index.json", "*.bin", "*.pt", "*.pth",
+                   "*.ckpt", "*.pkl")
+#: Files any tokenizer `AutoTokenizer` can read is saved as.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _weights_format(folder: Path, name: str, allow_pickle: bool) -> None:
+    """Check a local folder holds weights circuitlang will read.
+
+    Raises:
+        ModelError: no weights at all, or only pickle weights without `allow_pickle`.
+    """
+    safe = [p for pattern in _SAFE_WEIGHTS for p in folder.glob(pattern)]
+    if safe:
+        return
+    pickled = sorted({p.name for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern)})
+    if not pickled:
+        raise ModelError(f"model folder {name!r} has no weights (no model.safetensors)",
+                         code="model.no-weights",
+                         hint="save the model with save_pretrained (safetensors), or check "
+                         "the path")
+    if not allow_pickle:
+        raise ModelError(
+            f"model folder {name!r} has only pickle weights ({', '.join(pickled)}); "
+            "circuitlang reads safetensors, since reading a pickle file can run code",
+            code="model.pickle-weights",
+            hint="convert them (load once and save_pretrained, which writes "
+            "model.safetensors), or pass --allow-pickle (allow_pickle=True in Python) to "
+            "read them with torch's weights-only unpickler")
+
+
+def _tokenizer_for(source: str, local: bool, tokenizer: Any, name: str) -> Any:
+    """The model's tokenizer: the one given, one loaded from `tokenizer` (a path or hub
+    id), or the model folder's own; None when the folder has none.
+
+    Raises:
+        ModelError: a `tokenizer` path or id that cannot be loaded, or loads empty.
+    """
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    explicit = tokenizer is not None
+    where = str(Path(str(tokenizer)).expanduser()) if explicit else source
+    if not explicit and local and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        return None  # a weights-only folder: callers pass token ids
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"unknown device {device!r}", code="model.bad-device",
-                         hint="use 'cpu', 'cuda' or 'cuda:N'") from exc
+        found = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        if not explicit:
+            return None
+        raise ModelError(f"could not load tokenizer {str(tokenizer)!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})",
+                         code="model.bad-tokenizer",
+                         hint="point --tokenizer at a folder with tokenizer.json (or "
+                         "vocab.json and merges.txt)") from None
+    if getattr(found, "vocab_size", 1) == 0 or len(found) <= len(set(found.all_special_ids)):
+        # transformers 5 builds an empty tokenizer where older releases raised
+        if not explicit:
+            return None
+        raise ModelError(f"tokenizer {str(tokenizer)!r} has an empty vocabulary",
+                         code="model.bad-tokenizer",
+                         hint="point --tokenizer at a folder with tokenizer.json (or "
+                         "vocab.json and merges.txt)")
+    return found
+
+
+def _load_error(name: str, exc: BaseException, allow_pickle: bool) -> ModelError:
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        return ModelError(
+            f"torch's weights-only unpickler refused the pickle weights of model {name!r} "
+            f"({text})", code="model.pickle-refused",
+            hint="the file holds more than tensors; convert it to safetensors with code "
+            "you trust, or use another copy of the model")
+    if "safetensors" in str(exc) and "no file named" in str(exc).lower() and not allow_pickle:
+        return ModelError(
+            f"model {name!r} has no safetensors weights ({text})", code="model.pickle-weights",
+            hint="circuitlang reads safetensors only, unless you pass --allow-pickle "
+            "(allow_pickle=True in Python)")
+    return ModelError(
+        f"could not load weights of model {name!r} ({type(exc).__name__}: {text})",
+        code="model.load-failed",
+        hint="the weights file may be truncated or corrupt (download or save it again); "
+        "no network here? pass a local path with config.json and model.safetensors")
 
 
 def _locate(name_or_path: str | Path) -> tuple[str, bool]:
@@ -191,15 +296,28 @@ def _locate(name_or_path: str | Path) -> tuple[str, bool]:
 
 
 def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> tuple[Any, str, bool]:
-    """The HF config for a model name, without loading weights: (config, source, local)."""
+    """The HF config for a model name, without loading weights: (config, source, local).
+
+    Raises:
+        ModelError: not found, unreadable, or (without `trust_remote_code`) a folder
+            asking to run its own code.
+    """
     from transformers import AutoConfig
 
     source, local = _locate(name_or_path)
+    if local and not trust_remote_code:
+        refuse_remote_code(Path(source), str(name_or_path))
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except config_errors() as exc:
+        first = (str(exc).splitlines() or [""])[0][:160]
+        if local:
+            raise ModelError(
+                f"cannot read {Path(source) / 'config.json'} ({type(exc).__name__}: {first})",
+                code="model.bad-config",
+                hint="a model folder needs a config.json saved by save_pretrained") from None
         raise ModelError(
-            f"could not find model {str(name_or_path)!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+            f"could not find model {str(name_or_path)!r} ({type(exc).__name__}: {first})",
             code="model.not-found",
             hint=f"no network here? pass a local path; embedded models: {', '.join(toy_names())}",
         ) from exc
@@ -211,6 +329,9 @@ def load_model(
     device: Any = None,
     dtype: Any = None,
     trust_remote_code: bool = False,
+    *,
+    allow_pickle: bool = False,
+    tokenizer: Any = None,
 ) -> LoadedModel:
     """Load a causal LM by embedded short name, local folder, or hub id.
 
@@ -219,41 +340,61 @@ def load_model(
             saved with `save_pretrained`, or a hub id such as `gpt2`.
         device: torch device; CUDA when present, else CPU.
         dtype: torch dtype or its name (`float32`, `bf16`, ...); float32 by default.
-        trust_remote_code: allow a hub repository's own Python code (off by default).
+        trust_remote_code: allow a hub repository's own Python code (off by default;
+            circuitlang's command line never turns it on).
+        allow_pickle: read pickle weights (`pytorch_model.bin`) when there are no
+            safetensors, through torch's weights-only unpickler (off by default:
+            reading a pickle file can run code).
+        tokenizer: a tokenizer, or the path (or hub id) of one, for a model folder
+            without its own; by default the folder's (None if it has none).
 
     Returns:
         A `LoadedModel`.
 
     Raises:
-        ModelError: the model cannot be found, has an unsupported architecture, or fails to load.
+        ModelError: the model cannot be found, has an unsupported architecture or an
+            impossible config, has only pickle weights (without `allow_pickle`), or its
+            weights are truncated, corrupt or incomplete.
+        OptionError: a device this machine does not have.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from circuitlang.models.adapters import shape_from_config
 
     torch_dtype = _resolve_dtype(dtype)
     torch_device = _resolve_device(device)
     config, source, local = load_config(name_or_path, trust_remote_code)
     name = str(name_or_path)
-    adapter_class(getattr(config, "model_type", "?"), name)  # unsupported -> ModelError, before weights
+    shape_from_config(config, name)  # unsupported or impossible -> ModelError, before weights
+    if local:
+        _weights_format(Path(source), name, allow_pickle)
+    found = _tokenizer_for(source, local, tokenizer, name)  # a bad --tokenizer: before weights
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
             source,
             config=config,
             **{compat.dtype_keyword(): torch_dtype},
             attn_implementation="eager",
             trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as exc:
+        raise _load_error(name, exc, allow_pickle) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
         raise ModelError(
-            f"could not load weights of model {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
-            code="model.load-failed",
-            hint="no network here? pass a local path with config.json and model.safetensors",
-        ) from exc
+            f"the weights of model {name!r} lack {len(missing)} tensor(s) the model needs "
+            f"(e.g. {missing[0]}); transformers would fill them with random values",
+            code="model.incomplete-weights",
+            hint="the weights file is incomplete or belongs to another architecture; save "
+            "the model again")
     hf_model.to(torch_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a weights-only folder: callers pass token ids
-    return LoadedModel.from_hf(hf_model, tokenizer, name)
+    return LoadedModel.from_hf(hf_model, found, name)
 
 
 __all__ = ["LoadedModel", "load_model", "load_config", "supported_model_types"]

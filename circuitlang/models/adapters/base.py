@@ -62,9 +62,56 @@ def _import_builtin_adapters() -> None:
 
 
 def shape_from_config(config: Any, name: str = "") -> ModelShape:
-    """A `ModelShape` from a HF config, without building the model."""
+    """A `ModelShape` from a HF config, without building the model.
+
+    Raises:
+        ModelError: an unsupported architecture, or a config no model can have (no
+            layers, no heads, a width the heads do not divide, ...), naming the field.
+    """
     cls = adapter_class(getattr(config, "model_type", "?"), name)
+    check_config(config, name)
     return cls.shape_from_config(config, name)
+
+
+def check_config(config: Any, name: str = "") -> None:
+    """Refuse a config whose sizes no transformer can have, before anything divides by them.
+
+    Reads the standard field names (transformers maps GPT-2's `n_head`, `n_layer`,
+    `n_embd` onto them); a field a config does not have is not checked.
+
+    Raises:
+        ModelError: the first impossible field, by the name config.json gives it.
+    """
+    aliases = dict(getattr(config, "attribute_map", {}))  # standard name -> the config's own
+    what = f"model {name!r}" if name else "this model"
+
+    def bad(field: str, value: Any, why: str) -> ModelError:
+        written = aliases.get(field, field)
+        return ModelError(f"{what}: config.json has {written}={value!r}; {why}",
+                          code="model.bad-config",
+                          hint="fix config.json (or save the model again with save_pretrained)")
+
+    sizes: dict[str, int] = {}
+    for field, minimum in (("num_hidden_layers", 1), ("num_attention_heads", 1),
+                           ("hidden_size", 1), ("vocab_size", 1), ("num_key_value_heads", 1),
+                           ("head_dim", 1), ("max_position_embeddings", 0)):
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(field, value, "it must be a whole number")
+        if value < minimum:
+            raise bad(field, value, f"it must be at least {minimum}")
+        sizes[field] = value
+    heads = sizes.get("num_attention_heads")
+    if heads and "head_dim" not in sizes and "hidden_size" in sizes \
+            and sizes["hidden_size"] % heads:
+        raise bad("hidden_size", sizes["hidden_size"],
+                  f"it must be a multiple of the number of heads ({heads})")
+    kv = sizes.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise bad("num_key_value_heads", kv,
+                  f"the number of heads ({heads}) must be a multiple of it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +174,7 @@ class Adapter(ABC):
             vocab_size=int(config.vocab_size),
             n_ctx=int(getattr(config, "max_position_embeddings", 0) or 0),
             has_mlp=not bool(getattr(config, "circuitlang_attn_only", False)),
-            architecture=cls.name,
+            architecture=str(getattr(config, "model_type", cls.name)),
             name=name,
         )
 
