@@ -1,18 +1,19 @@
 """The checker: hypothesis text in, `CheckResult` out (`circuitlang.check`).
 
-The whole pipeline on one screen::
+`check` is the pipeline, one stage per line (each stage is its own module)::
 
-    program = parse(text)                         # text_to_ast
-    hypothesis = resolve(program, shape, task)    # ast_to_ir
-    graph = ir_to_graph(hypothesis)               # ir_to_graph
-    scrubbed = Scrubber(...).scrub(graph)         # execute
-    result = CheckResult(...)                     # report, stats
+    hypothesis = load_hypothesis(text)   # parse (text_to_ast), resolve (ast_to_ir)
+    setup = prepare(hypothesis)          # load the model and task, draw the prompts
+    graph = ir_to_graph(hypothesis)      # lower to the treeified scrubbing graph
+    scores = verdict.score(graph, setup) # execute: clean, fully ablated, scrubbed
+    result = verdict.judge(...)          # statistics, the variants, every `expect`
 
-`check` also measures what the field asks of a causal claim: the fully ablated
-baseline, a bootstrap interval on % recovered, a permutation test against random
-circuits of the same size (Shi et al. 2024), the cost of each claim (the score
-with that claim's statement removed), and every `expect`, aggregate ones on the
-numbers and per-prompt ones as properties searched and shrunk by `hypothesis`.
+`verdict.judge` measures what the field asks of a causal claim: a bootstrap interval
+on % recovered, whether the task shows any behaviour at all, a permutation test
+against random circuits of the same size (Shi et al. 2024) and the cost of each
+statement (both from `circuitlang.variants`, which the solver shares), and every
+`expect`, aggregate ones on the numbers and per-prompt ones as properties searched
+and shrunk by `hypothesis`. `run` runs a program's experiments only.
 """
 from __future__ import annotations
 
@@ -20,16 +21,15 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
-
-from circuitlang import stats
+from circuitlang import verdict
 from circuitlang.errors import CircuitlangError, ResolveError
 from circuitlang.execute import Scrubber
 from circuitlang.ir_to_graph import ir_to_graph
-from circuitlang.report import CheckResult, ClaimResult, Progress
+from circuitlang.report import CheckResult
 
 DEFAULT_N = 64
-DEFAULT_PERMUTATIONS = 20
+#: Random circuits in the permutation test (all of them when there are fewer).
+DEFAULT_PERMUTATIONS = 200
 
 
 def load_hypothesis(program_or_text, *, model=None, task=None, filename=None):
@@ -142,10 +142,12 @@ def check(
         model: a name (`"toy-ioi"`, `"gpt2"`), a local path, or a `LoadedModel`.
             Overrides the file's `model` line.
         task: a task name or a task object; overrides the file's `task` line.
-        n: number of prompts (default: the file's `samples`, else 64).
+        n: number of prompts (default: the file's `samples`, else 64; a JSONL task
+            uses every record).
         seed: seed for prompts, resampling, bootstrap and search (default: the
             file's `seed`, else 0).
-        metric: overrides the file's `metric` (default: the task's).
+        metric: overrides the file's `metric` (default: the task's, or, when that one
+            cannot see any claimed position, the first of the task's metrics that can).
         semantics: overrides the file's `semantics` ("paths", the default, or
             "channels"; docs/checker.md).
         permutations: random circuits of the same size to compare against (0: skip).
@@ -162,80 +164,47 @@ def check(
         CircuitlangError: bad text, unknown model or task, holes left unfilled.
     """
     started = time.perf_counter()
-    hypothesis, model, task, prompts, metric, seed = _prepare(
-        program_or_text, model=model, task=task, n=n, seed=seed, metric=metric, device=device
-    )
+    hypothesis, _ = load_hypothesis(program_or_text, model=model, task=task)        # parse, resolve
+    hypothesis = _with_semantics(hypothesis, semantics)
+    refuse_holes(hypothesis)                                                       # before any weights load
+    setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric,
+                    device=device, batch_size=batch_size)                           # model, task, prompts
+    graph = ir_to_graph(hypothesis)                                                # lower
+    experiments = run_experiments(hypothesis, setup)
+    if not hypothesis.claims and not hypothesis.expectations:  # a file of experiments only
+        return verdict.experiments_only(hypothesis, setup, experiments, started)
+    scores = verdict.score(graph, setup)                                           # execute
+    return verdict.judge(hypothesis, graph, setup, scores, experiments=experiments,  # statistics, expect
+                         permutations=permutations, breakdown=breakdown,
+                         max_examples=max_examples, progress=progress, started=started)
+
+
+def refuse_holes(hypothesis) -> None:
+    """`check` and `run` test complete hypotheses: a hole is a user error, found before any
+    model loads.
+
+    Raises:
+        ResolveError: the hypothesis still has holes.
+    """
     holes = hypothesis.holes()
     if holes:
         raise ResolveError(
             "this hypothesis has holes (" + ", ".join(str(h) for h in holes) + "); "
             "`check` tests complete hypotheses",
-            hint="fill them with `circuitlang discover`, or name the components",
-        )
-    experiments = run_experiments(hypothesis, model, task, prompts, metric, seed=seed, batch_size=batch_size)
-    if not hypothesis.claims and not hypothesis.expectations:
-        # a file of experiments only (`patch head * at END`): nothing to scrub
-        return _experiments_only(hypothesis, model, task, prompts, metric, seed, experiments, started)
-
-    bar = Progress(3 + (len(hypothesis.claims) if breakdown else 0) + permutations, "checking", enabled=progress)
-    scrubber = Scrubber(model, task, prompts, metric, batch_size=batch_size)
-    clean = scrubber.clean()
-    bar.step("clean")
-    empty = dataclasses.replace(hypothesis, claims=())
-    random = scrubber.scrub(ir_to_graph(empty), seed=seed).scrubbed
-    bar.step("random")
-    scrubbed = scrubber.scrub(ir_to_graph(hypothesis), seed=seed).scrubbed
-    bar.step("scrubbed")
-    recovered = stats.bootstrap_recovered(clean, scrubbed, random, seed=seed)
-
-    result = CheckResult(
-        model=model.name,
-        task=task.SIGNATURE.name,
-        metric=metric,
-        seed=seed,
-        n=len(clean),
-        clean=stats.bootstrap_mean(clean, seed=seed),
-        scrubbed=stats.bootstrap_mean(scrubbed, seed=seed),
-        random=stats.bootstrap_mean(random, seed=seed),
-        recovered=recovered,
-        reported={r.name: r.value for r in hypothesis.reported},
-        ablation=scrubber_mode(hypothesis),
-        source=getattr(hypothesis, "filename", None),
-        experiments=experiments,
-    )
-    if recovered.value != recovered.value:  # NaN
-        result.notes.append(
-            "clean and fully-ablated runs score the same: this task shows no behaviour "
-            "on this model to recover, so no claim can be judged"
+            code="check.holes",
+            hint="fill them with `circuitlang discover FILE`, or name the components",
         )
 
-    if breakdown:
-        result.claims = claim_breakdown(hypothesis, scrubber, clean, random, recovered.value, seed, bar)
-    if permutations:
-        null = permutation_null(hypothesis, scrubber, clean, random, model.shape, permutations, seed, bar)
-        result.null_scores = [float(x) for x in null]
-        result.p_value = stats.permutation_p_value(recovered.value, null)
-        if len(null) < permutations:
-            result.notes.append(
-                f"permutation test: only {len(null)} of {permutations} random circuits of the same "
-                "size could keep every edge's layer order in this model"
-            )
 
-    from circuitlang.properties import judge_expectations
+def _with_semantics(hypothesis, semantics: str | None):
+    if semantics is None:
+        return hypothesis
+    from circuitlang.ir import SEMANTICS
 
-    per_prompt = {"clean": clean, "scrubbed": scrubbed, "random": random}
-    result.expectations, result.counterexamples = judge_expectations(
-        hypothesis,
-        scrubber=scrubber,
-        per_prompt=per_prompt,
-        summary=result,
-        seed=seed,
-        max_examples=max_examples,
-    )
-    bar.close()
-    result.passes = scrubber.passes + scrubber.cache.passes
-    result.seconds = time.perf_counter() - started
-    return result
+    if semantics not in SEMANTICS:
+        raise CircuitlangError(f"unknown semantics {semantics!r}", code="check.semantics",
+                               hint="use " + " or ".join(SEMANTICS))
+    return dataclasses.replace(hypothesis, semantics=semantics)
 
 
 def run(
@@ -261,9 +230,7 @@ def run(
         CircuitlangError: bad text, unknown model or task, or a program with no
             experiment statements.
     """
-    hypothesis, model, task, prompts, metric, seed = _prepare(
-        program_or_text, model=model, task=task, n=n, seed=seed, metric=metric, device=device
-    )
+    hypothesis, _ = load_hypothesis(program_or_text, model=model, task=task)
     if not hypothesis.experiments:
         raise CircuitlangError(
             "this program has no experiments to run",
@@ -271,23 +238,89 @@ def run(
             hint="write e.g. `patch head * at END`, `ablate heads 9.6, 9.9 with mean at END`; "
             "use circuitlang.check for claims and expectations",
         )
-    return run_experiments(hypothesis, model, task, prompts, metric, seed=seed, batch_size=batch_size)
+    refuse_holes(hypothesis)
+    setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric, device=device,
+                    batch_size=batch_size)
+    return run_experiments(hypothesis, setup)
 
 
-def _prepare(program_or_text, *, model, task, n, seed, metric, device):
-    """Parse, resolve, load model and task, and draw the prompts."""
+@dataclasses.dataclass
+class Setup:
+    """What a check runs on: the model, the task, its prompts, the metric and the seed,
+    the scrubber that holds the plain activations, and notes about the choices made."""
+
+    model: object
+    task: object
+    prompts: object
+    metric: str
+    seed: int
+    batch_size: int
+    scrubber: Scrubber
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def prepare(hypothesis, *, model=None, task=None, n=None, seed=None, metric=None, device=None,
+            batch_size: int = 64) -> Setup:
+    """Load the model and the task, draw the prompts, and choose the metric.
+
+    The metric: the caller's, else the file's, else the task's default, unless that
+    one cannot see any position the hypothesis claims (induction's `loss` reads the
+    repeated half, not END), in which case the first of the task's metrics that can is
+    chosen and a note says so.
+    """
     from circuitlang.models import load_model
     from circuitlang.tasks import load_task
 
-    hypothesis, _ = load_hypothesis(program_or_text, model=model, task=task)
     if model is None or isinstance(model, (str, Path)):
         model = load_model(str(model or hypothesis.model), device=device)
     if task is None or isinstance(task, str):
         task = load_task(task or hypothesis.task, tokenizer=model.tokenizer, **_model_task_params(model))
     seed = seed if seed is not None else (hypothesis.seed if hypothesis.seed is not None else 0)
-    n = n or hypothesis.samples or DEFAULT_N
-    metric = metric or hypothesis.metric or task.SIGNATURE.default_metric
-    return hypothesis, model, task, task.prompts(n, seed), metric, seed
+    if n is None:
+        n = hypothesis.samples
+    if n is None and task.params.get("n", DEFAULT_N) is not None:
+        n = DEFAULT_N  # a JSONL task's `n` is None: every record, in file order
+    prompts = task.prompts(n, seed)
+    notes = []
+    dropped = getattr(prompts, "dropped", None)
+    if dropped is not None and dropped.count:
+        text, why = dropped.reasons[0]
+        notes.append(f"{dropped.count} prompt(s) could not be built and were left out (the first: "
+                     f"{text!r}: {why}); {len(prompts.input_ids)} remain")
+    chosen = metric or (hypothesis.metric if _names_metric(hypothesis) else None)
+    if chosen is None:
+        chosen, note = _default_metric(hypothesis, task, prompts, model.shape.vocab_size)
+        if note:
+            notes.append(note)
+    return Setup(model, task, prompts, chosen, seed, batch_size,
+                 Scrubber(model, task, prompts, chosen, batch_size=batch_size), notes)
+
+
+def _names_metric(hypothesis) -> bool:
+    """Whether the file chose its metric (the resolver fills in the task's default)."""
+    return bool(getattr(hypothesis, "metric_named", True)) and hypothesis.metric is not None
+
+
+def _default_metric(hypothesis, task, prompts, vocab: int) -> tuple[str, str | None]:
+    """The task's default metric, or the first that reads a position the claims reach."""
+    from circuitlang.execute import claimed_positions, metric_reads
+
+    default = task.SIGNATURE.default_metric
+    if not hypothesis.claims:
+        return default, None
+    try:
+        where = claimed_positions(ir_to_graph(hypothesis), prompts)
+    except CircuitlangError:
+        return default, None
+    if where is None:
+        return default, None
+    for name in (default,) + tuple(m for m in task.SIGNATURE.metrics if m != default):
+        if bool((metric_reads(task, name, prompts, vocab) & where).any()):
+            if name == default:
+                return default, None
+            return name, (f"the task's default metric `{default}` reads no position the hypothesis "
+                          f"claims, so `{name}` is used (name one with `metric ...` or --metric)")
+    return default, None
 
 
 def _model_task_params(model) -> dict:
@@ -306,18 +339,14 @@ def _model_task_params(model) -> dict:
     return {"prepend_bos": data["prepend_bos"]} if "prepend_bos" in data else {}
 
 
-def run_experiments(hypothesis, model, task, prompts, metric, *, seed, batch_size) -> list:
+def run_experiments(hypothesis, setup: Setup) -> list:
     """Every experiment statement of a hypothesis, run on one shared set of clean/corrupt runs."""
     from circuitlang import ir
     from circuitlang.experiments import Experiments
 
     if not hypothesis.experiments:
         return []
-    holes = hypothesis.holes()
-    if holes:
-        raise ResolveError("experiments cannot run with holes: " + ", ".join(str(h) for h in holes),
-                           hint="name the components, or use `circuitlang discover`")
-    runner = Experiments(model, task, prompts, metric, batch_size=batch_size)
+    runner = Experiments(setup.model, setup.task, setup.prompts, setup.metric, batch_size=setup.batch_size)
     out = []
     for exp in hypothesis.experiments:
         grid = getattr(exp, "grid", ()) or None
@@ -329,105 +358,5 @@ def run_experiments(hypothesis, model, task, prompts, metric, *, seed, batch_siz
                 out.append(runner.path_patching(list(exp.senders), receiver, exp.position,
                                                 text=exp.text, grid=grid))
         elif isinstance(exp, ir.Ablate):
-            out.append(runner.ablation(list(exp.sites), exp.mode, exp.position, seed=seed, text=exp.text))
+            out.append(runner.ablation(list(exp.sites), exp.mode, exp.position, seed=setup.seed, text=exp.text))
     return out
-
-
-def _experiments_only(hypothesis, model, task, prompts, metric, seed, experiments, started) -> CheckResult:
-    import math
-
-    from circuitlang.stats import Interval
-
-    nan = Interval(math.nan, math.nan, math.nan)
-    result = CheckResult(
-        model=model.name, task=task.SIGNATURE.name, metric=metric, seed=seed, n=len(prompts.input_ids),
-        clean=nan, scrubbed=nan, random=nan, recovered=nan,
-        reported={r.name: r.value for r in hypothesis.reported},
-        ablation=scrubber_mode(hypothesis), source=hypothesis.filename, experiments=experiments,
-    )
-    result.seconds = time.perf_counter() - started
-    return result
-
-
-def scrubber_mode(hypothesis) -> str:
-    ablation = getattr(hypothesis, "ablation", None)
-    return str(getattr(ablation, "mode", ablation) or "resample")
-
-
-def _statements(hypothesis) -> list[tuple[str, int | None, list[int]]]:
-    """Claims grouped by the source statement they came from: (text, line, indices)."""
-    groups: dict = {}
-    for i, claim in enumerate(hypothesis.claims):
-        span = getattr(claim, "span", None)
-        text = getattr(claim, "source", None) or getattr(claim, "text", None) or str(claim)
-        key = (text, span.line if span else None)
-        groups.setdefault(key, []).append(i)
-    return [(text, line, idx) for (text, line), idx in groups.items()]
-
-
-def claim_breakdown(hypothesis, scrubber, clean, random, full_score, seed, bar) -> list[ClaimResult]:
-    """For each source statement: % recovered with its claims removed, and the cost."""
-    out = []
-    statements = _statements(hypothesis)
-    if len(statements) < 2:
-        return out
-    for text, line, idx in statements:
-        drop = set(idx)
-        kept = tuple(c for i, c in enumerate(hypothesis.claims) if i not in drop)
-        reduced = dataclasses.replace(hypothesis, claims=kept)
-        scr = scrubber.scrub(ir_to_graph(reduced), seed=seed).scrubbed
-        without = stats.recovered(clean, scr, random)
-        out.append(ClaimResult(text, line, without, full_score - without))
-        bar.step(text)
-    return out
-
-
-def permutation_null(hypothesis, scrubber, clean, random, shape, k, seed, bar) -> np.ndarray:
-    """% recovered of `k` random circuits of the same size and shape.
-
-    Each random circuit maps every head the hypothesis names to a distinct random
-    head, keeping positions, features, channels and the layer order of edges.
-    """
-    from circuitlang.sites import Head
-
-    rng = np.random.default_rng(seed + 1)
-    heads = sorted({c for c in _heads_in(hypothesis)})
-    all_heads = [(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
-    scores = []
-    tries = 0
-    while len(scores) < k and tries < 20 * k:
-        tries += 1
-        picks = rng.choice(len(all_heads), size=len(heads), replace=False) if heads else []
-        mapping = {old: all_heads[i] for old, i in zip(heads, picks)}
-        try:
-            graph = ir_to_graph(_remap(hypothesis, mapping, Head))
-        except CircuitlangError:
-            continue  # an edge would run backwards: draw again
-        scr = scrubber.scrub(graph, seed=seed).scrubbed
-        scores.append(stats.recovered(clean, scr, random))
-        bar.step("random circuit")
-    return np.array(scores)
-
-
-def _heads_in(hypothesis):
-    from circuitlang.sites import Head
-
-    for claim in hypothesis.claims:
-        for attr in ("site", "sender", "receiver"):
-            s = getattr(claim, attr, None)
-            if isinstance(s, Head):
-                yield (s.layer, s.head)
-
-
-def _remap(hypothesis, mapping, Head):
-    def fix(site):
-        if isinstance(site, Head) and (site.layer, site.head) in mapping:
-            l, h = mapping[(site.layer, site.head)]
-            return Head(l, h, site.channel)
-        return site
-
-    claims = []
-    for claim in hypothesis.claims:
-        changes = {a: fix(getattr(claim, a)) for a in ("site", "sender", "receiver") if hasattr(claim, a)}
-        claims.append(dataclasses.replace(claim, **changes))
-    return dataclasses.replace(hypothesis, claims=tuple(claims))

@@ -39,22 +39,64 @@ import numpy as np
 import torch
 
 from circuitlang.errors import ExecutionError
-from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph
-from circuitlang.sites import Channel, Head, Logits, Mlp, MlpIn, Position, Resid
+from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph, enters
+from circuitlang.sites import ALL, Channel, Head, Logits, Mlp, MlpIn, Position, Resid
 
 DEFAULT_BATCH = 64
 
 
-def metric_positions(task, metric: str) -> str:
-    """Where the task's metric reads the logits: "END" or "all".
+def metric_reads(task, metric: str, prompts, vocab: int) -> torch.Tensor:
+    """Which logits the task's metric reads: BoolTensor [N, T], True where changing the
+    logits at that position changes the metric's value for that prompt.
 
-    A task says so with a `metric_positions(metric)` method; otherwise a task that
-    defines an `END` position is read there, and any other at every position.
+    Found by asking the metric itself, on random logits: each position's logits are
+    perturbed in turn (cheap: no model runs), so a task needs to declare nothing.
+    """
+    n, t = prompts.input_ids.shape
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, t, vocab, generator=g)
+    reference = torch.randn(n, t, vocab, generator=g)
+    base = task.metric(metric, logits, prompts, reference_logits=reference).double()
+    reads = torch.zeros(n, t, dtype=torch.bool)
+    for pos in range(t):
+        moved = logits.clone()
+        moved[:, pos] = torch.randn(n, vocab, generator=g) * 3
+        value = task.metric(metric, moved, prompts, reference_logits=reference).double()
+        reads[:, pos] = (value - base).abs() > 1e-6
+    return reads & prompts.attention_mask.bool()
+
+
+def metric_positions(task, metric: str, prompts=None, vocab: int | None = None) -> str:
+    """Where the task's metric reads the logits: "END" (only there) or "all".
+
+    A task may say so with a `metric_positions(metric)` method; otherwise, given the
+    prompts, `metric_reads` finds out; without them a task that defines an `END`
+    position is read there, and any other at every position.
     """
     explicit = getattr(task, "metric_positions", None)
     if callable(explicit):
         return explicit(metric)
+    if prompts is not None and vocab:
+        reads = metric_reads(task, metric, prompts, vocab)
+        end = prompts.positions.get("END")
+        if end is not None:
+            only_end = torch.zeros_like(reads)
+            only_end[torch.arange(len(end)), end] = True
+            return "END" if torch.equal(reads, only_end) else "all"
+        return "all"
     return "END" if "END" in task.SIGNATURE.positions else "all"
+
+
+def claimed_positions(graph: InterventionGraph, prompts) -> torch.Tensor | None:
+    """BoolTensor [N, T]: the positions where the root reads a claimed child (on each
+    reference prompt); None when a child is read at every position."""
+    n, t = prompts.input_ids.shape
+    out = torch.zeros(n, t, dtype=torch.bool)
+    for _, transplant in graph.children(graph.root):
+        if transplant.position.is_all:
+            return None
+        out[torch.arange(n), position_index(prompts, transplant.position)] = True
+    return out
 
 
 def _chunks(n: int, size: int):
@@ -165,7 +207,7 @@ class Sampler:
             if feature.name in p.features and feature.name not in p.positions:
                 # token(IO) where IO is a feature (a name): agree on that feature
                 return list(p.features[feature.name])
-            idx = position_index(p, Position(*_split_offset(feature.name)))
+            idx = position_index(p, Position.parse(feature.name))
             if feature.kind == "position":
                 return idx.tolist()
             return p.input_ids[torch.arange(len(idx)), idx].tolist()
@@ -196,15 +238,6 @@ class Sampler:
             members = groups[keys[row]]
             out[j] = members[self.rng.integers(len(members))]
         return out
-
-
-def _split_offset(text: str) -> tuple[str, int]:
-    for sign in ("+", "-"):
-        if sign in text[1:]:
-            name, _, num = text.rpartition(sign)
-            if num.isdigit():
-                return name, int(num) * (1 if sign == "+" else -1)
-    return text, 0
 
 
 def position_index(prompts, position: Position) -> torch.Tensor:
@@ -243,18 +276,33 @@ class _Inst:
 
 @dataclass
 class ScrubResult:
-    """Per-reference metric values and what it took."""
+    """Per-reference metric values, what it took, and the prompts every node was given.
+
+    Attributes:
+        scrubbed: the metric per reference prompt [N].
+        passes: batched forward passes this graph took part in.
+        rows: node -> the prompt index it ran on, per reference [N].
+        remainders: node -> the prompt its unclaimed paths came from, per reference
+            (only for nodes that read a remainder; the root's too).
+    """
 
     scrubbed: np.ndarray
     passes: int
     rows: dict = field(default_factory=dict)
+    remainders: dict = field(default_factory=dict)
+
+
+#: Graphs evaluated together keep at most this many floats of node values in memory
+#: (values are [prompts, tokens, d_model] per computed node); more graphs are split.
+VALUE_BUDGET = 2**26
 
 
 class Scrubber:
     """Evaluates intervention graphs for one model, task, prompt set and metric.
 
     The plain cache is shared by every graph evaluated with the same scrubber
-    (the per-claim breakdown and the permutation test reuse it).
+    (the per-claim breakdown and the permutation test reuse it), and `scrub_many`
+    evaluates many graphs in the same batched passes.
     """
 
     def __init__(self, model, task, prompts, metric: str, *, batch_size: int = DEFAULT_BATCH):
@@ -267,7 +315,6 @@ class Scrubber:
         self.n_layers = model.shape.n_layers
         self.final = Resid(self.n_layers)
         self.passes = 0
-        self.metric_at = metric_positions(task, metric)
         self._clean: np.ndarray | None = None
 
     # -- metrics ---------------------------------------------------------------
@@ -313,13 +360,19 @@ class Scrubber:
             return torch.zeros(n, t, full.shape[2], dtype=full.dtype)
         raise ExecutionError(f"unknown ablation {mode!r}", hint="use resample, mean or zero")
 
-    def _child_value(self, graph: InterventionGraph, c: int, insts: dict) -> torch.Tensor:
-        """A child's value, laid out in its own prompt's positions."""
+    def _child_value(self, graph: InterventionGraph, c: int, insts: dict, sel: np.ndarray,
+                     channel=None) -> torch.Tensor:
+        """A child's value for the references `sel`, laid out in its own prompts'
+        positions (an input leaf's: the channel it replaces, on its own sample)."""
         node, inst = graph.node(c), insts[c]
         if inst.value is not None:
-            return inst.value
-        site = self._input_site(node.site) if node.role == "input" else self._sender_site(node.site)
-        return self._plain(site, inst.rows)
+            return inst.value[torch.as_tensor(sel)]
+        if node.role == "input":
+            site = self._input_site(node.site)
+            if isinstance(site, Head) and site.channel is Channel.PATTERN:
+                site = site.with_channel(channel)
+            return self._plain(site, inst.rows[sel])
+        return self._plain(self._sender_site(node.site), inst.rows[sel])
 
     def _input_site(self, site):
         return self.final if isinstance(site, Logits) else site
@@ -338,26 +391,91 @@ class Scrubber:
     # -- the work ------------------------------------------------------------------
 
     def sites_needed(self, graph: InterventionGraph) -> list:
+        """Every site whose plain value the graph reads: senders' outputs (leaf values,
+        and what they contribute to a remainder), the inputs of nodes with children (the
+        remainder), input leaves' channels, and the final stream."""
         sites = [self.final]
         for n in graph.graph.nodes:
             node = graph.node(n)
             if node.role == "sender":
                 sites.append(self._sender_site(node.site))
-                for _, t in graph.children(n):
-                    sites.append(self._channel_site(node.site, t.channel))
+                for channel in graph.input_channels(n):
+                    if graph.reads_from_remainder(n, channel):
+                        sites.append(self._channel_site(node.site, channel))
             elif node.role == "input":
-                sites.append(self._input_site(node.site))
+                site = self._input_site(node.site)
+                if isinstance(site, Head) and site.channel is Channel.PATTERN:
+                    sites += [site.with_channel(Channel.Q), site.with_channel(Channel.K)]
+                else:
+                    sites.append(site)
         return sites
 
     def scrub(self, graph: InterventionGraph, *, seed: int) -> ScrubResult:
         """Scrubbed per-reference metric values for one graph (every prompt a reference)."""
-        self.cache.ensure(self.sites_needed(graph))
+        return self.scrub_many([graph], seed=seed)[0]
+
+    def scrub_many(self, graphs: list[InterventionGraph], *, seed: int, progress=None) -> list[ScrubResult]:
+        """Scrub many graphs in shared batched passes: one per tree height for all of them.
+
+        Each graph draws its resamples from its own generator seeded with `seed`, so a
+        graph scores the same alone or among others. Graphs are taken in groups whose
+        node values fit `VALUE_BUDGET`.
+
+        Args:
+            graphs: intervention graphs over this scrubber's model and prompts.
+            seed: the resampling seed (the same for every graph).
+            progress: called with the number of graphs finished after each group.
+        """
+        results: list[ScrubResult | None] = [None] * len(graphs)
+        done = 0
+        for group in self._groups(graphs):
+            sites: list = []
+            for i in group:
+                sites += self.sites_needed(graphs[i])
+            self.cache.ensure(sites)
+            insts = {i: self._sample(graphs[i], seed) for i in group}
+            heights: dict[int, list[tuple[int, int]]] = {}
+            for i in group:
+                g = graphs[i]
+                for v in g.graph.nodes:
+                    if v != g.root and not g.is_leaf(v):
+                        heights.setdefault(g.height(v), []).append((i, v))
+            for h in sorted(heights):
+                self._level_pass([(graphs[i], v, insts[i]) for i, v in heights[h]])
+            scrubbed = self._root_pass([(graphs[i], insts[i]) for i in group])
+            passes = len(heights) + 1
+            self.passes += passes
+            for i, values in zip(group, scrubbed):
+                g, inst = graphs[i], insts[i]
+                remainders = {v: inst[v].remainder for v in inst
+                              if v == g.root or any(g.reads_from_remainder(v, c) for c in g.input_channels(v))}
+                results[i] = ScrubResult(values, passes, {v: inst[v].rows for v in inst}, remainders)
+            done += len(group)
+            if progress is not None:
+                progress(done)
+        return results
+
+    def _groups(self, graphs: list[InterventionGraph]) -> list[list[int]]:
+        """Consecutive groups of graph indices whose computed node values fit the budget."""
+        n = len(self.prompts.input_ids)
+        per_node = n * self.prompts.input_ids.shape[1] * self.model.shape.d_model
+        groups: list[list[int]] = [[]]
+        used = 0
+        for i, g in enumerate(graphs):
+            cost = per_node * max(1, sum(1 for v in g.graph.nodes if not g.is_leaf(v)))
+            if groups[-1] and used + cost > VALUE_BUDGET:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += cost
+        return [grp for grp in groups if grp]
+
+    def _sample(self, graph: InterventionGraph, seed: int) -> dict[int, _Inst]:
+        """Top-down: the prompt each node runs on, and its remainder prompt."""
         rng = np.random.default_rng(seed)
         sampler = Sampler(self.prompts, rng, same_length=True)
         refs = np.arange(len(self.prompts.input_ids))
         given = tuple(graph.given)
-
-        # top-down: the prompt each node runs on, and its remainder prompt
         insts: dict[int, _Inst] = {}
         for v in reversed(graph.postorder()):  # parents before children
             node = graph.node(v)
@@ -365,53 +483,45 @@ class Scrubber:
             rows = refs if parent is None else sampler.agree(insts[parent].rows, node.features)
             remainder = sampler.agree(rows, given) if not graph.is_leaf(v) or parent is None else rows
             insts[v] = _Inst(rows=rows, remainder=remainder)
+        return insts
 
-        # bottom-up, one batched pass per height: nodes with children
-        heights: dict[int, list[int]] = {}
-        for v in graph.graph.nodes:
-            if v != graph.root and not graph.is_leaf(v):
-                heights.setdefault(graph.height(v), []).append(v)
-        passes = 0
-        for h in sorted(heights):
-            self._level_pass(graph, heights[h], insts)
-            passes += 1
-        scrubbed = self._root_pass(graph, insts)
-        passes += 1
-        self.passes += passes
-        return ScrubResult(scrubbed, passes, {v: insts[v].rows for v in insts})
+    def _assemble(self, graph, v: int, insts, channel, input_site, sel: np.ndarray) -> torch.Tensor | None:
+        """Node `v`'s input through `channel` for the references `sel`, laid out in the
+        node's prompts' positions [len(sel), T, D].
 
-    def _assemble(self, graph, v: int, insts, channel, input_site) -> torch.Tensor | None:
-        """Node `v`'s input through `channel`, laid out in its prompt's positions [N, T, D].
-
-        None when no claim concerns this channel: the node then reads it on its own
-        prompt, which its forward pass computes by itself. Otherwise the channel
-        starts from the remainder (random prompt / mean / zero) and each claimed child
-        replaces, at its position, what its site contributes there.
+        None when the node reads this channel on its own prompt, which its forward pass
+        computes by itself (a leaf; or, with `semantics channels`, a channel no claim
+        mentions). Otherwise the channel starts from the remainder (its value on the
+        random prompt, the mean, or zero): input leaves replace it whole at their
+        positions (a pattern leaf: the query at its position, the keys everywhere), and
+        each claimed sender replaces, at its position, what its site contributes there.
         """
-        kids = [(c, t) for c, t in graph.children(v) if t.channel == channel]
-        if not kids:
+        if not graph.reads_from_remainder(v, channel):
             return None
+        kids = [(c, t) for c, t in graph.children(v) if enters(t, channel)]
         inst, mode = insts[v], graph.ablation
-        value = self._remainder(input_site, inst.remainder, mode)
-        # input leaves replace the channel's whole value at their position
-        leaf_at: dict[Position, np.ndarray] = {}
+        rows, remainder = inst.rows[sel], inst.remainder[sel]
+        value = self._remainder(input_site, remainder, mode)
+        covered: list[tuple[Position, np.ndarray]] = []  # where input leaves replaced it
         for c, t in kids:
-            if graph.node(c).role == "input":
-                self._place(value, self._child_value(graph, c, insts), t.position, inst.rows, insts[c].rows,
-                            replace=True)
-                leaf_at[t.position] = insts[c].rows
-        # claimed senders swap their own contribution for the child's value
+            if graph.node(c).role != "input":
+                continue
+            position = ALL if t.channel is Channel.PATTERN and channel is Channel.K else t.position
+            kid_rows = insts[c].rows[sel]
+            self._place(value, self._child_value(graph, c, insts, sel, channel), position, rows, kid_rows,
+                        replace=True)
+            covered.append((position, kid_rows))
         for c, t in kids:
             if graph.node(c).role == "input":
                 continue
             site = self._sender_site(graph.node(c).site)
-            leaf_rows = leaf_at.get(t.position)
-            if leaf_rows is None:
-                base, base_rows = self._remainder(site, inst.remainder, mode), inst.rows
-            else:
-                base, base_rows = self._plain(site, leaf_rows), leaf_rows
-            self._place(value, self._child_value(graph, c, insts), t.position, inst.rows, insts[c].rows,
-                        minus=(base, base_rows))
+            # what the sender contributes to the channel as it stands: its remainder value,
+            # and where an input leaf replaced the channel, its value on the leaf's prompt
+            base = self._remainder(site, remainder, mode)  # a fresh tensor: ours to write
+            for position, kid_rows in covered:
+                self._place(base, self._plain(site, kid_rows), position, rows, kid_rows, replace=True)
+            self._place(value, self._child_value(graph, c, insts, sel), t.position, rows, insts[c].rows[sel],
+                        minus=(base, rows))
         return value
 
     def _place(self, dest, src, position, dest_rows, src_rows, *, replace=False, minus=None):
@@ -433,60 +543,92 @@ class Scrubber:
         else:
             dest[ar, td] += piece
 
-    def _level_pass(self, graph: InterventionGraph, nodes: list[int], insts) -> None:
-        """Compute every node of one height in one batched forward pass."""
+    def _level_pass(self, items: list[tuple[InterventionGraph, int, dict]]) -> None:
+        """Compute every (graph, node) of one height in one batched forward pass.
+
+        Rows of the batch are (node, reference) pairs; each chunk of rows assembles only
+        its own nodes' inputs, so memory grows with the batch, not the level."""
         from circuitlang.models import Patch
 
         n = len(self.prompts.input_ids)
-        rows = np.concatenate([insts[v].rows for v in nodes])
-        input_ids = self.prompts.input_ids[torch.as_tensor(rows)]
-        attention_mask = self.prompts.attention_mask[torch.as_tensor(rows)]
-        patch_values: dict = {}
-        patch_rows: dict = {}
-        for k, v in enumerate(nodes):
-            node = graph.node(v)
-            if isinstance(node.site, Head):
-                channels = (Channel.Q, Channel.K, Channel.V)
-            elif isinstance(node.site, Mlp):
-                channels = (None,)
-            else:
-                raise ExecutionError(f"{node.site} cannot receive edges; heads, MLPs and logits can")
-            for ch in channels:
-                site = self._channel_site(node.site, ch)
-                val = self._assemble(graph, v, insts, ch, site)
-                if val is None:
-                    continue
-                if site not in patch_values:
-                    patch_values[site] = torch.zeros(len(rows), *val.shape[1:], dtype=val.dtype)
-                    patch_rows[site] = torch.zeros(len(rows), dtype=torch.bool)
-                patch_values[site][k * n : (k + 1) * n] = val
-                patch_rows[site][k * n : (k + 1) * n] = True
-        capture = list(dict.fromkeys(self._sender_site(graph.node(v).site) for v in nodes))
-        outs = {s: [] for s in capture}
-        for sl in _chunks(len(rows), self.batch_size):
-            patches = [Patch(s, val[sl], rows=patch_rows[s][sl]) for s, val in patch_values.items()]
-            run = run_batched(self.model, input_ids[sl], attention_mask[sl], capture=capture, patches=patches)
-            for s in capture:
-                outs[s].append(run.cache[s].detach().to("cpu"))
-        outs = {s: torch.cat(v) for s, v in outs.items()}
-        for k, v in enumerate(nodes):
-            insts[v].value = outs[self._sender_site(graph.node(v).site)][k * n : (k + 1) * n]
+        for graph, v, _ in items:
+            if not graph.input_channels(v):
+                raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs and logits can")
+        capture = list(dict.fromkeys(self._sender_site(g.node(v).site) for g, v, _ in items))
+        outs: list[list[torch.Tensor]] = [[] for _ in items]
+        pairs = [(k, r) for k in range(len(items)) for r in range(n)]
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            ks = np.array([k for k, _ in chunk])
+            prompt_rows = np.empty(len(chunk), dtype=np.int64)
+            values: dict = {}
+            for k in dict.fromkeys(ks.tolist()):
+                graph, v, insts = items[k]
+                here = np.flatnonzero(ks == k)
+                sel = np.array([chunk[j][1] for j in here])
+                prompt_rows[here] = insts[v].rows[sel]
+                for ch in graph.input_channels(v):
+                    site = self._channel_site(graph.node(v).site, ch)
+                    val = self._assemble(graph, v, insts, ch, site, sel)
+                    if val is None:
+                        continue
+                    if site not in values:
+                        values[site] = (torch.zeros(len(chunk), *val.shape[1:], dtype=val.dtype),
+                                        torch.zeros(len(chunk), dtype=torch.bool))
+                    values[site][0][here] = val
+                    values[site][1][here] = True
+            idx = torch.as_tensor(prompt_rows)
+            patches = [Patch(site, val, rows=mask) for site, (val, mask) in values.items()]
+            run = run_batched(self.model, self.prompts.input_ids[idx], self.prompts.attention_mask[idx],
+                              capture=capture, patches=patches)
+            for k in dict.fromkeys(ks.tolist()):  # a node's rows are contiguous in a chunk
+                graph, v, _ = items[k]
+                here = np.flatnonzero(ks == k)
+                value = run.cache[self._sender_site(graph.node(v).site)]
+                outs[k].append(value[here[0]:here[-1] + 1].detach().to("cpu"))
+        for k, (graph, v, insts) in enumerate(items):
+            insts[v].value = torch.cat(outs[k])
 
-    def _root_pass(self, graph: InterventionGraph, insts) -> np.ndarray:
-        """Rebuild the final residual stream of every reference prompt and read the metric."""
+    def _root_pass(self, items: list[tuple[InterventionGraph, dict]]) -> list[np.ndarray]:
+        """Rebuild the final residual stream of every reference prompt, for every graph,
+        and read the metric."""
         from circuitlang.models import Patch
 
-        root = graph.root
-        value = self._assemble(graph, root, insts, None, self.final)
-        if value is None:
-            value = self._remainder(self.final, insts[root].remainder, graph.ablation)
-        vals = []
-        for sl in _chunks(len(value), self.batch_size):
-            run = run_batched(
-                self.model,
-                self.prompts.input_ids[sl],
-                self.prompts.attention_mask[sl],
-                patches=[Patch(self.final, value[sl])],
-            )
-            vals.append(self._metric(run.logits, sl))
-        return np.concatenate(vals)
+        n = len(self.prompts.input_ids)
+        per_graph: list[list[np.ndarray]] = [[] for _ in items]
+        pairs = [(k, r) for k in range(len(items)) for r in range(n)]
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            ks = np.array([k for k, _ in chunk])
+            refs = np.array([r for _, r in chunk])
+            value = None
+            for k in dict.fromkeys(ks.tolist()):
+                graph, insts = items[k]
+                here = np.flatnonzero(ks == k)
+                sel = refs[here]
+                part = self._assemble(graph, graph.root, insts, None, self.final, sel)
+                if part is None:
+                    part = self._remainder(self.final, insts[graph.root].remainder[sel], graph.ablation)
+                if value is None:
+                    value = torch.zeros(len(chunk), *part.shape[1:], dtype=part.dtype)
+                value[here] = part
+            idx = torch.as_tensor(refs)
+            run = run_batched(self.model, self.prompts.input_ids[idx], self.prompts.attention_mask[idx],
+                              patches=[Patch(self.final, value)])
+            metric = self._metric_rows(run.logits, refs)
+            for k in dict.fromkeys(ks.tolist()):
+                per_graph[k].append(metric[ks == k])
+        return [np.concatenate(v) for v in per_graph]
+
+    def _metric_rows(self, logits, refs: np.ndarray) -> np.ndarray:
+        """The metric of logits computed for the reference prompts `refs` (any order)."""
+        sub = self.prompts.subset(refs.tolist())
+        reference = None
+        if self.metric == "kl":
+            reference = self._clean_logits(refs)
+        out = self.task.metric(self.metric, logits, sub, reference_logits=reference)
+        return out.detach().to("cpu", torch.float64).numpy()
+
+    def _clean_logits(self, refs: np.ndarray) -> torch.Tensor:
+        idx = torch.as_tensor(refs)
+        return run_batched(self.model, self.prompts.input_ids[idx], self.prompts.attention_mask[idx]).logits

@@ -33,7 +33,7 @@ import torch
 
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
-from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, Position, Resid
+from circuitlang.sites import Channel, Head, Logits, Position, Resid
 
 
 @dataclass
@@ -199,7 +199,7 @@ class Experiments:
         out = np.zeros((n_sites, n))
         ids, mask = self._ids(base), self.prompts.attention_mask
         where = position_index(self.prompts, position)
-        read_at_end = metric_positions(self.task, self.metric) == "END" and self.metric != "kl"
+        read_at_end = self._metric_at_end()
         for p in sorted(set(where.tolist())):
             members = torch.nonzero(where == p).ravel()
             prefix_cache, prefix_logits = self._prefix(ids[members, :p], mask[members, :p])
@@ -231,6 +231,13 @@ class Experiments:
                 out[ks, prompt_rows.numpy()] = self._metric(logits, prompt_rows.tolist())
         self.passes += 1
         return out
+
+    def _metric_at_end(self) -> bool:
+        """Whether the metric reads only the END logits (then a sweep hands it just those)."""
+        if "at_end" not in self._cache:
+            where = metric_positions(self.task, self.metric, self.prompts, self.model.shape.vocab_size)
+            self._cache["at_end"] = where == "END" and self.metric != "kl"
+        return self._cache["at_end"]
 
     def _prefix(self, ids: torch.Tensor, mask: torch.Tensor):
         """Run prompt prefixes once: (key/value cache, logits), or (None, None) if empty."""
@@ -300,11 +307,11 @@ class Experiments:
         outs = [s.with_channel(Channel.OUT) if isinstance(s, Head) else s for s in senders]
         # a sender computed at or after the receiver reads the stream has no path to it:
         # its row stays empty (NaN, shown as "-") instead of a number that means nothing
-        from circuitlang.models.interventions import edge_is_valid
+        from circuitlang import topology
 
-        par = self.model.adapter.parallel_residual
+        shape = self.model.shape
         keep = [k for k, s in enumerate(outs)
-                if not isinstance(s, (Embed, Head, Mlp)) or edge_is_valid(s, receiver, par)]
+                if not topology.is_sender(s) or topology.edge_exists(shape, s, receiver)]
         if not keep:
             raise ExecutionError(f"no sender in this sweep has a path to {receiver}",
                                  hint="senders must be computed before the receiver reads the residual stream")

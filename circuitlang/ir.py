@@ -42,7 +42,7 @@ ABLATION_MODES = ("resample", "mean", "zero")
 #: "channels" (a channel no claim mentions is read on the node's own sample).
 SEMANTICS = ("paths", "channels")
 DEFAULT_SEMANTICS = "paths"
-BUILTIN_METRICS = ("recovered", "clean", "scrubbed", "random")
+BUILTIN_METRICS = ("recovered", "clean", "scrubbed", "random", "p_value")
 
 
 def _span() -> Any:
@@ -224,38 +224,44 @@ class Hypothesis:
         model: the model's name (the override, or the file's `model` line).
         task: the task's name.
         metric: the metric recovered is measured in (the task's default if unnamed).
+        metric_named: whether the file named it (`metric ...`); when not, the checker
+            may choose a metric that can see the claimed positions.
         ablation: how unclaimed paths are replaced.
         semantics: how a claimed node's uncovered inputs are read (`SEMANTICS`).
         seed: the random seed, if the file sets one.
         samples: how many prompts to use, if the file sets it.
-        citations: `cite` lines.
-        reported: numbers from the paper.
         task_params: the task's parameters, (name, value) pairs sorted by name: the
             `task` line's (`task induction length=20`), and a JSONL task's `path`.
+        citations: `cite` lines.
+        reported: numbers from the paper.
         groups: group name -> heads, in definition order (imports first).
         claims: core claims after verb expansion, in source order.
         experiments: patching and ablation statements.
         expectations: `expect` statements.
         imports: the files imported with `use` (`stdlib.ioi`).
         filename: the file it came from, if any.
+        shape: the `ModelShape` it was resolved against (what edges exist; None for
+            a hypothesis built by hand). Not part of equality.
     """
 
     model: str | None
     task: str
     metric: str
+    metric_named: bool = False
     ablation: Ablation = Ablation()
     semantics: str = DEFAULT_SEMANTICS
     seed: int | None = None
     samples: int | None = None
+    task_params: tuple[tuple[str, Any], ...] = ()
     citations: tuple[str, ...] = ()
     reported: tuple[Reported, ...] = ()
     groups: tuple[tuple[str, tuple[sites.Head, ...]], ...] = ()
     claims: tuple[Claim, ...] = ()
     experiments: tuple[Experiment, ...] = ()
-    task_params: tuple[tuple[str, Any], ...] = ()
     expectations: tuple[Expectation, ...] = ()
     imports: tuple[str, ...] = ()
     filename: str | None = field(default=None, compare=False)
+    shape: sites.ModelShape | None = field(default=None, compare=False, repr=False)
 
     def group(self, name: str) -> tuple[sites.Head, ...]:
         """The heads of group `name` (KeyError if there is none)."""

@@ -14,36 +14,50 @@ with a `Transplant` payload under the key ``"transplant"``.
   on the reference prompt's answer; its input is the final residual stream.
 * Every other node is a **claimed sender**: a head output (`Head(l, h, OUT)`), an
   MLP output or the embedding, at a position, with the features its input must
-  agree on, or an **input leaf**: one input channel of a head (`Head(l, h, Q)` ...)
-  or of the root (`Logits()`), claimed to depend only on some features.
+  agree on, or an **input leaf**: one input channel of a head (`Head(l, h, Q)` ...),
+  a head's attention pattern (`Head(l, h, PATTERN)`: its query at the position and
+  its keys everywhere, taken together from one sample), or the root's stream
+  (`Logits()`), claimed to depend only on some features.
 * An edge child -> parent with `Transplant(channel, position)` says: in the
-  parent's `channel` input (q/k/v of a head; `None` for an MLP's input or the
-  root's residual stream), at `position`, the child's output replaces what the child contributes
-  there in the parent's own (resampled) run.
+  parent's `channel` input (q/k/v of a head, or PATTERN for a pattern leaf; `None`
+  for an MLP's input or the root's residual stream), at `position`, the child's
+  output replaces what the child contributes there in the parent's own run.
 
 Semantics (Chan et al. 2022, causal scrubbing), as `execute.py` implements it:
 the root gets the reference prompt x. Walking down, each node n gets an input x_n
 sampled from the dataset among prompts that agree with its parent's input on
-`n.features` (`Feature("input", ...)` means: the parent's input itself). A node
-runs on x_n. For each of its input channels (q, k, v of a head; the final residual
-stream of the root) that some claim concerns, the channel is rebuilt: it starts
-from its value on an unconditioned random resample r_n (or the dataset mean, or
-zero, by the hypothesis's `ablation`) and each claimed child's output is swapped
-in for that child's own contribution, at the child's position; an input leaf
-replaces the whole channel there with its value on its own sample. A channel no
-claim mentions is read on x_n: what a node depends on covers the inputs the
-hypothesis says nothing more about. So a leaf runs entirely on x_n, and every
-path the hypothesis does not claim into a channel it does describe is scrubbed.
+`n.features` (`Feature("input", ...)` means: the parent's input itself).
+
+* A node with **no claimed children** is a leaf: it runs entirely on x_n.
+* A node **with claimed children** reads each child's contribution on that
+  child's own input, and every other path into it, on every channel and position,
+  from the "remainder": an unconditioned random resample r_n (or the dataset mean,
+  or zero, by the hypothesis's `ablation`). Each input channel (q, k, v of a head;
+  an MLP's input; the root's final stream) starts from its value on r_n, and each
+  claimed child's output is swapped in for that child's own contribution, at the
+  child's position; an input leaf replaces the whole channel there with its value
+  on its own sample. So removing a claim always makes a hypothesis sparser (that
+  path scrubbed), never coarser. This is `semantics paths`, the default.
+* `semantics channels` (an explicit option, not Chan et al.'s reading): a channel of
+  a claimed node that no claim mentions is read on x_n, as if the node's features
+  covered the inputs the hypothesis says nothing more about.
+
+`InterventionGraph.remainder_inputs(n)` lists, per node with children, what it
+reads from the remainder (the report shows it, so a user sees what was left out).
 
 How claims become nodes
 -----------------------
 * `DependsClaim(site, position, features)` on a sender makes a node; on an input
-  channel (`head L.H.q`, `logits`) it makes an input leaf under its head (or root).
+  channel (`head L.H.q`, `head L.H.pattern`, `logits`) it makes an input leaf under
+  its head (or root). A pattern leaf's query and keys come from one sample, so a head
+  that attends by content keeps its match.
 * `EdgeClaim(sender, receiver, position)` makes sender a child of receiver through
   the receiver's channel. A sender or receiver with no claim of its own is added
   with `Feature("input")`: it sees exactly what its parent sees (ACDC's reading of
   an edge-only circuit).
 * A claimed sender that feeds nothing is a child of the root at its position.
+* Which edges exist is `circuitlang.topology`'s decision (the same rule the resolver
+  and the edge engine use), with the `ModelShape` the hypothesis was resolved against.
 * The claim graph is a DAG in layer order; treeification copies every shared
   sub-DAG once per parent, and identical siblings are merged.
 """
@@ -54,9 +68,10 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from circuitlang import topology
 from circuitlang.errors import Diagnostic, LowerError
-from circuitlang.ir import Feature
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position, Site
+from circuitlang.ir import DEFAULT_SEMANTICS, Feature
+from circuitlang.sites import ALL, Channel, Head, Logits, Mlp, Position, Site
 
 INPUT = "input"  # the feature "the whole prompt": agree on it = same prompt
 
@@ -84,6 +99,12 @@ class ScrubNode:
     role: str
     claims: tuple[int, ...] = field(default=(), compare=False)
 
+    def label_short(self) -> str:
+        """The site and where its parent reads it: `head 1.0 at END`, `logits`."""
+        if self.role == "root":
+            return "logits"
+        return f"{self.site} at {self.position}"
+
     def label(self) -> str:
         if self.role == "root":
             return "logits"
@@ -95,8 +116,9 @@ class ScrubNode:
 class Transplant:
     """How a child's value enters its parent: through `channel` at `position`.
 
-    `channel` is `Channel.Q/K/V` for a head parent and `None` for an MLP parent
-    (the stream it reads) or the root (the final residual stream).
+    `channel` is `Channel.Q/K/V` for a head parent (`Channel.PATTERN` for a pattern
+    leaf: the query at `position` and the keys at every position) and `None` for an
+    MLP parent (the stream it reads) or the root (the final residual stream).
     """
 
     channel: Channel | None
@@ -111,6 +133,7 @@ class InterventionGraph:
     root: int
     ablation: str = "resample"
     given: tuple = ()
+    semantics: str = DEFAULT_SEMANTICS
     warnings: list[Diagnostic] = field(default_factory=list)
 
     def node(self, n: int) -> ScrubNode:
@@ -136,6 +159,41 @@ class InterventionGraph:
         kids = self.children(n)
         return 0 if not kids else 1 + max(self.height(c) for c, _ in kids)
 
+    def input_channels(self, n: int) -> tuple[Channel | None, ...]:
+        """The input channels of node `n`'s site: q, k, v of a head; the one stream of an
+        MLP or of the root (None); none for the embedding or an input leaf."""
+        node = self.node(n)
+        if node.role == "input":
+            return ()
+        if isinstance(node.site, Head):
+            return (Channel.Q, Channel.K, Channel.V)
+        if isinstance(node.site, (Mlp, Logits)):
+            return (None,)
+        return ()
+
+    def reads_from_remainder(self, n: int, channel: Channel | None) -> bool:
+        """Whether node `n`'s `channel` input starts from the remainder (is rebuilt)."""
+        kids = self.children(n)
+        if not kids or channel not in self.input_channels(n):
+            return False
+        if self.semantics == "paths":
+            return True
+        return any(enters(t, channel) for _, t in kids)
+
+    def remainder_inputs(self, n: int) -> list[str]:
+        """What node `n` reads from the remainder, in words, one entry per channel:
+        `"k: all but head 0.3 at PREV+1"`, `"v: all of it"`. Empty for a leaf."""
+        out = []
+        for channel in self.input_channels(n):
+            if not self.reads_from_remainder(n, channel):
+                continue
+            name = channel.value if channel is not None else ("stream" if self.node(n).role == "root" else "input")
+            kept = [f"{self.node(c).site} (every key)" if t.channel is Channel.PATTERN and channel is Channel.K
+                    else f"{self.node(c).site} at {t.position}"
+                    for c, t in self.children(n) if enters(t, channel)]
+            out.append(f"{name}: all but " + ", ".join(kept) if kept else f"{name}: all of it")
+        return out
+
     def uses_all_positions(self) -> bool:
         return any(
             self.graph.edges[e]["transplant"].position.is_all for e in self.graph.edges
@@ -155,6 +213,7 @@ class InterventionGraph:
                     "features": [str(f) for f in node.features],
                     "claims": list(node.claims),
                     "leaf": self.is_leaf(n),
+                    "remainder": self.remainder_inputs(n),
                 }
             )
         edges = [
@@ -167,7 +226,8 @@ class InterventionGraph:
             for c, p in sorted(self.graph.edges)
             for t in [self.graph.edges[c, p]["transplant"]]
         ]
-        return {"root": self.root, "ablation": self.ablation, "nodes": nodes, "edges": edges}
+        return {"root": self.root, "ablation": self.ablation, "semantics": self.semantics,
+                "nodes": nodes, "edges": edges}
 
     def to_dot(self) -> str:
         """Graphviz text: parents above children, edges labelled by channel@position."""
@@ -187,15 +247,19 @@ class InterventionGraph:
 # --------------------------------------------------------------------------- lowering
 
 
-def _layer(site: Site) -> float:
-    if isinstance(site, Embed) or type(site).__name__ in ("TokenEmbed", "PosEmbed"):
-        return -1
-    if isinstance(site, (Head, Mlp)):
-        # an MLP reads the heads of its own layer: order it after them
-        return site.layer + (0.5 if isinstance(site, Mlp) else 0)
-    if isinstance(site, Logits):
-        return float("inf")
-    raise LowerError(f"{site} cannot take part in a causal scrubbing graph")
+def enters(transplant: Transplant, channel: Channel | None) -> bool:
+    """Whether a child entering by `transplant` feeds its parent's `channel` input."""
+    if transplant.channel is Channel.PATTERN:
+        return channel in (Channel.Q, Channel.K)
+    return transplant.channel == channel
+
+
+def _order(site: Site) -> float:
+    try:
+        return topology.site_order(site)
+    except ValueError:
+        raise LowerError(f"{site} cannot take part in a causal scrubbing graph",
+                         hint="claim embed, heads, MLPs or logits") from None
 
 
 @dataclass
@@ -211,6 +275,8 @@ class _Template:
     # (child template key, Transplant)
     children: list[tuple[tuple, Transplant]] = field(default_factory=list)
     has_parent: bool = False
+    # made by a depends-claim on the site or one of its input channels (not only by edges)
+    claimed: bool = False
 
 
 def _covers(claimed: Position, wanted: Position) -> bool:
@@ -232,6 +298,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             that cannot be scrubbed.
     """
     claims = list(getattr(hypothesis, "claims", ()))
+    shape = getattr(hypothesis, "shape", None)
     problems: list[Diagnostic] = []
     templates: dict[tuple, _Template] = {}
     root_key = ("root",)
@@ -249,6 +316,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             t.features = merged
         if claim_idx is not None:
             t.claims.append(claim_idx)
+            t.claimed = True
         return t
 
     def find_senders(site, position) -> list[_Template]:
@@ -275,13 +343,13 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             if isinstance(site, Head) and site.channel.is_input:
                 channel_claims.append((i, claim, feats))
             elif isinstance(site, Head) and site.channel is Channel.PATTERN:
-                # a pattern row at P is computed from q at P and k everywhere
-                channel_claims.append((i, _ChannelClaim(site.with_channel(Channel.Q), claim.position), feats))
-                channel_claims.append((i, _ChannelClaim(site.with_channel(Channel.K), ALL), feats))
+                # a pattern row at P is computed from q at P and k everywhere: one leaf
+                # gives both, from one sample (a content match survives)
+                channel_claims.append((i, claim, feats))
             elif isinstance(site, Logits):
                 channel_claims.append((i, claim, feats))
             else:
-                _layer(site)
+                _order(site)
                 add_sender(site, claim.position, feats or (), i)
         elif kind == "EdgeClaim":
             edge_claims.append((i, claim))
@@ -291,15 +359,10 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
         sender, receiver, pos = claim.sender, claim.receiver, claim.position
         if isinstance(sender, Head):
             sender = sender.with_channel(Channel.OUT)
-        if _layer(sender) >= _layer(receiver):
-            problems.append(
-                Diagnostic(
-                    "lower.backwards-edge",
-                    f"edge {sender} -> {receiver} runs backwards: a site can only read "
-                    "sites in earlier layers",
-                    getattr(claim, "span", None),
-                )
-            )
+        problem = topology.edge_problem(shape, sender, _as_receiver(receiver))
+        if problem is not None:
+            problems.append(Diagnostic("lower.not-an-edge", f"edge {sender} -> {receiver} is not in the model: "
+                                       f"{problem}", getattr(claim, "span", None)))
             continue
         senders = find_senders(sender, pos) or [add_sender(sender, pos, SAME_INPUT, None)]
         for s in senders:
@@ -354,22 +417,35 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
         out = site.with_channel(Channel.OUT)
         parents = [t for t in templates.values() if t.role == "sender" and t.site == out]
         if not parents:
-            parents = [add_sender(out, pos if site.channel is Channel.Q else ALL, SAME_INPUT, None)]
+            at = pos if site.channel in (Channel.Q, Channel.PATTERN) else ALL
+            parents = [add_sender(out, at, SAME_INPUT, None)]
         key = ("input", site, pos)
         leaf = templates.get(key)
         if leaf is None:
             leaf = templates[key] = _Template(key, site, pos, feats, "input", [i])
         for p in parents:
+            p.claimed = True
             link(leaf, p, Transplant(site.channel, pos))
 
     if problems:
         raise LowerError(problems)
 
-    # 4. claimed senders that feed nothing are read by the root at their position
+    # 4. claimed senders that feed nothing are read by the root at their position; a
+    # site only edges name, that sends along none, has no path to the output: its
+    # sub-tree is dropped (an edge-only circuit says where each path goes)
     root = templates[root_key]
+    warnings: list[Diagnostic] = []
     for t in list(templates.values()):
         if t.role == "sender" and not t.has_parent:
-            link(t, root, Transplant(None, t.position))
+            if t.claimed:
+                link(t, root, Transplant(None, t.position))
+            else:
+                span = getattr(claims[t.claims[0]], "span", None) if t.claims else None
+                warnings.append(Diagnostic(
+                    "lower.dangling", f"{t.site} receives edges but sends along none, so no path "
+                    "from it reaches the output and those edges cannot matter", span,
+                    f"add an edge from it (e.g. `{_edge_text(t.site)} -> logits at {t.position}`) or a "
+                    "claim about it", severity="warning"))
 
     # 5. treeify from the root: copy shared sub-DAGs per parent, merge equal siblings
     graph = nx.DiGraph()
@@ -395,10 +471,16 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
     ablation = getattr(hypothesis, "ablation", None)
     mode = getattr(ablation, "mode", ablation) or "resample"
     given = tuple(getattr(ablation, "given", ()) or ())
-    return InterventionGraph(graph, root_id, str(mode), given)
+    semantics = getattr(hypothesis, "semantics", DEFAULT_SEMANTICS) or DEFAULT_SEMANTICS
+    return InterventionGraph(graph, root_id, str(mode), given, str(semantics), warnings)
 
 
-@dataclass(frozen=True, slots=True)
-class _ChannelClaim:
-    site: Site
-    position: Position
+def _edge_text(site: Site) -> str:
+    return f"{site.layer}.{site.head}" if isinstance(site, Head) else str(site)
+
+
+def _as_receiver(site: Site) -> Site:
+    """An edge's receiver as the graph names it (an edge into a head's output means q)."""
+    if isinstance(site, Head) and not site.channel.is_input:
+        return site.with_channel(Channel.Q)
+    return site

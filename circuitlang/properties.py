@@ -94,8 +94,12 @@ def _per_prompt_recovered(clean, scrubbed, random):
         return np.where(gap != 0, (random - scrubbed) / gap, np.nan)
 
 
-def judge_expectations(hypothesis, *, scrubber, per_prompt, summary, seed, max_examples):
+def judge_expectations(hypothesis, *, scrubber, per_prompt, summary, seed, max_examples, graph=None):
     """Judge every `expect` of a hypothesis.
+
+    When the task shows no behaviour on the model (`summary.behaviour` is False: the
+    clean-vs-random gap's interval includes 0), an aggregate expectation about the
+    circuit (one naming anything but `clean`) is not met, whatever its numbers say.
 
     Args:
         hypothesis: the resolved hypothesis.
@@ -104,6 +108,7 @@ def judge_expectations(hypothesis, *, scrubber, per_prompt, summary, seed, max_e
         summary: the `CheckResult` so far (means, recovered, p-value).
         seed: the check's seed.
         max_examples: how many generated prompts to try per per-prompt property.
+        graph: the hypothesis's lowered graph (lowered here when not given).
 
     Returns:
         (expectation results, counterexamples).
@@ -111,7 +116,7 @@ def judge_expectations(hypothesis, *, scrubber, per_prompt, summary, seed, max_e
     expectations = list(getattr(hypothesis, "expectations", ()))
     if not expectations:
         return [], []
-    graph = ir_to_graph(hypothesis)
+    graph = ir_to_graph(hypothesis) if graph is None else graph
     other = {}
     for name in _metric_names(expectations):
         if name == scrubber.metric:
@@ -137,7 +142,12 @@ def judge_expectations(hypothesis, *, scrubber, per_prompt, summary, seed, max_e
         if e.kind != "each":
             lhs, rhs = float(evaluate(e.lhs, env_mean)), float(evaluate(e.rhs, env_mean))
             holds = bool(op(lhs, rhs)) and not (math.isnan(lhs) or math.isnan(rhs))
-            results.append(ExpectationResult(e.text, "aggregate", holds, lhs, lhs, rhs, line=line))
+            note = None
+            if not getattr(summary, "behaviour", True) and set(e.symbols()) - {"clean"}:
+                holds, note = False, "no behaviour to recover"
+            elif math.isnan(lhs) or math.isnan(rhs):
+                note = "not measured" if "p_value" in e.symbols() else "undefined"
+            results.append(ExpectationResult(e.text, "aggregate", holds, lhs, lhs, rhs, line=line, note=note))
             continue
         env = {**env_each, "p_value": summary.p_value}
         lhs = np.broadcast_to(evaluate(e.lhs, env), per_prompt["clean"].shape)

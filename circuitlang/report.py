@@ -55,6 +55,7 @@ class ExpectationResult:
     rhs: float | None = None
     failures: int = 0
     line: int | None = None
+    note: str | None = None  # why it cannot hold ("no behaviour to recover", "not measured")
 
     def to_json(self) -> dict:
         return {
@@ -66,6 +67,7 @@ class ExpectationResult:
             "rhs": _num(self.rhs),
             "failures": self.failures,
             "line": self.line,
+            "note": self.note,
         }
 
 
@@ -94,9 +96,14 @@ class CheckResult:
     Attributes:
         clean, scrubbed, random: mean metric of the unmodified, scrubbed and fully
             ablated model (with bootstrap intervals).
-        recovered: the causal-scrubbing score with its bootstrap interval.
+        recovered: the causal-scrubbing score with its bootstrap interval (NaN when
+            the task shows no behaviour to recover).
+        gap: mean of random minus clean per prompt, with its interval: the behaviour
+            there is to recover. `behaviour` is False when its interval includes 0.
         p_value: permutation test against random circuits of the same size
-            (NaN when not run).
+            (NaN when not run); `null_exact` when every such circuit was scored.
+        remainder: per claimed node with claimed children, what it reads from the
+            remainder (the paths no claim covers), in words.
         expectations, claims, counterexamples: per-line results.
         reported: numbers the hypothesis file says the paper reports.
     """
@@ -110,13 +117,19 @@ class CheckResult:
     scrubbed: Interval
     random: Interval
     recovered: Interval
+    gap: Interval | None = None
+    behaviour: bool = True
     p_value: float = float("nan")
     null_scores: list[float] = field(default_factory=list)
+    null_exact: bool = False
+    null_total: int | None = None
     expectations: list[ExpectationResult] = field(default_factory=list)
     claims: list[ClaimResult] = field(default_factory=list)
     counterexamples: list[Counterexample] = field(default_factory=list)
     reported: dict = field(default_factory=dict)
     ablation: str = "resample"
+    semantics: str = "paths"
+    remainder: list = field(default_factory=list)
     passes: int = 0
     seconds: float = 0.0
     source: str | None = None
@@ -135,6 +148,7 @@ class CheckResult:
             "task": self.task,
             "metric": self.metric,
             "ablation": self.ablation,
+            "semantics": self.semantics,
             "seed": self.seed,
             "n": self.n,
             "clean": _num(self.clean.value),
@@ -146,8 +160,14 @@ class CheckResult:
                 name: {"low": _num(iv.low), "high": _num(iv.high)}
                 for name, iv in (("clean", self.clean), ("scrubbed", self.scrubbed), ("random", self.random))
             },
+            "behaviour": self.behaviour,
+            "gap": None if self.gap is None else {"value": _num(self.gap.value), "low": _num(self.gap.low),
+                                                  "high": _num(self.gap.high)},
             "p_value": _num(self.p_value),
             "null_scores": [_num(x) for x in self.null_scores],
+            "null_exact": self.null_exact,
+            "null_total": self.null_total,
+            "remainder": {node: list(parts) for node, parts in self.remainder},
             "holds": self.holds,
             "expectations": [e.to_json() for e in self.expectations],
             "claims": [c.to_json() for c in self.claims],
@@ -166,6 +186,8 @@ class CheckResult:
             f"model {self.model}   task {self.task}   metric {self.metric}   "
             f"ablation {self.ablation}   n={self.n}   seed={self.seed}"
         )
+        if self.semantics != "paths":
+            header += f"   semantics {self.semantics}"
         experiments = []
         for e in self.experiments:
             experiments += ["", e.render()]
@@ -178,16 +200,22 @@ class CheckResult:
             f"  clean      {_fmt(self.clean.value):>10}   [{_fmt(self.clean.low)}, {_fmt(self.clean.high)}]",
             f"  scrubbed   {_fmt(self.scrubbed.value):>10}   [{_fmt(self.scrubbed.low)}, {_fmt(self.scrubbed.high)}]",
             f"  random     {_fmt(self.random.value):>10}   [{_fmt(self.random.low)}, {_fmt(self.random.high)}]",
-            f"  recovered  {_pct(r.value):>10}   {int(r.level * 100)}% CI [{_pct(r.low)}, {_pct(r.high)}]",
+            f"  recovered  {_pct(r.value):>10}   {int(r.level * 100)}% CI [{_pct(r.low)}, {_pct(r.high)}]"
+            if self.behaviour else "  recovered   undefined   (the task shows no behaviour on this model)",
         ]
         if not math.isnan(self.p_value):
+            exact = ", every one there is: exact" if self.null_exact else ""
             lines.append(
                 f"  vs random circuits of the same size: p = {self.p_value:.3g} "
-                f"({len(self.null_scores)} circuits, median recovered "
+                f"({len(self.null_scores)} circuits{exact}; median recovered "
                 f"{_pct(sorted(self.null_scores)[len(self.null_scores) // 2])})"
             )
         for key, value in self.reported.items():
             lines.append(f"  paper reports {key} = {value}")
+        if self.remainder:
+            lines += ["", "left to the remainder (paths into claimed nodes that no claim covers):"]
+            for node, parts in self.remainder:
+                lines.append(f"  {node}: " + "; ".join(parts))
         if self.claims:
             lines += ["", "claims (recovered without it, cost):"]
             for c in self.claims:
@@ -201,6 +229,8 @@ class CheckResult:
                     f"{e.lhs:.4g} vs {e.rhs:.4g}" if e.kind == "aggregate" and e.lhs is not None
                     else f"holds on {_pct(e.value)} of prompts"
                 )
+                if e.note:
+                    detail += f"   ({e.note})"
                 lines.append(f"  {mark} {e.text:<48} {detail}")
         if self.counterexamples:
             lines += ["", "smallest counterexamples:"]
@@ -262,7 +292,11 @@ class Progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
 
     def step(self, what: str = "") -> None:
-        self.done += 1
+        self.set(self.done + 1, what)
+
+    def set(self, done: int, what: str = "") -> None:
+        """Show `done` of `total` finished."""
+        self.done = done
         if not self.enabled:
             return
         width = 24

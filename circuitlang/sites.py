@@ -27,6 +27,7 @@ position. The model layer receives concrete per-row token indices, never names.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -150,6 +151,21 @@ class Position:
     def is_all(self) -> bool:
         return self.name == "all"
 
+    @classmethod
+    def parse(cls, text: str) -> "Position":
+        """`"S1+1"` -> `Position("S1", 1)`, `"END-2"` -> `Position("END", -2)`, `"all"` -> `ALL`.
+
+        The one reading of a position's text, for every stage.
+
+        Raises:
+            ValueError: `text` is not an identifier with an optional signed offset.
+        """
+        match = _POSITION_TEXT.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"{text!r} is not a position (a name with an optional offset, like END or S1+1)")
+        name, offset = match.group(1), match.group(2)
+        return cls(name, int(offset) if offset else 0)
+
     def __str__(self) -> str:
         if self.offset > 0:
             return f"{self.name}+{self.offset}"
@@ -158,6 +174,7 @@ class Position:
         return self.name
 
 
+_POSITION_TEXT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)([+-][0-9]+)?")
 ALL = Position("all")
 
 
@@ -174,6 +191,9 @@ class ModelShape:
         vocab_size: tokenizer vocabulary size.
         n_ctx: maximum context length.
         has_mlp: False for attention-only models.
+        parallel_residual: True when each block's MLP reads the block's input (the
+            same stream as its attention: GPT-NeoX/Pythia), so a head cannot feed the
+            MLP of its own layer.
         architecture: adapter name ("gpt2", "gpt_neox", "llama", ...).
         name: what the user called the model (hub id, path or short name).
     """
@@ -186,12 +206,18 @@ class ModelShape:
     vocab_size: int = 0
     n_ctx: int = 0
     has_mlp: bool = True
+    parallel_residual: bool = False
     architecture: str = "unknown"
     name: str = ""
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (1 unless grouped-query attention)."""
+        return self.n_heads // self.kv_heads
 
     def heads(self) -> list[Head]:
         """Every head, in (layer, head) order."""

@@ -213,7 +213,11 @@ def test_wildcards_only_where_they_sweep():
 
 
 def test_edges_must_run_forward():
-    assert problems("9.6 -> 5.5.q at END") == ["edge head 9.6 -> head 5.5.q goes backwards"]
+    assert problems("9.6 -> 5.5.q at END") == [
+        "edge head 9.6 -> head 5.5.q is not in the model: head 9.6 is computed after head 5.5.q "
+        "reads the residual stream: a head reads only senders of earlier layers"]
+    assert problems("resid 3 -> 5.5.q at END") == [
+        "resid 3 is not a node of the computational graph: it is the sum of every sender before it"]
     assert problems("logits -> mlp 3 at END") == ["logits cannot send along an edge"]
     assert problems("5.5 -> 8.6.pattern at END") == ["head 8.6.pattern cannot receive an edge"]
     assert hyp("head 3.3 -> mlp 3 at END").claims  # a block's MLP reads its own heads
@@ -258,8 +262,11 @@ def test_verb_arguments_of_the_wrong_kind_point_at_the_use():
 def test_unknown_verb_hint_names_the_nearest_pattern():
     with pytest.raises(ResolveError) as info:
         hyp("head 9.6 moves name END")
-    assert info.value.hint == "the nearest verb is `moves $x to $p`"
+    assert info.value.hint == "verbs starting with that word: `moves $x to $p`; `moves $x from $q to $p`"
     assert "$h moves $x to $p" in verb_patterns()
+    with pytest.raises(ResolveError) as info:
+        hyp("head 9.6 copies name END")
+    assert info.value.hint == "the nearest verb is `copies $x to $p`"
 
 
 def test_imports(tmp_path: Path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from circuitlang import ast, ir, sites, verbs
+from circuitlang import ast, ir, sites, topology, verbs
 from circuitlang.errors import Span
 
 
@@ -68,29 +68,37 @@ class ClaimResolver:
                     rs = [r.with_channel(c) for c in (sites.Channel.Q, sites.Channel.K,
                                                       sites.Channel.V)]
                 candidates.extend((s, rr) for rr in rs)
-        forward = [(s, r) for s, r in candidates if _is_hole(s, r) or
-                   _out_order(s) < _in_order(r)]
+        forward = [(s, r) for s, r in candidates
+                   if _is_hole(s, r) or topology.edge_exists(self.shape, s, r)]
         if len(senders) * len(receivers) > 1 and forward:
             candidates = forward
         return [(s, r) for s, r in candidates if self._edge_ok(s, r, span)]
 
     def _edge_ok(self, s, r, span) -> bool:
+        """Whether `s -> r` is an edge of the model (`circuitlang.topology` decides);
+        reports why not."""
         if isinstance(s, ir.Hole) or isinstance(r, ir.Hole):
             return True
-        if isinstance(s, sites.Logits) or (isinstance(s, sites.Head) and s.channel is not
-                                            sites.Channel.OUT):
+        if isinstance(s, sites.Resid) or isinstance(r, sites.Resid):
+            self.report("resolve.edge", f"{s if isinstance(s, sites.Resid) else r} is not a node "
+                        "of the computational graph: it is the sum of every sender before it", span,
+                        "name the senders it holds (embed, head L.H, mlp L) or the receiver that "
+                        "reads it (head L.H.q / .k / .v, mlp L, logits)")
+            return False
+        if not topology.is_sender(s):
             self.report("resolve.edge", f"{s} cannot send along an edge", span,
-                        "senders are outputs: embed, a head (no channel), mlp L, resid L")
+                        "senders are outputs: embed, a head (no channel), mlp L")
             return False
-        if isinstance(r, sites.Embed) or (isinstance(r, sites.Head) and r.channel is
-                                           sites.Channel.PATTERN):
+        if not topology.is_receiver(r):
             self.report("resolve.edge", f"{r} cannot receive an edge", span,
-                        "receivers are inputs: a head's q, k or v, mlp L, resid L, logits")
+                        "receivers are inputs: a head's q, k or v, mlp L, logits")
             return False
-        if _out_order(s) >= _in_order(r):
-            self.report("resolve.edge", f"edge {s} -> {r} goes backwards", span,
-                        "a site reads only sites of earlier layers (or, for an MLP, heads "
-                        "of its own layer)")
+        problem = topology.edge_problem(self.shape, s, r)
+        if problem is not None:
+            self.report("resolve.edge", f"edge {s} -> {r} is not in the model: {problem}",
+                        span, "a site reads only what was computed before it: senders of earlier "
+                        "layers (and, for an MLP without parallel attention, the heads of its "
+                        "own layer)")
             return False
         return True
 
@@ -167,31 +175,3 @@ class ClaimResolver:
 
 def _is_hole(*parts) -> bool:
     return any(isinstance(p, ir.Hole) for p in parts)
-
-
-def _out_order(site) -> float:
-    """Where a sender's output enters the residual stream (for edge direction)."""
-    match site:
-        case sites.Embed() | sites.TokenEmbed() | sites.PosEmbed():
-            return -1
-        case sites.Head(layer=layer):
-            return 2 * layer
-        case sites.Mlp(layer=layer):
-            return 2 * layer + 1
-        case sites.Resid(layer=layer):
-            return 2 * layer - 0.5
-    return float("inf")
-
-
-def _in_order(site) -> float:
-    """Where a receiver reads the residual stream (for edge direction)."""
-    match site:
-        case sites.Head(layer=layer):
-            return 2 * layer
-        case sites.Mlp(layer=layer):
-            return 2 * layer + 1
-        case sites.Resid(layer=layer):
-            return 2 * layer - 0.5
-        case sites.Logits():
-            return float("inf")
-    return float("-inf")

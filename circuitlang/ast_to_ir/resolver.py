@@ -1,7 +1,7 @@
 """The resolver: one pass over a program, collecting every problem, giving a `Hypothesis`."""
 from __future__ import annotations
 
-from circuitlang import ast, ir, sites, verbs
+from circuitlang import ast, ir, sites, topology, verbs
 from circuitlang.ast_to_ir.claims import ClaimResolver, _Origin
 from circuitlang.ast_to_ir.expressions import ExpressionResolver
 from circuitlang.ast_to_ir.header import HeaderResolver
@@ -72,13 +72,15 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
             model=self.shape.name or header["model"],
             task=self.task.name,
             metric=header["metric"],
+            metric_named=any(isinstance(s, ast.MetricDecl) for s in program.statements),
             ablation=header["ablation"],
             semantics=header["semantics"],
+            shape=self.shape,
             seed=header["seed"],
             samples=header["samples"],
+            task_params=header["task_params"],
             citations=header["citations"],
             reported=header["reported"],
-            task_params=header["task_params"],
             groups=tuple(self.groups.items()),
             claims=tuple(claims),
             experiments=tuple(experiments),
@@ -137,8 +139,7 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
                 grid, axes = self._grid(sender)
                 # a sweep's grid keeps every cell; a path that cannot exist patches nothing
                 pairs = [(s, r) for s in senders for r in receivers
-                         if not axes or not isinstance(s, sites.Head) or
-                         s.layer < getattr(r, "layer", s.layer + 1)]
+                         if not axes or topology.edge_exists(self.shape, s, r)]
                 if not all(self._edge_ok(s, r, stmt.span) for s, r in pairs):
                     return None
                 return ir.PathPatch(tuple(senders), tuple(receivers), pos, bool(axes), grid,

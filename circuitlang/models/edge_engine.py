@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuitlang.errors import ModelError
-from circuitlang.models.interventions import EdgePatch, edge_is_valid, sender_key
+from circuitlang import topology
+from circuitlang.models.interventions import EdgePatch, sender_key
 from circuitlang.sites import Channel, Embed, Head, Mlp
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -190,10 +191,10 @@ def _buffer(lm: "LoadedModel", name: str, numel: int, dtype, device) -> torch.Te
 
 
 @functools.lru_cache(maxsize=32)
-def _valid_matrix(senders: tuple, receivers: tuple, parallel_residual: bool) -> torch.Tensor:
+def _valid_matrix(senders: tuple, receivers: tuple, shape) -> torch.Tensor:
     """BoolTensor [R, S]: which pairs are edges (cached: edge sets are reused across runs)."""
     return torch.tensor(
-        [[edge_is_valid(s, r, parallel_residual) for s in senders] for r in receivers], dtype=torch.bool
+        [[topology.edge_exists(shape, s, r) for s in senders] for r in receivers], dtype=torch.bool
     ).reshape(len(receivers), len(senders))
 
 
@@ -220,7 +221,7 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
     mask = mask.to(device=device, dtype=dtype)
     if order != list(range(n_s)):
         mask = mask.index_select(-1, torch.tensor(order, dtype=torch.long, device=device))
-    valid = _valid_matrix(tuple(sorted_senders), tuple(receivers), adapter.parallel_residual).to(device)
+    valid = _valid_matrix(tuple(sorted_senders), tuple(receivers), lm.shape).to(device)
     bad = (mask != 0) & ~valid
     if bool(bad.any()):
         where = bad.nonzero()[0]
@@ -280,7 +281,7 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
         else:
             mlp_slot[s.layer] = (i, source[i])
     attn_prefix = {l: sum(k[0] < l for k in keys) for l in range(shape.n_layers)}
-    if adapter.parallel_residual:
+    if shape.parallel_residual:
         mlp_prefix = dict(attn_prefix)
     else:
         mlp_prefix = {l: sum(k[:2] <= (l, 0) for k in keys) for l in range(shape.n_layers)}

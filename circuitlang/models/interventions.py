@@ -25,7 +25,8 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 
 from circuitlang.errors import ModelError
-from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, ModelShape, Site
+from circuitlang import topology
+from circuitlang.sites import ModelShape, Site
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -49,45 +50,18 @@ class Patch:
 
 
 def sender_key(site: Site) -> tuple[int, int, int]:
-    """Where a sender sits in the forward pass (sorting by it gives computation order)."""
-    if isinstance(site, Embed):
-        return (-1, 0, 0)
-    if isinstance(site, Head) and site.channel is Channel.OUT:
-        return (site.layer, 0, site.head)
-    if isinstance(site, Mlp):
-        return (site.layer, 1, 0)
-    raise ModelError(
-        f"{site} cannot send an edge",
-        code="model.bad-sender",
-        hint="senders are embed, head L.H (its output) and mlp L",
-    )
+    """Where a sender sits in the forward pass (`topology.sender_key`, as a ModelError)."""
+    try:
+        return topology.sender_key(site)
+    except ValueError:
+        raise ModelError(f"{site} cannot send an edge", code="model.bad-sender",
+                         hint=topology.SENDERS_HINT) from None
 
 
 def _check_receiver(site: Site) -> None:
-    if isinstance(site, Head) and site.channel.is_input:
-        return
-    if isinstance(site, (Mlp, Logits)):
-        return
-    raise ModelError(
-        f"{site} cannot receive an edge",
-        code="model.bad-receiver",
-        hint="receivers are head L.H.q / .k / .v, mlp L (its input) and logits",
-    )
-
-
-def edge_is_valid(sender: Site, receiver: Site, parallel_residual: bool = False) -> bool:
-    """True when `sender`'s output is part of `receiver`'s input stream."""
-    s_layer, s_kind, _ = sender_key(sender)
-    if isinstance(receiver, Logits):
-        return True
-    if isinstance(receiver, Head):
-        return s_layer < receiver.layer
-    if isinstance(receiver, Mlp):
-        if s_layer < receiver.layer:
-            return True
-        return s_layer == receiver.layer and s_kind == 0 and not parallel_residual
-    _check_receiver(receiver)
-    return False
+    if not topology.is_receiver(site):
+        raise ModelError(f"{site} cannot receive an edge", code="model.bad-receiver",
+                         hint=topology.RECEIVERS_HINT)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -97,12 +71,13 @@ class EdgeSet:
     Attributes:
         senders: sender sites, the mask's last axis.
         receivers: receiver sites, the mask's second-to-last axis.
-        parallel_residual: True for models whose MLP reads the block's input (Pythia).
+        shape: the model's shape (edge validity asks `circuitlang.topology` with it;
+            None: a model without parallel attention and MLP).
     """
 
     senders: tuple[Site, ...]
     receivers: tuple[Site, ...]
-    parallel_residual: bool = False
+    shape: ModelShape | None = None
     _s_index: dict = field(default_factory=dict, repr=False)
     _r_index: dict = field(default_factory=dict, repr=False)
 
@@ -117,26 +92,14 @@ class EdgeSet:
             raise ModelError("an edge set lists a sender or receiver twice", code="model.duplicate-site")
 
     @classmethod
-    def build(cls, shape: ModelShape, parallel_residual: bool = False) -> "EdgeSet":
-        """Every sender and receiver of a model, in computation order.
+    def build(cls, shape: ModelShape) -> "EdgeSet":
+        """Every sender and receiver of a model, in computation order (`circuitlang.topology`).
 
         Senders: embed, then per layer its heads and its MLP. Receivers: per layer each
         head's q, k, v (k and v only for the first query head of each key/value group
         under grouped-query attention), then the MLP; finally the logits.
         """
-        group = shape.n_heads // shape.kv_heads
-        senders: list[Site] = [Embed()]
-        receivers: list[Site] = []
-        for layer in range(shape.n_layers):
-            senders += [Head(layer, h) for h in range(shape.n_heads)]
-            for channel in (Channel.Q, Channel.K, Channel.V):
-                step = 1 if channel is Channel.Q else group
-                receivers += [Head(layer, h, channel) for h in range(0, shape.n_heads, step)]
-            if shape.has_mlp:
-                senders.append(Mlp(layer))
-                receivers.append(Mlp(layer))
-        receivers.append(Logits())
-        return cls(tuple(senders), tuple(receivers), parallel_residual)
+        return cls(tuple(topology.senders(shape)), tuple(topology.receivers(shape)), shape)
 
     def index(self, sender: Site, receiver: Site) -> tuple[int, int]:
         """(receiver index, sender index) of an edge in the mask's last two axes."""
@@ -152,7 +115,7 @@ class EdgeSet:
     def valid(self) -> torch.Tensor:
         """BoolTensor [R, S]: which (receiver, sender) pairs are edges of the model."""
         return torch.tensor(
-            [[edge_is_valid(s, r, self.parallel_residual) for s in self.senders] for r in self.receivers],
+            [[topology.edge_exists(self.shape, s, r) for s in self.senders] for r in self.receivers],
             dtype=torch.bool,
         ).reshape(len(self.receivers), len(self.senders))
 
@@ -162,7 +125,7 @@ class EdgeSet:
             (s, r)
             for r in self.receivers
             for s in self.senders
-            if edge_is_valid(s, r, self.parallel_residual)
+            if topology.edge_exists(self.shape, s, r)
         ]
 
     def mask(self, batch: int, edges: Iterable[tuple[Site, Site]] = (), value: float = 1.0) -> torch.Tensor:
@@ -200,9 +163,9 @@ class EdgePatch:
     receivers: Sequence[Site]
 
     @staticmethod
-    def all_edges(shape: ModelShape, parallel_residual: bool = False) -> EdgeSet:
+    def all_edges(shape: ModelShape) -> EdgeSet:
         """The canonical senders and receivers of a model; see `EdgeSet.build`."""
-        return EdgeSet.build(shape, parallel_residual)
+        return EdgeSet.build(shape)
 
     @classmethod
     def from_set(cls, edge_set: EdgeSet, ablated: Ablated, mask: torch.Tensor) -> "EdgePatch":

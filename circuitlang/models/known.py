@@ -18,8 +18,10 @@ TOYS_DIR = Path(__file__).resolve().parent / "toys"
 
 def _shape(arch: str, n_layers: int, n_heads: int, d_model: int, vocab: int, n_ctx: int,
            n_kv: int | None = None, d_head: int | None = None, has_mlp: bool = True) -> dict:
+    # every GPT-NeoX / Pythia release uses parallel attention and MLP (use_parallel_residual)
     return dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head or d_model // n_heads,
-                n_kv_heads=n_kv or n_heads, vocab_size=vocab, n_ctx=n_ctx, has_mlp=has_mlp, architecture=arch)
+                n_kv_heads=n_kv or n_heads, vocab_size=vocab, n_ctx=n_ctx, has_mlp=has_mlp, architecture=arch,
+                parallel_residual=arch == "gpt_neox")
 
 
 #: Well-known hub models (from their published config.json files).

@@ -132,7 +132,7 @@ class LoadedModel:
 
     def edge_set(self) -> EdgeSet:
         """Every sender and receiver of this model (knows about parallel attention + MLP)."""
-        return EdgeSet.build(self.shape, self.adapter.parallel_residual)
+        return EdgeSet.build(self.shape)
 
     def to_tokens(self, texts: str | Sequence[str], prepend_bos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise texts into right-padded (input_ids, attention_mask) on the model's device.

@@ -1,7 +1,10 @@
 """Planted circuits: the checker accepts the true hypothesis and rejects wrong ones.
 
 The model (tests/checker/planted.py) has a previous-token head 0.0 feeding an
-induction head 1.0 through its keys; 0.1 and 1.1 do nothing.
+induction head 1.0 through its keys; 1.0's query reads the current token and its value
+the token it copies, both from the embedding; 0.1 and 1.1 do nothing. Under Chan et
+al.'s semantics every input of 1.0 that no claim covers is scrubbed, so the true
+circuit names all three paths into it.
 """
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ TRUE = """\
 task induction
 metric loss
 0.0 -> 1.0.k at all
+embed -> 1.0.q at all
+embed -> 1.0.v at all
 1.0 -> logits at all
 expect recovered >= 0.95
 expect each loss < 1
 """
-WRONG_HEAD = TRUE.replace("0.0 -> 1.0.k", "0.1 -> 1.1.k").replace("1.0 -> logits", "1.1 -> logits")
+WRONG_HEAD = TRUE.replace("0.0 -> 1.0.k", "0.1 -> 1.1.k").replace("1.0", "1.1")
 DROPPED_EDGE = TRUE.replace("0.0 -> 1.0.k", "embed -> 1.0.k")
 
 
@@ -33,12 +38,24 @@ def test_true_hypothesis_recovers_the_behaviour(planted, induction_task):
     assert result.recovered.low >= 0.9
     assert result.holds
     assert not result.counterexamples
-    # random circuits of the same size mostly do worse (with four heads in the model,
-    # a random draw can be the true circuit itself, which the p-value counts)
+    # The other circuits of the same size and shape: 0.0/0.1 into 1.0/1.1, three besides
+    # the hypothesis itself (which is never drawn). So few that all are scored: exact p.
     nulls = sorted(result.null_scores)
-    assert len(nulls) == 6 and nulls[len(nulls) // 2] < result.recovered.value
-    at_least = sum(x >= result.recovered.value - 1e-12 for x in nulls)
-    assert result.p_value == pytest.approx((1 + at_least) / 7)
+    assert len(nulls) == 3 and result.null_exact and result.null_total == 3
+    assert max(nulls) < result.recovered.value
+    assert result.p_value == pytest.approx(1 / 4)
+
+
+def test_the_null_has_hundreds_of_circuits_by_default_when_the_model_has_them():
+    from circuitlang.sites import ModelShape
+    from circuitlang.variants import random_circuits
+
+    hypothesis = circuitlang.resolve(circuitlang.parse(TRUE), ModelShape(12, 12, 768, 64, name="gpt2"),
+                                     "induction")
+    drawn = random_circuits(hypothesis, hypothesis.shape, 200, seed=0)
+    assert len(drawn.hypotheses) == 200 and not drawn.exact
+    keys = {tuple(c.claims) for c in drawn.hypotheses}
+    assert len(keys) == 200 and tuple(hypothesis.claims) not in keys
 
 
 def test_wrong_head_recovers_little_and_comes_with_a_counterexample(planted, induction_task):
@@ -69,3 +86,43 @@ def test_json_report_has_the_documented_fields(planted, induction_task, tmp_path
     assert data["expectations"][0]["holds"] is True
     assert isinstance(data["expectations"][0]["value"], float)
     assert data["versions"]["torch"]
+
+
+@pytest.mark.parametrize("needed", ["0.0 -> 1.0.k at all", "embed -> 1.0.q at all", "embed -> 1.0.v at all",
+                                    "1.0 -> logits at all"])
+def test_removing_a_needed_edge_lowers_recovered_clearly(planted, induction_task, needed):
+    """Removing an edge makes a hypothesis sparser (that path scrubbed), never coarser: each
+    planted path, left out, loses most of the behaviour (Chan et al. 2022 semantics)."""
+    full = check(TRUE, planted, induction_task, breakdown=False, max_examples=2).recovered.value
+    without = check(TRUE.replace(needed + "\n", ""), planted, induction_task, breakdown=False,
+                    max_examples=2).recovered
+    assert full > 0.95
+    assert without.high < 0.5, (needed, without)
+
+
+def test_per_claim_costs_are_large_for_planted_edges_and_zero_for_distractors(planted, induction_task):
+    text = TRUE + "0.1 -> 1.0.k at all\nembed -> 1.1.q at all\n1.1 -> logits at all\n"
+    result = check(text, planted, induction_task, max_examples=2)
+    cost = {c.text: c.cost for c in result.claims}
+    for planted_edge in ("0.0 -> 1.0.k at all", "embed -> 1.0.q at all", "embed -> 1.0.v at all",
+                         "1.0 -> logits at all"):
+        assert cost[planted_edge] > 0.5, (planted_edge, cost)
+    for distractor in ("0.1 -> 1.0.k at all", "embed -> 1.1.q at all", "1.1 -> logits at all"):
+        assert abs(cost[distractor]) < 0.02, (distractor, cost)
+    # a second, unrelated edge into the same key does not change what the true one costs
+    # (beyond resampling noise: more nodes draw their prompts in another order)
+    alone = {c.text: c.cost for c in check(TRUE, planted, induction_task, max_examples=2).claims}
+    assert cost["0.0 -> 1.0.k at all"] == pytest.approx(alone["0.0 -> 1.0.k at all"], abs=0.1)
+
+
+def test_the_report_lists_what_each_claimed_node_left_to_the_remainder(planted, induction_task):
+    result = check("task induction\nmetric loss\n0.0 -> 1.0.k at all\n1.0 -> logits at all\n",
+                   planted, induction_task, breakdown=False, max_examples=2)
+    assert result.recovered.value < 0.5  # the query and value paths were left out
+    left = dict(result.remainder)
+    assert left["head 1.0 at all"] == ["q: all of it", "k: all but head 0.0 at all", "v: all of it"]
+    assert "head 1.0 at all: q: all of it" in result.render()
+    channels = check("task induction\nmetric loss\nsemantics channels\n0.0 -> 1.0.k at all\n1.0 -> logits at all\n",
+                     planted, induction_task, breakdown=False, max_examples=2)
+    assert channels.recovered.value > 0.95  # the explicit option reads q and v on 1.0's own prompt
+    assert dict(channels.remainder)["head 1.0 at all"] == ["k: all but head 0.0 at all"]

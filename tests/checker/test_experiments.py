@@ -84,5 +84,5 @@ def test_path_patching_sweep_leaves_senders_without_a_path_empty(planted, induct
     assert np.isnan(grid[1]).all() and not np.isnan(grid[0]).any()
     assert sweep.to_json()["normalized"][1] == [None] * n_heads
     assert "      -" in sweep.render()
-    with pytest.raises(CircuitlangError, match="goes backwards"):  # named: the resolver says so
+    with pytest.raises(CircuitlangError, match="is not in the model"):  # named: the resolver says so
         run("patch 1.1 -> 1.0.k at PREV+1\n", planted, induction_task)

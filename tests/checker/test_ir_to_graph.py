@@ -1,6 +1,7 @@
 """Lowering: resolved claims become the treeified causal-scrubbing graph."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -55,6 +56,8 @@ def test_shared_sender_is_copied_per_parent_when_treeified():
         hyp(
             EdgeClaim(Head(5, 5), Head(8, 6, Channel.K), S2),
             EdgeClaim(Head(5, 5), Head(8, 10, Channel.K), S2),
+            EdgeClaim(Head(8, 6), Logits(), END),
+            EdgeClaim(Head(8, 10), Logits(), END),
         )
     )
     copies = [n for n in g.graph.nodes if g.node(n).site == Head(5, 5)]
@@ -78,8 +81,56 @@ def test_logits_claim_is_an_input_leaf_of_the_root():
 
 
 def test_backwards_edge_is_a_lower_error():
-    with pytest.raises(LowerError, match="runs backwards"):
+    with pytest.raises(LowerError, match="is not in the model: head 9.6 is computed after"):
         ir_to_graph(hyp(EdgeClaim(Head(9, 6), Head(3, 0, Channel.K), END)))
+
+
+def test_edges_follow_the_one_topology_authority():
+    """On a model with parallel attention and MLP (GPT-NeoX), a head does not feed its own
+    layer's MLP: the lowering asks `circuitlang.topology`, as the resolver and engine do."""
+    from circuitlang.sites import Mlp, ModelShape
+
+    neox = ModelShape(n_layers=2, n_heads=2, d_model=8, d_head=4, parallel_residual=True)
+    claims = (EdgeClaim(Head(0, 0), Mlp(0), END), EdgeClaim(Mlp(0), Logits(), END))
+    with pytest.raises(LowerError, match="parallel attention and MLP"):
+        ir_to_graph(dataclasses.replace(hyp(*claims), shape=neox))
+    sequential = dataclasses.replace(neox, parallel_residual=False)
+    assert ir_to_graph(dataclasses.replace(hyp(*claims), shape=sequential)).height(0) == 2
+
+
+def test_a_site_that_only_receives_edges_is_dangling_and_dropped_with_a_warning():
+    """An edge-only circuit says where each path goes: without `1.0 -> logits`, the path
+    through 1.0 reaches no output, so its edges cannot matter (removing the edge to the
+    logits removes the path, it does not keep it)."""
+    g = ir_to_graph(hyp(EdgeClaim(Head(0, 0), Head(1, 0, Channel.K), ALL)))
+    assert list(g.graph.nodes) == [g.root]
+    [warning] = g.warnings
+    assert warning.severity == "warning" and "head 1.0 receives edges but sends along none" in warning.message
+    kept = ir_to_graph(hyp(EdgeClaim(Head(0, 0), Head(1, 0, Channel.K), ALL), EdgeClaim(Head(1, 0), Logits(), ALL)))
+    assert kept.height(kept.root) == 2 and not kept.warnings
+
+
+def test_a_pattern_claim_is_one_leaf_giving_query_and_keys_from_one_sample():
+    g = ir_to_graph(hyp(DependsClaim(Head(9, 6), END, (IO,)),
+                        DependsClaim(Head(9, 6, Channel.PATTERN), END, (Feature("position", "IO"),))))
+    (head, _), = g.children(g.root)
+    (leaf, t), = g.children(head)
+    assert g.node(leaf).site == Head(9, 6, Channel.PATTERN) and t == Transplant(Channel.PATTERN, END)
+
+
+def test_nodes_with_children_say_what_they_read_from_the_remainder():
+    g = ir_to_graph(hyp(DependsClaim(Head(9, 6), END, (IO,)), EdgeClaim(Head(7, 3), Head(9, 6, Channel.Q), END)))
+    (nm, _), = g.children(g.root)
+    assert g.remainder_inputs(nm) == ["q: all but head 7.3 at END", "k: all of it", "v: all of it"]
+    assert g.remainder_inputs(g.root) == ["stream: all but head 9.6 at END"]
+    (s_inh, _), = g.children(nm)
+    assert g.remainder_inputs(s_inh) == []  # a leaf reads its own sample whole
+    channels = ir_to_graph(dataclasses.replace(
+        hyp(DependsClaim(Head(9, 6), END, (IO,)), EdgeClaim(Head(7, 3), Head(9, 6, Channel.Q), END)),
+        semantics="channels"))
+    (nm, _), = channels.children(channels.root)
+    assert channels.semantics == "channels"
+    assert channels.remainder_inputs(nm) == ["q: all but head 7.3 at END"]
 
 
 def test_ablation_is_carried():
@@ -88,7 +139,7 @@ def test_ablation_is_carried():
 
 
 def test_all_position_edges_are_flagged():
-    g = ir_to_graph(hyp(EdgeClaim(Embed(), Head(1, 0, Channel.V), ALL)))
+    g = ir_to_graph(hyp(EdgeClaim(Embed(), Head(1, 0, Channel.V), ALL), EdgeClaim(Head(1, 0), Logits(), ALL)))
     assert g.uses_all_positions()
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from circuitlang.models import EdgePatch, LoadedModel, Patch
-from circuitlang.models.interventions import edge_is_valid
+from circuitlang.topology import edge_exists
 from circuitlang.sites import Channel, Head, Logits, Mlp, MlpIn, Resid
 
 Q, K, V = Channel.Q, Channel.K, Channel.V
@@ -23,7 +23,6 @@ Q, K, V = Channel.Q, Channel.K, Channel.V
 def oracle(lm: LoadedModel, ids, ablated: dict, mask: torch.Tensor, senders, receivers, patches=()):
     """Logits and each receiver's input, computed receiver group by receiver group with node patches."""
     n = lm.shape.n_layers
-    par = lm.adapter.parallel_residual
     mask = mask.expand(ids.shape[0], *mask.shape[1:])
     patches = list(patches)
     inputs = {}
@@ -34,7 +33,7 @@ def oracle(lm: LoadedModel, ids, ablated: dict, mask: torch.Tensor, senders, rec
         for r, site in group:
             value = x.clone()
             for s_i, s in enumerate(senders):
-                if edge_is_valid(s, site, par):
+                if edge_exists(lm.shape, s, site):
                     m = mask[:, r, s_i] if mask.dim() == 3 else mask[:, :, r, s_i]
                     m = m.view(-1, 1, 1) if mask.dim() == 3 else m[..., None]
                     value = value - m * (cache[s] - ablated[s])
@@ -110,7 +109,7 @@ def test_subset_in_any_order_with_tensor_ablated(tiny, tokens):
     clean, es, abl = _setup(lm, tokens)
     senders = list(reversed(es.senders))[::2]
     receivers = [r for r in es.receivers if not isinstance(r, Head) or r.head % 2 == 0][::-1]
-    valid = torch.tensor([[float(edge_is_valid(s, r, lm.adapter.parallel_residual)) for s in senders]
+    valid = torch.tensor([[float(edge_exists(lm.shape, s, r)) for s in senders]
                           for r in receivers])
     g = torch.Generator().manual_seed(5)
     mask = (torch.rand(clean.shape[0], len(receivers), len(senders), generator=g) < 0.6).float() * valid

@@ -174,6 +174,7 @@ class Adapter(ABC):
             vocab_size=int(config.vocab_size),
             n_ctx=int(getattr(config, "max_position_embeddings", 0) or 0),
             has_mlp=not bool(getattr(config, "circuitlang_attn_only", False)),
+            parallel_residual=cls.config_parallel_residual(config),
             architecture=str(getattr(config, "model_type", cls.name)),
             name=name,
         )
@@ -222,10 +223,15 @@ class Adapter(ABC):
     def unembed(self) -> nn.Module:
         ...
 
+    @classmethod
+    def config_parallel_residual(cls, config: Any) -> bool:
+        """True when this config's MLPs read the block's input, not the stream after attention."""
+        return False
+
     @property
     def parallel_residual(self) -> bool:
         """True when the MLP reads the block's input, not the stream after attention."""
-        return False
+        return self.config_parallel_residual(self.config)
 
     @abstractmethod
     def _qkv_layout(self, layer: int, channel: Channel) -> tuple[nn.Module, torch.Tensor]:

@@ -45,9 +45,9 @@ class GPTNeoXAdapter(Adapter):
         # `lm_head` from transformers 5.1 on, `embed_out` before: ask the model
         return self.model.get_output_embeddings()
 
-    @property
-    def parallel_residual(self) -> bool:
-        return bool(self.config.use_parallel_residual)
+    @classmethod
+    def config_parallel_residual(cls, config) -> bool:
+        return bool(getattr(config, "use_parallel_residual", True))
 
     def _qkv_layout(self, layer: int, channel: Channel) -> tuple[nn.Module, torch.Tensor]:
         d_head = int(self.config.hidden_size) // self.n_heads

@@ -1,0 +1,242 @@
+"""Variants of a hypothesis, scored together: each statement removed, and random circuits.
+
+Takes a resolved `Hypothesis` and a `Scrubber`; gives what a causal claim needs
+beside its own score, computed with many circuits along the batch of each pass
+(`Scrubber.scrub_many`), never one scrub loop per variant:
+
+* **the breakdown** (`claim_breakdown`): for each source statement, % recovered with
+  that statement's claims removed, and the cost (the full score minus that). Removing
+  a statement always makes the hypothesis sparser (`semantics paths`), so a cost near
+  zero means the statement adds nothing the rest does not.
+* **the null** (`permutation_null`): random circuits of the same size and shape (Shi
+  et al. 2024): every head the hypothesis names is mapped to a distinct head, keeping
+  positions, features, channels and which edges exist; the hypothesis itself is never
+  one of them. When there are no more such circuits than asked for, all of them are
+  scored and the p-value is exact.
+
+The checker reports both; the solver uses the same functions to explain a circuit it
+found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from circuitlang import stats, topology
+from circuitlang.errors import CircuitlangError
+from circuitlang.ir import Hypothesis
+from circuitlang.ir_to_graph import ir_to_graph
+from circuitlang.sites import Channel, Head, ModelShape
+
+__all__ = ["Null", "Statement", "claim_breakdown", "permutation_null", "random_circuits", "statements"]
+
+#: Enumerate every random circuit when the injective head maps number at most this many.
+ENUMERATE_UP_TO = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One source statement and the indices (into `Hypothesis.claims`) of its claims."""
+
+    text: str
+    line: int | None
+    claims: tuple[int, ...]
+
+
+def statements(hypothesis: Hypothesis) -> list[Statement]:
+    """The hypothesis's claims grouped by the statement they came from, in source order."""
+    groups: dict = {}
+    for i, claim in enumerate(hypothesis.claims):
+        span = getattr(claim, "span", None)
+        key = (claim.text or str(claim), span.line if span else None)
+        groups.setdefault(key, []).append(i)
+    return [Statement(text, line, tuple(idx)) for (text, line), idx in groups.items()]
+
+
+def without(hypothesis: Hypothesis, statement: Statement) -> Hypothesis:
+    """The hypothesis with one statement's claims removed."""
+    drop = set(statement.claims)
+    return dataclasses.replace(hypothesis, claims=tuple(c for i, c in enumerate(hypothesis.claims)
+                                                        if i not in drop))
+
+
+def claim_breakdown(hypothesis: Hypothesis, scrubber, clean: np.ndarray, random: np.ndarray,
+                    full_score: float, seed: int, progress=None) -> list:
+    """For each source statement: % recovered without it, and what it costs.
+
+    Returns [] for a hypothesis of one statement (removing it is the empty hypothesis,
+    whose score is 0 by definition).
+    """
+    from circuitlang.report import ClaimResult
+
+    found = statements(hypothesis)
+    if len(found) < 2:
+        return []
+    graphs = [ir_to_graph(without(hypothesis, st)) for st in found]
+    results = scrubber.scrub_many(graphs, seed=seed, progress=progress)
+    out = []
+    for st, res in zip(found, results):
+        score = stats.recovered(clean, res.scrubbed, random)
+        out.append(ClaimResult(st.text, st.line, score, full_score - score))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RandomCircuits:
+    """Random circuits of a hypothesis's size and shape.
+
+    Attributes:
+        hypotheses: the circuits drawn (the hypothesis itself is never among them).
+        total: how many distinct such circuits exist (None: too many to count).
+        exact: True when `hypotheses` is every one of them.
+    """
+
+    hypotheses: list[Hypothesis]
+    total: int | None
+    exact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Null:
+    """Scores of random circuits and the permutation test's p-value.
+
+    Attributes:
+        scores: % recovered of each random circuit.
+        p_value: `(1 + #{null >= observed}) / (1 + len(scores))`.
+        total: how many distinct random circuits exist (None: too many to count).
+        exact: True when every one of them was scored (the p-value is then exact).
+    """
+
+    scores: np.ndarray
+    p_value: float
+    total: int | None
+    exact: bool
+
+
+def _heads(hypothesis: Hypothesis) -> list[tuple[int, int]]:
+    found: dict[tuple[int, int], None] = {}
+    for claim in hypothesis.claims:
+        for attr in ("site", "sender", "receiver"):
+            site = getattr(claim, attr, None)
+            if isinstance(site, Head):
+                found.setdefault((site.layer, site.head), None)
+    return list(found)
+
+
+def _remap(hypothesis: Hypothesis, mapping: dict) -> Hypothesis:
+    def fix(site):
+        if isinstance(site, Head) and (site.layer, site.head) in mapping:
+            layer, head = mapping[(site.layer, site.head)]
+            return Head(layer, head, site.channel)
+        return site
+
+    claims = []
+    for claim in hypothesis.claims:
+        changes = {a: fix(getattr(claim, a)) for a in ("site", "sender", "receiver") if hasattr(claim, a)}
+        claims.append(dataclasses.replace(claim, **changes))
+    return dataclasses.replace(hypothesis, claims=tuple(claims))
+
+
+class _Template:
+    """A hypothesis with its heads as slots: fast to remap, check and compare by key."""
+
+    def __init__(self, hypothesis: Hypothesis, heads: list[tuple[int, int]]):
+        self.hypothesis = hypothesis
+        slot = {h: i for i, h in enumerate(heads)}
+        self.parts = []  # per claim: (kind, site-or-slot per attribute, position, features)
+        for claim in hypothesis.claims:
+            ends = []
+            for attr in ("site", "sender", "receiver"):
+                site = getattr(claim, attr, None)
+                if isinstance(site, Head) and (site.layer, site.head) in slot:
+                    ends.append((slot[(site.layer, site.head)], site.channel))
+                else:
+                    ends.append(site)
+            self.parts.append((type(claim).__name__, tuple(ends), claim.position,
+                               getattr(claim, "features", None)))
+        self.edges = [ends[1:] for kind, ends, _, _ in self.parts if kind == "EdgeClaim"]
+
+    @staticmethod
+    def _site(end, pool, picks):
+        if isinstance(end, tuple):
+            layer, head = pool[picks[end[0]]]
+            return Head(layer, head, end[1])
+        return end
+
+    def valid(self, pool, picks, shape: ModelShape) -> bool:
+        for sender, receiver in self.edges:
+            r = self._site(receiver, pool, picks)
+            if isinstance(r, Head) and not r.channel.is_input:
+                r = r.with_channel(Channel.Q)
+            if not topology.edge_exists(shape, self._site(sender, pool, picks), r):
+                return False
+        return True
+
+    def key(self, pool, picks) -> frozenset:
+        """What makes two circuits the same circuit: their set of claims."""
+        return frozenset((kind, tuple(self._site(e, pool, picks) for e in ends), position, features)
+                         for kind, ends, position, features in self.parts)
+
+    def build(self, heads, pool, picks) -> Hypothesis:
+        return _remap(self.hypothesis, {old: pool[i] for old, i in zip(heads, picks)})
+
+
+def random_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int) -> RandomCircuits:
+    """Up to `k` distinct random circuits of the hypothesis's size and shape.
+
+    Each maps every head the hypothesis names to a distinct head of the model, keeping
+    positions, features and channels, and keeping only circuits whose edges exist.
+    When the maps are few enough to enumerate, all valid circuits are listed and, if
+    there are at most `k`, returned (`exact`); otherwise `k` are drawn without
+    replacement.
+    """
+    heads = _heads(hypothesis)
+    pool = [(layer, h) for layer in range(shape.n_layers) for h in range(shape.n_heads)]
+    rng = np.random.default_rng(seed + 1)
+    if not heads or len(heads) > len(pool):
+        return RandomCircuits([], 0, True)
+    template = _Template(hypothesis, heads)
+    own = template.key(pool, [pool.index(h) for h in heads])
+    if math.perm(len(pool), len(heads)) <= ENUMERATE_UP_TO:
+        found: dict[frozenset, tuple[int, ...]] = {}
+        for picks in itertools.permutations(range(len(pool)), len(heads)):
+            if not template.valid(pool, picks, shape):
+                continue
+            key = template.key(pool, picks)
+            if key != own:
+                found.setdefault(key, picks)
+        every = list(found.values())
+        if len(every) <= k:
+            return RandomCircuits([template.build(heads, pool, p) for p in every], len(every), True)
+        chosen = sorted(rng.choice(len(every), size=k, replace=False))
+        return RandomCircuits([template.build(heads, pool, every[i]) for i in chosen], len(every), False)
+    drawn: dict[frozenset, tuple[int, ...]] = {}
+    tries = 0
+    while len(drawn) < k and tries < 50 * k:
+        tries += 1
+        picks = tuple(int(i) for i in rng.choice(len(pool), size=len(heads), replace=False))
+        if not template.valid(pool, picks, shape):
+            continue
+        key = template.key(pool, picks)
+        if key != own:
+            drawn.setdefault(key, picks)
+    return RandomCircuits([template.build(heads, pool, p) for p in drawn.values()], None, False)
+
+
+def permutation_null(hypothesis: Hypothesis, scrubber, clean: np.ndarray, random: np.ndarray,
+                     shape: ModelShape, k: int, seed: int, observed: float, progress=None) -> Null:
+    """Score random circuits of the same size (`random_circuits`) and test `observed`."""
+    circuits = random_circuits(hypothesis, shape, k, seed)
+    graphs = []
+    for h in circuits.hypotheses:
+        try:
+            graphs.append(ir_to_graph(h))
+        except CircuitlangError:  # pragma: no cover - `_valid` already kept edges forward
+            continue
+    results = scrubber.scrub_many(graphs, seed=seed, progress=progress) if graphs else []
+    scores = np.array([stats.recovered(clean, r.scrubbed, random) for r in results])
+    return Null(scores, stats.permutation_p_value(observed, scores), circuits.total, circuits.exact)
