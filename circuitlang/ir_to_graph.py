@@ -159,6 +159,25 @@ class InterventionGraph:
         kids = self.children(n)
         return 0 if not kids else 1 + max(self.height(c) for c, _ in kids)
 
+    def path(self, n: int) -> tuple:
+        """Node `n`'s place in the tree, independent of node numbering: one step per node
+        from the root down, `(role, site, position, channel, transplant position)` as
+        text (channel: how the node enters its parent: "q", "k", "v", "pattern" or
+        "stream"; the root's step has None for both). Two trees built from one
+        hypothesis by the documented rules give their nodes the same paths."""
+        steps = []
+        while True:
+            node = self.node(n)
+            parent = self.parent(n)
+            if parent is None:
+                steps.append((node.role, str(node.site), str(node.position), None, None))
+                break
+            t = self.graph.edges[n, parent]["transplant"]
+            channel = t.channel.value if t.channel is not None else "stream"
+            steps.append((node.role, str(node.site), str(node.position), channel, str(t.position)))
+            n = parent
+        return tuple(reversed(steps))
+
     def input_channels(self, n: int) -> tuple[Channel | None, ...]:
         """The input channels of node `n`'s site: q, k, v of a head; the one stream of an
         MLP or of the root (None); none for the embedding or an input leaf."""
