@@ -20,8 +20,11 @@ for a prompt that breaks it and shrinks it to the simplest such prompt.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random as pyrandom
+from pathlib import Path
 
 import numpy as np
 import sympy
@@ -40,6 +43,43 @@ _OPS = {
 }
 
 POOL_FOR_SEARCH = 15  # resampling pool size when judging one generated prompt
+CACHE_VARIABLE = "CIRCUITLANG_CACHE_DIR"
+
+
+def search_storage_dir() -> Path:
+    """Where the property search may keep files (`hypothesis`'s caches): never the
+    working directory.
+
+    `$CIRCUITLANG_CACHE_DIR/hypothesis` when set, else the user's cache folder
+    (`$XDG_CACHE_HOME/circuitlang/hypothesis`, `~/.cache/circuitlang/hypothesis`).
+    """
+    root = os.environ.get(CACHE_VARIABLE)
+    if root:
+        return Path(root).expanduser() / "hypothesis"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "circuitlang" / "hypothesis"
+
+
+@contextlib.contextmanager
+def _search_storage():
+    """Point `hypothesis` at `search_storage_dir()` while a search runs, then back.
+
+    The search keeps no example database (`database=None`), but `hypothesis` still
+    writes caches under its home folder, `./.hypothesis` by default: into the user's
+    working directory, on every `circuitlang check`. A user who set
+    `HYPOTHESIS_STORAGE_DIRECTORY` has chosen a place; that is kept.
+    """
+    from hypothesis import configuration
+
+    if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        yield
+        return
+    previous = getattr(configuration, "__hypothesis_home_directory", None)
+    configuration.set_hypothesis_home_dir(search_storage_dir())
+    try:
+        yield
+    finally:
+        configuration.set_hypothesis_home_dir(previous)
 
 
 def evaluate(expr: sympy.Expr, env: dict) -> np.ndarray | float:
@@ -243,18 +283,19 @@ def _search_counterexample(e, scrubber, graph, seed, max_examples) -> Counterexa
         return not bool(_OPS[e.op](lhs, rhs))
 
     try:
-        spec = hypothesis.find(
-            task.strategy(),
-            breaks,
-            settings=settings(
-                max_examples=max_examples,
-                phases=(Phase.generate, Phase.shrink),
-                database=None,
-                deadline=None,
-                suppress_health_check=list(HealthCheck),
-            ),
-            random=pyrandom.Random(seed),
-        )
+        with _search_storage():
+            spec = hypothesis.find(
+                task.strategy(),
+                breaks,
+                settings=settings(
+                    max_examples=max_examples,
+                    phases=(Phase.generate, Phase.shrink),
+                    database=None,
+                    deadline=None,
+                    suppress_health_check=list(HealthCheck),
+                ),
+                random=pyrandom.Random(seed),
+            )
     except NoSuchExample:
         return None
     lhs, rhs, prompts = seen[repr(spec)]

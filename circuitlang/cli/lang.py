@@ -4,11 +4,13 @@ Takes parsed command-line arguments; gives an exit code (0 fine, 1 an `expect`
 failed or `fmt --check` found unformatted files, 2 a user error, rendered as a
 diagnostic by `circuitlang.cli.main`).
 
-`check` has two halves. The front half is here: `load_hypothesis` parses the file,
-resolves it against the model's shape and the task (every problem reported at
-once), and returns the `Hypothesis`. The back half (running it on the model)
-belongs to the executor (`circuitlang.check`); until it is wired in, `check_command`
-prints the resolved hypothesis.
+`check` has two halves. The front half is here: the options are checked
+(`circuitlang.options`: a bad `-n`, seed, batch size, device or `--json` path is a
+user error before anything runs), `load_hypothesis` parses the file and resolves it
+against the model's shape and the task (every problem reported at once), the task
+parameters of the file and of `--task-param` are merged and checked, and the model
+and task are built (`--tokenizer`, `--allow-pickle`). The back half, running it,
+is the executor's (`circuitlang.check`).
 """
 from __future__ import annotations
 
@@ -62,6 +64,18 @@ def register(subparsers) -> None:
     check.add_argument("--model", metavar="M",
                        help="model name, hub id or local path (overrides the file's `model`)")
     check.add_argument("--task", metavar="T", help="task name (overrides the file's `task`)")
+    check.add_argument("--task-param", action="append", default=[], metavar="NAME=VALUE",
+                       dest="task_params",
+                       help="a task parameter, written as in a file's `task` line "
+                       "(length=20, template_set=ABBA, tokens=[a, b]); beats the file's; "
+                       "repeatable; `circuitlang tasks NAME` lists them")
+    check.add_argument("--tokenizer", metavar="PATH",
+                       help="the tokenizer to use (a folder with tokenizer.json, or a hub id), "
+                       "for a model folder that has none")
+    check.add_argument("--allow-pickle", action="store_true",
+                       help="read pickle weights (pytorch_model.bin) when a model has no "
+                       "safetensors, with torch's weights-only unpickler (pickle files can "
+                       "run code; off by default)")
     check.add_argument("-n", "--samples", type=int, metavar="N",
                        help="number of prompts (default: the file's `samples`, else 64)")
     check.add_argument("--seed", type=int, help="seed for prompts, resampling, bootstrap, search")
@@ -119,7 +133,10 @@ def parse_command(args: argparse.Namespace) -> int:
     """Print the canonical text, or (with --json) the resolved IR as JSON."""
     if args.json:
         hypothesis, _ = load_hypothesis(args.file, args.model, args.task)
-        json.dump(hypothesis.to_json(), sys.stdout, indent=2)
+        data = hypothesis.to_json()
+        data["task_params"] = {k: list(v) if isinstance(v, tuple) else v
+                               for k, v in hypothesis.task_params}
+        json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
     from circuitlang.printer import format
@@ -156,37 +173,78 @@ def load_hypothesis(
 
 
 def check_command(args: argparse.Namespace) -> int:
-    """`circuitlang check FILE`: resolve (every problem at once, exit 2), then scrub.
+    """`circuitlang check FILE`: check the options, resolve (every problem at once,
+    exit 2), build the model and the task, then scrub.
 
     Prints the report; exit 0 when every `expect` holds, 1 when one fails.
     `--resolve-only` stops after the front half and prints what the file claims.
     """
+    from circuitlang import options
+    from circuitlang.checker import DEFAULT_N
+    from circuitlang.tasks import merge_task_params
+
+    # Every option first: a bad one must not cost a model load, or a whole run whose
+    # result then cannot be written.
+    if args.samples is not None:
+        options.check_n(args.samples)
+    seed = None if args.seed is None else options.check_seed(args.seed)
+    batch_size = options.check_batch_size(args.batch_size)
+    permutations = options.check_permutations(args.permutations)
+    max_examples = options.check_max_examples(args.max_examples)
+    device = options.check_device(args.device)
+    if args.json_out:
+        options.check_output_path(args.json_out)
+    explicit = task_params_from_args(args.task_params)
+
     hypothesis, source = load_hypothesis(args.file, args.model, args.task)
+    n = options.prompt_count(args.samples, hypothesis.samples, DEFAULT_N)
+    merge_task_params(hypothesis.task, hypothesis.task_params, explicit, source="--task-param")
     if args.resolve_only:
         print(summarize(hypothesis))
         return EXIT_OK
     from circuitlang.checker import check
+    from circuitlang.models import load_model
     from circuitlang.report import write_json_atomic
+    from circuitlang.tasks import task_for
 
+    model = load_model(hypothesis.model, device=device, allow_pickle=args.allow_pickle,
+                       tokenizer=args.tokenizer)
+    task = task_for(hypothesis, model.tokenizer, params=explicit, shape=model.shape,
+                    model_name=model.name, source="--task-param")
     result = check(
         args.file,
-        model=args.model,
-        task=args.task,
-        n=args.samples,
-        seed=args.seed,
+        model=model,
+        task=task,
+        n=n,
+        seed=seed,
         metric=args.metric,
         semantics=args.semantics,
-        permutations=args.permutations,
+        permutations=permutations,
         breakdown=not args.no_breakdown,
-        max_examples=args.max_examples,
-        batch_size=args.batch_size,
-        device=args.device,
+        max_examples=max_examples,
+        batch_size=batch_size,
+        device=device,
         progress=None,
     )
     print(result.render())
     if args.json_out:
         write_json_atomic(args.json_out, result.to_json())
     return EXIT_OK if result.holds else EXIT_FAILED
+
+
+def task_params_from_args(texts: list[str]) -> dict:
+    """`--task-param NAME=VALUE` options as a dict (the later of two with one name wins).
+
+    Raises:
+        ParseError: one that is not `NAME=VALUE` in the syntax of a `task` line.
+    """
+    from circuitlang.text_to_ast import parse_task_param
+
+    params = {}
+    for text in texts:
+        param = parse_task_param(text)
+        params[param.name] = param.value
+    return params
 
 
 def summarize(hypothesis: ir.Hypothesis) -> str:
@@ -243,7 +301,15 @@ def _claim_text(claim: ir.Claim) -> str:
 
 
 def _read(path: str) -> str:
+    from circuitlang.text_to_ast import MAX_SOURCE_CHARS
+
     try:
+        size = Path(path).stat().st_size
+        if size > 4 * MAX_SOURCE_CHARS:  # too long however it decodes: do not read it
+            raise CircuitlangError(Diagnostic(
+                "cli.file", f"{path} is {size:,} bytes; a hypothesis file holds at most "
+                f"{MAX_SOURCE_CHARS:,} characters", None,
+                "split it into files joined with `use`"))
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CircuitlangError(Diagnostic("cli.file", f"no such file: {path}", None,
