@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from circuitlang.errors import ExecutionError
+from circuitlang.ir import ABLATION_MODES
 from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph, enters
 from circuitlang.sites import ALL, Channel, Head, Logits, Mlp, MlpIn, Position, Resid
 
@@ -109,15 +110,17 @@ class PlainCache:
 
     `ensure(sites)` runs one batched pass over the prompts for the sites not yet
     held; `get(site)` returns a CPU tensor [M, T, D]. Means for mean ablation are
-    taken over real (unpadded) tokens, per absolute position.
+    taken over real (unpadded) tokens, per absolute position. With
+    `which="corrupt"` the prompts are the task's counterfactuals (`corrupt_input_ids`).
     """
 
-    def __init__(self, model, prompts, *, batch_size: int = DEFAULT_BATCH):
+    def __init__(self, model, prompts, *, batch_size: int = DEFAULT_BATCH, which: str = "clean"):
         self.model = model
         self.prompts = prompts
         self.batch_size = batch_size
         self.values: dict = {}
         self.passes = 0
+        self.input_ids = prompts.input_ids if which == "clean" else prompts.corrupt_input_ids
 
     def ensure(self, sites) -> None:
         missing = [s for s in dict.fromkeys(sites) if s not in self.values]
@@ -127,7 +130,7 @@ class PlainCache:
         for sl in _chunks(len(self.prompts.input_ids), self.batch_size):
             run = run_batched(
                 self.model,
-                self.prompts.input_ids[sl],
+                self.input_ids[sl],
                 self.prompts.attention_mask[sl],
                 capture=missing,
             )
@@ -316,6 +319,7 @@ class Scrubber:
         self.final = Resid(self.n_layers)
         self.passes = 0
         self._clean: np.ndarray | None = None
+        self._corrupt: PlainCache | None = None
 
     # -- metrics ---------------------------------------------------------------
 
@@ -349,16 +353,49 @@ class Scrubber:
         return self.cache.get(site)[torch.as_tensor(rows)]
 
     def _remainder(self, site, rows: np.ndarray, mode: str) -> torch.Tensor:
-        """What unclaimed paths give a site: its plain value on `rows`, the mean, or zero."""
+        """What unclaimed paths give a site, by ablation: its plain value on `rows`
+        (resample), on their counterfactuals (corrupt), its dataset mean (mean), or, with
+        every sender zeroed (zero), what is left: nothing for a sender's output, the
+        shared attention-output biases for an input stream."""
         if mode == "resample":
             return self._plain(site, rows)
+        if mode == "corrupt":
+            return self.corrupt_cache.get(site)[torch.as_tensor(rows)]
         full = self.cache.get(site)
         n, t = len(rows), full.shape[1]
         if mode == "mean":
             return self.cache.mean(site).unsqueeze(0).expand(n, t, -1).clone()
         if mode == "zero":
-            return torch.zeros(n, t, full.shape[2], dtype=full.dtype)
-        raise ExecutionError(f"unknown ablation {mode!r}", hint="use resample, mean or zero")
+            out = torch.zeros(n, t, full.shape[2], dtype=full.dtype)
+            bias = self._bias_stream(site)
+            return out if bias is None else out + bias.to(out.dtype)
+        raise ExecutionError(f"unknown ablation {mode!r}", hint="use " + ", ".join(ABLATION_MODES))
+
+    def _bias_stream(self, site) -> torch.Tensor | None:
+        """The part of an input stream that no sender writes: the attention output biases
+        of the layers before it (each head's output excludes the shared bias). None for a
+        sender's own output."""
+        if isinstance(site, Head) and site.channel.is_input:
+            layers = range(site.layer)
+        elif isinstance(site, MlpIn):
+            layers = range(site.layer + (0 if self.model.shape.parallel_residual else 1))
+        elif isinstance(site, Resid):
+            layers = range(site.layer)
+        else:
+            return None
+        total = None
+        for layer in layers:
+            bias = self.model.adapter.out_bias(layer)
+            if bias is not None:
+                total = bias.detach().to("cpu") if total is None else total + bias.detach().to("cpu")
+        return total
+
+    @property
+    def corrupt_cache(self) -> PlainCache:
+        """Plain activations of the task's counterfactual prompts (`ablation corrupt`)."""
+        if self._corrupt is None:
+            self._corrupt = PlainCache(self.model, self.prompts, batch_size=self.batch_size, which="corrupt")
+        return self._corrupt
 
     def _child_value(self, graph: InterventionGraph, c: int, insts: dict, sel: np.ndarray,
                      channel=None) -> torch.Tensor:
@@ -433,6 +470,8 @@ class Scrubber:
             for i in group:
                 sites += self.sites_needed(graphs[i])
             self.cache.ensure(sites)
+            if any(graphs[i].ablation == "corrupt" for i in group):
+                self.corrupt_cache.ensure(sites)
             insts = {i: self._sample(graphs[i], seed) for i in group}
             heights: dict[int, list[tuple[int, int]]] = {}
             for i in group:
@@ -481,7 +520,10 @@ class Scrubber:
             node = graph.node(v)
             parent = graph.parent(v)
             rows = refs if parent is None else sampler.agree(insts[parent].rows, node.features)
-            remainder = sampler.agree(rows, given) if not graph.is_leaf(v) or parent is None else rows
+            if graph.ablation == "corrupt" or (graph.is_leaf(v) and parent is not None):
+                remainder = rows  # a leaf needs none; `corrupt`: the node's own counterfactual
+            else:
+                remainder = sampler.agree(rows, given)
             insts[v] = _Inst(rows=rows, remainder=remainder)
         return insts
 

@@ -17,9 +17,10 @@ Conventions:
 * **Path patching** (`patch A -> B.q at P`) changes only the direct path: on the
   clean run, the receiver's input at P becomes its own input plus
   (corrupt A - clean A), with everything else left as the run computes it.
-* **Ablation** (`ablate SITES with mean|zero|resample at P`) replaces the sites'
-  values on the clean prompt by their dataset mean, zero, or their value on
-  another random prompt of the dataset.
+* **Ablation** (`ablate SITES with mean|zero|resample|corrupt at P`) replaces the
+  sites' values on the clean prompt by their dataset mean, zero, their value on
+  another random prompt of the dataset, or their value on the prompt's own
+  counterfactual.
 
 Many patches run in one forward pass: rows of the batch are (site, prompt) pairs,
 each `Patch` touching only its own rows (`Patch.rows`).
@@ -351,14 +352,18 @@ class Experiments:
                 else:
                     same = np.arange(n)
                 donors[i] = same[rng.integers(len(same))]
+        elif mode == "corrupt":
+            corrupt = self.capture("corrupt", sites)
         elif mode not in ("mean", "zero"):
-            raise ExecutionError(f"unknown ablation {mode!r}", hint="use mean, zero or resample")
+            raise ExecutionError(f"unknown ablation {mode!r}", hint="use resample, corrupt, mean or zero")
 
         def replacement(site, prompt_rows):
             full = values[site]
             pos = self._positions(position, prompt_rows)
             ar = torch.arange(len(prompt_rows))
-            if mode == "zero":
+            if mode == "corrupt":
+                v = corrupt[site][prompt_rows]
+            elif mode == "zero":
                 v = torch.zeros_like(full[prompt_rows])
             elif mode == "mean":
                 if pos is None:

@@ -16,7 +16,7 @@ What the parts mean, in causal-scrubbing terms (Chan et al. 2022):
 * `EdgeClaim(sender, receiver, position)`: the receiver reads the sender at
   `position` (for a head receiver, through the channel on the receiver: `q`, `k`
   or `v`). That path is part of the circuit; paths not claimed get the ablation
-  (`Hypothesis.ablation`: resample, mean or zero).
+  (`Hypothesis.ablation`: resample, corrupt, mean or zero).
 * A `Hole` stands where a site would be; the solver fills it, the checker refuses
   to run a hypothesis that still has one (`Hypothesis.holes()`).
 
@@ -36,7 +36,10 @@ import sympy
 from circuitlang import sites
 from circuitlang.errors import Span
 
-ABLATION_MODES = ("resample", "mean", "zero")
+#: How unclaimed paths are replaced: a random resample of the dataset, the task's paired
+#: counterfactual of the prompt (what ACDC, EAP and path patching call patching), the
+#: dataset mean, or zero (every unclaimed sender contributes nothing).
+ABLATION_MODES = ("resample", "corrupt", "mean", "zero")
 #: How the scrubber reads a claimed node's inputs that no claimed child covers:
 #: "paths" (Chan et al. 2022: every such input path is scrubbed, on every channel) or
 #: "channels" (a channel no claim mentions is read on the node's own sample).
