@@ -225,7 +225,7 @@ class HeaderResolver:
             close = _similar(mode, ir.ABLATION_MODES)
             self.report("resolve.ablation", f"unknown ablation {mode!r}", stmt.span,
                         (f"did you mean {close}? " if close else "")
-                        + "ablations are resample, mean or zero")
+                        + "ablations are " + ", ".join(ir.ABLATION_MODES))
             return ir.Ablation()
         if given and mode != "resample":
             self.report("resolve.ablation", f"`given` needs resampling, not {mode} ablation",

@@ -151,7 +151,7 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
                     close = _similar(mode, ir.ABLATION_MODES)
                     self.report("resolve.ablation", f"unknown ablation {mode!r}", stmt.span,
                                 (f"did you mean {close}? " if close else "")
-                                + "ablations are resample, mean or zero")
+                                + "ablations are " + ", ".join(ir.ABLATION_MODES))
                     return None
                 if found is None or pos is None:
                     return None
