@@ -10,7 +10,7 @@ value means the same, and fails the same way, in both.
 `check_prompts_fit` is the one check that needs the prompts: it runs once a task has
 built them for a model (`Task.for_model` makes the task call it itself).
 
-Limits (docs/checker.md):
+Limits (docs/language.md, "Limits"):
 
 * prompts per run: at most `MAX_PROMPTS` (each prompt's tokens and per-prompt metrics
   stay in memory); the environment variable `CIRCUITLANG_MAX_PROMPTS` raises it;

@@ -32,7 +32,7 @@ from circuitlang.printer import format_target
 from circuitlang.resources import grammar_dir
 
 __all__ = ["parse", "parse_task_param", "grammar", "KEYWORDS", "MAX_SOURCE_CHARS",
-           "MAX_STATEMENTS", "MAX_EXPR_DEPTH", "MAX_CLAIMS", "claim_limit_diagnostic"]
+           "MAX_STATEMENTS", "MAX_EXPR_DEPTH", "MAX_CLAIMS", "check_claim_count"]
 
 # Limits on one file (docs/language.md, "Limits"). Each is far above any published
 # circuit, and each keeps a hostile or generated file from taking minutes and
@@ -164,13 +164,22 @@ def parse_task_param(text: str, where: str = "--task-param") -> ast.TaskParam:
             'path="pairs.jsonl", prepend_bos=false') from None
 
 
-def claim_limit_diagnostic(count: int, span: Span | None) -> Diagnostic:
-    """The resolver's error for a program that expands into more than MAX_CLAIMS claims.
+def check_claim_count(count: int, span: Span | None) -> Diagnostic | None:
+    """The resolver's check of MAX_CLAIMS: None while `count` claims are within it.
+
+    Call it with the claims a program has reached after each statement, and with what
+    one statement is about to make (an edge between two groups makes |S| x |R| x 3)
+    before making them, so a hostile file stops before its claims exist.
 
     Args:
-        count: how many core claims the program had reached (or one statement asks for).
-        span: the statement that went over the limit.
+        count: how many core claims the program has, or one statement asks for.
+        span: the statement that goes over the limit.
+
+    Returns:
+        The diagnostic to report (and stop expanding), or None.
     """
+    if count <= MAX_CLAIMS:
+        return None
     return Diagnostic(
         "resolve.too_many_claims",
         f"this expands into {count:,} core claims, more than the limit of {MAX_CLAIMS:,}",

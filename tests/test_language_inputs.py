@@ -166,3 +166,29 @@ def test_the_limits_are_the_documented_ones():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "language.md").read_text()
     for name in ("MAX_SOURCE_CHARS", "MAX_STATEMENTS", "MAX_EXPR_DEPTH", "MAX_CLAIMS"):
         assert f"{getattr(text_to_ast, name):,}" in doc, name
+
+
+def test_the_claim_limit_check_names_the_limit():
+    from circuitlang.errors import Span
+
+    limit = text_to_ast.MAX_CLAIMS
+    assert text_to_ast.check_claim_count(limit, None) is None
+    span = Span(3, 1, 3, 10, "h.circ")
+    found = text_to_ast.check_claim_count(limit + 1, span)
+    assert found.code == "resolve.too_many_claims" and found.span == span
+    assert f"more than the limit of {limit:,}" in found.message
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="waits for the resolver (ast_to_ir/claims.py and "
+                   "resolver.py, the lead's) to call text_to_ast.check_claim_count; when it "
+                   "does this passes, and the marker goes")
+def test_a_program_expanding_past_the_claim_limit_is_a_resolve_error(monkeypatch):
+    from circuitlang.errors import ResolveError
+
+    monkeypatch.setattr(text_to_ast, "MAX_CLAIMS", 500)
+    heads = ", ".join(f"{layer}.{head}" for layer in range(2) for head in range(12))
+    text = f"task ioi\ngroup g = heads {heads}\ng -> g at END\n"  # 12 x 12 x 3 = 432 claims
+    assert len(resolve_text(text, GPT2, get_signature("ioi")).claims) == 432
+    with pytest.raises(ResolveError, match="more than the limit of 500") as info:
+        resolve_text(text + "g -> g at END\n", GPT2, get_signature("ioi"))  # 864 in all
+    assert info.value.span.line == 4
