@@ -39,7 +39,7 @@ GPT2 = ModelShape(n_layers=12, n_heads=12, d_model=768, d_head=64, n_kv_heads=12
 SIGNATURES = {name: get_signature(name) for name in list_tasks() if name != "custom"}
 
 # Grammar-generated text costs ~0.1 s an example (drawing it, mostly); a mutation ~5 ms.
-EXAMPLES = int(os.environ.get("CIRCUITLANG_FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("CIRCUITLANG_FUZZ_EXAMPLES", "30"))
 
 
 def _budget(examples: int):
@@ -180,7 +180,7 @@ def _mutated(draw):
     return path, text
 
 
-@_budget(8 * EXAMPLES)
+@_budget(10 * EXAMPLES)
 @given(_mutated())
 def test_mutated_shipped_files_only_raise_circuitlang_errors(case):
     path, text = case

@@ -153,18 +153,18 @@ def _remote_code_folder(saved, tmp_path, model_type):
     return folder, marker
 
 
-@pytest.mark.parametrize("call", ["known_shape", "load_model"])
-def test_a_config_asking_to_run_the_folders_code_never_prompts_or_runs_it(saved, tmp_path, call):
+def test_a_config_asking_to_run_the_folders_code_never_prompts_or_runs_it(saved, tmp_path):
     folder, marker = _remote_code_folder(saved, tmp_path, "evilgpt")
-    # a fresh interpreter answering "y" to any question: transformers asked on stdout,
-    # and "y" ran evil.py
-    code = (f"from circuitlang.models import {call}\n"
+    # a fresh interpreter answering "y" to any question: transformers asked on stdout
+    # during the shape lookup, and "y" ran evil.py
+    code = ("from circuitlang.models import known_shape, load_model\n"
             "from circuitlang.errors import ModelError\n"
-            f"try:\n    {call}({str(folder)!r})\n"
-            "except ModelError as e:\n    print('MODELERROR', e.diagnostics[0].code)\n")
-    out = subprocess.run([sys.executable, "-c", code], input="y\ny\n", capture_output=True,
+            "for call in (known_shape, load_model):\n"
+            f"    try:\n        call({str(folder)!r})\n"
+            "    except ModelError as e:\n        print('MODELERROR', e.diagnostics[0].code)\n")
+    out = subprocess.run([sys.executable, "-c", code], input="y\ny\ny\n", capture_output=True,
                          text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert "MODELERROR model.remote-code" in out.stdout, out.stderr[-2000:]
+    assert out.stdout.count("MODELERROR model.remote-code") == 2, out.stderr[-2000:]
     assert "[y/N]" not in out.stdout
     assert not marker.exists()
 
