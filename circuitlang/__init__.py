@@ -20,12 +20,14 @@ _EXPORTS = {
     "load_task": "circuitlang.tasks",
     "check": "circuitlang.checker",
     "run": "circuitlang.checker",
+    "discover": "circuitlang.discover",
     "CircuitlangError": "circuitlang.errors",
     "ParseError": "circuitlang.errors",
     "ResolveError": "circuitlang.errors",
     "ModelError": "circuitlang.errors",
     "TaskError": "circuitlang.errors",
     "ExecutionError": "circuitlang.errors",
+    "DiscoveryError": "circuitlang.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -35,6 +37,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'circuitlang' has no attribute {name!r}")
+    if module == f"circuitlang.{name}":  # a package that is its own function (discover)
+        return importlib.import_module(module)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

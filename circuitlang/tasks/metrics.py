@@ -11,11 +11,18 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+def _at_least_fp32(values: "torch.Tensor") -> "torch.Tensor":
+    """fp16/bf16 logits are read in fp32 (metrics accumulate in fp32); fp64 stays fp64."""
+    import torch
+
+    return values if values.dtype == torch.float64 else values.float()
+
+
 def masked_mean(values: "torch.Tensor", index: "torch.Tensor") -> "torch.Tensor":
     """Mean over the ids in each row of `index` (entries -1 ignored) of `values` [N, V]."""
     index = index.to(values.device)
     valid = index >= 0
-    picked = values.float().gather(1, index.clamp_min(0)) * valid
+    picked = _at_least_fp32(values).gather(1, index.clamp_min(0)) * valid
     return picked.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
 
@@ -23,7 +30,7 @@ def masked_sum(values: "torch.Tensor", index: "torch.Tensor") -> "torch.Tensor":
     """Sum over the ids in each row of `index` (entries -1 ignored) of `values` [N, V]."""
     index = index.to(values.device)
     valid = index >= 0
-    return (values.float().gather(1, index.clamp_min(0)) * valid).sum(dim=1)
+    return (_at_least_fp32(values).gather(1, index.clamp_min(0)) * valid).sum(dim=1)
 
 
 def kl_divergence(reference: "torch.Tensor", logits: "torch.Tensor") -> "torch.Tensor":

@@ -1,0 +1,121 @@
+"""Faithfulness over circuit size, and MIB's summaries of it (CPR, CMD).
+
+Takes a `Problem` and a ranking of its edges; gives the faithfulness curve
+
+    f(k) = (m(C_k) - m(empty)) / (m(full) - m(empty))
+
+for the circuits C_k of the k top-ranked edges, at MIB's edge fractions {0.1, 0.2,
+0.5, 1, 2, 5, 10, 20, 50, 100}% of all edges (Mueller et al. 2025), every circuit
+evaluated in the same batched passes (rows are (circuit, prompt) pairs), with a
+paired bootstrap interval over prompts per point. m is the task metric (the mean
+over prompts); `empty` ablates every edge, `full` keeps every edge.
+
+Summaries, as MIB defines them, with x the fraction of edges kept (0 to 1) and the
+area taken by the trapezoid rule over the measured points:
+* **CPR** (circuit performance ratio): the area under f; higher is better.
+* **CMD** (circuit-model difference): the area between f and 1, `integral |1 - f|`;
+  lower is better.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["MIB_FRACTIONS", "Curve", "curve"]
+
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A faithfulness curve.
+
+    Attributes:
+        fractions: edge fraction of each point.
+        edges: edge count of each point.
+        faithfulness: f at each point (mean over prompts).
+        low, high: 95% bootstrap interval of f at each point.
+        cpr, cmd: MIB's summaries (see the module docstring), with bootstrap intervals
+            `cpr_interval`, `cmd_interval`.
+        full, empty: the metric of the full and the fully ablated model (means).
+    """
+
+    fractions: tuple[float, ...]
+    edges: tuple[int, ...]
+    faithfulness: tuple[float, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    cpr: float
+    cmd: float
+    cpr_interval: tuple[float, float]
+    cmd_interval: tuple[float, float]
+    full: float
+    empty: float
+
+    def to_json(self) -> dict:
+        return {"fractions": list(self.fractions), "edges": list(self.edges),
+                "faithfulness": list(self.faithfulness), "low": list(self.low), "high": list(self.high),
+                "cpr": self.cpr, "cmd": self.cmd, "cpr_interval": list(self.cpr_interval),
+                "cmd_interval": list(self.cmd_interval), "full": self.full, "empty": self.empty}
+
+    def render(self) -> str:
+        lines = [f"faithfulness over circuit size (CPR {self.cpr:.3f} [{self.cpr_interval[0]:.3f}, "
+                 f"{self.cpr_interval[1]:.3f}], CMD {self.cmd:.3f} [{self.cmd_interval[0]:.3f}, "
+                 f"{self.cmd_interval[1]:.3f}]):"]
+        for frac, k, f, lo, hi in zip(self.fractions, self.edges, self.faithfulness, self.low, self.high):
+            lines.append(f"  {100 * frac:>6.1f}% {k:>7} edges   f = {f:7.3f}   [{lo:.3f}, {hi:.3f}]")
+        return "\n".join(lines)
+
+
+def _area(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
+def curve(problem, ranking: torch.Tensor, *, fractions=MIB_FRACTIONS, metric: str | None = None,
+          n_boot: int = 1000, seed: int = 0, prune=None, progress=None) -> Curve:
+    """The faithfulness curve of a ranking (most important edge first).
+
+    Args:
+        problem: the discovery problem.
+        ranking: edge indices, most important first.
+        fractions: edge fractions to evaluate (MIB's by default).
+        metric: the metric m (default: the task's default metric).
+        n_boot: bootstrap resamples of the prompts.
+        seed: the bootstrap's seed.
+        prune: optional function circuit -> circuit applied to each C_k (dangling edges).
+        progress: called with rows scored.
+    """
+    metric = metric or problem.task.SIGNATURE.default_metric
+    total = len(ranking)
+    counts = [max(1, min(total, int(round(f * total)))) for f in fractions]
+    circuits = []
+    for k in counts:
+        kept = torch.zeros(total, dtype=torch.bool)
+        kept[ranking[:k]] = True
+        circuits.append(prune(kept) if prune is not None else kept)
+    rows = torch.stack([torch.ones(total, dtype=torch.bool), torch.zeros(total, dtype=torch.bool)] + circuits)
+    values = problem.score(rows, metric=metric, progress=progress)  # [2 + K, N]
+    full, empty, per = values[0], values[1], values[2:]
+    x = np.asarray(fractions, dtype=float)
+
+    def f_of(idx):
+        gap = full[idx].mean() - empty[idx].mean()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (per[:, idx].mean(axis=1) - empty[idx].mean()) / gap
+
+    point = f_of(np.arange(problem.n))
+    rng = np.random.default_rng(seed)
+    boots = np.stack([f_of(rng.integers(0, problem.n, problem.n)) for _ in range(n_boot)])
+    lo, hi = np.nanquantile(boots, [0.025, 0.975], axis=0)
+    cprs = np.array([_area(x, b) for b in boots])
+    cmds = np.array([_area(x, np.abs(1 - b)) for b in boots])
+    return Curve(
+        fractions=tuple(float(v) for v in fractions), edges=tuple(counts),
+        faithfulness=tuple(float(v) for v in point), low=tuple(float(v) for v in lo),
+        high=tuple(float(v) for v in hi), cpr=_area(x, point), cmd=_area(x, np.abs(1 - point)),
+        cpr_interval=tuple(float(v) for v in np.nanquantile(cprs, [0.025, 0.975])),
+        cmd_interval=tuple(float(v) for v in np.nanquantile(cmds, [0.025, 0.975])),
+        full=float(full.mean()), empty=float(empty.mean()),
+    )
