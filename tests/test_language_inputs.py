@@ -179,9 +179,6 @@ def test_the_claim_limit_check_names_the_limit():
     assert f"more than the limit of {limit:,}" in found.message
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="waits for the resolver (ast_to_ir/claims.py and "
-                   "resolver.py, the lead's) to call text_to_ast.check_claim_count; when it "
-                   "does this passes, and the marker goes")
 def test_a_program_expanding_past_the_claim_limit_is_a_resolve_error(monkeypatch):
     from circuitlang.errors import ResolveError
 

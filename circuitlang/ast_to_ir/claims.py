@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from circuitlang import ast, ir, sites, topology, verbs
 from circuitlang.errors import Span
+from circuitlang import text_to_ast
+from circuitlang.text_to_ast import check_claim_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,10 @@ class ClaimResolver:
         backwards (a layer-9 head into MLP 8) are left out. Only when no pair can
         exist, or a single-site edge runs backwards, is it an error.
         """
+        too_many = check_claim_count(self._edge_count(senders, receivers), span)
+        if too_many is not None:
+            self.report(too_many.code, too_many.message, too_many.span, too_many.hint)
+            return []
         candidates = []
         for s in senders:
             for r in receivers:
@@ -73,6 +79,22 @@ class ClaimResolver:
         if len(senders) * len(receivers) > 1 and forward:
             candidates = forward
         return [(s, r) for s, r in candidates if self._edge_ok(s, r, span)]
+
+    def _edge_count(self, senders, receivers) -> int:
+        """How many claims an edge statement makes, counted (stopping just past the limit)
+        before any is made: a hostile file stops before its claims exist."""
+        limit = text_to_ast.MAX_CLAIMS
+        count = 0
+        for s in senders:
+            for r in receivers:
+                channels = 3 if isinstance(r, sites.Head) and r.channel is sites.Channel.OUT else 1
+                receiver = r.with_channel(sites.Channel.Q) if channels == 3 else r
+                if _is_hole(s, r) or topology.edge_exists(self.shape, s, receiver) or \
+                        len(senders) * len(receivers) == 1:
+                    count += channels
+                    if count > limit:
+                        return count
+        return count
 
     def _edge_ok(self, s, r, span) -> bool:
         """Whether `s -> r` is an edge of the model (`circuitlang.topology` decides);

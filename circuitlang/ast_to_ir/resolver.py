@@ -10,7 +10,7 @@ from circuitlang.ast_to_ir.names import NameResolver, _base_position, _similar
 from circuitlang.errors import Diagnostic, ResolveError, Span, diagnostic_order
 from circuitlang.printer import format_statement
 from circuitlang.tasks.signature import TaskSignature
-from circuitlang.text_to_ast import KEYWORDS
+from circuitlang.text_to_ast import KEYWORDS, check_claim_count
 
 
 class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, ExpressionResolver):
@@ -57,6 +57,10 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
             text = format_statement(stmt)
             if isinstance(stmt, (ast.Depends, ast.Edge, ast.VerbUse)):
                 claims.extend(self._claims(stmt, _Origin(stmt.span, text), 0))
+                too_many = check_claim_count(len(claims), stmt.span)
+                if too_many is not None:  # a hostile file stops before its claims exist
+                    self.report(too_many.code, too_many.message, too_many.span, too_many.hint)
+                    break
             elif isinstance(stmt, (ast.Patch, ast.PathPatch, ast.Ablate)):
                 exp = self._experiment(stmt, text, header["ablation"].mode)
                 if exp is not None:
