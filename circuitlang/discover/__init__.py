@@ -211,6 +211,7 @@ def discover(
     device=None,
     task_params: dict | None = None,
     progress: bool = False,
+    method_options: dict | None = None,
 ) -> DiscoveryResult:
     """Discover a circuit and write it back as a circuitlang program.
 
@@ -236,6 +237,8 @@ def discover(
         device: torch device.
         task_params: task parameters.
         progress: show progress on stderr.
+        method_options: the method's own settings, e.g. pruning's `{"prune_steps": 500,
+            "sparsity": 0.02, "warm_start": True}` (see `circuitlang.discover.prune`).
 
     Raises:
         DiscoveryError: a bad request (method, selection, positions, ablation).
@@ -277,13 +280,15 @@ def discover(
     spec = {"method": method, "model": model.name, "task": task.SIGNATURE.name, "n": n, "seed": seed,
             "ablation": ablation, "positions": [str(p) for p in space.positions], "metric": chosen,
             "edges": edges, "threshold": threshold, "target": target, "ig": ig, "steps": steps}
+    if method_options:
+        spec["method_options"] = {k: v for k, v in method_options.items() if k not in ("callback", "progress")}
     if out is not None:
         rundir = RunDir(out, spec, resume=resume)
 
     full = problem.score(torch.ones(1, len(space)), metric=default_metric)[0]
     empty = problem.score(torch.zeros(1, len(space)), metric=default_metric)[0]
     options = {"ig": ig, "steps": steps, "threshold": threshold, "full": None, "empty": None,
-               "task_metric": default_metric, "progress": progress}
+               "task_metric": default_metric, "progress": progress, **(method_options or {})}
     if chosen == default_metric:
         options["full"], options["empty"] = full, empty
     found = METHODS[method](problem, selection, options, rundir)
@@ -370,6 +375,9 @@ def _header(method, options, problem, circuit, faith, the_curve) -> list[str]:
     if the_curve is not None:
         lines.append(f"faithfulness curve of the ranking: CPR {the_curve.cpr:.3f}, CMD {the_curve.cmd:.3f}")
     return lines
+
+
+from circuitlang.discover import prune as _prune  # noqa: E402,F401  (registers the "prune" method)
 
 
 class _CallableModule(type(__import__("sys"))):
