@@ -21,7 +21,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from circuitlang import verdict
+from circuitlang import options, verdict
 from circuitlang.errors import CircuitlangError, ResolveError
 from circuitlang.execute import Scrubber
 from circuitlang.ir_to_graph import ir_to_graph
@@ -103,19 +103,20 @@ def _shape_for(program, model):
 
 
 def _signature_for(program, task):
+    """What to resolve the task against: a task object's signature, else the name (or the
+    file's `task` line, which the resolver reads next to the file: a JSONL task's path is
+    relative to the hypothesis file and confined to its folder)."""
     from circuitlang import ast
-    from circuitlang.tasks import get_signature
 
     if task is not None and not isinstance(task, str):
         return task.SIGNATURE
-    name = task if task is not None else _declared(program, ast.TaskDecl)
-    if name is None:
+    if task is None and not any(isinstance(s, ast.TaskDecl) for s in program.statements):
         raise CircuitlangError(
             "no task: the hypothesis has no `task` line and none was given",
             code="check.no-task",
             hint="add `task ioi` (or another task) to the file, or pass --task",
         )
-    return get_signature(name)
+    return task
 
 
 def check(
@@ -133,6 +134,9 @@ def check(
     batch_size: int = 64,
     device=None,
     progress: bool | None = False,
+    task_params: dict | None = None,
+    tokenizer=None,
+    allow_pickle: bool = False,
 ) -> CheckResult:
     """Test a circuit hypothesis with causal scrubbing.
 
@@ -156,6 +160,10 @@ def check(
         batch_size: prompts per forward pass.
         device: torch device for the model ("cuda", "cpu"; default: CUDA if present).
         progress: show a progress bar on stderr (None: when stderr is a terminal).
+        task_params: task parameters; each beats the file's `task` line's.
+        tokenizer: a tokenizer folder or hub id, for a model folder without one.
+        allow_pickle: read pickle weights (`pytorch_model.bin`) when a model folder has no
+            safetensors, with torch's weights-only unpickler (off by default).
 
     Returns:
         A `CheckResult`; `.holds` says whether every `expect` holds.
@@ -164,11 +172,14 @@ def check(
         CircuitlangError: bad text, unknown model or task, holes left unfilled.
     """
     started = time.perf_counter()
+    permutations = options.check_permutations(permutations, "permutations")
+    max_examples = options.check_max_examples(max_examples, "max_examples")
     hypothesis, _ = load_hypothesis(program_or_text, model=model, task=task)        # parse, resolve
     hypothesis = _with_semantics(hypothesis, semantics)
     refuse_holes(hypothesis)                                                       # before any weights load
-    setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric,
-                    device=device, batch_size=batch_size)                           # model, task, prompts
+    setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric, device=device,
+                    batch_size=batch_size, task_params=task_params, tokenizer=tokenizer,
+                    allow_pickle=allow_pickle)                                      # model, task, prompts
     graph = ir_to_graph(hypothesis)                                                # lower
     experiments = run_experiments(hypothesis, setup)
     if not hypothesis.claims and not hypothesis.expectations:  # a file of experiments only
@@ -217,6 +228,9 @@ def run(
     metric: str | None = None,
     batch_size: int = 64,
     device=None,
+    task_params: dict | None = None,
+    tokenizer=None,
+    allow_pickle: bool = False,
 ) -> list:
     """Run a program's experiments (`patch`, `ablate`) and return their numbers.
 
@@ -240,7 +254,8 @@ def run(
         )
     refuse_holes(hypothesis)
     setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric, device=device,
-                    batch_size=batch_size)
+                    batch_size=batch_size, task_params=task_params, tokenizer=tokenizer,
+                    allow_pickle=allow_pickle)
     return run_experiments(hypothesis, setup)
 
 
@@ -260,27 +275,47 @@ class Setup:
 
 
 def prepare(hypothesis, *, model=None, task=None, n=None, seed=None, metric=None, device=None,
-            batch_size: int = 64) -> Setup:
-    """Load the model and the task, draw the prompts, and choose the metric.
+            batch_size: int = 64, task_params: dict | None = None, tokenizer=None,
+            allow_pickle: bool = False) -> Setup:
+    """Check the run options, load the model and the task, draw the prompts, and choose
+    the metric.
 
-    The metric: the caller's, else the file's, else the task's default, unless that
-    one cannot see any position the hypothesis claims (induction's `loss` reads the
-    repeated half, not END), in which case the first of the task's metrics that can is
-    chosen and a note says so.
+    Every option is checked before anything loads (`circuitlang.options`). The task's
+    parameters: the model's metadata's, then the file's `task` line's, then the caller's
+    (`tasks.task_for`). The prompts: `n`, else the file's `samples`, else 64; a JSONL
+    task given neither uses every record once, in file order. The metric: the caller's,
+    else the file's, else the task's default, unless that one cannot see any position
+    the hypothesis claims (induction's `loss` reads the repeated half, not END), in
+    which case the first of the task's metrics that can is chosen and a note says so.
+
+    Raises:
+        CircuitlangError: a bad option, a model or task that cannot be loaded, prompts
+            that do not fit the model.
     """
     from circuitlang.models import load_model
-    from circuitlang.tasks import load_task
+    from circuitlang.tasks import task_for
 
+    if n is not None:
+        n = options.check_n(n, "n")
+    if seed is not None:
+        seed = options.check_seed(seed, "seed")
+    batch_size = options.check_batch_size(batch_size, "batch_size")
+    device = options.check_device(device, "device")
     if model is None or isinstance(model, (str, Path)):
-        model = load_model(str(model or hypothesis.model), device=device)
+        model = load_model(str(model or hypothesis.model), device=device, allow_pickle=allow_pickle,
+                           tokenizer=tokenizer)
     if task is None or isinstance(task, str):
-        task = load_task(task or hypothesis.task, tokenizer=model.tokenizer, **_model_task_params(model))
+        if task is not None and task != hypothesis.task:
+            hypothesis = dataclasses.replace(hypothesis, task=task)
+        task = task_for(hypothesis, model.tokenizer, params=task_params, shape=model.shape,
+                        model_name=model.name)
     seed = seed if seed is not None else (hypothesis.seed if hypothesis.seed is not None else 0)
-    if n is None:
-        n = hypothesis.samples
-    if n is None and task.params.get("n", DEFAULT_N) is not None:
-        n = DEFAULT_N  # a JSONL task's `n` is None: every record, in file order
+    if n is None and hypothesis.samples is None and task.params.get("n", DEFAULT_N) is None:
+        n = None  # a JSONL task's `n` is None: every record once, in file order
+    else:
+        n = options.prompt_count(n, hypothesis.samples, DEFAULT_N)
     prompts = task.prompts(n, seed)
+    options.check_prompts_fit(prompts, model.shape)
     notes = []
     dropped = getattr(prompts, "dropped", None)
     if dropped is not None and dropped.count:
@@ -323,22 +358,6 @@ def _default_metric(hypothesis, task, prompts, vocab: int) -> tuple[str, str | N
     return default, None
 
 
-def _model_task_params(model) -> dict:
-    """Task parameters a model's own metadata asks for (an embedded toy trained
-    without a BOS token says `"prepend_bos": false` in its circuitlang.json)."""
-    import json
-
-    from circuitlang.models.known import toy_dir, toy_names
-
-    if model.name not in toy_names():
-        return {}
-    meta = toy_dir(model.name) / "circuitlang.json"
-    if not meta.is_file():
-        return {}
-    data = json.loads(meta.read_text())
-    return {"prepend_bos": data["prepend_bos"]} if "prepend_bos" in data else {}
-
-
 def run_experiments(hypothesis, setup: Setup) -> list:
     """Every experiment statement of a hypothesis, run on one shared set of clean/corrupt runs."""
     from circuitlang import ir
@@ -360,3 +379,10 @@ def run_experiments(hypothesis, setup: Setup) -> list:
         elif isinstance(exp, ir.Ablate):
             out.append(runner.ablation(list(exp.sites), exp.mode, exp.position, seed=setup.seed, text=exp.text))
     return out
+
+
+def _model_task_params(model) -> dict:
+    """Task parameters a model's own metadata asks for (`models.known.model_task_params`)."""
+    from circuitlang.models.known import model_task_params
+
+    return model_task_params(model.name)

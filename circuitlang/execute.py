@@ -553,17 +553,24 @@ class Scrubber:
             self._place(value, self._child_value(graph, c, insts, sel, channel), position, rows, kid_rows,
                         replace=True)
             covered.append((position, kid_rows))
-        for c, t in kids:
-            if graph.node(c).role == "input":
-                continue
+        # claimed senders, those read at every position first, so that a claim at a named
+        # position refines one at `all` there instead of adding the site twice
+        current: dict = {}  # site -> what it contributes to the channel as it stands
+        senders = [(c, t) for c, t in kids if graph.node(c).role != "input"]
+        for c, t in sorted(senders, key=lambda item: not item[1].position.is_all):
             site = self._sender_site(graph.node(c).site)
-            # what the sender contributes to the channel as it stands: its remainder value,
-            # and where an input leaf replaced the channel, its value on the leaf's prompt
-            base = self._remainder(site, remainder, mode)  # a fresh tensor: ours to write
-            for position, kid_rows in covered:
-                self._place(base, self._plain(site, kid_rows), position, rows, kid_rows, replace=True)
-            self._place(value, self._child_value(graph, c, insts, sel), t.position, rows, insts[c].rows[sel],
-                        minus=(base, rows))
+            base = current.get(site)
+            if base is None:
+                # its remainder value, and where an input leaf replaced the channel, its
+                # value on the leaf's prompt
+                base = self._remainder(site, remainder, mode)  # a fresh tensor: ours to write
+                for position, kid_rows in covered:
+                    self._place(base, self._plain(site, kid_rows), position, rows, kid_rows, replace=True)
+                current[site] = base
+            child = self._child_value(graph, c, insts, sel)
+            kid_rows = insts[c].rows[sel]
+            self._place(value, child, t.position, rows, kid_rows, minus=(base, rows))
+            self._place(base, child, t.position, rows, kid_rows, replace=True)
         return value
 
     def _place(self, dest, src, position, dest_rows, src_rows, *, replace=False, minus=None):

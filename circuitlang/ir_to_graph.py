@@ -427,21 +427,23 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
     # 3. input-channel claims: leaves under their head (or the root)
     for i, claim, feats in channel_claims:
         site, pos = claim.site, claim.position
-        if isinstance(site, Logits):
-            parent = templates[root_key]
-            leaf = _Template(("input", site, pos), site, pos, feats, "input", [i])
-            templates[leaf.key] = leaf
-            link(leaf, parent, Transplant(None, pos))
-            continue
-        out = site.with_channel(Channel.OUT)
-        parents = [t for t in templates.values() if t.role == "sender" and t.site == out]
-        if not parents:
-            at = pos if site.channel in (Channel.Q, Channel.PATTERN) else ALL
-            parents = [add_sender(out, at, SAME_INPUT, None)]
         key = ("input", site, pos)
         leaf = templates.get(key)
         if leaf is None:
             leaf = templates[key] = _Template(key, site, pos, feats, "input", [i])
+        else:  # two claims on one input: its sample agrees on the features of both
+            leaf.features = tuple(dict.fromkeys(leaf.features + tuple(feats)))
+            leaf.claims.append(i)
+        if isinstance(site, Logits):
+            link(leaf, templates[root_key], Transplant(None, pos))
+            continue
+        out = site.with_channel(Channel.OUT)
+        # a query (or a pattern's query) at P is read only by the head's output at P
+        by_position = site.channel in (Channel.Q, Channel.PATTERN)
+        parents = [t for t in templates.values() if t.role == "sender" and t.site == out
+                   and (not by_position or _covers(t.position, pos) or pos.is_all)]
+        if not parents:
+            parents = [add_sender(out, pos if by_position else ALL, SAME_INPUT, None)]
         for p in parents:
             p.claimed = True
             link(leaf, p, Transplant(site.channel, pos))

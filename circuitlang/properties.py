@@ -216,6 +216,8 @@ def _scrubbed_metric(scrubber, metric, graph, seed) -> np.ndarray:
 
 def _tokens(scrubber, prompts, i) -> list[str]:
     ids = prompts.input_ids[i][prompts.attention_mask[i].bool()].tolist()
+    if scrubber.model.tokenizer is None:  # a task over token ids: show the ids
+        return [str(t) for t in ids]
     return list(scrubber.model.tokenizer.convert_ids_to_tokens(ids))
 
 

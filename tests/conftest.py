@@ -9,6 +9,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    # The test models are tiny: on a 2-core machine torch's intra-op threads cost more
+    # than they save (and contend with anything else running), so tests run on one.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "circuitlang.cli.graph",  # graph
     "circuitlang.cli.models",  # models
     "circuitlang.cli.tasks",  # tasks
+    "circuitlang.cli.discover",  # discover
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -83,8 +83,9 @@ def register(subparsers) -> None:
     check.add_argument("--semantics", choices=("paths", "channels"),
                        help="how a claimed node's inputs that no claimed child covers are read: "
                        "paths (default, Chan et al.: scrubbed) or channels (see docs/checker.md)")
-    check.add_argument("--permutations", type=int, default=20, metavar="K",
-                       help="random circuits of the same size for the permutation test (0: skip)")
+    check.add_argument("--permutations", type=int, default=200, metavar="K",
+                       help="random circuits of the same size for the permutation test (default 200; "
+                       "all of them, for an exact p, when the model has fewer; 0: skip)")
     check.add_argument("--no-breakdown", action="store_true",
                        help="skip measuring what each claim costs when removed")
     check.add_argument("--max-examples", type=int, default=25, metavar="K",
@@ -133,10 +134,7 @@ def parse_command(args: argparse.Namespace) -> int:
     """Print the canonical text, or (with --json) the resolved IR as JSON."""
     if args.json:
         hypothesis, _ = load_hypothesis(args.file, args.model, args.task)
-        data = hypothesis.to_json()
-        data["task_params"] = {k: list(v) if isinstance(v, tuple) else v
-                               for k, v in hypothesis.task_params}
-        json.dump(data, sys.stdout, indent=2)
+        json.dump(hypothesis.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
     from circuitlang.printer import format
@@ -248,7 +246,12 @@ def task_params_from_args(texts: list[str]) -> dict:
 
 
 def summarize(hypothesis: ir.Hypothesis) -> str:
-    """A readable account of a resolved hypothesis (what `check` shows before running)."""
+    """A readable account of a resolved hypothesis (what `check` shows before running).
+
+    Each core claim is printed as the statement it is (`ir_to_ast.claim_text`, the one
+    printer of resolved claims)."""
+    from circuitlang.ir_to_ast import claim_text
+
     h = hypothesis
     lines = [f"{h.filename or '<string>'}: model {h.model}, task {h.task}, metric {h.metric}, "
              f"ablation {h.ablation.mode}"
@@ -272,7 +275,7 @@ def summarize(hypothesis: ir.Hypothesis) -> str:
         for (_, text), claims in statements.items():
             lines.append(f"  {text}")
             for claim in claims:
-                lines.append(f"    {_claim_text(claim)}")
+                lines.append(f"    {claim_text(claim)}")
     if h.experiments:
         lines.append("experiments:")
         for exp in h.experiments:
@@ -291,13 +294,6 @@ def summarize(hypothesis: ir.Hypothesis) -> str:
                      + ", ".join(str(x) for x in holes))
     lines.append("resolved: every name checked against the model and the task")
     return "\n".join(lines)
-
-
-def _claim_text(claim: ir.Claim) -> str:
-    if isinstance(claim, ir.DependsClaim):
-        feats = ", ".join(map(str, claim.features)) or "nothing"
-        return f"{claim.site} at {claim.position} depends on {feats}"
-    return f"{claim.sender} -> {claim.receiver} at {claim.position}"
 
 
 def _read(path: str) -> str:

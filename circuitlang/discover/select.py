@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from circuitlang.errors import DiscoveryError
-from circuitlang.sites import Embed, Head, Logits, Mlp
+from circuitlang.sites import Embed, Head, Logits
 
 __all__ = ["above", "faithfulness", "grow", "prune_dangling", "top_n"]
 

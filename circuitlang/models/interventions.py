@@ -79,6 +79,7 @@ class EdgeSet:
     receivers: tuple[Site, ...]
     shape: ModelShape | None = None
     _s_index: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
     _r_index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,11 +114,16 @@ class EdgeSet:
             ) from exc
 
     def valid(self) -> torch.Tensor:
-        """BoolTensor [R, S]: which (receiver, sender) pairs are edges of the model."""
-        return torch.tensor(
-            [[topology.edge_exists(self.shape, s, r) for s in self.senders] for r in self.receivers],
-            dtype=torch.bool,
-        ).reshape(len(self.receivers), len(self.senders))
+        """BoolTensor [R, S]: which (receiver, sender) pairs are edges of the model
+        (computed once per edge set; a copy is returned)."""
+        cached = self._cache.get("valid")
+        if cached is None:
+            cached = torch.tensor(
+                [[topology.edge_exists(self.shape, s, r) for s in self.senders] for r in self.receivers],
+                dtype=torch.bool,
+            ).reshape(len(self.receivers), len(self.senders))
+            self._cache["valid"] = cached
+        return cached.clone()
 
     def edges(self) -> list[tuple[Site, Site]]:
         """Every valid (sender, receiver) pair, receivers in order."""

@@ -35,6 +35,6 @@ def masked_sum(values: "torch.Tensor", index: "torch.Tensor") -> "torch.Tensor":
 
 def kl_divergence(reference: "torch.Tensor", logits: "torch.Tensor") -> "torch.Tensor":
     """KL(softmax(reference) || softmax(logits)) per row of [N, V] logits."""
-    ref = reference.float().log_softmax(dim=-1)
-    new = logits.float().log_softmax(dim=-1)
+    ref = _at_least_fp32(reference).log_softmax(dim=-1)
+    new = _at_least_fp32(logits).log_softmax(dim=-1)
     return (ref.exp() * (ref - new)).sum(dim=-1)

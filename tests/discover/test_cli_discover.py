@@ -1,0 +1,75 @@
+"""`circuitlang discover` from the command line and `circuitlang.discover` from Python: the
+circuit comes back as a program that `circuitlang check` re-measures."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import circuitlang
+from circuitlang.cli import main
+from circuitlang.cli import discover as cli_discover
+
+
+def test_the_command_line_names_the_solvers_choices():
+    from circuitlang.discover import METHODS
+    from circuitlang.discover.attribution import IG_VARIANTS
+    from circuitlang.discover.problem import ABLATIONS
+
+    assert set(cli_discover.IG_VARIANTS) == set(IG_VARIANTS)
+    assert set(cli_discover.ABLATIONS) == set(ABLATIONS)
+    assert set(METHODS) <= set(cli_discover.METHODS)
+
+
+def test_discover_writes_a_program_that_check_re_measures(tmp_path, capsys):
+    found = tmp_path / "found.circ"
+    report = tmp_path / "found.json"
+    code = main(["discover", "--task", "induction", "--model", "toy-induction", "--method", "eap-ig",
+                 "--edges", "12", "-n", "16", "--task-param", "length=6", "-o", str(found),
+                 "--json", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    text = found.read_text()
+    assert text.startswith("# Found by circuitlang")
+    assert "ablation corrupt\n" in text and "samples 16\n" in text and "task induction length=6\n" in text
+    data = json.loads(report.read_text())
+    assert data["n_edges"] == len(data["edges"]) <= 12
+    assert "CPR" in err and data["curve"]["cpr"] == pytest.approx(data["curve"]["cpr"])
+    # the checker reads the program as the engine did: the same faithfulness, exactly
+    checked = circuitlang.check(str(found), permutations=0, breakdown=False, max_examples=3)
+    assert checked.recovered.value == pytest.approx(data["faithfulness"]["value"], abs=1e-4)
+    assert checked.holds
+    assert main(["check", str(found), "--permutations", "0", "--no-breakdown", "--max-examples", "3"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "-1"], "is negative"),
+    (["--edges", "0"], "keeps no edge"),
+    (["--target", "2"], "outside (0, 1.5]"),
+    (["--positions", "EDN"], "defines no position 'EDN'"),
+    (["--resume"], "--resume continues a run directory"),
+    (["-n", "0"], "-n"),
+    (["--steps", "0"], "--steps 0"),
+])
+def test_bad_requests_exit_2_with_a_clear_message(argv, message, capsys):
+    code = main(["discover", "--task", "induction", "--model", "toy-induction", "--task-param", "length=6",
+                 "-n", "8", "--no-curve", "--no-check"] + argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_too_many_edges_is_a_clear_error(capsys):
+    code = main(["discover", "--task", "induction", "--model", "toy-induction", "--task-param", "length=6",
+                 "-n", "8", "--no-curve", "--no-check", "--method", "eap", "--edges", "100000"])
+    assert code == 2 and "candidate edges" in capsys.readouterr().err
+
+
+def test_python_discover_returns_program_scores_curve_and_check():
+    result = circuitlang.discover(model="toy-induction", task="induction", method="eap", edges=8, n=8,
+                                  task_params={"length": 6})
+    assert "->" in result.text and result.check is not None
+    assert len(result.edges) <= 8
+    by_edge = result.scores.by_edge()
+    assert len(by_edge) == len(result.space) and result.curve.cpr > 0
+    assert repr(result).startswith("DiscoveryResult(eap, ")
