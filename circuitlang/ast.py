@@ -65,7 +65,8 @@ class HeadRef:
 
 @dataclass(frozen=True, slots=True)
 class Hole:
-    """An unknown component the solver fills in: `?h` (optionally `?h.q`)."""
+    """An unknown component the solver fills in: `?h` (optionally `?h.q`); after `heads`
+    (`heads ?g`) a group of heads of unknown size."""
 
     name: str
     channel: str | None = None
@@ -98,7 +99,11 @@ class HeadTarget:
 
 @dataclass(frozen=True, slots=True)
 class HeadsTarget:
-    """`heads 7.3, 7.9, 8.6`: several heads as one subject."""
+    """`heads 7.3, 7.9, 8.6`: several heads as one subject.
+
+    A hole in the list is a *group hole* (`heads ?g`): a set of heads of unknown size,
+    for the solver to fill.
+    """
 
     items: tuple[HeadRef | Hole, ...]
     span: Span | None = _span()
@@ -481,9 +486,48 @@ class Expect:
     trivia: Trivia = _trivia()
 
 
+@dataclass(frozen=True, slots=True)
+class HoleIn:
+    """`?s in layers 7-8`, `?s in layer 5`, `?s in heads 9.6, 9.9`: where a hole may be.
+
+    Exactly one of `layers` and `heads` is non-empty. `layers` holds inclusive
+    (first, last) ranges (`layer 5` and `layers 5-5` are both `((5, 5),)`; `layers 3-5, 8`
+    is `((3, 5), (8, 8))`); `heads` the heads listed (`9.*` is every head of layer 9). The
+    hole is named without a channel: a constraint is about the component, not its input.
+    """
+
+    hole: Hole
+    layers: tuple[tuple[int, int], ...] = ()
+    heads: tuple[HeadRef, ...] = ()
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+#: The bounds of `?g has ... N heads`.
+SIZE_BOUNDS = ("at most", "at least", "exactly")
+
+
+@dataclass(frozen=True, slots=True)
+class HoleSize:
+    """`?g has at most 4 heads` (`at least`, `exactly`): how many heads a group hole holds.
+
+    `bound` is one of `SIZE_BOUNDS`. Whether `head` or `heads` was written is layout
+    (the printer writes `1 head`, `4 heads`).
+    """
+
+    hole: Hole
+    bound: str
+    count: int
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+HoleConstraint = Union[HoleIn, HoleSize]
+
+
 Statement = Union[
     Cite, ModelDecl, TaskDecl, Use, MetricDecl, AblationDecl, SemanticsDecl, Reported, Setting,
-    GroupDef, Depends, Edge, VerbUse, VerbDef, Patch, PathPatch, Ablate, Expect,
+    GroupDef, Depends, Edge, VerbUse, VerbDef, Patch, PathPatch, Ablate, Expect, HoleIn, HoleSize,
 ]
 
 

@@ -18,7 +18,9 @@ What the parts mean, in causal-scrubbing terms (Chan et al. 2022):
   or `v`). That path is part of the circuit; paths not claimed get the ablation
   (`Hypothesis.ablation`: resample, corrupt, mean or zero).
 * A `Hole` stands where a site would be; the solver fills it, the checker refuses
-  to run a hypothesis that still has one (`Hypothesis.holes()`).
+  to run a hypothesis that still has one (`Hypothesis.holes()`). `HoleConstraint`s
+  (`Hypothesis.hole_constraints`) say where a hole may be and how many heads a group
+  hole holds.
 
 Experiments (`Patch`, `PathPatch`, `Ablate`) are the classic measurements, run with
 the same executor; `Expectation`s are the properties the checker tests.
@@ -73,12 +75,13 @@ class Feature:
 
 @dataclass(frozen=True, slots=True)
 class Hole:
-    """An unknown component for the solver: `head ?h`, `head ?h.q`, `mlp ?m`.
+    """An unknown component for the solver: `head ?h`, `head ?h.q`, `mlp ?m`, `heads ?g`.
 
     Attributes:
         name: the hole's name without `?`; one name is one unknown everywhere it occurs.
-        kind: "head", "mlp" or "resid".
-        channel: for head holes, the channel the claim is about.
+        kind: "head", "group" (`heads ?g`: a set of heads of unknown size; a claim about
+            it is a claim about each of its heads), "mlp" or "resid".
+        channel: for head and group holes, the channel the claim is about.
     """
 
     name: str
@@ -86,10 +89,32 @@ class Hole:
     channel: sites.Channel = sites.Channel.OUT
 
     def __str__(self) -> str:
-        base = f"{self.kind} ?{self.name}"
-        if self.kind == "head" and self.channel is not sites.Channel.OUT:
+        base = f"{'heads' if self.kind == 'group' else self.kind} ?{self.name}"
+        if self.kind in ("head", "group") and self.channel is not sites.Channel.OUT:
             return f"{base}.{self.channel.value}"
         return base
+
+
+@dataclass(frozen=True, slots=True)
+class HoleConstraint:
+    """A constraint on a hole: where it may be (`?s in layers 7-8`, `?s in heads 9.6, 9.9`)
+    or how many heads a group hole holds (`?g has at most 4 heads`).
+
+    Attributes:
+        hole: the hole's name, without `?`.
+        allowed: for `in`: the sites the hole may be filled with (heads, channel `out`, for
+            a head or group hole; `Mlp`s for an MLP hole), in model order; None for a size.
+        at_least, at_most: for a size: the bounds on a group hole's number of heads
+            (`exactly N` sets both); None where unbounded.
+        text: the source statement.
+    """
+
+    hole: str
+    allowed: tuple[sites.Site, ...] | None = None
+    at_least: int | None = None
+    at_most: int | None = None
+    text: str = field(default="", compare=False)
+    span: Span | None = _span()
 
 
 SiteOrHole = Union[sites.Embed, sites.TokenEmbed, sites.PosEmbed, sites.Head, sites.Mlp,
@@ -242,6 +267,8 @@ class Hypothesis:
         experiments: patching and ablation statements.
         expectations: `expect` statements.
         imports: the files imported with `use` (`stdlib.ioi`).
+        hole_constraints: the constraints on its holes (`?s in layers 7-8`, `?g has at most
+            4 heads`), in source order; the solver fills holes within them.
         filename: the file it came from, if any.
         shape: the `ModelShape` it was resolved against (what edges exist; None for
             a hypothesis built by hand). Not part of equality.
@@ -263,6 +290,7 @@ class Hypothesis:
     experiments: tuple[Experiment, ...] = ()
     expectations: tuple[Expectation, ...] = ()
     imports: tuple[str, ...] = ()
+    hole_constraints: tuple[HoleConstraint, ...] = ()
     filename: str | None = field(default=None, compare=False)
     shape: sites.ModelShape | None = field(default=None, compare=False, repr=False)
 
@@ -303,6 +331,7 @@ class Hypothesis:
             "ablation": {"mode": self.ablation.mode,
                          "given": [feature_to_json(f) for f in self.ablation.given]},
             "semantics": self.semantics,
+            "task_params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.task_params},
             "seed": self.seed,
             "samples": self.samples,
             "citations": list(self.citations),
@@ -312,6 +341,7 @@ class Hypothesis:
             "experiments": [experiment_to_json(e) for e in self.experiments],
             "expectations": [expectation_to_json(e) for e in self.expectations],
             "holes": [site_to_json(h) for h in self.holes()],
+            "hole_constraints": [hole_constraint_to_json(c) for c in self.hole_constraints],
             "imports": list(self.imports),
             "filename": self.filename,
         }
@@ -352,6 +382,14 @@ def site_to_json(site: SiteOrHole) -> dict[str, Any]:
         kind = "mlp" if isinstance(site, sites.Mlp) else "resid"
         return {"kind": kind, "layer": site.layer, "text": str(site)}
     return {"kind": str(site), "text": str(site)}
+
+
+def hole_constraint_to_json(constraint: HoleConstraint) -> dict[str, Any]:
+    """A hole constraint as {hole, allowed (site texts or None), at_least, at_most, text, span}."""
+    allowed = None if constraint.allowed is None else [str(s) for s in constraint.allowed]
+    return {"hole": constraint.hole, "allowed": allowed, "at_least": constraint.at_least,
+            "at_most": constraint.at_most, "text": constraint.text,
+            "span": span_to_json(constraint.span)}
 
 
 def feature_to_json(feature: Feature) -> dict[str, str]:

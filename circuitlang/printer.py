@@ -96,7 +96,7 @@ def format_statement(stmt: ast.Statement) -> str:
         case ast.Edge(sender=s, receiver=r, position=p):
             return f"{_endpoint(s)} -> {_endpoint(r)} at {_position(p)}"
         case ast.VerbUse(subject=subject, verb=verb, terms=terms):
-            return " ".join([format_target(subject), verb, *(_term(t) for t in terms)])
+            return " ".join([_verb_subject(subject, verb), verb, *(_term(t) for t in terms)])
         case ast.VerbDef(subject=subject, words=words):
             pattern = " ".join(_pattern_item(w) for w in words)
             return f"verb ${subject} {pattern}:"
@@ -114,6 +114,15 @@ def format_statement(stmt: ast.Statement) -> str:
         case ast.Expect(each=each, lhs=lhs, op=op, rhs=rhs):
             quant = "each " if each else ""
             return f"expect {quant}{format_expr(lhs)} {op} {format_expr(rhs)}"
+        case ast.HoleIn(hole=hole, layers=layers, heads=heads):
+            if heads:
+                return f"?{hole.name} in heads " + ", ".join(_headref(h) for h in heads)
+            if len(layers) == 1 and layers[0][0] == layers[0][1]:
+                return f"?{hole.name} in layer {layers[0][0]}"
+            ranges = (str(a) if a == b else f"{a}-{b}" for a, b in layers)
+            return f"?{hole.name} in layers " + ", ".join(ranges)
+        case ast.HoleSize(hole=hole, bound=bound, count=count):
+            return f"?{hole.name} has {bound} {count} {'head' if count == 1 else 'heads'}"
     raise TypeError(f"not a circuitlang statement: {stmt!r}")
 
 
@@ -201,6 +210,16 @@ def format_target(target: ast.Target) -> str:
         case ast.SlotTarget(name=name, channel=channel):
             return f"${name}{_channel(channel)}"
     raise TypeError(f"not a circuitlang target: {target!r}")
+
+
+def _verb_subject(subject: ast.Target, verb: str) -> str:
+    """A verb use's subject. Right after a hole that starts a line, `in` and `has` are the
+    keywords of hole constraints (`?s in layers 7-8`), so a verb with that first word is
+    printed with its hole as `head ?h` (the same AST)."""
+    if (isinstance(subject, ast.HeadTarget) and isinstance(subject.ref, ast.Hole)
+            and not subject.keyword and verb in ("in", "has")):
+        return f"head {_hole(subject.ref)}"
+    return format_target(subject)
 
 
 def _endpoint(target: ast.Target) -> str:

@@ -47,7 +47,8 @@ MAX_CLAIMS = 100_000  # core claims after verb and group expansion (the resolver
 _EXPR_RULES = frozenset({"add", "sub", "mul", "div", "neg", "call"})
 _STATEMENT_RULES = frozenset(
     "cite model task use metric ablation semantics reported seed samples group depends "
-    "edge verb_use verb_def patch path_patch ablate expect".split())
+    "edge verb_use verb_def patch path_patch ablate expect hole_in_layer hole_in_layers "
+    "hole_in_heads hole_size".split())
 
 # Words that are keywords somewhere in the grammar. Keywords are contextual, but a
 # group, verb word or feature spelled like one of these can be unusable in places,
@@ -538,6 +539,31 @@ class _ToAst(Transformer):
                 position = item
         return ast.Ablate(target, mode, position, span=self._span(meta))
 
+    # -- hole constraints
+    def _constraint_hole(self, tok: Token) -> ast.Hole:
+        return ast.Hole(str(tok)[1:], span=_tok_span(tok, self.filename))
+
+    def hole_in_layer(self, meta, c):
+        layer = _int(c[1], self.filename)
+        return ast.HoleIn(self._constraint_hole(c[0]), ((layer, layer),), span=self._span(meta))
+
+    def hole_in_layers(self, meta, c):
+        return ast.HoleIn(self._constraint_hole(c[0]), tuple(c[1:]), span=self._span(meta))
+
+    def layer_range(self, meta, c):
+        first = _int(c[0], self.filename)
+        return (first, _int(c[-1], self.filename) if len(c) > 1 else first)
+
+    def hole_in_heads(self, meta, c):
+        heads = tuple(_parse_headref(t, self.filename) for t in c[1:])
+        return ast.HoleIn(self._constraint_hole(c[0]), heads=heads, span=self._span(meta))
+
+    def hole_size(self, meta, c):
+        hole, bound, count = c
+        words = {"MOST": "at most", "LEAST": "at least", "EXACTLY": "exactly"}
+        return ast.HoleSize(self._constraint_hole(hole), words[bound.type],
+                            _int(count, self.filename), span=self._span(meta))
+
     # -- expectations
     def expect(self, meta, c):
         each = isinstance(c[0], Token) and c[0].type == "EACH"
@@ -686,6 +712,9 @@ def _expected_order(name: str) -> tuple[int, str]:
 
 def _describe_expected(expected: set[str], previous: str | None) -> str:
     g = grammar()
+    if previous == "HAS" and expected <= {"_AT", "EXACTLY"}:
+        return "expected at most, at least or exactly and a number of heads, such as " \
+            "`?g has at most 4 heads`"
     words: list[str] = []
     if "NUMBER" in expected:
         expected = expected - {"INT"}  # "a number" covers whole numbers too
@@ -784,7 +813,23 @@ def _syntax_diagnostic(exc: UnexpectedInput, source: str, filename: str | None) 
         if code_before.startswith("verb") and code_before.endswith(":") and tok.column == 1:
             return Diagnostic("parse.indent", "expected the indented body of the verb above",
                               span, "indent each claim of a verb's body, e.g. by 4 spaces")
-    return Diagnostic("parse.syntax", message, span, _describe_expected(set(exc.expected), previous))
+    return Diagnostic("parse.syntax", message, span, _describe_expected(_state_expected(exc), previous))
+
+
+def _state_expected(exc: UnexpectedInput) -> set[str]:
+    """What the parser could have taken where it stopped.
+
+    When a word fits none of the terminals a state expects, Lark's contextual lexer
+    reports that state's terminals plus those it always accepts (the end of a line),
+    even where a statement cannot end; the parse table says what really fits.
+    """
+    expected = set(getattr(exc, "expected", ()) or ())
+    state = getattr(exc, "state", None)
+    try:
+        fits = set(state.parse_conf.parse_table.states[state.position])
+    except (AttributeError, KeyError, TypeError):
+        return expected
+    return (expected & fits) or expected
 
 
 def _dedent_diagnostic(source: str, filename: str | None) -> Diagnostic:

@@ -84,7 +84,7 @@ def _terminal_strategies() -> dict:
                                                          fullmatch=True),
         "HEADREF": st.sampled_from(["9.6", "1.0", "0.1", "12.1", "9.*", "*.3", "*.*",
                                     "8.6.q", "5.5.k", "1.1.zz"]),
-        "HOLE": st.sampled_from(["?h", "?s", "?m", "?h.q"]),
+        "HOLE": st.sampled_from(["?h", "?s", "?m", "?h.q", "?g"]),
         "SLOT": st.sampled_from(["$h", "$x", "$p", "$g", "$c"]),
         "OFFSET": st.sampled_from(["+1", "-1", "+0", "+12"]),
         "INT": st.sampled_from(["0", "1", "3", "20", "99999999999999999999"]),

@@ -148,6 +148,14 @@ statements = st.one_of(
     st.builds(ast.Ablate, targets(wild=True), st.none() | names, st.none() | positions),
     st.builds(ast.Expect, st.booleans(), exprs, st.sampled_from([">=", "<=", ">", "<", "==",
                                                                  "!="]), exprs, trivia=trivia),
+    # hole constraints: `?s in layers 7-8`, `?s in layer 5`, `?s in heads 9.6, 9.*`,
+    # `?g has at most 4 heads`
+    st.builds(ast.HoleIn, st.builds(ast.Hole, names),
+              st.lists(st.tuples(small, small), min_size=1, max_size=3).map(tuple), trivia=trivia),
+    st.builds(ast.HoleIn, st.builds(ast.Hole, names), st.just(()),
+              st.lists(wild_refs, min_size=1, max_size=3).map(tuple), trivia=trivia),
+    st.builds(ast.HoleSize, st.builds(ast.Hole, names), st.sampled_from(ast.SIZE_BOUNDS), small,
+              trivia=trivia),
 )
 programs = st.builds(ast.Program, st.lists(statements, max_size=8).map(tuple),
                      st.lists(comment_text, max_size=2).map(tuple))
@@ -187,7 +195,8 @@ def test_random_text_raises_only_circuitlang_errors(text):
 line_pieces = st.sampled_from(
     ["head", "heads", "9.6", "8.10", " ", " ", "at", "END", "S1+1", "->", "moves", "name",
      "to", "?h", "$x", "verb", ":", "\n", "\n    ", "expect", ">=", "0.85", "(", ")", "*",
-     "#", '"', "depends", "on", "token(IO)", ",", "group", "=", "patch", "mlp", "\t"])
+     "#", '"', "depends", "on", "token(IO)", ",", "group", "=", "patch", "mlp", "\t",
+     "in", "layers", "layer", "7-8", "has", "most", "least", "exactly", "4"])
 
 
 @FAST

@@ -5,6 +5,7 @@ from circuitlang import ast, ir, sites, topology, verbs
 from circuitlang.ast_to_ir.claims import ClaimResolver, _Origin
 from circuitlang.ast_to_ir.expressions import ExpressionResolver
 from circuitlang.ast_to_ir.header import HeaderResolver
+from circuitlang.ast_to_ir.holes import HoleResolver
 from circuitlang.ast_to_ir.imports import ImportResolver
 from circuitlang.ast_to_ir.names import NameResolver, _base_position, _similar
 from circuitlang.errors import Diagnostic, ResolveError, Span, diagnostic_order
@@ -13,7 +14,8 @@ from circuitlang.tasks.signature import TaskSignature
 from circuitlang.text_to_ast import KEYWORDS, check_claim_count
 
 
-class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, ExpressionResolver):
+class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, ClaimResolver,
+                ExpressionResolver):
     """One resolution: collects diagnostics, builds the Hypothesis."""
 
     def __init__(self, shape: sites.ModelShape, task: TaskSignature, filename: str | None,
@@ -70,6 +72,7 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
                 if exp is not None:
                     expectations.append(exp)
         self._check_holes(claims, experiments)
+        hole_constraints = self._hole_constraints(program, claims, experiments)
         if self.diagnostics:
             raise ResolveError(sorted(self.diagnostics, key=diagnostic_order))
         return ir.Hypothesis(
@@ -90,6 +93,7 @@ class _Resolver(HeaderResolver, ImportResolver, NameResolver, ClaimResolver, Exp
             experiments=tuple(experiments),
             expectations=tuple(expectations),
             imports=tuple(self.imports),
+            hole_constraints=hole_constraints,
             filename=self.filename,
         )
 

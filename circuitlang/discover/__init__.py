@@ -189,8 +189,9 @@ class DiscoveryResult:
 
 
 def discover(
+    program_or_text=None,
     *,
-    model,
+    model=None,
     task=None,
     method: str = "eap-ig",
     edges: int | None = None,
@@ -213,7 +214,9 @@ def discover(
     progress: bool = False,
     method_options: dict | None = None,
 ) -> DiscoveryResult:
-    """Discover a circuit and write it back as a circuitlang program.
+    """Discover a circuit and write it back as a circuitlang program (or, given a program
+    with holes, fill them: `circuitlang.discover.holes.fill_holes`, which returns a
+    `HoleResult`).
 
     Args:
         model: a model name, path or `LoadedModel`.
@@ -247,6 +250,19 @@ def discover(
     from circuitlang.models import load_model
     from circuitlang.tasks import load_task
 
+    if program_or_text is not None:  # a program with holes: fill them (discover/holes.py)
+        from circuitlang.discover.holes import fill_holes
+
+        given = [k for k, v in (("edges", edges), ("threshold", threshold), ("target", target),
+                                ("positions", positions), ("out", out)) if v is not None]
+        if given:
+            raise DiscoveryError(", ".join(given) + (" applies" if len(given) == 1 else " apply")
+                                 + " to discovering a circuit, not to filling a program's holes (its "
+                                 "claims and `expect` lines decide)", code="discover.holes",
+                                 hint="drop " + ", ".join(given) + ", or leave out the program")
+        return fill_holes(program_or_text, model=model, task=task, n=n, seed=seed, metric=metric,
+                          method=method, steps=steps, check=check, batch_size=batch_size,
+                          device=device, task_params=task_params)
     started = time.perf_counter()
     if method not in METHODS:
         raise DiscoveryError(f"unknown method {method!r}", code="discover.method",
