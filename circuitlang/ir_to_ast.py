@@ -59,6 +59,8 @@ def ir_to_ast(hypothesis: ir.Hypothesis, *, group_heads: bool = False, comments:
     for name, heads in h.groups:
         out.append(ast.GroupDef(name, ast.HeadsTarget(tuple(_headref(x) for x in heads))))
     out += _claims(h.claims, group_heads)
+    for constraint in getattr(h, "hole_constraints", ()):
+        out += _constraint(constraint)
     for exp in h.experiments:
         out.append(_experiment(exp))
     for e in h.expectations:
@@ -156,6 +158,9 @@ def site_to_target(site) -> ast.Target:
         case ir.Hole(name=name, kind="head", channel=channel):
             ch = None if channel is sites.Channel.OUT else channel.value
             return ast.HeadTarget(ast.Hole(name, ch))
+        case ir.Hole(name=name, kind="group", channel=channel):
+            ch = None if channel is sites.Channel.OUT else channel.value
+            return ast.HeadsTarget((ast.Hole(name, ch),))
         case ir.Hole(name=name, kind="mlp"):
             return ast.MlpTarget(ast.Hole(name))
         case ir.Hole(name=name, kind="resid"):
@@ -184,6 +189,32 @@ def _feature(feature: ir.Feature) -> ast.FeatureRef:
     if feature.kind in ("token", "position"):
         return ast.FeatureRef(feature.kind, _position(sites.Position.parse(feature.name)))
     raise CircuitlangError(f"feature {feature} has no name in the language", code="print.unnamed-feature")
+
+
+def _constraint(c: ir.HoleConstraint) -> list:
+    """A hole constraint as the statements that say it (`?s in layers 7-8`, `?g has at most 4 heads`)."""
+    hole = ast.Hole(c.hole)
+    out: list = []
+    if c.allowed is not None:
+        if all(isinstance(x, sites.Head) for x in c.allowed):
+            out.append(ast.HoleIn(hole, heads=tuple(ast.HeadRef(x.layer, x.head) for x in c.allowed)))
+        else:
+            layers = sorted({x.layer for x in c.allowed})
+            ranges: list[tuple[int, int]] = []
+            for layer in layers:
+                if ranges and ranges[-1][1] == layer - 1:
+                    ranges[-1] = (ranges[-1][0], layer)
+                else:
+                    ranges.append((layer, layer))
+            out.append(ast.HoleIn(hole, layers=tuple(ranges)))
+    if c.at_least is not None and c.at_least == c.at_most:
+        out.append(ast.HoleSize(hole, "exactly", c.at_least))
+    else:
+        if c.at_least is not None:
+            out.append(ast.HoleSize(hole, "at least", c.at_least))
+        if c.at_most is not None:
+            out.append(ast.HoleSize(hole, "at most", c.at_most))
+    return out
 
 
 # ------------------------------------------------------------- experiments

@@ -40,7 +40,8 @@ def _shape(text: str) -> ModelShape:
 
 def _same(a: ir.Hypothesis, b: ir.Hypothesis) -> None:
     for field in ("model", "task", "metric", "ablation", "semantics", "seed", "samples", "citations",
-                  "reported", "groups", "claims", "experiments", "expectations", "task_params"):
+                  "reported", "groups", "claims", "experiments", "expectations", "task_params",
+                  "hole_constraints"):
         assert getattr(a, field) == getattr(b, field), field
 
 
@@ -58,6 +59,15 @@ def test_every_shipped_file_prints_back_to_the_same_hypothesis(path: Path):
     h = resolve_text(text, shape, filename=str(path))
     _same(_roundtrip(h, shape), h)
     _same(_roundtrip(h, shape, group_heads=True), h)
+
+
+def test_holes_and_their_constraints_print_back():
+    text = ("task ioi\nheads ?g moves IO to END\n?s -> ?h.q at END\n?s in layers 7-8\n?h in heads 9.6, 9.9\n"
+            "?g has at most 4 heads\n?g has at least 2 heads\nmlp ?m at END depends on IO\n?m in layers 0-2, 5\n")
+    h = resolve_text(text, GPT2)
+    back = _roundtrip(h, GPT2)
+    assert back.hole_constraints == h.hole_constraints and back.claims == h.claims
+    assert "heads ?g at END depends on IO" in circuitlang.format(ir_to_ast(h))
 
 
 def test_a_printed_program_is_formatted_and_names_core_claims():

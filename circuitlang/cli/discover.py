@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--metric", help="what the method optimises (default: kl for acdc and prune, "
                    "else the task's metric)")
     p.add_argument("-n", "--samples", type=int, metavar="N", help="number of prompts (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompts and resampling")
+    p.add_argument("--seed", type=int, help="seed for prompts and resampling (default: the file's "
+                   "`seed` line, else 0)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="rows per forward pass")
     p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     p.add_argument("-o", "--output", metavar="FOUND.circ", help="write the program here (default: stdout)")
@@ -87,7 +88,8 @@ def discover_command(args: argparse.Namespace) -> int:
 
     if args.samples is not None:
         options.check_n(args.samples)
-    options.check_seed(args.seed)
+    if args.seed is not None:
+        options.check_seed(args.seed)
     options.check_batch_size(args.batch_size)
     device = options.check_device(args.device)
     for path, flag in ((args.output, "-o"), (args.json_out, "--json")):

@@ -203,7 +203,7 @@ def discover(
     ig: str = "inputs",
     steps: int = 5,
     n: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     batch_size: int = 32,
     with_curve: bool = True,
     check: bool = True,
@@ -231,7 +231,8 @@ def discover(
         metric: what the method optimises (default: `kl` for ACDC and pruning, the
             task's metric otherwise); faithfulness is always in the task's metric.
         ig, steps: EAP-IG's variant and number of points.
-        n, seed: prompts and their seed.
+        n, seed: prompts and their seed (default: 32 prompts, seed 0; a program with holes:
+            its `samples` and `seed` lines).
         batch_size: rows per forward pass.
         with_curve: also compute the faithfulness curve of the ranking.
         check: re-check the written program with the causal-scrubbing checker.
@@ -246,8 +247,8 @@ def discover(
     Raises:
         DiscoveryError: a bad request (method, selection, positions, ablation).
     """
-    from circuitlang.checker import _model_task_params
     from circuitlang.models import load_model
+    from circuitlang.models.known import model_task_params
     from circuitlang.tasks import load_task
 
     if program_or_text is not None:  # a program with holes: fill them (discover/holes.py)
@@ -264,6 +265,7 @@ def discover(
                           method=method, steps=steps, check=check, batch_size=batch_size,
                           device=device, task_params=task_params)
     started = time.perf_counter()
+    seed = 0 if seed is None else seed
     if method not in METHODS:
         raise DiscoveryError(f"unknown method {method!r}", code="discover.method",
                              hint="methods: " + ", ".join(sorted(METHODS)))
