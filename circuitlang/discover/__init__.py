@@ -285,7 +285,7 @@ def discover(
     if not hasattr(model, "run"):
         model = load_model(str(model), device=device)
     if isinstance(task, str):
-        params = {**_model_task_params(model), **(task_params or {})}
+        params = {**model_task_params(model.name), **(task_params or {})}
         task = load_task(task, tokenizer=model.tokenizer, **params)
     n = DEFAULT_N if n is None else n
     prompts = task.prompts(n, seed)
