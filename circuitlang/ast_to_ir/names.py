@@ -18,12 +18,9 @@ def _similar(word: str, choices: Iterable[str]) -> str | None:
 
 
 def _base_position(name: str) -> tuple[str, int]:
-    """`S1+1` -> ("S1", 1); `END` -> ("END", 0)."""
-    for sign in "+-":
-        head, sep, tail = name.rpartition(sign)
-        if sep and head and tail.isdigit():
-            return head, int(tail) * (1 if sign == "+" else -1)
-    return name, 0
+    """`S1+1` -> ("S1", 1); `END` -> ("END", 0) (`sites.Position.parse`)."""
+    position = sites.Position.parse(name)
+    return position.name, position.offset
 
 
 

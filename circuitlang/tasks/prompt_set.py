@@ -18,7 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: `token(P)` / `position(P)`, the built-in features every task has.
 BUILTIN_FEATURE = re.compile(r"^(token|position)\((\w+(?:[+-]\d+)?)\)$")
-_POSITION_NAME = re.compile(r"^(\w+?)(?:([+-])(\d+))?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,18 +165,17 @@ class PromptSet:
 
 
 def parse_position(text: str) -> Position:
-    """`"S1+1"` -> `Position("S1", 1)`.
+    """`"S1+1"` -> `Position("S1", 1)`: `Position.parse`, the one reading of a position's
+    text, as a task error.
 
     Raises:
         TaskError: the text is not a position name with an optional offset.
     """
-    match = _POSITION_NAME.match(text.strip())
-    if not match:
+    try:
+        return Position.parse(text)
+    except ValueError:
         raise TaskError(
             f"{text!r} is not a position",
             code="task.bad-position",
             hint="write a name with an optional offset, like END or S1+1",
-        )
-    name, sign, amount = match.groups()
-    offset = int(amount) * (1 if sign == "+" else -1) if amount else 0
-    return Position(name, offset)
+        ) from None
