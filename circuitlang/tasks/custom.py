@@ -308,6 +308,12 @@ class CustomTask(Task):
         n: how many records `sample` draws by default (default: all, in file order).
     """
 
+    #: What the counterfactual changes (patching experiments and the solver's `corrupt`
+    #: ablation read it; the report says it beside them).
+    CORRUPTION = (
+        "each record's own `corrupt` prompt"
+    )
+
     SIGNATURE = TaskSignature("custom", ("END",), ("prompt",), METRICS, "logit_diff",
                               description="prompt pairs from a JSONL file (path=...)")
     COMMON_PARAMS = {"n": None, "seed": 0, "prepend_bos": True}

@@ -137,6 +137,13 @@ class DocstringTask(Task):
         corruption: one of `random_random` (default), `random_def`, `random_doc`.
     """
 
+    #: What the counterfactual changes (patching experiments and the solver's `corrupt`
+    #: ablation read it; the report says it beside them).
+    CORRUPTION = (
+        "the `corruption` parameter's variant of the paper (by default every argument name in "
+        "the definition and the docstring replaced by fresh words)"
+    )
+
     SIGNATURE = SIGNATURE
     PARAMS = {"words": None, "n_extra": 1, "corruption": "random_random"}
     PARAM_TYPES = {

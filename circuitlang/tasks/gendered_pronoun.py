@@ -88,6 +88,12 @@ class GenderedPronounTask(Task):
         male_names, female_names: override the name lists.
     """
 
+    #: What the counterfactual changes (patching experiments and the solver's `corrupt`
+    #: ablation read it; the report says it beside them).
+    CORRUPTION = (
+        "the name swapped for one of the other gender; the rest of the sentence is the same"
+    )
+
     SIGNATURE = SIGNATURE
     PARAMS = {"male_names": None, "female_names": None}
     PARAM_TYPES = {

@@ -105,6 +105,13 @@ class GreaterThanTask(Task):
         years: the YY values (default 2-98).
     """
 
+    #: What the counterfactual changes (patching experiments and the solver's `corrupt`
+    #: ablation read it; the report says it beside them).
+    CORRUPTION = (
+        "the same sentence with the year's last two digits set to 01 ('... from the year 1701 "
+        "to the year 17'): only what depends on YY changes"
+    )
+
     SIGNATURE = SIGNATURE
     PARAMS = {"nouns": None, "centuries": None, "years": None}
     PARAM_TYPES = {

@@ -97,6 +97,15 @@ class InductionTask(Task):
             tokenizer: ids 0 .. vocab-1). Not together with `tokens`.
     """
 
+    #: What the counterfactual changes (patching experiments and the solver's `corrupt`
+    #: ablation read it; the report says it beside them).
+    CORRUPTION = (
+        "the same first copy of the sequence followed by fresh random tokens (no repeat): every "
+        "path that reads only the first copy (the previous-token head at PREV+1, the keys "
+        "there) carries the same values in both runs, so patching it moves nothing however much "
+        "the circuit needs it"
+    )
+
     SIGNATURE = SIGNATURE
     PARAMS = {"length": 10, "tokens": None, "vocab": None}
     PARAM_TYPES = {

@@ -185,6 +185,14 @@ class IOITask(Task):
         corruption: "abc" (the paper's p_ABC, default).
     """
 
+    #: What the counterfactual changes (patching experiments and the solver's `corrupt`
+    #: ablation read it; the report says it beside them).
+    CORRUPTION = (
+        "the ABC distribution: the same template with three fresh names for IO, S and S2, so "
+        "every path that carries a name differs and everything the template fixes (positions, "
+        "place, object) is the same"
+    )
+
     SIGNATURE = SIGNATURE
     PARAMS = {"template_set": "both", "templates": None, "names": None, "places": None,
               "objects": None, "corruption": "abc"}

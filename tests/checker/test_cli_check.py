@@ -23,6 +23,8 @@ def test_readme_quickstart_checks_the_toy_induction_circuit(tmp_path, capsys):
     assert all(e["holds"] for e in data["expectations"])
     assert data["experiments"][0]["grid"] == [2, 4]
     assert "recovered" in text and "patch head * at END" in text
+    # a patching experiment says what the corruption changes (a path it keeps reads 0.000)
+    assert "patching experiments use the task's corruption: the same first copy" in text
 
 
 def test_a_failing_expectation_exits_1_with_a_counterexample(tmp_path, capsys):

@@ -72,3 +72,11 @@ def test_ragged_answers_are_padded_and_ignored():
     index = torch.tensor([[0, 1, 2], [3, -1, -1]])
     assert masked_mean(values, index).tolist() == [2.0, 40.0]
     assert masked_sum(values, index).tolist() == [6.0, 40.0]
+
+
+def test_every_task_says_what_its_counterfactual_changes():
+    from circuitlang.tasks import list_tasks, task_class
+
+    for name in list_tasks():
+        text = task_class(name).CORRUPTION
+        assert isinstance(text, str) and len(text) > 20, name
