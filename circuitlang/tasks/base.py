@@ -157,6 +157,9 @@ class Task:
     TOKEN_FEATURES: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: position name -> features that fix its index (for `position(P)` agreement).
     POSITION_FEATURES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: what the counterfactual prompt changes, in a sentence; the report prints it
+    #: beside patching experiments. Every built-in task says; a user's may leave None.
+    CORRUPTION: ClassVar[str | None] = None
 
     def __init__(self, tokenizer: Any = None, **params: Any):
         from circuitlang.tasks.params import param_types

@@ -65,3 +65,11 @@ def word_tokenizer_for():
         return cache[(name, bos)]
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def _registered_tasks_stay_in_their_test(monkeypatch):
+    """Tasks a test registers (register_task, --load-module) vanish after it."""
+    import circuitlang.tasks as tasks
+
+    monkeypatch.setattr(tasks, "_REGISTERED", dict(tasks._REGISTERED))
