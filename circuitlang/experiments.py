@@ -34,7 +34,7 @@ import torch
 
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
-from circuitlang.sites import Channel, Head, Logits, Position, Resid
+from circuitlang.sites import Channel, Head, Logits, Mlp, MlpIn, Position, Resid
 
 
 @dataclass
@@ -291,20 +291,23 @@ class Experiments:
         return self._result("patch", text, names, per_prompt, grid, direction=direction)
 
     def path_patching(self, senders, receiver, position: Position, *, text: str = "", grid=None) -> ExperimentResult:
-        """Patch each sender's direct path into `receiver` (head q/k/v input or logits)."""
+        """Patch each sender's direct path into `receiver` (a head's q/k/v input, an MLP, or the logits)."""
         from circuitlang.models import Patch
 
         if isinstance(receiver, Logits):
             target = Resid(self.model.shape.n_layers)
         elif isinstance(receiver, Head) and receiver.channel.is_input:
             target = receiver
+        elif isinstance(receiver, Mlp):
+            target = MlpIn(receiver.layer)  # the stream the MLP reads (only the MLP sees the patch)
         elif isinstance(receiver, Head):
             raise ExecutionError(
                 f"path patching needs a receiver's input: {receiver}.q, .k or .v, or logits",
                 hint=f"e.g. patch ... -> {receiver.layer}.{receiver.head}.q at END",
             )
         else:
-            raise ExecutionError(f"{receiver} cannot receive a path", hint="use a head's q/k/v input or logits")
+            raise ExecutionError(f"{receiver} cannot receive a path",
+                                 hint="use a head's q/k/v input, an MLP, or logits")
         outs = [s.with_channel(Channel.OUT) if isinstance(s, Head) else s for s in senders]
         # a sender computed at or after the receiver reads the stream has no path to it:
         # its row stays empty (NaN, shown as "-") instead of a number that means nothing

@@ -52,9 +52,13 @@ How claims become nodes
   its head (or root). A pattern leaf's query and keys come from one sample, so a head
   that attends by content keeps its match.
 * `EdgeClaim(sender, receiver, position)` makes sender a child of receiver through
-  the receiver's channel. A sender or receiver with no claim of its own is added
-  with `Feature("input")`: it sees exactly what its parent sees (ACDC's reading of
-  an edge-only circuit).
+  the receiver's channel. Which node of the sender enters where: an edge at a named
+  position reads the sender's node claimed there if it has one, else its node claimed
+  at `all`; an edge at `all` reads a node claimed at `all` everywhere and each node
+  claimed at a named position at that position (claims at named positions refine one
+  at `all`). Statement order never matters. A sender or receiver with no claim of its
+  own is added with `Feature("input")`: it sees exactly what its parent sees (ACDC's
+  reading of an edge-only circuit).
 * A claimed sender that feeds nothing is a child of the root at its position.
 * Which edges exist is `circuitlang.topology`'s decision (the same rule the resolver
   and the edge engine use), with the `ModelShape` the hypothesis was resolved against.
@@ -386,6 +390,14 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
         senders = find_senders(sender, pos) or [add_sender(sender, pos, SAME_INPUT, None)]
         for s in senders:
             s.claims.append(i)
+        # which node of the sender enters where: a node claimed at the edge's own position
+        # is the one read there; an edge at `all` reads a node claimed at `all` everywhere
+        # and each node claimed at a named position at that position (claims at named
+        # positions refine one at `all`; statement order never matters)
+        if pos.is_all:
+            entries = [(s, s.position) for s in senders]
+        else:
+            entries = [(s, pos) for s in ([s for s in senders if s.position == pos] or senders)]
         if isinstance(receiver, Logits):
             parents, channel = [templates[root_key]], None
         elif isinstance(receiver, Head):
@@ -421,8 +433,8 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             continue
         for p in parents:
             p.claims.append(i)
-            for s in senders:
-                link(s, p, Transplant(channel, pos))
+            for s, at in entries:
+                link(s, p, Transplant(channel, at))
 
     # 3. input-channel claims: leaves under their head (or the root)
     for i, claim, feats in channel_claims:

@@ -414,10 +414,14 @@ def build_tree(hypothesis: Hypothesis) -> Node:
       their features (the prompt must agree on all of them).
     * An edge `S -> R at P` reads every node of S whose position is P or `all` (every
       node of S when P is `all`); with none, an edge-only node (S, P) on its parent's
-      prompt. It enters every node of R that reads R's channel at P: for a query or an
-      MLP the nodes at P or `all` (every node when P is `all`); for a key or value every
-      node of R (a key at P feeds the head's output at every later position). With none,
-      an edge-only node (R, P), or (R, all) for a key/value edge.
+      prompt. Which of them enters where (docs/checker.md's table): at a named P, the
+      node of S claimed at P if there is one, else the one claimed at `all`; an edge at
+      `all` reads a node claimed at `all` everywhere and each node claimed at a named
+      position at that position (a claim at a named position refines one at `all`).
+      They enter every node of R that reads R's channel at P: for a query or an MLP the
+      nodes at P or `all` (every node when P is `all`); for a key or value every node
+      of R (a key at P feeds the head's output at every later position). With none, an
+      edge-only node (R, P), or (R, all) for a key/value edge.
     * Edges are read in source order, after the depends-claims: a node an earlier edge
       made is found by a later one.
     * An input leaf is a child of the nodes of its head that read it: for a query or a
@@ -480,9 +484,14 @@ def build_tree(hypothesis: Hypothesis) -> Node:
             parents = find(receiver, at) or [new(receiver, at, [INPUT])]
         else:
             raise TypeError(f"{receiver} cannot receive an edge")
+        if at.is_all:  # each node where it is claimed
+            entries = [(t, t.position) for t in from_nodes]
+        else:  # the claim at P itself, else the one at `all`
+            here = [t for t in from_nodes if t.position == at]
+            entries = [(t, at) for t in (here or from_nodes)]
         for p in parents:
-            for s in from_nodes:
-                link(s, p, channel, at)
+            for s, where in entries:
+                link(s, p, channel, where)
 
     for c in channel_claims:
         site, pos = c.site, c.position

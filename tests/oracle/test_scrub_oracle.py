@@ -351,12 +351,11 @@ def test_a_query_leaf_belongs_to_the_nodes_it_can_reach(tiny_models, induction):
     assert_agree(lm, task, prompts, h, "logit_diff", seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="an edge reads every node of its sender that covers its position, "
-                   "and all of them enter the receiver at the edge's position: where two overlap, the "
-                   "later node (by statement order) replaces the earlier, so swapping two statements "
-                   "changes the score")
 @pytest.mark.parametrize("variant", ["edge-at-all-two-named-nodes", "edge-at-END-nodes-at-all-and-END"])
 def test_statement_order_does_not_change_the_score(variant, tiny_models, induction):
+    """An edge once read every node of its sender that covered its position, all entering
+    at the edge's position; where two overlapped the later (by statement order) replaced
+    the earlier, so swapping two statements changed the score."""
     lm = tiny_models("gpt2")
     task, prompts = induction
     whole = (Feature("task", "tokens"),)  # deterministic samples: the prompt's own sequence
@@ -377,3 +376,20 @@ def test_statement_order_does_not_change_the_score(variant, tiny_models, inducti
     a = scrubber.scrub(ir_to_graph(make(lm, (first, second) + rest, "mean")), seed=0).scrubbed
     b = scrubber.scrub(ir_to_graph(make(lm, (second, first) + rest, "mean")), seed=0).scrubbed
     np.testing.assert_allclose(a, b, atol=TOLERANCE)
+    assert_agree(lm, task, prompts, make(lm, (first, second) + rest, "mean"), "logit_diff", seed=0)
+
+
+def test_an_edge_at_all_reads_a_named_claim_where_it_is_claimed(tiny_models, induction):
+    """docs/checker.md: an edge at `all` reads a node claimed at `all` everywhere and a
+    node claimed at a named position there (once the PREV node went to the root, a path
+    to the logits no claim makes)."""
+    lm = tiny_models("gpt2")
+    task, prompts = induction
+    h = make(lm, (DependsClaim(Head(1, 1), ALL, (Feature("task", "last"),)),
+                  DependsClaim(Head(1, 1), PREV, (Feature("task", "next"),)),
+                  EdgeClaim(Head(1, 1), Head(2, 3, Channel.V), ALL),
+                  EdgeClaim(Head(2, 3), Logits(), END)))
+    graph = ir_to_graph(h)
+    read_by_root = [graph.node(c).label_short() for c, _ in graph.children(graph.root)]
+    assert "head 1.1 at PREV" not in read_by_root, f"the root reads {read_by_root}"
+    assert_agree(lm, task, prompts, h, "logit_diff", seed=0)
