@@ -387,17 +387,21 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             problems.append(Diagnostic("lower.not-an-edge", f"edge {sender} -> {receiver} is not in the model: "
                                        f"{problem}", getattr(claim, "span", None)))
             continue
-        senders = find_senders(sender, pos) or [add_sender(sender, pos, SAME_INPUT, None)]
-        for s in senders:
-            s.claims.append(i)
-        # which node of the sender enters where: a node claimed at the edge's own position
-        # is the one read there; an edge at `all` reads a node claimed at `all` everywhere
-        # and each node claimed at a named position at that position (claims at named
-        # positions refine one at `all`; statement order never matters)
+        # which node of the sender enters where (statement order never matters): an edge
+        # at `all` reads each node claimed for the sender at its own position (claims at
+        # named positions refine one at `all`); an edge at P reads the node claimed at P,
+        # else the one at `all`. A sender no claim describes is one edge-only node at the
+        # edge's position (at `all` never a node another edge made at a named position).
+        found = find_senders(sender, pos)
         if pos.is_all:
+            claimed = [s for s in found if s.claimed]
+            senders = claimed or [add_sender(sender, pos, SAME_INPUT, None)]
             entries = [(s, s.position) for s in senders]
         else:
-            entries = [(s, pos) for s in ([s for s in senders if s.position == pos] or senders)]
+            senders = [s for s in found if s.position == pos] or found or [add_sender(sender, pos, SAME_INPUT, None)]
+            entries = [(s, pos) for s in senders]
+        for s in senders:
+            s.claims.append(i)
         if isinstance(receiver, Logits):
             parents, channel = [templates[root_key]], None
         elif isinstance(receiver, Head):

@@ -21,7 +21,6 @@ from lark.exceptions import (
     UnexpectedCharacters,
     UnexpectedEOF,
     UnexpectedInput,
-    UnexpectedToken,
     VisitError,
 )
 from lark.indenter import DedentError, Indenter

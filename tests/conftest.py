@@ -8,6 +8,15 @@ import pytest
 # No hub here: make a hub lookup fail at once instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Property tests draw the same examples on every run by default (CI stays a function
+# of the commit), and write no example database into the tree.
+# CIRCUITLANG_HYPOTHESIS_PROFILE=explore draws new examples each run, to hunt for bugs.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("CIRCUITLANG_HYPOTHESIS_PROFILE", "repeatable"))
+
 
 def pytest_configure(config):
     # The test models are tiny: on a 2-core machine torch's intra-op threads cost more

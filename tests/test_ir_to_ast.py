@@ -17,7 +17,7 @@ from circuitlang.ast_to_ir import resolve_text
 from circuitlang.ir_to_ast import claim_text, expr_to_ast, ir_to_ast
 from circuitlang.models import known_shape
 from circuitlang.resources import stdlib_dir
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, ModelShape, Position
+from circuitlang.sites import ALL, Channel, Embed, Head, Mlp, ModelShape, Position
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = sorted(p for p in list(stdlib_dir().glob("*.circ")) + list((ROOT / "examples").glob("*.circ"))

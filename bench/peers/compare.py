@@ -40,7 +40,6 @@ def _repeat(prompts, n: int):
 def head_sweeps(lm, prompts, repeats: int) -> dict:
     """circuitlang's head sweeps, looped and batched: values [L, H] and best-of timings."""
     from circuitlang.models import Patch
-    from circuitlang.sites import Head
 
     shape = lm.shape
     heads = shape.heads()

@@ -7,7 +7,7 @@ against a tokenizer. Every task class exposes its signature as a class attribute
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,6 +108,25 @@ def test_scrubbing_an_edge_set_with_corrupt_ablation_equals_edge_patching(setup,
     np.testing.assert_allclose(scrubbed, patched, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("order", ["named-first", "all-first"])
+def test_an_unclaimed_sender_read_at_END_and_at_all_enters_everywhere_for_the_edge_at_all(setup, order):
+    """Found by the test above: `embed -> 0.0.q at END` made an edge-only embed node at
+    END, and a later `embed -> 2.2.v at all` read that node at END only, so the edge
+    at all was ablated everywhere else."""
+    lm, task, prompts = setup
+    last = lm.shape.n_layers - 1
+    first = [EdgeClaim(Embed(), Head(0, 0, Channel.Q), END), EdgeClaim(Embed(), Head(0, 1, Channel.Q), ALL)]
+    rest = [EdgeClaim(Embed(), Head(last, 0, Channel.V), ALL), EdgeClaim(Head(last, 0), Logits(), ALL)]
+    edges = with_groups([(c.sender, c.receiver, c.position) for c in
+                         (first + rest if order == "named-first" else rest + first)], lm.shape)
+    hypothesis = Hypothesis(model=lm.name, task=task.name, metric="logit_diff", ablation=Ablation("corrupt"),
+                            claims=tuple(EdgeClaim(s, r, p) for s, r, p in dict.fromkeys(edges)),
+                            shape=lm.shape)
+    scrubbed = Scrubber(lm, task, prompts, "logit_diff").scrub(ir_to_graph(hypothesis), seed=0).scrubbed
+    patched = engine_metric(lm, task, prompts, ir_to_edges(hypothesis))
+    np.testing.assert_allclose(scrubbed, patched, atol=2e-4, rtol=1e-4)
+
+
 def test_nothing_kept_is_the_counterfactual_and_everything_kept_is_the_clean_model(setup):
     lm, task, prompts = setup
     clean = task.metric("logit_diff", lm.run(prompts.input_ids, prompts.attention_mask).logits, prompts)
@@ -142,6 +161,7 @@ def test_an_edge_kept_at_one_position_is_ablated_at_every_other():
     for b in range(4):
         assert mask[b, at[b], r, s] == 0
         assert mask[b, :, r, s].sum() == mask.shape[1] - 1
-    assert torch.equal(mask[:, :, *es.index(Head(0, 0), Head(1, 1, Channel.Q))], torch.ones(4, mask.shape[1]))
+    r, s = es.index(Head(0, 0), Head(1, 1, Channel.Q))
+    assert torch.equal(mask[:, :, r, s], torch.ones(4, mask.shape[1]))
     assert {(str(a), str(b), str(p)) for a, b, p in circuit.edges()} == {
         ("head 0.3", "head 1.0.k", "PREV+1"), ("head 1.0", "logits", "END")}

@@ -469,7 +469,12 @@ def build_tree(hypothesis: Hypothesis) -> Node:
 
     for e in edges:
         sender, receiver, at = out(e.sender), e.receiver, e.position
-        from_nodes = find(sender, at) or [new(sender, at, [INPUT])]
+        found = find(sender, at)
+        if at.is_all:  # the nodes claimed for the sender, else one edge-only node at `all`
+            from_nodes = [t for t in found if t.claimed] or [t for t in found if t.position.is_all] \
+                or [new(sender, at, [INPUT])]
+        else:
+            from_nodes = found or [new(sender, at, [INPUT])]
         if isinstance(receiver, Logits):
             parents, channel = [root], "stream"
         elif isinstance(receiver, Head):
