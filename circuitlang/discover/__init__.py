@@ -29,7 +29,7 @@ from circuitlang.discover.faithfulness import Curve, curve
 from circuitlang.discover.problem import ABLATIONS, EdgeSpace, Problem
 from circuitlang.discover.program import circuit_hypothesis, program_text
 from circuitlang.discover.rundir import RunDir
-from circuitlang.discover.select import above, faithfulness, grow, prune_dangling, top_n
+from circuitlang.discover.select import above, grow, prune_dangling, top_n
 from circuitlang.errors import DiscoveryError
 from circuitlang.sites import ALL, Position
 
@@ -395,6 +395,7 @@ def _header(method, options, problem, circuit, faith, the_curve) -> list[str]:
     return lines
 
 
+from circuitlang.discover import acdc as _acdc  # noqa: E402,F401  (registers the "acdc" method)
 from circuitlang.discover import prune as _prune  # noqa: E402,F401  (registers the "prune" method)
 
 

@@ -1,0 +1,484 @@
+"""ACDC (Conmy et al. 2023, "Towards Automated Circuit Discovery for Mechanistic
+Interpretability"): edge pruning in reverse topological order with a threshold tau.
+
+Takes a `Problem` (edge space, ablated values, metric) and tau; gives the circuit (a
+BoolTensor over the edge space, True = kept) and every decision (`Decisions`).
+
+**The algorithm**, ACDC's own as auto-circuit 1.0.1 implements it
+(`auto_circuit/prune_algos/ACDC.py`). The edges are tried one at a time in an order
+e_1 ... e_M (below); S is the set removed so far (ablated), p the faith of the last
+accepted state, starting at p = 0.0 (the faith of the full model)::
+
+    for e in e_1 ... e_M:
+        f = faith(S + {e})
+        if f - p < tau:  S = S + {e}; p = f       # removing e costs less than tau
+        else:            keep e                   # p unchanged
+
+**faith(C)**, the performance a circuit C loses, meaned over the prompts. With the
+`kl` metric (ACDC's default) it is KL(full model || C) of the next-token distributions
+at END (auto-circuit: `multibatch_kl_div` at the last token). With a task metric m of
+direction d (+1 when higher is better, -1 for losses) it is d (m(full) - m(C)) per
+prompt: 0 for the full model, positive when C does worse. (KL is that formula too:
+KL(full || full) = 0.) In a space of edges at named positions (`positions=("END",)`)
+every edge elsewhere is always ablated, so the search starts from the circuit of every
+candidate, not from the full model: p starts at that circuit's faith, measured.
+
+**The order.** `order=` gives it (edge indices, or (sender, receiver[, position]) sites;
+every edge once): the agreement tests pass auto-circuit's, which sorts its edges by the
+receiver's layer, latest first, and leaves the order within a layer to a Python set's
+iteration. The default (`default_order`) is deterministic: receivers in reverse
+computation order (`topology.receivers` reversed: the logits, then for the last layer
+down to the first its MLP and its heads' v, k and q inputs, last head first), and within
+a receiver its senders latest first, one position slot after another (`positions`
+order). Every outgoing edge of a node is then tried before its incoming ones.
+
+**The batched search** makes the same decisions with fewer forward passes. At position
+i of the order, in state (S, p), the next k undecided edges give k circuits, the
+cumulative removals C_j = S + {e_i, ..., e_j}, scored together along the batch (rows
+are (circuit, prompt) pairs). Then, for j = i, i+1, ...: the step is
+f(C_j) - f(C_{j-1}), with f(C_{i-1}) = p. While steps are < tau the edges are removed,
+and each is exactly the sequential decision: the sequential run reaches e_j with
+e_i ... e_{j-1} removed, so in state C_{j-1} with p = f(C_{j-1}) (the faith it accepted
+last), computes f(C_j) and compares `f - p < tau`: the same two numbers, subtracted and
+compared the same way (a step equal to tau keeps the edge). The first e_j with a step
+>= tau is kept; the rows after it assumed its removal, so they are dropped, and the
+search goes on after e_j from state C_{j-1} and p = f(C_{j-1}). A pass is thus wasted
+only past a kept edge: passes grow with the edges kept, plus the edges tried / k.
+
+**Edges that cannot matter** are decided without a pass. A node (a head or an MLP) is
+dead when no kept edge carries its output to a live receiver (the logits are live): its
+output reaches the logits by no path (an ablated edge replaces the sender's current
+output by its ablated one exactly), so removing an edge into it changes no output, its
+step is exactly 0, and for tau > 0 it is removed (for tau = 0, `0 < 0` fails: kept).
+Removals only shrink the set of live nodes, so an edge found dead now is dead when its
+turn comes. In the default order all of a node's outgoing edges are decided before its
+incoming ones, so a dead node's inputs all go without a pass.
+
+**Floating point.** faith is the float64 mean over prompts of per-prompt metrics the
+model computes in its dtype. A circuit scored among other rows may differ from the same
+circuit scored alone in the last bits (the engine groups identical mask rows per batch;
+GEMM blocking depends on the batch). So the batched search and a one-pass-per-edge loop
+make the same decision for every edge whose step is farther from tau than that rounding
+(about 1e-6 of the faith's scale); tests/discover/test_acdc.py checks equality on random
+models, orders and taus with no step that close. The dead-node rule uses the exact
+step, 0, where a loop computes a rounding-level number: the same caveat, at tau ~ 0.
+
+**Checkpoints.** With a run directory, after every pass that finishes the edges of a
+receiver, `acdc.pt` (tau, the order, the decisions so far and p) is written atomically,
+then `acdc.json` (tau, metric, counts: for people); a resumed run loads `acdc.pt`,
+checks tau, the order and the metric, and goes on after the last decision without
+scoring any decided edge again.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from circuitlang.discover import Found, register_method
+from circuitlang.discover.problem import Problem
+from circuitlang.errors import DiscoveryError
+from circuitlang.models import EdgePatch
+from circuitlang.sites import Channel, Head, Logits, Mlp
+
+__all__ = ["AcdcProgress", "Decisions", "acdc", "default_order", "faith_of"]
+
+#: ablated values of every prompt are kept between passes when they fit in this many bytes
+_KEEP_ABLATED_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Every decision of an ACDC run, in the order tried.
+
+    Attributes:
+        order: LongTensor [M]: edge indices in the order tried.
+        kept: BoolTensor [M]: True where the edge stayed in the circuit.
+        faith: float64 [M]: faith(S + {e}) at the trial (NaN where not scored).
+        step: float64 [M]: that minus the faith of the last accepted state (0 where the
+            dead-node rule decided).
+        scored: BoolTensor [M]: False where the dead-node rule decided without a pass.
+        tau: the threshold.
+        metric: what faith measures (`kl` or a task metric).
+        passes: forward passes the search ran (this call, resumed work excluded).
+        resumed: decisions loaded from a checkpoint.
+    """
+
+    order: torch.Tensor
+    kept: torch.Tensor
+    faith: torch.Tensor
+    step: torch.Tensor
+    scored: torch.Tensor
+    tau: float
+    metric: str
+    passes: int = 0
+    resumed: int = 0
+
+    def circuit(self, n_edges: int) -> torch.Tensor:
+        """The kept edges as a BoolTensor [n_edges] over the edge space."""
+        out = torch.zeros(n_edges, dtype=torch.bool)
+        out[self.order[self.kept]] = True
+        return out
+
+    def to_json(self) -> dict:
+        return {"tau": self.tau, "metric": self.metric, "tried": len(self.order),
+                "kept": int(self.kept.sum()), "scored": int(self.scored.sum()), "passes": self.passes,
+                "resumed": self.resumed}
+
+
+@dataclass(frozen=True)
+class AcdcProgress:
+    """What a progress callback gets after each receiver whose edges are all decided."""
+
+    receiver: object
+    receivers_done: int
+    receivers_total: int
+    edges_done: int
+    edges_total: int
+    kept: int
+    passes: int
+
+
+# ---- the order ----------------------------------------------------------------------
+def default_order(space) -> torch.Tensor:
+    """The default order (module docstring): receivers in reverse computation order, then
+    position slots in order, then senders latest first. LongTensor [E] of edge indices."""
+    n_pairs = len(space.pairs)
+    r, s = space.pairs[:, 0], space.pairs[:, 1]
+    slots = torch.arange(len(space.positions)).repeat_interleave(n_pairs)
+    r_all, s_all = r.repeat(len(space.positions)), s.repeat(len(space.positions))
+    # lexicographic sort: receiver descending, slot ascending, sender descending
+    big = len(space.positions) * (len(space.edge_set.senders) + 1)
+    key = -r_all * big + slots * (len(space.edge_set.senders) + 1) - s_all
+    return torch.argsort(key, stable=True)
+
+
+def _order(space, order) -> torch.Tensor:
+    n = len(space)
+    if order is None:
+        return default_order(space)
+    out = []
+    for item in order:
+        if isinstance(item, (tuple, list)):
+            out.append(space.index(*item))
+        else:
+            out.append(int(item))
+    tensor = torch.tensor(out, dtype=torch.long)
+    if len(out) != n or len(set(out)) != n or (n and (min(out) < 0 or max(out) >= n)):
+        raise DiscoveryError(f"an ACDC order must list each of the {n} candidate edges once "
+                             f"(got {len(out)} entries, {len(set(out))} distinct)", code="discover.acdc-order",
+                             hint="give edge indices 0..E-1 or (sender, receiver[, position]) sites, each once")
+    return tensor
+
+
+# ---- faith along the batch ------------------------------------------------------------
+class _Faith:
+    """faith of many circuits, scored along the batch in passes of at most `rows` rows."""
+
+    def __init__(self, problem: Problem, rows: int):
+        self.problem = problem
+        n = problem.n
+        per = max(1, min(n, rows))
+        self.chunks = [torch.arange(s, min(n, s + per)) for s in range(0, n, per)]
+        self.per_pass = max(1, rows // per)  # circuits per pass (of one chunk of prompts)
+        self.kl = problem.metric == "kl"
+        self.direction = problem.direction
+        self._ablated: dict = {}  # chunk -> its ablated values; (chunk, k) -> them tiled k times
+        self._keep = None
+        self.base = None if self.kl else self.metric(torch.ones(1, len(problem.space), dtype=torch.bool))[0]
+
+    def _ablated_for(self, ci: int, index: torch.Tensor) -> torch.Tensor:
+        if ci in self._ablated:
+            return self._ablated[ci]
+        values = self.problem.ablated(index)
+        if self._keep is None:
+            size = values.element_size() * values.numel() * len(self.chunks)
+            self._keep = size * (1 + self.per_pass) <= _KEEP_ABLATED_BYTES
+        if self._keep:
+            self._ablated[ci] = values
+        return values
+
+    def _tiled(self, ci: int, ablated: torch.Tensor, k: int) -> torch.Tensor:
+        """The chunk's ablated values once per circuit of a pass (kept for full passes)."""
+        if ablated.shape[0] == 1 or k == 1:
+            return ablated
+        key = (ci, k)
+        if key in self._ablated:
+            return self._ablated[key]
+        tiled = ablated.repeat(k, 1, 1, 1)
+        if self._keep and k == self.per_pass:
+            self._ablated[key] = tiled
+        return tiled
+
+    def metric(self, kept: torch.Tensor) -> np.ndarray:
+        """The problem's metric per circuit and prompt [K, N] (float64)."""
+        p = self.problem
+        es = p.space.edge_set
+        k = kept.shape[0]
+        out = np.zeros((k, p.n))
+        for ci, index in enumerate(self.chunks):
+            ablated = self._ablated_for(ci, index)
+            for c0 in range(0, k, self.per_pass):
+                cs = torch.arange(c0, min(k, c0 + self.per_pass))
+                rows = index.repeat(len(cs))
+                circuit = cs.repeat_interleave(len(index))
+                if len(cs) == 1 and not p.space.per_position:  # one mask for the batch: one GEMM
+                    masks = p.space.masks(kept[cs], p.prompts)
+                else:
+                    masks = p.space.masks(kept[circuit], p.prompts, rows)
+                abl = self._tiled(ci, ablated, len(cs))
+                with torch.no_grad():
+                    run = p.model.run(p.prompts.input_ids[rows], p.prompts.attention_mask[rows],
+                                      edges=EdgePatch.from_set(es, abl, masks))
+                    p.passes += 1
+                    out[circuit.numpy(), rows.numpy()] = p.metric_of(run.logits, rows).double().cpu().numpy()
+        return out
+
+    def __call__(self, kept: torch.Tensor) -> np.ndarray:
+        """faith of each circuit [K] (float64)."""
+        return faith_of(self.metric(kept), self.base, self.direction)
+
+
+def faith_of(values: np.ndarray, base: np.ndarray | None, direction: int) -> np.ndarray:
+    """faith from per-prompt metric values [K, N]: their mean for `kl` (`base` None),
+    else the mean of `direction * (base - values)` with `base` the full model's [N]."""
+    if base is None:
+        return values.mean(axis=1)
+    return (direction * (base[None, :] - values)).mean(axis=1)
+
+
+# ---- which receivers can still matter ----------------------------------------------
+class _Liveness:
+    """Which receivers are live: some path of kept edges leads from their node to the
+    logits (see the module docstring)."""
+
+    def __init__(self, space, shape):
+        es = space.edge_set
+        senders = list(es.senders)
+        node = {site: i for i, site in enumerate(senders)}
+        n_nodes = len(senders) + 1  # + the logits
+        self.logits = len(senders)
+        feeds = torch.zeros(len(es.receivers), n_nodes, dtype=torch.bool)
+        group = shape.kv_group if shape is not None else 1
+        for r, site in enumerate(es.receivers):
+            if isinstance(site, Logits):
+                feeds[r, self.logits] = True
+            elif isinstance(site, Mlp):
+                feeds[r, node[Mlp(site.layer)]] = True
+            elif isinstance(site, Head):
+                heads = [site.head]
+                if site.channel in (Channel.K, Channel.V) and group > 1:
+                    first = site.head - site.head % group
+                    heads = range(first, first + group)
+                for h in heads:
+                    feeds[r, node[Head(site.layer, h)]] = True
+        self.feeds = feeds
+        n_pairs = len(space.pairs)
+        reps = len(space.positions)
+        self.receiver = space.pairs[:, 0].repeat(reps)  # per edge index
+        self.sender = space.pairs[:, 1].repeat(reps)
+        self.n_nodes = n_nodes
+        self.n_pairs = n_pairs
+
+    def receivers_live(self, present: torch.Tensor) -> torch.Tensor:
+        """BoolTensor [R]: live receivers when the edges `present` [E] are not removed."""
+        live = torch.zeros(self.n_nodes, dtype=torch.bool)
+        live[self.logits] = True
+        while True:
+            r_live = (self.feeds & live).any(1)
+            carries = present & r_live[self.receiver]
+            new = torch.zeros_like(live)
+            new[self.sender[carries]] = True
+            new[self.logits] = True
+            if torch.equal(new, live):
+                return r_live
+            live = new
+
+
+# ---- the search ---------------------------------------------------------------------
+def _check_tau(tau) -> float:
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        raise DiscoveryError(f"ACDC's threshold must be a number, got {tau!r}", code="discover.threshold",
+                             hint="for example --threshold 0.01") from None
+    if not math.isfinite(value) or value < 0:
+        raise DiscoveryError(f"ACDC's threshold tau = {tau} is {'negative' if value < 0 else 'not finite'}",
+                             code="discover.threshold",
+                             hint="tau >= 0: an edge is removed when removing it raises the faithfulness "
+                                  "loss by less than tau (e.g. --threshold 0.01)")
+    return value
+
+
+def acdc(problem: Problem, tau: float, *, order: Sequence | torch.Tensor | None = None, rundir=None,
+         progress: Callable[[AcdcProgress], None] | None = None, rows: int | None = None,
+         skip_dead: bool = True) -> tuple[torch.Tensor, Decisions]:
+    """ACDC at threshold `tau` (module docstring): the circuit and every decision.
+
+    Args:
+        problem: the discovery problem (its metric is what faith measures: `kl`, or a
+            task metric).
+        tau: the threshold (>= 0).
+        order: the order edges are tried in (edge indices or (sender, receiver[,
+            position]) sites, every edge once); None: `default_order`.
+        rundir: a `RunDir` for checkpoints (`acdc.pt`), resumed when it holds one.
+        progress: called after each receiver whose edges are all decided (after the
+            checkpoint), with an `AcdcProgress`.
+        rows: rows (circuit, prompt pairs) per forward pass; default the problem's
+            `batch_size`. A pass holds `rows // n` circuits (at least one; with more
+            prompts than rows, a circuit takes several passes). On a GPU, where a pass
+            costs about the same for any number of rows up to its capacity, give many;
+            on a CPU, where its cost grows with the rows, few waste less past kept edges.
+        skip_dead: decide edges into dead nodes without a pass (module docstring).
+
+    Returns:
+        (circuit BoolTensor [E], Decisions).
+
+    Raises:
+        DiscoveryError: tau negative or not a number, an order that is not a permutation
+            of the edges, or a checkpoint made with another tau or order.
+    """
+    tau = _check_tau(tau)
+    space = problem.space
+    order_t = _order(space, order)
+    m = len(order_t)
+    n_edges = len(space)
+    kept = torch.zeros(m, dtype=torch.bool)
+    faith = torch.full((m,), float("nan"), dtype=torch.float64)
+    step = torch.zeros(m, dtype=torch.float64)
+    scored = torch.zeros(m, dtype=torch.bool)
+    done, p = 0, 0.0
+    saved = rundir.read_tensors("acdc") if rundir is not None else None
+    if saved is not None:
+        about = rundir.read_json("acdc") or {}
+        if (float(saved["tau"]) != tau or not torch.equal(saved["order"], order_t)
+                or about.get("metric", problem.metric) != problem.metric):
+            raise DiscoveryError("the run directory's ACDC checkpoint was made with another threshold, metric "
+                                 "or edge order", code="discover.rundir-mismatch",
+                                 hint="resume with the same options, or choose another run directory")
+        done = int(saved["done"])
+        kept[:done], faith[:done] = saved["kept"][:done], saved["faith"][:done]
+        step[:done], scored[:done] = saved["step"][:done], saved["scored"][:done]
+        p = float(saved["p"])
+    resumed = done
+    passes_before = problem.passes
+
+    receivers = space.pairs[:, 0].repeat(len(space.positions))[order_t]  # receiver of each tried edge
+    ends = torch.ones(m, dtype=torch.bool)  # the last edge of each run of one receiver in the order
+    if m > 1:
+        ends[:-1] = receivers[1:] != receivers[:-1]
+    groups_total = int(ends.sum())
+    end_positions = ends.nonzero()[:, 0].tolist()
+    groups_done = sum(1 for e in end_positions if e < done)
+
+    live = _Liveness(space, problem.model.shape) if skip_dead else None
+    present = torch.ones(n_edges, dtype=torch.bool)  # not removed (kept or undecided)
+    removed_idx = order_t[:done][~kept[:done]]
+    present[removed_idx] = False
+
+    def checkpoint() -> None:
+        if rundir is not None:
+            rundir.write_tensors("acdc", {"tau": torch.tensor(tau, dtype=torch.float64), "order": order_t,
+                                          "done": torch.tensor(done), "p": torch.tensor(p, dtype=torch.float64),
+                                          "kept": kept[:done], "faith": faith[:done], "step": step[:done],
+                                          "scored": scored[:done]})
+            # for people and front ends (a resumed run reads acdc.pt, checking only the metric here)
+            rundir.write_json("acdc", {"tau": tau, "metric": problem.metric, "edges": m, "decided": done,
+                                       "kept": int(kept[:done].sum()), "faith": p})
+
+    if done < m:
+        evaluator = _Faith(problem, rows if rows is not None else max(problem.batch_size, 1))
+        if done == 0 and space.per_position:  # unnamed positions are always ablated: measure the start
+            p = float(evaluator(torch.ones(1, n_edges, dtype=torch.bool))[0])
+    while done < m:
+        r_live = live.receivers_live(present) if live is not None else None
+        # the next entries: dead edges (no row) and up to `per_pass` live edges (one row each)
+        entries, circuits = [], []
+        state = present.clone()
+        i = done
+        while i < m and len(circuits) < evaluator.per_pass:
+            e = int(order_t[i])
+            dead = r_live is not None and not bool(r_live[receivers[i]])
+            if dead and tau == 0.0:  # exact step 0, not < 0: kept, and the state is unchanged
+                entries.append((i, None))
+            else:
+                state[e] = False
+                if dead:
+                    entries.append((i, None))
+                else:
+                    entries.append((i, len(circuits)))
+                    circuits.append(state.clone())
+            i += 1
+        values = evaluator(torch.stack(circuits)) if circuits else np.zeros(0)
+        for i, row in entries:
+            e = int(order_t[i])
+            if row is None:  # the dead-node rule: step exactly 0
+                keep = not (0.0 < tau)
+                step[i], kept[i] = 0.0, keep
+                if not keep:
+                    present[e] = False
+                done = i + 1
+                continue
+            f = float(values[row])
+            s = f - p
+            faith[i], step[i], scored[i] = f, s, True
+            done = i + 1
+            if s < tau:
+                present[e] = False
+                p = f
+            else:
+                kept[i] = True
+                break  # the rows after this one assumed its removal
+        finished = [g for g in end_positions[groups_done:] if g < done]
+        if finished:
+            checkpoint()
+            for g in finished:
+                groups_done += 1
+                if progress is not None:
+                    progress(AcdcProgress(space.edge_set.receivers[int(receivers[g])], groups_done, groups_total,
+                                          done, m, int(kept[:done].sum()), problem.passes - passes_before))
+    checkpoint()
+    decisions = Decisions(order_t, kept, faith, step, scored, tau, problem.metric,
+                          problem.passes - passes_before, resumed)
+    return decisions.circuit(n_edges), decisions
+
+
+# ---- the method ------------------------------------------------------------------------
+@register_method("acdc")
+def _acdc_method(problem, selection, options, rundir) -> Found:
+    """`discover(method="acdc", threshold=tau)`: tau from `options["threshold"]`, an
+    optional `options["order"]` and `options["rows"]`, progress on stderr with
+    `options["progress"]`."""
+    from circuitlang.report import Progress
+
+    tau = options.get("threshold")
+    if tau is None:
+        raise DiscoveryError("ACDC needs a threshold tau", code="discover.threshold",
+                             hint="pass --threshold TAU (e.g. 0.01): an edge is removed when removing it "
+                                  "raises the faithfulness loss by less than tau")
+    if selection.edges is not None or selection.target is not None:
+        raise DiscoveryError("ACDC chooses its circuit by its threshold alone", code="discover.selection",
+                             hint="use --threshold TAU with acdc (not --edges or --target)")
+    tau = _check_tau(tau)
+    bar = Progress(len(problem.space), f"acdc tau={tau:g}", enabled=True) if options.get("progress") else None
+
+    def show(info: AcdcProgress) -> None:
+        bar.set(info.edges_done, f"{info.receiver}: kept {info.kept}")
+
+    try:
+        circuit, decisions = acdc(problem, tau, order=options.get("order"), rundir=rundir,
+                                  progress=show if bar is not None else None, rows=options.get("rows"))
+    finally:
+        if bar is not None:
+            bar.close()
+    options["method_name"] = f"acdc (tau={tau:g}, metric {problem.metric})"
+    skipped = int((~decisions.scored).sum())
+    notes = [f"ACDC at tau={tau:g}: kept {int(decisions.kept.sum())} of {len(decisions.order)} edges in "
+             f"{decisions.passes} forward passes; {skipped} edge(s) decided without a pass (into nodes no "
+             f"kept path connects to the output)"]
+    if decisions.resumed:
+        notes.append(f"resumed after {decisions.resumed} decided edges")
+    return Found(circuit, notes=notes, extra={"acdc": decisions.to_json()})
