@@ -130,6 +130,9 @@ class DiscoveryResult:
         faithfulness: the circuit's faithfulness with a bootstrap interval.
         check: the checker's `CheckResult` on `text` (None with `check=False`).
         method, model, task, n, seed, seconds, passes, notes.
+        details: what the method reports beyond the circuit, by name: `acdc` (tau,
+            metric, edges tried / kept / scored, passes), `log_alpha` and `lambdas`
+            (prune's gates and multipliers, tensors). The JSON carries the plain values.
     """
 
     text: str
@@ -149,6 +152,7 @@ class DiscoveryResult:
     seconds: float = 0.0
     passes: int = 0
     notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         f = self.faithfulness
@@ -171,6 +175,7 @@ class DiscoveryResult:
                                                       "holds": self.check.holds},
             "program": self.text, "notes": self.notes, "seconds": round(self.seconds, 3),
             "passes": self.passes,
+            **{k: v for k, v in self.details.items() if isinstance(v, (dict, list, str, int, float))},
         }
 
     def render(self) -> str:
@@ -343,7 +348,7 @@ def discover(
         text=text, hypothesis=hypothesis, edges=space.edges(circuit), circuit=circuit, space=space,
         scores=found.scores, curve=the_curve, faithfulness=faith, check=result_check, method=method,
         model=model.name, task=task.SIGNATURE.name, n=problem.n, seed=seed, notes=notes,
-        seconds=time.perf_counter() - started, passes=problem.passes,
+        seconds=time.perf_counter() - started, passes=problem.passes, details=dict(found.extra),
     )
     if rundir is not None:
         rundir.write_text("found.circ", text)

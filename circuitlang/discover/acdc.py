@@ -454,14 +454,14 @@ def _acdc_method(problem, selection, options, rundir) -> Found:
     `options["progress"]`."""
     from circuitlang.report import Progress
 
+    if selection.edges is not None or selection.target is not None:
+        raise DiscoveryError("ACDC chooses its circuit by its threshold alone", code="discover.selection",
+                             hint="use --threshold TAU with acdc (not --edges or --target)")
     tau = options.get("threshold")
     if tau is None:
         raise DiscoveryError("ACDC needs a threshold tau", code="discover.threshold",
                              hint="pass --threshold TAU (e.g. 0.01): an edge is removed when removing it "
                                   "raises the faithfulness loss by less than tau")
-    if selection.edges is not None or selection.target is not None:
-        raise DiscoveryError("ACDC chooses its circuit by its threshold alone", code="discover.selection",
-                             hint="use --threshold TAU with acdc (not --edges or --target)")
     tau = _check_tau(tau)
     bar = Progress(len(problem.space), f"acdc tau={tau:g}", enabled=True) if options.get("progress") else None
 

@@ -73,3 +73,29 @@ def test_python_discover_returns_program_scores_curve_and_check():
     by_edge = result.scores.by_edge()
     assert len(by_edge) == len(result.space) and result.curve.cpr > 0
     assert repr(result).startswith("DiscoveryResult(eap, ")
+
+
+def test_acdc_from_the_command_line_writes_a_program_that_check_re_measures(tmp_path, capsys):
+    found = tmp_path / "acdc.circ"
+    report = tmp_path / "acdc.json"
+    code = main(["discover", "--task", "induction", "--model", "toy-induction", "--method", "acdc",
+                 "--threshold", "0.02", "-n", "16", "--task-param", "length=6", "--no-curve",
+                 "-o", str(found), "--json", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert 0 < data["n_edges"] < data["acdc"]["tried"] and data["acdc"]["kept"] == data["n_edges"]
+    assert "acdc (tau=0.02" in found.read_text()
+    checked = circuitlang.check(str(found), permutations=0, breakdown=False, max_examples=3)
+    assert checked.recovered.value == pytest.approx(data["faithfulness"]["value"], abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "ACDC needs a threshold"),
+    (["--edges", "5"], "by its threshold alone"),
+])
+def test_acdc_needs_its_threshold_and_nothing_else(argv, message, capsys):
+    code = main(["discover", "--task", "induction", "--model", "toy-induction", "--task-param", "length=6",
+                 "-n", "8", "--no-curve", "--no-check", "--method", "acdc"] + argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
