@@ -31,7 +31,7 @@ from circuitlang.ir_to_graph import ir_to_graph
 from circuitlang.report import CheckResult, Progress
 from circuitlang.stats import Interval
 
-__all__ = ["Scores", "experiments_only", "judge", "score"]
+__all__ = ["Scores", "experiments_only", "judge", "remainder_by_node", "score"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +87,7 @@ def judge(hypothesis, graph, setup, scores: Scores, *, experiments=(), permutati
         semantics=graph.semantics,
         source=getattr(hypothesis, "filename", None),
         experiments=list(experiments),
-        remainder=[(graph.node(v).label_short(), graph.remainder_inputs(v))
-                   for v in sorted(graph.graph.nodes) if graph.remainder_inputs(v)],
+        remainder=remainder_by_node(graph),
     )
     result.notes += setup.notes
     result.notes += [w.message + (f" ({w.hint})" if w.hint else "") for w in graph.warnings]
@@ -135,6 +134,38 @@ def judge(hypothesis, graph, setup, scores: Scores, *, experiments=(), permutati
     result.passes = setup.scrubber.passes + setup.scrubber.cache.passes
     result.seconds = time.perf_counter() - started
     return result
+
+
+def remainder_by_node(graph) -> list[tuple[str, list[str]]]:
+    """What each claimed node left to the remainder: one `(node, parts)` per node label
+    (`"head 0.0 at all"`), each part (`"k: all but embed at all"`) once.
+
+    Treeification copies a shared node once per parent (and per channel it enters), so
+    one claimed node is many graph nodes, each reading the same inputs from the
+    remainder; they are merged here. Nodes come in the order of their first copy in the
+    tree (the root first), parts by channel (q, k, v), then as their copies list them. Should the
+    copies of one label ever differ, each distinct part is listed once, marked with how
+    many of the label's copies read it (`"q: all of it (in 1 of 2 copies)"`).
+    """
+    copies: dict[str, int] = {}
+    seen: dict[str, list[str]] = {}
+    counts: dict[tuple[str, str], int] = {}
+    for v in sorted(graph.graph.nodes):
+        label = graph.node(v).label_short()
+        copies[label] = copies.get(label, 0) + 1
+        for part in graph.remainder_inputs(v):
+            parts = seen.setdefault(label, [])
+            if part not in parts:
+                parts.append(part)
+            counts[label, part] = counts.get((label, part), 0) + 1
+    rank = {"q": 0, "k": 1, "v": 2}  # a head's channels; an MLP or the root has one
+    out = []
+    for label, parts in seen.items():
+        ordered = sorted(parts, key=lambda part: (rank.get(part.split(":", 1)[0], 3), parts.index(part)))
+        out.append((label, [part if counts[label, part] == copies[label]
+                            else f"{part} (in {counts[label, part]} of {copies[label]} copies)"
+                            for part in ordered]))
+    return out
 
 
 def _metric_blind(graph, setup) -> str | None:
