@@ -63,6 +63,16 @@ make the same decision for every edge whose step is farther from tau than that r
 models, orders and taus with no step that close. The dead-node rule uses the exact
 step, 0, where a loop computes a rounding-level number: the same caveat, at tau ~ 0.
 
+**Layers below the receiver are not recomputed.** In reverse topological order every
+edge removed so far enters a receiver at or above the current receiver's layer L, so the
+blocks below L compute exactly the clean model (every edge into them is kept). Each
+chunk of prompts gets one clean forward pass (`LoadedModel.clean_pass`: every block's
+output and every sender's), and a pass whose masks ablate nothing below L resumes it at
+L (`run(..., resume=(clean, L))`): only the blocks from L up run, the deltas of the
+senders below L are read from the clean pass. Any order works (L is the lowest layer
+whose receivers any circuit of the pass changes); orders that go down the layers
+benefit. Kept while the chunk's ablated values and clean pass fit in 1 GiB.
+
 **Checkpoints.** With a run directory, after every pass that finishes the edges of a
 receiver, `acdc.pt` (tau, the order, the decisions so far and p) is written atomically,
 then `acdc.json` (tau, metric, counts: for people); a resumed run loads `acdc.pt`,
@@ -188,6 +198,11 @@ class _Faith:
         self.direction = problem.direction
         self._ablated: dict = {}  # chunk -> its ablated values; (chunk, k) -> them tiled k times
         self._keep = None
+        self._clean: dict = {}  # chunk -> its clean pass; (chunk, k) -> it tiled k times
+        shape = problem.model.shape
+        self.layer = torch.tensor([shape.n_layers if isinstance(r, Logits) else r.layer
+                                   for r in problem.space.edge_set.receivers])
+        self.resumed_layers = 0  # blocks taken from clean passes instead of computed
         self.base = None if self.kl else self.metric(torch.ones(1, len(problem.space), dtype=torch.bool))[0]
 
     def _ablated_for(self, ci: int, index: torch.Tensor) -> torch.Tensor:
@@ -195,7 +210,11 @@ class _Faith:
             return self._ablated[ci]
         values = self.problem.ablated(index)
         if self._keep is None:
-            size = values.element_size() * values.numel() * len(self.chunks)
+            # the ablated values and a clean pass (senders' outputs and blocks' streams),
+            # each once per chunk and tiled once for a full pass
+            shape = self.problem.model.shape
+            per_row = values[0].numel() * (1 + (shape.n_layers + 1) / max(1, values.shape[1]))
+            size = values.element_size() * per_row * self.problem.n
             self._keep = size * (1 + self.per_pass) <= _KEEP_ABLATED_BYTES
         if self._keep:
             self._ablated[ci] = values
@@ -212,6 +231,31 @@ class _Faith:
         if self._keep and k == self.per_pass:
             self._ablated[key] = tiled
         return tiled
+
+    def _resume(self, ci: int, index: torch.Tensor, masks: torch.Tensor, k: int):
+        """`(clean pass, start)` for a pass whose masks ablate nothing below layer `start`
+        (receivers in reverse topological order: the current receiver's layer), or None.
+        The clean pass of a chunk is one forward pass, kept while the chunk's values fit."""
+        changed = (masks != 0).reshape(-1, *masks.shape[-2:]).any(0).any(-1)  # [R]
+        start = int(self.layer[changed].min()) if bool(changed.any()) else int(self.layer.max())
+        if start == 0 or not self._keep:
+            return None
+        if ci not in self._clean:
+            p = self.problem
+            self._clean[ci] = p.model.clean_pass(p.prompts.input_ids[index], p.prompts.attention_mask[index],
+                                                 senders=p.space.edge_set.senders)
+            p.passes += 1
+        clean = self._clean[ci]
+        if k > 1:
+            key = (ci, k)
+            if key not in self._clean:
+                tiled = clean.rows(torch.arange(len(index)).repeat(k))
+                if k != self.per_pass:
+                    return tiled, start
+                self._clean[key] = tiled
+            clean = self._clean[key]
+        self.resumed_layers += start
+        return clean, start
 
     def metric(self, kept: torch.Tensor) -> np.ndarray:
         """The problem's metric per circuit and prompt [K, N] (float64)."""
@@ -231,8 +275,9 @@ class _Faith:
                     masks = p.space.masks(kept[circuit], p.prompts, rows)
                 abl = self._tiled(ci, ablated, len(cs))
                 with torch.no_grad():
+                    resume = self._resume(ci, index, masks, len(cs))
                     run = p.model.run(p.prompts.input_ids[rows], p.prompts.attention_mask[rows],
-                                      edges=EdgePatch.from_set(es, abl, masks))
+                                      edges=EdgePatch.from_set(es, abl, masks), resume=resume)
                     p.passes += 1
                     out[circuit.numpy(), rows.numpy()] = p.metric_of(run.logits, rows).double().cpu().numpy()
         return out

@@ -198,7 +198,8 @@ def _valid_matrix(senders: tuple, receivers: tuple, shape) -> torch.Tensor:
     ).reshape(len(receivers), len(senders))
 
 
-def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int], dtype, device) -> _Edges:
+def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int], dtype, device,
+                   start: int = 0, resumed=None) -> _Edges:
     shape, adapter = lm.shape, lm.adapter
     senders, receivers = list(edges.senders), list(edges.receivers)
     for site in senders + receivers:
@@ -326,9 +327,12 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
             attn_base[l] = best
     delta = _buffer(lm, "edge-delta", n_s * batch * tokens * d_model, dtype, device)
     widest = max([len(g.mixed) for g in attn.values()] + [1])
+    delta = _Slots(n_s) if delta is None else delta.view(n_s, batch, tokens, d_model)
+    if start:
+        _resume_below(start, attn, mlp, sorted_senders, keys, source, ablated, delta, resumed, device)
     return _Edges(
         ablated=ablated,
-        delta=_Slots(n_s) if delta is None else delta.view(n_s, batch, tokens, d_model),
+        delta=delta,
         scratch=_buffer(lm, "edge-inputs", widest * batch * tokens * d_model, dtype, device),
         embed_slot=embed_slot,
         head_slots={l: (_as_index(h, device), _as_index(s, device), _as_index(o, device))
@@ -340,6 +344,23 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
         mlp=mlp,
         logits=logits,
     )
+
+
+def _resume_below(start, attn, mlp, senders, keys, source, ablated, delta, clean, device) -> None:
+    """Resuming a clean pass at layer `start`: no receiver below it may read an ablated
+    edge, and the deltas of the senders below it come from the clean pass's outputs."""
+    below = [f"mlp {l}" for l, g in mlp.items() if l < start and any(k != CLEAN for k in g.kinds)]
+    below += [f"layer {l}'s q/k/v" for l, g in attn.items() if l < start and any(k != CLEAN for k in g.kinds)]
+    if below:
+        raise ModelError(f"cannot resume at layer {start}: edges into {', '.join(below)} are ablated",
+                         code="model.bad-resume", hint="resume at the lowest layer whose receivers change")
+    for i, (site, key) in enumerate(zip(senders, keys)):
+        if key[0] < start:
+            value = clean.senders.get(site)
+            if value is None:
+                raise ModelError(f"the clean pass has no output of {site}", code="model.bad-resume",
+                                 hint="make it with LoadedModel.clean_pass over the edge set's senders")
+            delta[i] = value.to(device) - ablated[:, source[i]]
 
 
 def _as_index(values: list[int], device) -> torch.Tensor | slice:

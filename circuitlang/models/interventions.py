@@ -179,6 +179,39 @@ class EdgePatch:
         return cls(ablated, mask, edge_set.senders, edge_set.receivers)
 
 
+@dataclass(frozen=True, eq=False)
+class CleanPass:
+    """A plain forward pass kept so that later edge-patched passes of the same prompts can
+    resume from it at a layer (`LoadedModel.run(..., resume=(clean, start))`): below
+    `start` nothing changes, so those layers are not computed again.
+
+    Made by `LoadedModel.clean_pass`. Attributes:
+        blocks: what each transformer block returned (the stream entering the next).
+        senders: site -> [B, T, D]: the senders' outputs (the deltas of the senders below
+            `start` are read from these).
+    """
+
+    blocks: tuple
+    senders: dict
+
+    def rows(self, index: torch.Tensor) -> "CleanPass":
+        """The same pass for batch rows `index` (prompts repeated along the batch)."""
+        def pick(value):
+            if isinstance(value, torch.Tensor):
+                return value.index_select(0, index.to(value.device))
+            if isinstance(value, tuple):
+                return tuple(pick(v) for v in value)
+            return value
+        return CleanPass(tuple(pick(b) for b in self.blocks), {s: pick(v) for s, v in self.senders.items()})
+
+    def nbytes(self) -> int:
+        def size(value):
+            if isinstance(value, torch.Tensor):
+                return value.element_size() * value.numel()
+            return sum(size(v) for v in value) if isinstance(value, tuple) else 0
+        return sum(size(b) for b in self.blocks) + sum(size(v) for v in self.senders.values())
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Run:
     """What one forward pass gives back.

@@ -100,6 +100,7 @@ class LoadedModel:
         edges: EdgePatch | None = None,
         grad: bool = False,
         cache: Any = None,
+        resume: "tuple[CleanPass, int] | None" = None,
     ) -> Run:
         """One forward pass: capture any sites, apply node and edge patches.
 
@@ -113,6 +114,11 @@ class LoadedModel:
             cache: a HF key/value cache of prompt prefixes (`compat.forward(...,
                 keep_cache=True)` makes one); `input_ids` are then the tokens after them, `attention_mask` covers prefix and
                 tokens, and patch positions index the new tokens.
+            resume: `(clean, start)`: take the blocks below layer `start` from `clean`
+                (a `CleanPass` of the same prompts, `clean_pass`) instead of computing
+                them; for edge patches that ablate no edge into a receiver below
+                `start` (ACDC in reverse topological order). The result equals the full
+                pass up to floating-point rounding.
 
         Returns:
             `Run` with logits [B, T, V] and the captured values.
@@ -124,7 +130,19 @@ class LoadedModel:
 
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return run_model(self, input_ids, attention_mask, capture=capture, patches=patches, edges=edges,
-                             cache=cache)
+                             cache=cache, resume=resume)
+
+    def clean_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   senders: Iterable[Site] = ()) -> "CleanPass":
+        """A plain forward pass kept for `run(..., resume=(clean, start))`: every block's
+        output and the outputs of `senders` (an edge set's senders)."""
+        from circuitlang.models.interventions import CleanPass
+        from circuitlang.models.run import run_model
+
+        blocks: list = []
+        with torch.no_grad():
+            run = run_model(self, input_ids, attention_mask, capture=senders, record_blocks=blocks)
+        return CleanPass(tuple(blocks), dict(run.cache))
 
     def free_buffers(self) -> None:
         """Release the scratch memory edge patching keeps between runs on CPU."""

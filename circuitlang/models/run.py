@@ -29,7 +29,7 @@ from circuitlang.errors import ModelError
 from circuitlang.models import compat
 from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
 from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges
-from circuitlang.models.interventions import EdgePatch, Patch, Run
+from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
 from circuitlang.sites import (
     Channel,
@@ -62,6 +62,8 @@ class _Plan:
     z: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
     attn_in: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # edge inputs per layer
+    start: int = 0  # blocks below this one return `skipped` (a clean pass resumed)
+    skipped: tuple = ()
 
     def wants(self, site: Site) -> bool:
         return site in self.capture
@@ -81,8 +83,14 @@ def run_model(
     patches: Iterable[Patch] = (),
     edges: EdgePatch | None = None,
     cache: Any = None,
+    resume: "tuple[CleanPass, int] | None" = None,
+    record_blocks: list | None = None,
 ) -> Run:
-    """One forward pass with captures and interventions; see `LoadedModel.run`."""
+    """One forward pass with captures and interventions; see `LoadedModel.run`.
+
+    `resume=(clean, start)` takes blocks below `start` from `clean` instead of computing
+    them (edge patches only; nothing they ablate may be read below `start`);
+    `record_blocks`, a list, receives what every block returns (for a `CleanPass`)."""
     device = lm.device
     input_ids = torch.as_tensor(input_ids).to(device)
     if input_ids.dim() == 1:
@@ -99,11 +107,37 @@ def run_model(
                              hint="pass Patch(site, value, positions=None)")
         check_site(lm, patch.site)
         plan.patches[patch.site].append(patch)
+    start, clean = 0, None
+    if resume is not None:
+        clean, start = resume
+        if not 0 <= start <= lm.shape.n_layers:
+            raise ModelError(f"cannot resume at layer {start}", code="model.bad-resume",
+                             hint=f"a layer 0..{lm.shape.n_layers}")
+        if start and (edges is None or plan.capture or plan.patches or cache is not None
+                      or torch.is_grad_enabled()):
+            raise ModelError("resuming from a clean pass takes edge patches only",
+                             code="model.bad-resume",
+                             hint="no captures, node patches, cache or gradients with resume=")
+        if start and len(clean.blocks) != lm.shape.n_layers:
+            raise ModelError("the clean pass has no blocks recorded", code="model.bad-resume",
+                             hint="make it with LoadedModel.clean_pass")
+    plan.start = start
     if edges is not None:
-        plan.edges = _prepare_edges(lm, edges, tuple(input_ids.shape), lm.dtype, device)
+        plan.edges = _prepare_edges(lm, edges, tuple(input_ids.shape), lm.dtype, device,
+                                    start=start, resumed=clean)
+    if start:
+        plan.skipped = clean.blocks
 
     with ExitStack() as stack:
+        if record_blocks is not None:
+            for block in lm.adapter.blocks():
+                handle = block.register_forward_hook(lambda m, a, out: record_blocks.append(out))
+                stack.callback(handle.remove)
         for module, hook, kind in _hooks(lm, plan):
+            if kind == "replace":  # a block below the resume layer: its clean output, not computed
+                module.forward = lambda *a, out=hook, **k: out
+                stack.callback(delattr, module, "forward")
+                continue
             if kind == "skip":
                 n_out = linear_weight_in_out(module).shape[1]
                 module.forward = lambda x, *a, n_out=n_out, **k: x.new_empty(*x.shape[:-1], n_out)
@@ -144,6 +178,9 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
         hooks.append((adapter.pos_embed(), simple_output_hook(PosEmbed()), "fwd"))
 
     for layer in range(n):
+        if layer < plan.start:
+            hooks.append((adapter.blocks()[layer], plan.skipped[layer], "replace"))
+            continue
         qkv_recv = edges.qkv_recv.get(layer, {}) if edges else {}
         rebase = edges is not None and layer in edges.attn_base
         qkv_sites = plan.layer_heads(layer, _QKV)

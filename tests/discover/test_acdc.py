@@ -202,14 +202,15 @@ def test_passes_grow_with_the_edges_kept_not_the_edges_tried(planted, skip_dead)
     circuit, decisions = acdc(problem, TAU_PLANTED, skip_dead=skip_dead)
     tried, kept = len(decisions.order), int(decisions.kept.sum())
     assert kept == len(pc.PLANTED) and tried == len(problem.space) == 46
-    # one pass per kept edge, one that ends the order, and the reference and ablated runs
-    assert decisions.passes <= kept + 1 + 2
+    # one pass per kept edge, one that ends the order, and the reference, ablated and
+    # clean runs (passes above layer 0 resume the clean run)
+    assert decisions.passes <= kept + 1 + 3
     assert problem.passes == decisions.passes
     # one circuit per pass: the same decisions, a pass per edge scored
     narrow = Problem(lm, task, prompts, "kl", "corrupt", batch_size=8)
     _, one_by_one = acdc(narrow, TAU_PLANTED, skip_dead=skip_dead)
     assert torch.equal(one_by_one.kept, decisions.kept)
-    assert one_by_one.passes == int(one_by_one.scored.sum()) + 2
+    assert one_by_one.passes == int(one_by_one.scored.sum()) + 3
     if skip_dead:  # heads 0.1 and 1.1 and both MLPs reach no output: their inputs need no pass
         assert int((~decisions.scored).sum()) > 0
 
@@ -245,8 +246,9 @@ def test_resume_after_an_interruption_finishes_with_the_same_result_without_redo
     assert torch.equal(d.kept, whole_d.kept)
     assert d.resumed == decided
     assert d.passes < whole_d.passes
-    # nothing decided before the interruption was scored again: only the rest was
-    assert d.passes <= int(whole_d.scored[decided:].sum()) + 2
+    # nothing decided before the interruption was scored again: only the rest was (plus
+    # the reference, ablated and clean runs)
+    assert d.passes <= int(whole_d.scored[decided:].sum()) + 3
     # a finished run resumes to the same result with no pass at all
     _, final = acdc(problem(), TAU_PLANTED, rundir=RunDir(tmp_path / "run", spec, resume=True))
     assert final.passes == 0 and torch.equal(final.kept, whole_d.kept)

@@ -178,3 +178,53 @@ def test_buffers_are_reused_and_can_be_freed(tiny, tokens):
     lm.free_buffers()
     assert not lm.buffers
     assert torch.equal(lm.run(clean, edges=patch).logits, first) and torch.equal(second, first)
+
+
+def _receiver_layer(site, n_layers: int) -> int:
+    return n_layers if isinstance(site, Logits) else site.layer
+
+
+@pytest.mark.parametrize("start", [1, 2, "last", "logits"])
+def test_resuming_a_clean_pass_equals_the_whole_pass(tiny, tokens, start):
+    """Edges ablated only into receivers at or above a layer: the blocks below it come
+    from a clean pass (every edge into them kept), and the logits equal the whole pass.
+    Also for the batch repeated (several circuits of the same prompts along the batch)."""
+    arch, lm = tiny
+    clean, es, abl = _setup(lm, tokens)
+    n = lm.shape.n_layers
+    start = {"last": n - 1, "logits": n}.get(start, start)
+    g = torch.Generator().manual_seed(3)
+    b = clean.shape[0]
+    above = torch.tensor([_receiver_layer(r, n) >= start for r in es.receivers])
+    mask = (torch.rand(2 * b, len(es.receivers), len(es.senders), generator=g) < 0.5).float()
+    mask = mask * es.valid() * above[None, :, None]
+    ablated = {s: v.repeat(2, 1, 1) for s, v in abl.items()}
+    ids = clean.repeat(2, 1)
+    want = lm.run(ids, edges=EdgePatch.from_set(es, ablated, mask)).logits
+    kept = lm.clean_pass(clean, senders=es.senders)
+    rows = torch.arange(b).repeat(2)
+    ran = []
+    handles = [lm.adapter.attn(layer).register_forward_hook(lambda m, a, o, layer=layer: ran.append(layer))
+               for layer in range(n)]
+    try:
+        got = lm.run(ids, edges=EdgePatch.from_set(es, ablated, mask), resume=(kept.rows(rows), start)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == list(range(start, n))  # the layers below `start` were not computed
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_resuming_below_an_ablated_receiver_is_refused(tiny, tokens):
+    from circuitlang.errors import ModelError
+
+    arch, lm = tiny
+    clean, es, abl = _setup(lm, tokens)
+    mask = torch.zeros(1, len(es.receivers), len(es.senders))
+    r = next(i for i, site in enumerate(es.receivers) if isinstance(site, Head) and site.layer == 0)
+    mask[0, r, 0] = 1.0
+    kept = lm.clean_pass(clean, senders=es.senders)
+    with pytest.raises(ModelError, match="cannot resume at layer 1"):
+        lm.run(clean, edges=EdgePatch.from_set(es, abl, mask), resume=(kept, 1))
+    with pytest.raises(ModelError, match="edge patches only"):
+        lm.run(clean, capture=[Resid(0)], edges=EdgePatch.from_set(es, abl, mask * 0), resume=(kept, 1))
