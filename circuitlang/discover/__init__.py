@@ -41,7 +41,8 @@ DEFAULT_N = 32
 @dataclass(frozen=True)
 class Selection:
     """How a ranking becomes a circuit: the `edges` top edges, every edge above
-    `threshold`, or the smallest prefix reaching faithfulness `target` (default 0.9)."""
+    `threshold`, or a prefix reaching faithfulness `target` (default 0.9; `select.grow`
+    says which)."""
 
     edges: int | None = None
     threshold: float | None = None
@@ -79,12 +80,12 @@ def register_method(name: str):
 
 
 def _select(problem: Problem, ranking: torch.Tensor, importance: torch.Tensor, selection: Selection,
-            full, empty) -> torch.Tensor:
+            full, empty, metric=None) -> torch.Tensor:
     if selection.edges is not None:
         return top_n(importance, selection.edges)
     if selection.threshold is not None:
         return above(importance, selection.threshold)
-    circuit, _ = grow(problem, ranking, selection.target or 0.9, full=full, empty=empty)
+    circuit, _ = grow(problem, ranking, selection.target or 0.9, full=full, empty=empty, metric=metric)
     return circuit
 
 
@@ -97,7 +98,8 @@ def _attribution(problem, selection, options, rundir, scorer) -> Found:
         if rundir is not None:
             rundir.write_tensors("scores", {"edges": scores.edges})
     ranking = scores.ranking()
-    circuit = _select(problem, ranking, scores.importance(), selection, options["full"], options["empty"])
+    circuit = _select(problem, ranking, scores.importance(), selection, options["full"], options["empty"],
+                      options["task_metric"])
     return Found(circuit, scores, ranking)
 
 
@@ -308,12 +310,14 @@ def discover(
     if out is not None:
         rundir = RunDir(out, spec, resume=resume)
 
-    full = problem.score(torch.ones(1, len(space)), metric=default_metric)[0]
-    empty = problem.score(torch.zeros(1, len(space)), metric=default_metric)[0]
-    options = {"ig": ig, "steps": steps, "threshold": threshold, "full": None, "empty": None,
+    # faithfulness f(C) = (m(C) - m(empty)) / (m(full) - m(empty)) in the task's metric, with
+    # full the full model (the clean run: with named positions not every candidate kept,
+    # which still ablates every edge at the other positions) and empty every edge ablated:
+    # the checker's % recovered (clean, scrubbed, random)
+    full = problem.full(metric=default_metric)
+    empty = problem.empty(metric=default_metric)
+    options = {"ig": ig, "steps": steps, "threshold": threshold, "full": full, "empty": empty,
                "task_metric": default_metric, "progress": progress, **(method_options or {})}
-    if chosen == default_metric:
-        options["full"], options["empty"] = full, empty
     found = METHODS[method](problem, selection, options, rundir)
     notes = list(found.notes)
     circuit = prune_dangling(space, found.circuit)
@@ -328,7 +332,7 @@ def discover(
     the_curve = None
     if with_curve and found.ranking is not None:
         the_curve = curve(problem, found.ranking, metric=default_metric, seed=seed,
-                          prune=lambda kept: prune_dangling(space, kept))
+                          prune=lambda kept: prune_dangling(space, kept), full=full, empty=empty)
     hypothesis = circuit_hypothesis(problem, circuit, metric=default_metric, seed=seed,
                                     expect_at_least=faith.low - 0.005,
                                     task_params=tuple(sorted((task_params or {}).items())))

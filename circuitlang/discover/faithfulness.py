@@ -8,7 +8,11 @@ for the circuits C_k of the k top-ranked edges, at MIB's edge fractions {0.1, 0.
 0.5, 1, 2, 5, 10, 20, 50, 100}% of all edges (Mueller et al. 2025), every circuit
 evaluated in the same batched passes (rows are (circuit, prompt) pairs), with a
 paired bootstrap interval over prompts per point. m is the task metric (the mean
-over prompts); `empty` ablates every edge, `full` keeps every edge.
+over prompts); `empty` ablates every edge at every position, `full` is the full model
+(the clean run, nothing ablated): the checker's `random` and `clean`, so that f is its
+% recovered. With named positions (`positions=("END", "S2")`) the full model is not
+every candidate kept (that still ablates every edge at the positions not named), so
+the curve's last point, 100% of the candidates, may be below 1.
 
 Summaries, as MIB defines them, with x the fraction of edges kept (0 to 1) and the
 area taken by the trapezoid rule over the measured points:
@@ -39,7 +43,8 @@ class Curve:
         low, high: 95% bootstrap interval of f at each point.
         cpr, cmd: MIB's summaries (see the module docstring), with bootstrap intervals
             `cpr_interval`, `cmd_interval`.
-        full, empty: the metric of the full and the fully ablated model (means).
+        full, empty: the metric of the full model (the clean run) and of the empty
+            circuit (every edge ablated), means over prompts.
     """
 
     fractions: tuple[float, ...]
@@ -74,7 +79,7 @@ def _area(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def curve(problem, ranking: torch.Tensor, *, fractions=MIB_FRACTIONS, metric: str | None = None,
-          n_boot: int = 1000, seed: int = 0, prune=None, progress=None) -> Curve:
+          n_boot: int = 1000, seed: int = 0, prune=None, progress=None, full=None, empty=None) -> Curve:
     """The faithfulness curve of a ranking (most important edge first).
 
     Args:
@@ -86,6 +91,8 @@ def curve(problem, ranking: torch.Tensor, *, fractions=MIB_FRACTIONS, metric: st
         seed: the bootstrap's seed.
         prune: optional function circuit -> circuit applied to each C_k (dangling edges).
         progress: called with rows scored.
+        full, empty: the metric per prompt [N] of the full model and of the empty circuit
+            in `metric`, when the caller has them (default: measured here).
     """
     metric = metric or problem.task.SIGNATURE.default_metric
     total = len(ranking)
@@ -95,9 +102,10 @@ def curve(problem, ranking: torch.Tensor, *, fractions=MIB_FRACTIONS, metric: st
         kept = torch.zeros(total, dtype=torch.bool)
         kept[ranking[:k]] = True
         circuits.append(prune(kept) if prune is not None else kept)
-    rows = torch.stack([torch.ones(total, dtype=torch.bool), torch.zeros(total, dtype=torch.bool)] + circuits)
-    values = problem.score(rows, metric=metric, progress=progress)  # [2 + K, N]
-    full, empty, per = values[0], values[1], values[2:]
+    full = problem.full(metric=metric) if full is None else np.asarray(full)
+    lead = [] if empty is not None else [torch.zeros(total, dtype=torch.bool)]
+    values = problem.score(torch.stack(lead + circuits), metric=metric, progress=progress)  # [(1 +) K, N]
+    empty, per = (values[0], values[1:]) if empty is None else (np.asarray(empty), values)
     x = np.asarray(fractions, dtype=float)
 
     def f_of(idx):

@@ -283,13 +283,36 @@ class Problem:
                     progress(rows_done)
         return out
 
-    def full(self) -> np.ndarray:
-        """The metric of the full model (every edge kept) per prompt [N]."""
-        return self.score(torch.ones(1, len(self.space)))[0]
+    def full(self, *, metric: str | None = None) -> np.ndarray:
+        """The metric of the full model per prompt [N]: the clean run, nothing ablated,
+        what the checker calls `clean`.
 
-    def empty(self) -> np.ndarray:
-        """The metric with every edge ablated per prompt [N]."""
-        return self.score(torch.zeros(1, len(self.space)))[0]
+        Over the whole sequence that is every candidate kept; with named positions it
+        is not: keeping every candidate still ablates every edge at the positions not
+        named (`score(torch.ones(1, len(space)))` measures that circuit).
+
+        Args:
+            metric: another metric than the problem's (the task's, or "kl").
+        """
+        previous = self.metric
+        if metric is not None:
+            self.metric = metric
+        try:
+            out = np.zeros(self.n)
+            for start in range(0, self.n, max(1, self.batch_size)):
+                index = torch.arange(start, min(self.n, start + max(1, self.batch_size)))
+                with torch.no_grad():
+                    run = self.model.run(self.prompts.input_ids[index], self.prompts.attention_mask[index])
+                    self.passes += 1
+                    out[index.numpy()] = self.metric_of(run.logits, index).double().cpu().numpy()
+            return out
+        finally:
+            self.metric = previous
+
+    def empty(self, *, metric: str | None = None) -> np.ndarray:
+        """The metric with every edge ablated (at every position) per prompt [N]: the empty
+        circuit, what the checker calls `random`."""
+        return self.score(torch.zeros(1, len(self.space)), metric=metric)[0]
 
     # ---- gradients ------------------------------------------------------------------
     def gradients(self, kept_value: float | torch.Tensor = 1.0, *, inputs_alpha: float | None = None,

@@ -49,8 +49,8 @@ result then notes it.
 **The result.** The deterministic mask keeps edge i when z at the median of its noise
 (u = 1/2) is at least 1/2, i.e. when `log_alpha_i > 0`. A `Selection` overrides that:
 `edges=k` keeps the k edges with the largest log-alpha, `threshold=t` those with
-log-alpha above t, `target=f` the smallest prefix of the log-alpha ranking with
-faithfulness f (`select.grow`).
+log-alpha above t, `target=f` a prefix of the log-alpha ranking reaching faithfulness
+f in the task's metric (`select.grow` says which).
 
 **Options** (flat keys of the method's `options` dict, which `discover(...,
 method_options={...})` fills; defaults in `DEFAULTS`): `prune_steps` (plain `steps` is
@@ -427,7 +427,8 @@ def prune(problem: Problem, selection, options: dict, rundir=None) -> Found:
     elif selection is not None and selection.threshold is not None:
         circuit = log_alpha > selection.threshold
     elif selection is not None and selection.target is not None:
-        circuit, _ = grow(problem, ranking, selection.target, full=options.get("full"), empty=options.get("empty"))
+        circuit, _ = grow(problem, ranking, selection.target, full=options.get("full"), empty=options.get("empty"),
+                          metric=options.get("task_metric"))
     else:
         circuit = deterministic_mask(log_alpha)
     kept = float(expected_l0(log_alpha).mean())
