@@ -43,8 +43,9 @@ def register(subparsers) -> None:
                    help="a task parameter, as on a file's `task` line (repeatable)")
     p.add_argument("--method", default="eap-ig", choices=METHODS,
                    help="discovery method (default: eap-ig)")
-    p.add_argument("--ig", default="inputs", choices=IG_VARIANTS,
-                   help="EAP-IG's variant (default: inputs, MIB's recommended)")
+    p.add_argument("--ig", choices=IG_VARIANTS,
+                   help="EAP-IG's variant (default: inputs, MIB's recommended; with FILE: inputs under "
+                   "`ablation corrupt`, else activations)")
     p.add_argument("--steps", type=int, default=5, metavar="K", help="EAP-IG's points (default 5)")
     choose = p.add_mutually_exclusive_group()
     choose.add_argument("--edges", type=int, metavar="N", help="keep the N top-ranked edges")
@@ -58,8 +59,9 @@ def register(subparsers) -> None:
                        help="target fraction of edges kept (default 0.05)")
     prune.add_argument("--lr", type=float, metavar="LR", help="Adam's learning rate (default 0.1)")
     prune.add_argument("--warm-start", action="store_true", help="start the masks from EAP-IG scores")
-    p.add_argument("--ablation", default="corrupt", choices=ABLATIONS,
-                   help="what an ablated edge carries (default: corrupt, the paired counterfactual)")
+    p.add_argument("--ablation", choices=ABLATIONS,
+                   help="what an ablated edge carries (default: corrupt, the paired counterfactual; "
+                   "with FILE it replaces the file's `ablation` line, default the file's)")
     p.add_argument("--positions", metavar="P,Q",
                    help="named positions whose edges are separate candidates (e.g. END,S2); "
                    "default: edges over the whole sequence")
@@ -76,6 +78,9 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve")
     p.add_argument("--no-check", action="store_true", help="skip re-checking the program")
+    p.add_argument("--permutations", type=int, metavar="K",
+                   help="random circuits of the same size for the re-check's permutation test "
+                   "(default 0; with FILE: 200 when it has an `expect p_value` line, else 0)")
     p.set_defaults(func=discover_command)
 
 
@@ -91,6 +96,8 @@ def discover_command(args: argparse.Namespace) -> int:
     if args.seed is not None:
         options.check_seed(args.seed)
     options.check_batch_size(args.batch_size)
+    if args.permutations is not None:
+        options.check_permutations(args.permutations)
     device = options.check_device(args.device)
     for path, flag in ((args.output, "-o"), (args.json_out, "--json")):
         if path:
@@ -121,7 +128,7 @@ def discover_command(args: argparse.Namespace) -> int:
                   threshold=args.threshold, target=args.target, ablation=args.ablation, positions=positions,
                   metric=args.metric, ig=args.ig, steps=args.steps, n=args.samples, seed=args.seed,
                   batch_size=args.batch_size, with_curve=not args.no_curve, check=not args.no_check,
-                  out=args.out, resume=args.resume, device=device, task_params=params or None,
+                  permutations=args.permutations, out=args.out, resume=args.resume, device=device, task_params=params or None,
                   progress=sys.stderr.isatty(), method_options=method_options or None)
     if args.file:
         kwargs["program_or_text"] = args.file

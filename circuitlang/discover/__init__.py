@@ -174,7 +174,8 @@ class DiscoveryResult:
             "check": None if self.check is None else {"recovered": _num(self.check.recovered.value),
                                                       "ci": [_num(self.check.recovered.low),
                                                              _num(self.check.recovered.high)],
-                                                      "holds": self.check.holds},
+                                                      "holds": self.check.holds,
+                                                      "p_value": _num(self.check.p_value)},
             "program": self.text, "notes": self.notes, "seconds": round(self.seconds, 3),
             "passes": self.passes,
             **{k: v for k, v in self.details.items() if isinstance(v, (dict, list, str, int, float))},
@@ -204,16 +205,17 @@ def discover(
     edges: int | None = None,
     threshold: float | None = None,
     target: float | None = None,
-    ablation: str = "corrupt",
+    ablation: str | None = None,
     positions: tuple[str, ...] | None = None,
     metric: str | None = None,
-    ig: str = "inputs",
+    ig: str | None = None,
     steps: int = 5,
     n: int | None = None,
     seed: int | None = None,
     batch_size: int = 32,
     with_curve: bool = True,
     check: bool = True,
+    permutations: int | None = None,
     out=None,
     resume: bool = False,
     device=None,
@@ -232,19 +234,24 @@ def discover(
         edges, threshold, target: how to choose the circuit from a ranking (one of
             them; default `target=0.9`); for ACDC `threshold` is its tau.
         ablation: what an ablated edge carries: `corrupt` (the paired
-            counterfactual), `resample`, `mean`, `zero`.
+            counterfactual; the default), `resample`, `mean`, `zero`. Given a program with
+            holes it replaces the file's `ablation` line (the default: the file's line).
         positions: named positions whose edges are separate candidates (`("END",)`);
             None: edges over the whole sequence.
         metric: what the method optimises (default: `kl` for ACDC and pruning, the
             task's metric otherwise); faithfulness is always in the task's metric.
-        ig, steps: EAP-IG's variant and number of points.
+        ig, steps: EAP-IG's variant (default `inputs`; given a program with holes,
+            `inputs` under `ablation corrupt`, else `activations`) and number of points.
         n, seed: prompts and their seed (default: 32 prompts, seed 0; a program with holes:
             its `samples` and `seed` lines).
         batch_size: rows per forward pass.
         with_curve: also compute the faithfulness curve of the ranking.
         check: re-check the written program with the causal-scrubbing checker.
+        permutations: random circuits for that check's permutation test, 0 .. 10,000
+            (default 0; given a program with holes, the checker's 200 when it has an
+            `expect` on `p_value`, else 0).
         out: a run directory for checkpoints and results (see `rundir`).
-        resume: continue the run in `out`.
+        resume: continue the run in `out` (needs `out`).
         device: torch device.
         task_params: task parameters.
         progress: show progress on stderr.
@@ -252,27 +259,39 @@ def discover(
             "sparsity": 0.02, "warm_start": True}` (see `circuitlang.discover.prune`).
 
     Raises:
-        DiscoveryError: a bad request (method, selection, positions, ablation).
+        DiscoveryError: a bad request (method, selection, positions, ablation, `resume`
+            without `out`).
+        OptionError: a bad `permutations`.
     """
+    from circuitlang import options as run_options
     from circuitlang.models import load_model
     from circuitlang.models.known import model_task_params
     from circuitlang.tasks import load_task
 
+    if permutations is not None:
+        permutations = run_options.check_permutations(permutations, "permutations")
+    if resume and out is None:
+        raise DiscoveryError("resume=True continues a run directory", code="discover.resume",
+                             hint="pass out=RUN_DIR (the folder of the interrupted run)")
     if program_or_text is not None:  # a program with holes: fill them (discover/holes.py)
         from circuitlang.discover.holes import fill_holes
 
         given = [k for k, v in (("edges", edges), ("threshold", threshold), ("target", target),
-                                ("positions", positions), ("out", out)) if v is not None]
+                                ("positions", positions), ("out", out), ("method_options", method_options))
+                 if v is not None]
         if given:
             raise DiscoveryError(", ".join(given) + (" applies" if len(given) == 1 else " apply")
                                  + " to discovering a circuit, not to filling a program's holes (its "
                                  "claims and `expect` lines decide)", code="discover.holes",
                                  hint="drop " + ", ".join(given) + ", or leave out the program")
         return fill_holes(program_or_text, model=model, task=task, n=n, seed=seed, metric=metric,
-                          method=method, steps=steps, check=check, batch_size=batch_size,
-                          device=device, task_params=task_params)
+                          method=method, ig=ig, ablation=ablation, steps=steps, check=check,
+                          permutations=permutations, batch_size=batch_size, device=device,
+                          task_params=task_params)
     started = time.perf_counter()
     seed = 0 if seed is None else seed
+    ablation = "corrupt" if ablation is None else ablation
+    ig = "inputs" if ig is None else ig
     if method not in METHODS:
         raise DiscoveryError(f"unknown method {method!r}", code="discover.method",
                              hint="methods: " + ", ".join(sorted(METHODS)))
@@ -342,8 +361,8 @@ def discover(
     if check:
         import circuitlang
 
-        result_check = circuitlang.check(text, model=model, task=task, permutations=0, breakdown=False,
-                                         max_examples=5, batch_size=batch_size)
+        result_check = circuitlang.check(text, model=model, task=task, permutations=permutations or 0,
+                                         breakdown=False, max_examples=5, batch_size=batch_size)
         gap = abs(result_check.recovered.value - faith.value)
         if result_check.recovered.value == result_check.recovered.value and gap > 1e-3:
             notes.append(f"the checker re-measures {result_check.recovered.value:.4f}, the engine "

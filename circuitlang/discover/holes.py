@@ -77,7 +77,7 @@ from pathlib import Path
 import numpy as np
 
 from circuitlang import ast, ir, stats
-from circuitlang.discover.attribution import eap, eap_ig
+from circuitlang.discover.attribution import IG_VARIANTS, eap, eap_ig
 from circuitlang.discover.hole_search import ClaimScores, ClaimSpace, HoleSearch, candidates, holes_of
 from circuitlang.discover.problem import ABLATIONS, Problem
 from circuitlang.errors import CircuitlangError, DiscoveryError
@@ -205,7 +205,8 @@ class HoleResult:
         check = None
         if self.check is not None:
             r = self.check.recovered
-            check = {"recovered": _num(r.value), "ci": [_num(r.low), _num(r.high)], "holds": self.check.holds}
+            check = {"recovered": _num(r.value), "ci": [_num(r.low), _num(r.high)], "holds": self.check.holds,
+                     "p_value": _num(self.check.p_value)}
         return {"method": self.method, "ablation": self.ablation, "positions": [str(p) for p in self.positions],
                 "model": self.model, "task": self.task, "n": self.n, "seed": self.seed, "metric": self.metric,
                 "holes": [f.to_json() for f in self.holes.values()],
@@ -438,13 +439,14 @@ def fill_holes(
     metric: str | None = None,
     method: str = "eap-ig",
     ig: str | None = None,
+    ablation: str | None = None,
     steps: int = 5,
     top: int = 8,
     runners_up: int = 3,
     max_group: int = 16,
     group_budget: int = 64,
     check: bool = True,
-    permutations: int = 0,
+    permutations: int | None = None,
     breakdown: bool = False,
     max_examples: int = 5,
     batch_size: int = 32,
@@ -464,7 +466,12 @@ def fill_holes(
             for the ranking, the verification and the check alike.
         metric: the metric (default: as `check` chooses it).
         method: `eap-ig` (integrated gradients) or `eap` (the gradient at the clean model).
-        ig: EAP-IG's variant (default: `inputs` under `ablation corrupt`, else `activations`).
+        ig: EAP-IG's variant (default: `inputs` under `ablation corrupt`, else `activations`;
+            `inputs` needs `corrupt`).
+        ablation: `corrupt`, `resample`, `mean` or `zero`: replaces the file's `ablation`
+            line (the filled program carries it, so `check` re-measures the same), for the
+            ranking, the verification and the check alike (default: the file's line, else
+            resample).
         steps: EAP-IG's points.
         top: how many of the best-ranked assignments of head and MLP holes to verify.
         runners_up: per hole, how many next candidates to verify and report.
@@ -473,7 +480,10 @@ def fill_holes(
             this many (so the smallest that meets the expectations is found); else the
             growth by attribution, with swaps.
         check: judge the chosen program like `circuitlang.check` (`result.check`).
-        permutations, breakdown, max_examples: that check's options.
+        permutations: random circuits for that check's permutation test (default: the
+            checker's 200 when the program has an `expect` on `p_value`, else 0; with 0 such
+            an expectation is not measured, and fails).
+        breakdown, max_examples: that check's options.
         batch_size: rows per forward pass.
         device: torch device.
         task_params: task parameters (beat the file's).
@@ -500,10 +510,29 @@ def fill_holes(
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DiscoveryError(f"{name} must be a whole number of at least {low}, got {value!r}",
                                  code="discover.option", hint=f"e.g. {name}={max(low, 3)}")
-    permutations = options.check_permutations(permutations, "permutations")
+    if ablation is not None and ablation not in ABLATIONS:
+        raise DiscoveryError(f"unknown ablation {ablation!r}", code="discover.ablation",
+                             hint="use " + ", ".join(ABLATIONS))
+    if ig is not None and ig not in IG_VARIANTS:
+        raise DiscoveryError(f"unknown EAP-IG variant {ig!r}", code="discover.ig-variant",
+                             hint="variants: " + ", ".join(IG_VARIANTS))
+    if permutations is not None:
+        permutations = options.check_permutations(permutations, "permutations")
     max_examples = options.check_max_examples(max_examples, "max_examples")
     program, text, filename = _read(program_or_text, filename)
+    if ablation is not None:
+        program = _with_ablation(program, ablation)  # the other statements keep their spans
     hypothesis = _load(program, text, filename, model, task)
+    wants_p = any("p_value" in set(e.symbols()) for e in hypothesis.expectations)
+    if ig is not None and method == "eap":
+        raise DiscoveryError(f"--ig {ig} is EAP-IG's variant; --method eap takes no variant",
+                             code="discover.ig-variant", hint="drop --ig, or use --method eap-ig")
+    if ig == "inputs" and hypothesis.ablation.mode != "corrupt":
+        raise DiscoveryError(f"EAP-IG over inputs interpolates toward the counterfactual: it needs "
+                             f"`ablation corrupt`, not {hypothesis.ablation.mode}",
+                             code="discover.ig-ablation",
+                             hint="use --ig activations, or --ablation corrupt (or the file's "
+                             "`ablation corrupt` line)")
     holes = hypothesis.holes()
     if not holes:
         raise DiscoveryError("this program has no holes to fill", code="discover.no-holes",
@@ -528,6 +557,13 @@ def fill_holes(
     positions = _claim_positions(hypothesis)
     ablation = hypothesis.ablation.mode if hypothesis.ablation.mode in ABLATIONS else "resample"
     notes = list(setup.notes)
+    if permutations is None:
+        from circuitlang.checker import DEFAULT_PERMUTATIONS
+
+        permutations = DEFAULT_PERMUTATIONS if wants_p else 0
+    elif wants_p and permutations == 0 and check:
+        notes.append("permutations=0: the permutation test does not run, so an `expect` on p_value "
+                     "is not measured and fails")
     if hypothesis.ablation.given:
         notes.append("the ranking resamples unconditioned; the scrubbing conditions on "
                      + ", ".join(str(f) for f in hypothesis.ablation.given))
@@ -617,6 +653,22 @@ def _with_settings(program: ast.Program, n: int | None, seed: int | None) -> ast
     for name in ("seed", "samples"):
         if name in wanted:
             out.insert(at, ast.Setting(name, wanted[name]))
+    return dataclasses.replace(program, statements=tuple(out))
+
+
+def _with_ablation(program: ast.Program, mode: str) -> ast.Program:
+    """The program with `ablation mode` in place of its `ablation` line (kept as written,
+    `given` included, when it already says `mode`), or with one added after its `task` line."""
+    out, found = [], False
+    for stmt in program.statements:
+        if isinstance(stmt, ast.AblationDecl):
+            found = True
+            if stmt.mode != mode:
+                stmt = dataclasses.replace(stmt, mode=mode, given=())
+        out.append(stmt)
+    if not found:
+        at = next((i + 1 for i, st in enumerate(out) if isinstance(st, ast.TaskDecl)), 0)
+        out.insert(at, ast.AblationDecl(mode))
     return dataclasses.replace(program, statements=tuple(out))
 
 

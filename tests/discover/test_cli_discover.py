@@ -99,3 +99,16 @@ def test_acdc_needs_its_threshold_and_nothing_else(argv, message, capsys):
                  "-n", "8", "--no-curve", "--no-check", "--method", "acdc"] + argv)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_python_resume_without_a_run_directory_is_refused_like_the_command_line(monkeypatch):
+    """`resume=True` without `out=` would start a fresh run: refused, as `--resume` without
+    `--out` is, before any model loads."""
+    import circuitlang.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(circuitlang.DiscoveryError) as info:
+        circuitlang.discover(model="toy-induction", task="induction", method="eap", edges=4, n=4,
+                             resume=True)
+    assert info.value.diagnostics[0].code == "discover.resume"
+    assert "out=" in info.value.hint

@@ -15,6 +15,7 @@ from circuitlang.discover.holes import candidates, fill_holes, fill_program
 from circuitlang.errors import CircuitlangError, DiscoveryError
 from circuitlang.models import LoadedModel, load_model
 from circuitlang.models.known import toy_dir
+from circuitlang.options import OptionError
 from circuitlang.sites import Head, Mlp, ModelShape
 
 import planted_circuit as pc
@@ -242,3 +243,62 @@ def test_bad_options_are_errors():
         fill_holes(PLANTED, top=0)
     with pytest.raises(DiscoveryError, match="edges, target apply to discovering a circuit"):
         circuitlang.discover(PLANTED, edges=3, target=0.5)
+
+
+# ------------------------------------------------------------------ the final check's options
+
+
+INDUCTION_HOLES = ROOT / "examples" / "induction_holes.circ"
+
+
+@pytest.fixture
+def with_p_value(tmp_path):
+    path = tmp_path / "p.circ"
+    path.write_text(INDUCTION_HOLES.read_text() + "expect p_value <= 0.1\n")
+    return path
+
+
+def test_an_expect_on_p_value_runs_the_permutation_test_in_the_final_check(with_p_value, tmp_path, capsys):
+    """The filled program's check runs the permutation test when an `expect` needs it (the
+    checker's 200 random circuits by default: on toy-induction all 15 others of the same
+    shape, p = 1/16), so `expect p_value` is measured, and `check` re-measures it."""
+    filled, report = tmp_path / "filled.circ", tmp_path / "filled.json"
+    code = main(["discover", str(with_p_value), "-n", "16", "-o", str(filled), "--json", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    p = json.loads(report.read_text())["check"]["p_value"]
+    assert p is not None and p <= 0.1
+    checked = circuitlang.check(str(filled), breakdown=False, max_examples=3)
+    assert checked.p_value == pytest.approx(p) and checked.holds
+    # without the test the expectation is not measured: it fails, and the report says why
+    assert main(["discover", str(with_p_value), "-n", "16", "--permutations", "0", "--no-curve"]) == 1
+    assert "is not measured" in capsys.readouterr().err
+
+
+def test_permutations_is_checked_like_checks_option(with_p_value, capsys, monkeypatch):
+    import circuitlang.checker as checker
+
+    monkeypatch.setattr(checker, "prepare", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["discover", str(with_p_value), "--permutations", "-1"]) == 2
+    assert "--permutations must be between 0 and 10,000" in capsys.readouterr().err
+    with pytest.raises(OptionError, match="permutations must be"):
+        circuitlang.discover(with_p_value, permutations=10_001)
+
+
+def test_ablation_and_ig_reach_the_filling_of_a_files_holes(toy):
+    """`--ablation` replaces the file's `ablation` line, for the ranking, the verification
+    and the check (the filled program carries it); `--ig` chooses EAP-IG's variant."""
+    result = circuitlang.discover(INDUCTION_HOLES, model=toy, n=16, ablation="corrupt")
+    assert result.ablation == "corrupt" and result.method == "eap-ig-inputs"
+    assert "\nablation corrupt\n" in result.text
+    again = _check(result.text, model=toy)
+    assert again.recovered.value == pytest.approx(result.check.recovered.value, abs=1e-6)
+    default = circuitlang.discover(INDUCTION_HOLES, model=toy, n=16)  # the file's: resample
+    assert default.ablation == "resample" and default.method == "eap-ig-activations"
+    assert "ablation corrupt" not in default.text
+    chosen = circuitlang.discover(INDUCTION_HOLES, model=toy, n=16, ig="clean-corrupt")
+    assert chosen.method == "eap-ig-clean-corrupt"
+    with pytest.raises(DiscoveryError, match="takes no variant"):
+        circuitlang.discover(INDUCTION_HOLES, model=toy, n=16, method="eap", ig="inputs")
+    with pytest.raises(DiscoveryError, match="needs `ablation corrupt`"):
+        circuitlang.discover(INDUCTION_HOLES, model=toy, n=16, ig="inputs")
