@@ -323,7 +323,9 @@ def discover(
     rundir = None
     spec = {"method": method, "model": model.name, "task": task.SIGNATURE.name, "n": n, "seed": seed,
             "ablation": ablation, "positions": [str(p) for p in space.positions], "metric": chosen,
-            "edges": edges, "threshold": threshold, "target": target, "ig": ig, "steps": steps}
+            "edges": edges, "threshold": threshold, "target": target, "ig": ig, "steps": steps,
+            "task_params": {str(k): _plain(v) for k, v in sorted((task_params or {}).items())},
+            "batch_size": batch_size}
     if method_options:
         spec["method_options"] = {k: v for k, v in method_options.items() if k not in ("callback", "progress")}
     if out is not None:
@@ -377,6 +379,15 @@ def discover(
         rundir.write_text("found.circ", text)
         rundir.write_json("result", result.to_json())
     return result
+
+
+def _plain(value):
+    """A task parameter as JSON keeps it (run.json compares them on resume)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def _positions(task, positions) -> tuple[Position, ...]:

@@ -6,9 +6,9 @@ finished. Every file is written to a temporary name in the same folder and renam
 over the old one, so a reader sees either the previous version or the new one, never
 half a file.
 
-Layout: `run.json` (what the run is: method, model, task, options; a resumed run must
-match it), one `NAME.json` / `NAME.pt` per checkpoint, and the results
-(`found.circ`, `result.json`).
+Layout: `run.json` (what the run is: method, model, task, its parameters, prompts and
+seed, options, batch size; a resumed run must match it), one `NAME.json` / `NAME.pt`
+per checkpoint, and the results (`found.circ`, `result.json`).
 """
 from __future__ import annotations
 

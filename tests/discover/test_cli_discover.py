@@ -112,3 +112,21 @@ def test_python_resume_without_a_run_directory_is_refused_like_the_command_line(
                              resume=True)
     assert info.value.diagnostics[0].code == "discover.resume"
     assert "out=" in info.value.hint
+
+
+def test_a_resume_with_other_task_parameters_or_batch_size_is_refused(tmp_path, capsys):
+    """run.json records the task's parameters and the batch size: a resumed run that would
+    reuse scores computed on other prompts is the mismatch error, naming what differs."""
+    run = tmp_path / "run"
+    base = ["discover", "--task", "induction", "--model", "toy-induction", "--method", "eap", "--edges", "4",
+            "-n", "4", "--no-curve", "--no-check", "--out", str(run)]
+    assert main(base + ["--task-param", "length=6"]) == 0
+    spec = json.loads((run / "run.json").read_text())
+    assert spec["task_params"] == {"length": 6} and spec["batch_size"] == 32
+    capsys.readouterr()
+    assert main(base + ["--task-param", "length=8", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a different run (it differs in task_params)" in err
+    assert main(base + ["--task-param", "length=6", "--batch-size", "8", "--resume"]) == 2
+    assert "differs in batch_size" in capsys.readouterr().err
+    assert main(base + ["--task-param", "length=6", "--resume"]) == 0  # the same run resumes
