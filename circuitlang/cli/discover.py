@@ -2,9 +2,13 @@
 
 Takes argv (`circuitlang discover [FILE] --task T --model M --method eap|eap-ig|acdc|prune
 [--threshold TAU | --edges N | --target F] [--ablation ...] [--positions ...] -o found.circ
-[--out RUN_DIR [--resume]]`); gives an exit code: 0 when a circuit was written (and, with
-a FILE of holes, every `expect` of the filled program holds), 1 when the filled program
-fails an `expect`, 2 on a bad request (rendered by `circuitlang.cli.main`).
+[--out RUN_DIR [--resume]]`); gives an exit code: 0 when the program was written and its
+re-check holds (or was skipped with `--no-check`); 1 when the program was written but the
+checker's re-check of it fails an `expect` line: with a FILE of holes, one of the filled
+program's (an `expect p_value` under `--permutations 0` among them), without one, the
+discovered program's own `expect recovered >= B` (the checker re-measuring less than the
+engine's bound, or a task that shows no behaviour); 2 on a bad request (rendered by
+`circuitlang.cli.main`).
 
 Every option is checked before a model loads. The program goes to `-o` (atomically;
 the folder must be writable, checked first) or to stdout; the report (the faithfulness
