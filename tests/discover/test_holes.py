@@ -4,6 +4,7 @@ the constraints, and bad requests as clear errors (exit 2)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,8 @@ def test_constraints_are_respected_even_against_the_evidence(planted):
 def test_toy_induction_holes_are_filled_with_its_recorded_heads(toy):
     """`head ?p copies PREV to PREV+1`, `?p -> ?i.k at PREV+1`: the previous-token head and an
     induction head, the ones tests/models/test_toys.py asserts (examples/induction_holes.circ)."""
-    result = fill_holes(ROOT / "examples" / "induction_holes.circ", model=toy, n=32)
+    result = fill_holes(ROOT / "examples" / "induction_holes.circ", model=toy)  # as its header runs it
+    assert result.n == 64 and result.seed == 0
     chosen = result.chosen()
     assert {chosen["p"][0]} == PREVIOUS_TOKEN
     assert chosen["i"][0] in INDUCTION
@@ -150,6 +152,22 @@ def test_toy_induction_holes_are_filled_with_its_recorded_heads(toy):
     assert ranked_first in INDUCTION
     assert all(h.layer == 0 for h, _ in result.holes["p"].ranking)  # ?p in layer 0
     assert "# ?p in layer 0  (filled with 0.3)\n" in result.text
+
+
+def test_the_induction_holes_example_does_what_its_header_says(tmp_path, capsys):
+    """The command in examples/induction_holes.circ's header exits 0 and measures what the
+    header states: ?p = 0.3, ?i = 1.2, recovered 49.4% [41.3%, 57.0%]."""
+    example = ROOT / "examples" / "induction_holes.circ"
+    header = example.read_text()
+    command = re.search(r"# Run: circuitlang (discover \S+) -o filled\.circ", header)
+    assert command is not None
+    filled = tmp_path / "filled.circ"
+    argv = command.group(1).split()
+    assert main([argv[0], str(ROOT / argv[1]), "-o", str(filled)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "?p = 0.3 " in err and "?i = 1.2 " in err
+    assert "check: recovered 49.4% [41.3%, 57.0%], every expectation holds" in err
+    assert "?p = 0.3 and\n# ?i = 1.2, which recover 49.4% (95% CI 41.3%-57.0%)" in header
 
 
 def test_toy_induction_group_is_the_smallest_set_of_induction_heads_that_meets_the_expectation(toy):
