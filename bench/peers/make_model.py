@@ -133,6 +133,21 @@ def make_prompts(
     return path
 
 
+def token_task(prompts_file: Path, tokenizer=None):
+    """The prompts file as a circuitlang task of token-id records (END = the last token),
+    for the circuitlang side of the discovery benchmark and agreement tests (run where
+    circuitlang is installed; the peers' scripts never call it)."""
+    from circuitlang.tasks import load_task
+
+    data = json.loads(Path(prompts_file).read_text())
+    records = Path(prompts_file).with_suffix(".jsonl")
+    with open(records, "w") as fh:
+        for clean, corrupt, answer, wrong in zip(data["clean"], data["corrupt"], data["answer"], data["wrong"]):
+            fh.write(json.dumps({"clean": clean, "corrupt": corrupt, "answers": [answer],
+                                 "wrong_answers": [wrong]}) + "\n")
+    return load_task(str(records), tokenizer=tokenizer)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")

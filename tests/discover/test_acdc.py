@@ -30,16 +30,6 @@ import planted_circuit as pc
 TAU_PLANTED = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP's spin-waiting
-    makes each small op milliseconds slower (bench/peers/peer_io.py: set_threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def planted():
     lm = LoadedModel.from_hf(pc.model(), pc.tokenizer(), name="planted-acdc")

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import circuitlang
 from circuitlang.cli import main
@@ -64,15 +63,6 @@ heads ?g copies PREV+1 to END
 ?g has at most 4 heads
 expect recovered >= 0.65
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine's cores are shared: one thread is much faster for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

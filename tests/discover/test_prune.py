@@ -27,15 +27,6 @@ import planted_circuit as pc
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the models here are tiny: one thread is faster than two that wait on each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def planted():
     lm = LoadedModel.from_hf(pc.model(), pc.tokenizer(), name="planted-prune")

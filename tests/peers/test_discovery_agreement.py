@@ -32,7 +32,6 @@ from circuitlang.discover.acdc import acdc  # noqa: E402
 from circuitlang.discover.attribution import eap  # noqa: E402
 from circuitlang.discover.problem import Problem  # noqa: E402
 from circuitlang.models import load_model  # noqa: E402
-from circuitlang.tasks import load_task  # noqa: E402
 
 pytestmark = pytest.mark.optional
 
@@ -45,11 +44,17 @@ IG_SAMPLES = 3
 PEER_TIMEOUT_S = 900
 
 
+def make_model_module():
+    """bench/peers/make_model.py (a script directory, not a package)."""
+    spec = importlib.util.spec_from_file_location("peers_make_model", PEERS_SRC / "make_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("peers_make_model", PEERS_SRC / "make_model.py")
-    make_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_model)
+    make_model = make_model_module()
     out = tmp_path_factory.mktemp("discovery_model")
     make_model.build_model(out, layers=2, heads=4, d_model=64, vocab=128, n_ctx=32, seed=0)
     make_model.make_prompts(out / "prompts.json", batch=8, tokens=10, vocab=128, changed=3, seed=1)
@@ -74,21 +79,10 @@ def ac(folder, tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-def token_task(prompts_file: Path, tokenizer):
-    """The peers' prompts as a circuitlang task of token-id records (END = the last token)."""
-    data = json.loads(prompts_file.read_text())
-    records = prompts_file.with_suffix(".jsonl")
-    with open(records, "w") as fh:
-        for clean, corrupt, answer, wrong in zip(data["clean"], data["corrupt"], data["answer"], data["wrong"]):
-            fh.write(json.dumps({"clean": clean, "corrupt": corrupt, "answers": [answer],
-                                 "wrong_answers": [wrong]}) + "\n")
-    return load_task(str(records), tokenizer=tokenizer)
-
-
 @pytest.fixture(scope="session")
 def setup(folder):
     lm = load_model(str(folder))
-    task = token_task(folder / "prompts.json", lm.tokenizer)
+    task = make_model_module().token_task(folder / "prompts.json", lm.tokenizer)
     return lm, task, task.prompts()  # every record, in file order
 
 
