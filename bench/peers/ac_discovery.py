@@ -41,7 +41,6 @@ Run inside the auto-circuit venv::
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -51,7 +50,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ac_edges import build_hooked_transformer, circuitlang_name  # noqa: E402
-from peer_io import DTYPES, best_of, environment, logit_diff, read_prompts, set_threads, write_json  # noqa: E402
+from peer_io import DTYPES, script_parser, best_of, environment, logit_diff, read_prompts, set_threads, write_json  # noqa: E402
 
 #: circuitlang's `discover.faithfulness.MIB_FRACTIONS` (this script cannot import circuitlang)
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -181,11 +180,7 @@ def run(model_dir: str, prompts_path: str, out_path: str, *, dtype: str = "float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
-    parser.add_argument("prompts")
-    parser.add_argument("out")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser = script_parser(__doc__)
     parser.add_argument("--eap", action="store_true", help="EAP scores (mask gradients at mask 0)")
     parser.add_argument("--eap-ig", type=int, metavar="N", help="integrated gradients over N+1 mask values")
     parser.add_argument("--acdc", type=float, action="append", default=[], metavar="TAU",

@@ -44,7 +44,6 @@ Run inside the auto-circuit venv::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -55,7 +54,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer_io import (  # noqa: E402
-    DTYPES, best_of, environment, logit_diff, read_prompts, set_threads, to_list, write_json,
+    DTYPES, script_parser, best_of, environment, logit_diff, read_prompts, set_threads, to_list, write_json,
 )
 
 
@@ -280,11 +279,7 @@ def run(model_dir: str, prompts_path: str, out_path: str, *, dtype: str = "float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
-    parser.add_argument("prompts")
-    parser.add_argument("out")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser = script_parser(__doc__)
     parser.add_argument("--single", action="store_true", help="ablate every edge alone")
     parser.add_argument("--random-sets", type=int, default=0, metavar="N")
     parser.add_argument("--density", type=float, default=0.1)

@@ -156,3 +156,15 @@ def write_json(path: str | Path, payload: dict) -> None:
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def script_parser(doc: str):
+    """The command line every peer script shares: MODEL_DIR PROMPTS.json OUT.json [--dtype]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("prompts")
+    parser.add_argument("out")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    return parser

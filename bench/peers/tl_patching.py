@@ -29,7 +29,6 @@ Run inside the TransformerLens 4 venv::
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -39,7 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer_io import (  # noqa: E402
-    DTYPES, best_of, environment, logit_diff, read_prompts, set_threads, to_list, write_json,
+    DTYPES, script_parser, best_of, environment, logit_diff, read_prompts, set_threads, to_list, write_json,
 )
 
 
@@ -150,11 +149,7 @@ def _whole_tensor_setter(corrupted_activation, index, clean_activation):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
-    parser.add_argument("prompts")
-    parser.add_argument("out")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser = script_parser(__doc__)
     parser.add_argument("--path", action="store_true", help="also run direct path patching")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
