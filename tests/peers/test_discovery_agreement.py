@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,7 +72,10 @@ def ac(folder, tmp_path_factory) -> dict:
     try:
         done = subprocess.run([str(AC_PYTHON), str(PEERS_SRC / "ac_discovery.py"), str(folder),
                                str(folder / "prompts.json"), str(out), *flags],
-                              capture_output=True, text=True, cwd=REPO, timeout=PEER_TIMEOUT_S)
+                              capture_output=True, text=True, cwd=REPO, timeout=PEER_TIMEOUT_S,
+                              # auto-circuit orders a layer's edges by a set's iteration: fix the
+                              # hash seed so the order (and any step near tau) is the same each run
+                              env={**os.environ, "PYTHONHASHSEED": "0"})
     except subprocess.TimeoutExpired:
         pytest.fail(f"ac_discovery.py ran past {PEER_TIMEOUT_S} s")
     if done.returncode != 0:
