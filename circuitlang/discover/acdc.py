@@ -202,7 +202,6 @@ class _Faith:
         shape = problem.model.shape
         self.layer = torch.tensor([shape.n_layers if isinstance(r, Logits) else r.layer
                                    for r in problem.space.edge_set.receivers])
-        self.resumed_layers = 0  # blocks taken from clean passes instead of computed
         self.base = None if self.kl else self.metric(torch.ones(1, len(problem.space), dtype=torch.bool))[0]
 
     def _ablated_for(self, ci: int, index: torch.Tensor) -> torch.Tensor:
@@ -254,7 +253,6 @@ class _Faith:
                     return tiled, start
                 self._clean[key] = tiled
             clean = self._clean[key]
-        self.resumed_layers += start
         return clean, start
 
     def metric(self, kept: torch.Tensor) -> np.ndarray:
