@@ -2,7 +2,10 @@
 
 Parses and resolves the file (no weights are loaded: the model's shape is enough),
 lowers it to its treeified intervention graph, and writes it in the format the
-output's suffix names; without `-o`, prints DOT to stdout.
+output's suffix names; without `-o`, prints DOT to stdout. `--view tree` draws every
+treeified node, `--view collapsed` one box per site (circuitlang/graph_render.py);
+the default draws the tree up to `graph_render.TREE_LIMIT` nodes and collapses larger
+graphs. JSON is always the whole tree.
 """
 from __future__ import annotations
 
@@ -22,13 +25,17 @@ def register(subparsers) -> None:
             "Lower a hypothesis file to the treeified intervention graph the checker "
             "runs, and write it as Graphviz DOT, JSON or a self-contained SVG (chosen "
             "by the output file's suffix). Arrows point from a node to the node that "
-            "reads it, labelled with the channel and position."
+            "reads it, labelled with the channel and position. Large graphs are drawn "
+            "collapsed, one box per site with the number of its treeified copies."
         ),
     )
     graph.add_argument("file", metavar="FILE", help="a .circ file")
     graph.add_argument("-o", "--output", metavar="OUT", help="out.dot, out.json or out.svg (default: DOT on stdout)")
     graph.add_argument("--model", metavar="M", help="override the file's `model` line")
     graph.add_argument("--task", metavar="T", help="override the file's `task` line")
+    graph.add_argument("--view", choices=("auto", "tree", "collapsed"), default="auto",
+                       help="tree: every treeified node; collapsed: one box per site; auto (default): "
+                       "the tree up to 60 nodes, collapsed above (DOT and SVG; JSON is the tree)")
     graph.set_defaults(func=graph_command)
 
 
@@ -48,7 +55,7 @@ def graph_command(args: argparse.Namespace) -> int:
                 hint="name the output .dot, .json or .svg",
             )
     hypothesis, _ = load_hypothesis(args.file, model=args.model, task=args.task)
-    text = render(ir_to_graph(hypothesis), fmt)
+    text = render(ir_to_graph(hypothesis), fmt, view=args.view)
     if args.output:
         write_text_atomic(args.output, text)
         print(f"wrote {args.output}", file=sys.stderr)
