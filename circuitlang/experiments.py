@@ -27,6 +27,7 @@ each `Patch` touching only its own rows (`Patch.rows`).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,7 @@ import torch
 
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
-from circuitlang.sites import Channel, Head, Logits, Mlp, MlpIn, Position, Resid
+from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed, Position, Resid, TokenEmbed
 
 
 @dataclass
@@ -44,11 +45,23 @@ class ExperimentResult:
     Attributes:
         kind: "patch", "path_patch" or "ablate".
         text: the statement, as written.
-        sites: the sites intervened on, one per entry of `values` (flattened).
+        sites: what each entry of `values` intervened on, flattened in the grid's
+            order: typed sites (`Head(1, 2)`) for one-site patches, text for a path
+            (`"head 0.1 -> head 1.0.q"`) or for sites patched together.
         values: mean patched metric per site, shaped like the sweep's grid.
-        normalized: `values` mapped to [0 = corrupt, 1 = clean].
-        per_prompt: [n_sites, n_prompts] patched metric.
+        normalized: the share of the clean-vs-corrupt gap the patch moves, per site:
+            noising `(clean - patched) / (clean - corrupt)`, denoising
+            `(patched - corrupt) / (clean - corrupt)`. Either way 1 means the site
+            alone carries the whole effect (noising it turns the clean run's metric
+            into the corrupt run's; denoising it restores the clean metric) and 0 that
+            it carries none (the patched metric stays where the run started). For an
+            ablation it is the share of the gap the ablation removes. NaN where there
+            is no path, or no gap.
+        per_prompt: [n_sites, n_prompts] patched metric (`values` is its mean over prompts).
         clean, corrupt: mean metric of the unpatched clean and corrupt runs.
+        direction: "noise" (the clean run, patched with corrupt values) or "denoise"
+            (the corrupt run, patched with clean values); ablations and path patching
+            noise.
     """
 
     kind: str
@@ -62,19 +75,37 @@ class ExperimentResult:
     metric: str = ""
     grid: tuple | None = None
     extra: dict = field(default_factory=dict)
+    direction: str = "noise"
 
     def to_json(self) -> dict:
         return {
             "kind": self.kind,
             "text": self.text,
             "metric": self.metric,
+            "direction": self.direction,
             "sites": [str(s) for s in self.sites],
             "values": _floats(self.values),  # NaN (no such path, or no gap) -> null
             "normalized": _floats(self.normalized),
-            "clean": self.clean,
-            "corrupt": self.corrupt,
+            "per_prompt": _floats(self.per_prompt),
+            "clean": _finite(self.clean),
+            "corrupt": _finite(self.corrupt),
             "grid": list(self.grid) if self.grid else None,
+            "extra": {k: v for k, v in self.extra.items() if isinstance(v, (dict, list, str, int, float, bool))},
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExperimentResult":
+        """The result `to_json` wrote; sites written as a typed site's text read back as
+        that site (`"head 1.2"` -> `Head(1, 2)`), others (paths, groups) as text."""
+        grid = tuple(d["grid"]) if d.get("grid") else None
+        per_prompt = _array(d.get("per_prompt"))
+        n_sites = len(d["sites"])
+        if per_prompt.size == 0:  # a report from before per-prompt values were kept
+            per_prompt = np.empty((n_sites, 0))
+        return cls(d["kind"], d["text"], [site_from_text(s) for s in d["sites"]], _array(d["values"]),
+                   _array(d["normalized"]), per_prompt.reshape(n_sites, -1), _unfinite(d["clean"]),
+                   _unfinite(d["corrupt"]), d.get("metric", ""), grid, dict(d.get("extra") or {}),
+                   d.get("direction", "noise"))
 
     def render(self) -> str:
         lines = [f"{self.text}   ({self.metric}; clean {self.clean:.4g}, corrupt {self.corrupt:.4g})"]
@@ -98,7 +129,43 @@ class ExperimentResult:
 def _floats(values: np.ndarray):
     """Nested lists of floats, NaN as None (JSON null)."""
     arr = np.asarray(values, dtype=float)
-    return np.where(np.isnan(arr), None, arr).tolist()
+    return np.where(np.isfinite(arr), arr, None).tolist()
+
+
+def _array(values) -> np.ndarray:
+    """What `_floats` wrote, back as a float64 array (null as NaN)."""
+    if values is None:
+        return np.empty(0)
+    return np.array(values, dtype=object).astype(np.float64) if values else np.empty(0)
+
+
+def _finite(x):
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _unfinite(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+_SITE_TEXT = re.compile(r"head (\d+)\.(\d+)(?:\.(q|k|v|pattern))?|mlp (\d+)(\.in)?|resid (\d+)"
+                        r"|embed|embed\.token|embed\.position|logits")
+
+
+def site_from_text(text: str):
+    """The typed site whose `str` is `text` (`"head 1.2.q"` -> `Head(1, 2, Channel.Q)`);
+    any other text (a path, sites patched together) is returned unchanged."""
+    match = _SITE_TEXT.fullmatch(text)
+    if match is None:
+        return text
+    layer, head, channel, mlp, mlp_in, resid = match.groups()
+    if layer is not None:
+        return Head(int(layer), int(head), Channel.parse(channel) if channel else Channel.OUT)
+    if mlp is not None:
+        return MlpIn(int(mlp)) if mlp_in else Mlp(int(mlp))
+    if resid is not None:
+        return Resid(int(resid))
+    return {"embed": Embed(), "embed.token": TokenEmbed(), "embed.position": PosEmbed(), "logits": Logits()}[text]
 
 
 class Experiments:
@@ -410,4 +477,4 @@ class Experiments:
         if grid:
             values, normalized = values.reshape(grid), normalized.reshape(grid)
         return ExperimentResult(kind, text, list(sites), values, normalized, per_prompt, clean, corrupt,
-                                self.metric, tuple(grid) if grid else None)
+                                self.metric, tuple(grid) if grid else None, direction=direction)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from circuitlang.stats import Interval
 
@@ -37,6 +38,11 @@ class Counterexample:
             "expectation": self.expectation,
             "shrunk": self.shrunk,
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Counterexample":
+        """The counterexample `to_json` wrote."""
+        return cls(d["text"], list(d["tokens"]), _float(d["value"]), d["expectation"], bool(d["shrunk"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,14 @@ class ExpectationResult:
             "note": self.note,
         }
 
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpectationResult":
+        """The expectation `to_json` wrote (an aggregate's null sides read back as NaN, the
+        number they stood for; a per-prompt one has none)."""
+        side = _float if d["kind"] == "aggregate" else _optional_float
+        return cls(d["text"], d["kind"], bool(d["holds"]), _float(d["value"]), side(d["lhs"]), side(d["rhs"]),
+                   int(d["failures"]), d["line"], d["note"])
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
@@ -87,6 +101,40 @@ class ClaimResult:
             "recovered_without": _num(self.recovered_without),
             "cost": _num(self.cost),
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ClaimResult":
+        """The claim result `to_json` wrote."""
+        return cls(d["text"], d["line"], _float(d["recovered_without"]), _float(d["cost"]))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PerPrompt:
+    """The metric on every prompt of a check, in dataset order: float64 arrays [N].
+
+    Attributes:
+        clean: the unmodified model.
+        scrubbed: the model scrubbed as the hypothesis says.
+        random: the fully ablated model (every path resampled, or mean / zero).
+        texts: the prompts' texts (empty when not known).
+    """
+
+    clean: np.ndarray
+    scrubbed: np.ndarray
+    random: np.ndarray
+    texts: tuple[str, ...] = ()
+
+    #: the order of `to_numpy`'s columns
+    COLUMNS = ("clean", "scrubbed", "random")
+
+    def to_json(self) -> dict:
+        return {**{name: [_num(x) for x in getattr(self, name)] for name in self.COLUMNS},
+                "texts": list(self.texts)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PerPrompt":
+        return cls(*(np.array([_float(x) for x in d[name]], dtype=np.float64) for name in cls.COLUMNS),
+                   tuple(d.get("texts") or ()))
 
 
 @dataclass
@@ -106,6 +154,9 @@ class CheckResult:
             remainder (the paths no claim covers), in words.
         expectations, claims, counterexamples: per-line results.
         reported: numbers the hypothesis file says the paper reports.
+        experiments: one `ExperimentResult` per `patch` / `ablate` statement.
+        per_prompt: the clean, scrubbed and random metric of every prompt (`PerPrompt`;
+            None for a file of experiments only); the aggregates above are their means.
     """
 
     model: str
@@ -135,6 +186,7 @@ class CheckResult:
     source: str | None = None
     notes: list[str] = field(default_factory=list)
     experiments: list = field(default_factory=list)
+    per_prompt: PerPrompt | None = None
 
     @property
     def holds(self) -> bool:
@@ -157,17 +209,17 @@ class CheckResult:
             "recovered": _num(self.recovered.value),
             "ci": {"low": _num(self.recovered.low), "high": _num(self.recovered.high), "level": self.recovered.level},
             "intervals": {
-                name: {"low": _num(iv.low), "high": _num(iv.high)}
+                name: {"low": _num(iv.low), "high": _num(iv.high), "level": iv.level}
                 for name, iv in (("clean", self.clean), ("scrubbed", self.scrubbed), ("random", self.random))
             },
             "behaviour": self.behaviour,
             "gap": None if self.gap is None else {"value": _num(self.gap.value), "low": _num(self.gap.low),
-                                                  "high": _num(self.gap.high)},
+                                                  "high": _num(self.gap.high), "level": self.gap.level},
             "p_value": _num(self.p_value),
             "null_scores": [_num(x) for x in self.null_scores],
             "null_exact": self.null_exact,
             "null_total": self.null_total,
-            "remainder": {node: list(parts) for node, parts in self.remainder},
+            "remainder": {node: list(parts) for node, parts in self.remainder},  # node labels are unique
             "holds": self.holds,
             "expectations": [e.to_json() for e in self.expectations],
             "claims": [c.to_json() for c in self.claims],
@@ -175,10 +227,54 @@ class CheckResult:
             "reported": self.reported,
             "notes": self.notes,
             "experiments": [e.to_json() for e in self.experiments],
+            "per_prompt": None if self.per_prompt is None else self.per_prompt.to_json(),
             "passes": self.passes,
-            "seconds": round(self.seconds, 3),
+            "seconds": self.seconds,
             "versions": versions(),
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CheckResult":
+        """The result `to_json` wrote, for re-rendering a saved run without recomputing.
+
+        `from_json(r.to_json()).render() == r.render()`. JSON has no NaN or infinity: the
+        report writes both as null, read back as NaN (how they print as "n/a"). Fields a
+        report from an older version lacks take their defaults.
+        """
+        from circuitlang.experiments import ExperimentResult
+
+        def interval(value, bounds, level=None) -> Interval:
+            return Interval(_float(value), _float(bounds["low"]), _float(bounds["high"]),
+                            bounds.get("level", level if level is not None else 0.95))
+
+        ci, intervals = d["ci"], d["intervals"]
+        gap = d.get("gap")
+        return cls(
+            model=d["model"], task=d["task"], metric=d["metric"], seed=d["seed"], n=d["n"],
+            clean=interval(d["clean"], intervals["clean"]),
+            scrubbed=interval(d["scrubbed"], intervals["scrubbed"]),
+            random=interval(d["random"], intervals["random"]),
+            recovered=interval(d["recovered"], ci),
+            gap=None if gap is None else interval(gap["value"], gap),
+            behaviour=bool(d.get("behaviour", True)),
+            p_value=_float(d.get("p_value")),
+            null_scores=[_float(x) for x in d.get("null_scores", [])],
+            null_exact=bool(d.get("null_exact", False)),
+            null_total=d.get("null_total"),
+            expectations=[ExpectationResult.from_json(e) for e in d.get("expectations", [])],
+            claims=[ClaimResult.from_json(c) for c in d.get("claims", [])],
+            counterexamples=[Counterexample.from_json(c) for c in d.get("counterexamples", [])],
+            reported=dict(d.get("reported", {})),
+            ablation=d.get("ablation", "resample"),
+            semantics=d.get("semantics", "paths"),
+            remainder=[(node, list(parts)) for node, parts in d.get("remainder", {}).items()],
+            passes=d.get("passes", 0),
+            seconds=float(d.get("seconds", 0.0)),
+            source=d.get("source"),
+            notes=list(d.get("notes", [])),
+            experiments=[ExperimentResult.from_json(e) for e in d.get("experiments", [])],
+            per_prompt=None if d.get("per_prompt") is None else PerPrompt.from_json(d["per_prompt"]),
+        )
 
     def render(self) -> str:
         """The terminal report: numbers, one line per claim and expectation, counterexamples."""
@@ -282,40 +378,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-class Progress:
-    """A one-line progress bar on stderr for long runs; silent when not a terminal."""
-
-    def __init__(self, total: int, label: str, *, enabled: bool | None = None):
-        self.total = max(1, total)
-        self.label = label
-        self.done = 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def step(self, what: str = "") -> None:
-        self.set(self.done + 1, what)
-
-    def set(self, done: int, what: str = "") -> None:
-        """Show `done` of `total` finished."""
-        self.done = done
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * self.done / self.total)
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {what[:30]:<30}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 80 + "\r")
-            sys.stderr.flush()
-
-
 def _num(x):
     if x is None:
         return None
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
+
+
+def _float(x) -> float:
+    """A number `_num` wrote: null reads back as NaN."""
+    return math.nan if x is None else float(x)
+
+
+def _optional_float(x) -> float | None:
+    return None if x is None else float(x)
 
 
 def _fmt(x) -> str:

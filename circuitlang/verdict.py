@@ -28,7 +28,8 @@ import numpy as np
 from circuitlang import stats, variants
 from circuitlang.execute import claimed_positions, metric_reads
 from circuitlang.ir_to_graph import ir_to_graph
-from circuitlang.report import CheckResult, Progress
+from circuitlang.progress import Progress
+from circuitlang.report import CheckResult, PerPrompt
 from circuitlang.stats import Interval
 
 __all__ = ["Scores", "experiments_only", "judge", "remainder_by_node", "score"]
@@ -88,6 +89,7 @@ def judge(hypothesis, graph, setup, scores: Scores, *, experiments=(), permutati
         source=getattr(hypothesis, "filename", None),
         experiments=list(experiments),
         remainder=remainder_by_node(graph),
+        per_prompt=PerPrompt(clean, scrubbed, random, tuple(getattr(setup.prompts, "texts", ()))),
     )
     result.notes += setup.notes
     result.notes += [w.message + (f" ({w.hint})" if w.hint else "") for w in graph.warnings]
