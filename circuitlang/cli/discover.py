@@ -82,6 +82,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve")
     p.add_argument("--no-check", action="store_true", help="skip re-checking the program")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (there is none anyway when stderr is not a terminal)")
     p.add_argument("--permutations", type=int, metavar="K",
                    help="random circuits of the same size for the re-check's permutation test "
                    "(default 0; with FILE: 200 when it has an `expect p_value` line, else 0)")
@@ -133,7 +135,7 @@ def discover_command(args: argparse.Namespace) -> int:
                   metric=args.metric, ig=args.ig, steps=args.steps, n=args.samples, seed=args.seed,
                   batch_size=args.batch_size, with_curve=not args.no_curve, check=not args.no_check,
                   permutations=args.permutations, out=args.out, resume=args.resume, device=device, task_params=params or None,
-                  progress=sys.stderr.isatty(), method_options=method_options or None)
+                  progress=not args.quiet and sys.stderr.isatty(), method_options=method_options or None)
     if args.file:
         kwargs["program_or_text"] = args.file
     result = circuitlang.discover(**kwargs)

@@ -96,6 +96,8 @@ def register(subparsers) -> None:
                        help="also write the full result as JSON to FILE (atomically)")
     check.add_argument("--resolve-only", action="store_true",
                        help="parse and resolve, print what the file claims, run nothing")
+    check.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bar (there is none anyway when stderr is not a terminal)")
     check.set_defaults(func=check_command)
 
 
@@ -222,7 +224,7 @@ def check_command(args: argparse.Namespace) -> int:
         max_examples=max_examples,
         batch_size=batch_size,
         device=device,
-        progress=None,
+        progress=False if args.quiet else None,
     )
     print(result.render())
     if args.json_out:

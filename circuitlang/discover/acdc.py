@@ -495,7 +495,7 @@ def _acdc_method(problem, selection, options, rundir) -> Found:
     """`discover(method="acdc", threshold=tau)`: tau from `options["threshold"]`, an
     optional `options["order"]` and `options["rows"]`, progress on stderr with
     `options["progress"]`."""
-    from circuitlang.report import Progress
+    from circuitlang.progress import Progress
 
     if selection.edges is not None or selection.target is not None:
         raise DiscoveryError("ACDC chooses its circuit by its threshold alone", code="discover.selection",

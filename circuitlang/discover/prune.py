@@ -360,7 +360,7 @@ def train(problem: Problem, options: dict | None = None, rundir=None, notes: lis
     Raises:
         DiscoveryError: bad options, or a run directory whose checkpoint has other options.
     """
-    from circuitlang.report import Progress
+    from circuitlang.progress import Progress
 
     options = dict(options or {})
     notes = [] if notes is None else notes

@@ -34,6 +34,7 @@ from circuitlang.models import compat
 from circuitlang.models.adapters import Adapter, adapter_class, supported_model_types
 from circuitlang.models.interventions import EdgePatch, EdgeSet, Patch, Run
 from circuitlang.models.known import config_errors, refuse_remote_code, toy_dir, toy_names
+from circuitlang.progress import quiet_loading
 from circuitlang.sites import ModelShape, Site
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -256,7 +257,8 @@ def _tokenizer_for(source: str, local: bool, tokenizer: Any, name: str) -> Any:
     if not explicit and local and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         return None  # a weights-only folder: callers pass token ids
     try:
-        found = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+        with quiet_loading():
+            found = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         if not explicit:
             return None
@@ -326,7 +328,8 @@ def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> tu
     if local and not trust_remote_code:
         refuse_remote_code(Path(source), str(name_or_path))
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except config_errors() as exc:
         first = (str(exc).splitlines() or [""])[0][:160]
         if local:
@@ -391,15 +394,16 @@ def load_model(
         _weights_format(Path(source), name, allow_pickle)
     found = _tokenizer_for(source, local, tokenizer, name)  # a bad --tokenizer: before weights
     try:
-        hf_model, info = AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            **{compat.dtype_keyword(): torch_dtype},
-            attn_implementation="eager",
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-            output_loading_info=True,
-        )
+        with quiet_loading():  # no "Loading weights" bar, no third-party warnings
+            hf_model, info = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                **{compat.dtype_keyword(): torch_dtype},
+                attn_implementation="eager",
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError,
             SafetensorError) as exc:
         raise _load_error(name, exc, allow_pickle) from None
