@@ -32,6 +32,7 @@ import networkx as nx
 
 from circuitlang import topology
 from circuitlang.errors import CircuitlangError
+from circuitlang.figures.circuit import CHANNEL_COLOURS as _PALETTE
 from circuitlang.ir_to_graph import InterventionGraph
 from circuitlang.sites import Channel
 
@@ -42,10 +43,10 @@ TREE_LIMIT = 60
 #: A row of the collapsed view holds at most this many boxes; a longer one wraps.
 ROW_LIMIT = 12
 
-#: Arrow colours by the channel a child enters its parent through (the same palette as the
-#: circuit diagrams, circuitlang/figures/circuit.py); `None` is an MLP's or the logits' stream.
-CHANNEL_COLOURS = {Channel.Q: "#0072B2", Channel.K: "#D55E00", Channel.V: "#009E73",
-                   Channel.PATTERN: "#CC79A7", None: "#777777"}
+#: Arrow colours by the channel a child enters its parent through: the circuit diagrams'
+#: palette; `None` is an MLP's or the logits' stream.
+CHANNEL_COLOURS = {Channel.Q: _PALETTE["q"], Channel.K: _PALETTE["k"], Channel.V: _PALETTE["v"],
+                   Channel.PATTERN: _PALETTE["pattern"], None: _PALETTE["other"]}
 
 
 class GraphRenderError(CircuitlangError):
