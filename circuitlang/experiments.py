@@ -93,6 +93,19 @@ class ExperimentResult:
             "extra": {k: v for k, v in self.extra.items() if isinstance(v, (dict, list, str, int, float, bool))},
         }
 
+    def __repr__(self) -> str:
+        shape = "x".join(str(k) for k in self.grid) if self.grid else str(len(self.sites))
+        normalized = np.asarray(self.normalized, dtype=float).ravel()
+        strongest = ""
+        if np.isfinite(normalized).any():
+            k = int(np.nanargmax(np.abs(normalized)))
+            strongest = f", strongest {self.sites[k]} ({normalized[k]:.3g})"
+        direction = f", {self.direction}" if self.kind == "patch" else ""
+        sites = "site" if shape == "1" else "sites"
+        return (f"ExperimentResult({self.kind} {self.text!r}: {shape} {sites} x {self.per_prompt.shape[-1]} "
+                f"prompts{direction}, {self.metric} clean {self.clean:.4g}, corrupt {self.corrupt:.4g}"
+                f"{strongest})")
+
     @classmethod
     def from_json(cls, d: dict) -> "ExperimentResult":
         """The result `to_json` wrote; sites written as a typed site's text read back as
@@ -106,6 +119,79 @@ class ExperimentResult:
                    _array(d["normalized"]), per_prompt.reshape(n_sites, -1), _unfinite(d["clean"]),
                    _unfinite(d["corrupt"]), d.get("metric", ""), grid, dict(d.get("extra") or {}),
                    d.get("direction", "noise"))
+
+    def to_numpy(self, what: str = "values") -> np.ndarray:
+        """The numbers as a float64 array (a copy; NaN where there is no path).
+
+        Args:
+            what: "values" (mean patched metric) or "normalized", shaped like the sweep's
+                grid (`[layers, heads]` for `patch head * at P`, else `[n_sites]`);
+                "per_prompt": the patched metric on every prompt, `[*grid, n_prompts]`
+                (`[n_sites, n_prompts]` without a grid). Entries follow `sites`.
+
+        Raises:
+            ExecutionError: `what` is none of these.
+        """
+        if what in ("values", "normalized"):
+            arr = np.asarray(getattr(self, what), dtype=np.float64)
+            return arr.reshape(self.grid).copy() if self.grid else arr.reshape(len(self.sites)).copy()
+        if what == "per_prompt":
+            arr = np.asarray(self.per_prompt, dtype=np.float64)
+            return arr.reshape(*(self.grid or (len(self.sites),)), arr.shape[-1]).copy()
+        raise ExecutionError(f"an experiment has no array {what!r}", code="display.array",
+                             hint="use what='values', 'normalized' or 'per_prompt'")
+
+    def to_pandas(self, per_prompt: bool = False):
+        """A pandas DataFrame indexed by the sites (`Head(1, 2)`, not list positions).
+
+        Args:
+            per_prompt: False: columns value and normalized, plus layer and head when
+                every site is a head (so `df.pivot(index="layer", columns="head",
+                values="normalized")` is the sweep's grid). True: one column per prompt
+                (named by its number), the patched metric.
+
+        Raises:
+            CircuitlangError: pandas is not installed.
+        """
+        from circuitlang.report import require_pandas
+
+        pd = require_pandas()
+        index = pd.Index(list(self.sites), name="site", dtype=object)
+        if per_prompt:
+            arr = np.asarray(self.per_prompt, dtype=np.float64)
+            return pd.DataFrame(arr, index=index, columns=pd.RangeIndex(arr.shape[1], name="prompt"))
+        frame = pd.DataFrame({"value": self.to_numpy("values").ravel(),
+                              "normalized": self.to_numpy("normalized").ravel()}, index=index)
+        if self.sites and all(isinstance(s, Head) for s in self.sites):
+            frame.insert(0, "head", [s.head for s in self.sites])
+            frame.insert(0, "layer", [s.layer for s in self.sites])
+        return frame
+
+    def _repr_html_(self) -> str:
+        """The experiment in a notebook: its numbers as a table (a layer x head grid for a
+        head sweep) and, when matplotlib and `circuitlang.figures` are there, its heatmap."""
+        from circuitlang.report import _e, figure_html, html_table
+
+        title = (f"<p><b>{_e(self.text)}</b> ({_e(self.metric)}, {_e(self.direction)}; clean "
+                 f"{self.clean:.4g}, corrupt {self.corrupt:.4g})</p>")
+        if self.grid and len(self.grid) == 2:
+            rows, cols = self.grid
+            grid = np.asarray(self.normalized, dtype=float).reshape(rows, cols)
+            table = html_table([[f"L{r}"] + ["-" if np.isnan(v) else f"{v:.2f}" for v in grid[r]]
+                                for r in range(rows)], [""] + [str(c) for c in range(cols)])
+            table += "<p><small>normalized: share of the clean-vs-corrupt gap each site carries; 1 = all of it</small></p>"
+
+            def draw():
+                from circuitlang.figures import sweep_heatmap
+
+                return sweep_heatmap(self)
+
+            table += figure_html(draw)
+        else:
+            table = html_table([(s, "-" if np.isnan(v) else f"{v:.4g}", "-" if np.isnan(nv) else f"{nv:.3f}")
+                                for s, v, nv in zip(self.sites, np.ravel(self.values), np.ravel(self.normalized))],
+                               ("site", "patched metric", "normalized"))
+        return f"<div class='circuitlang-experiment'>{title}{table}</div>"
 
     def render(self) -> str:
         lines = [f"{self.text}   ({self.metric}; clean {self.clean:.4g}, corrupt {self.corrupt:.4g})"]

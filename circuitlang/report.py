@@ -5,9 +5,17 @@ object for Python users, (b) `render()`, the terminal table, and (c) `to_json()`
 the machine-readable report written by `circuitlang check --json FILE`, always
 atomically (written to a temporary file, then renamed), so an interrupted run
 never leaves a half-written report.
+
+`CheckResult.from_json` reads that JSON back (a saved run re-renders without
+recomputing). In a notebook a result shows itself (`_repr_html_`: a compact table, the
+per-claim breakdown, the counterexamples, a figure when matplotlib is installed) and
+gives its numbers away as arrays and tables (`to_numpy`, `to_pandas`; pandas is
+optional). The HTML and table helpers here (`html_table`, `figure_html`,
+`require_pandas`) are shared by every result class.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -38,6 +46,10 @@ class Counterexample:
             "expectation": self.expectation,
             "shrunk": self.shrunk,
         }
+
+    def __repr__(self) -> str:
+        return (f"Counterexample({self.expectation!r}: value {self.value:.4g} on {_clip(self.text)!r}"
+                f"{', shrunk' if self.shrunk else ''})")
 
     @classmethod
     def from_json(cls, d: dict) -> "Counterexample":
@@ -76,6 +88,15 @@ class ExpectationResult:
             "note": self.note,
         }
 
+    def __repr__(self) -> str:
+        return f"ExpectationResult({'ok' if self.holds else 'FAIL'} {self.text!r}: {self.detail()})"
+
+    def detail(self) -> str:
+        """The number it was judged on, in words (`0.8855 vs 0.8`, `holds on 93.8% of prompts`)."""
+        detail = (f"{self.lhs:.4g} vs {self.rhs:.4g}" if self.kind == "aggregate" and self.lhs is not None
+                  else f"holds on {_pct(self.value)} of prompts")
+        return detail + (f"   ({self.note})" if self.note else "")
+
     @classmethod
     def from_json(cls, d: dict) -> "ExpectationResult":
         """The expectation `to_json` wrote (an aggregate's null sides read back as NaN, the
@@ -102,6 +123,11 @@ class ClaimResult:
             "cost": _num(self.cost),
         }
 
+    def __repr__(self) -> str:
+        where = f"line {self.line} " if self.line else ""
+        return (f"ClaimResult({where}{self.text!r}: recovered without it {_pct(self.recovered_without)}, "
+                f"cost {_signed_pct(self.cost)})")
+
     @classmethod
     def from_json(cls, d: dict) -> "ClaimResult":
         """The claim result `to_json` wrote."""
@@ -126,6 +152,10 @@ class PerPrompt:
 
     #: the order of `to_numpy`'s columns
     COLUMNS = ("clean", "scrubbed", "random")
+
+    def __repr__(self) -> str:
+        return (f"PerPrompt({len(self.clean)} prompts: mean clean {_fmt(np.mean(self.clean))}, scrubbed "
+                f"{_fmt(np.mean(self.scrubbed))}, random {_fmt(np.mean(self.random))})")
 
     def to_json(self) -> dict:
         return {**{name: [_num(x) for x in getattr(self, name)] for name in self.COLUMNS},
@@ -192,6 +222,31 @@ class CheckResult:
     def holds(self) -> bool:
         """True when every `expect` holds (vacuously true when there are none)."""
         return all(e.holds for e in self.expectations)
+
+    def verdict(self) -> str:
+        """The report's last line in words: whether every expectation holds."""
+        if not self.expectations:
+            return "no expectations to judge (add `expect recovered >= ...`)"
+        return "every expectation holds" if self.holds else "an expectation FAILS"
+
+    def __repr__(self) -> str:
+        r = self.recovered
+        if not self.behaviour:
+            score = "recovered undefined (no behaviour)"
+        elif math.isnan(r.value):
+            score = "nothing scrubbed"
+        else:
+            score = f"recovered {_pct(r.value)} [{_pct(r.low)}, {_pct(r.high)}]"
+        if not math.isnan(self.p_value):
+            score += f", p={self.p_value:.3g}"
+        failing = sum(not e.holds for e in self.expectations)
+        verdict = ("no expectations" if not self.expectations
+                   else f"{len(self.expectations) - failing} of {len(self.expectations)} expectations hold")
+        counts = [f"{len(self.claims)} claims" if self.claims else "",
+                  f"{len(self.counterexamples)} counterexamples" if self.counterexamples else "",
+                  f"{len(self.experiments)} experiments" if self.experiments else ""]
+        return (f"CheckResult({self.model}, {self.task}, {self.metric}, n={self.n}: {score}; {verdict}"
+                + "".join(f"; {c}" for c in counts if c) + ")")
 
     def to_json(self) -> dict:
         return {
@@ -276,6 +331,105 @@ class CheckResult:
             per_prompt=None if d.get("per_prompt") is None else PerPrompt.from_json(d["per_prompt"]),
         )
 
+    def to_numpy(self) -> np.ndarray:
+        """The metric on every prompt: float64 [N, 3], columns clean, scrubbed, random
+        (`PerPrompt.COLUMNS`), rows in dataset order.
+
+        Raises:
+            CircuitlangError: the result holds no per-prompt values (a file of experiments
+                only, or a report from before they were kept).
+        """
+        per_prompt = self._per_prompt()
+        return np.stack([getattr(per_prompt, name) for name in PerPrompt.COLUMNS], axis=1)
+
+    def to_pandas(self, what: str = "prompts"):
+        """A pandas DataFrame of one part of the result.
+
+        Args:
+            what: "prompts": one row per prompt (index `prompt`, its number), columns
+                clean, scrubbed, random and the prompt's text; "claims": one row per
+                claim (index: the claim's text), columns line, recovered_without, cost;
+                "expectations": one row per `expect` (index: its text), columns kind,
+                holds, value, lhs, rhs, failures, note.
+
+        Raises:
+            CircuitlangError: pandas is not installed, `what` is none of these, or
+                there are no per-prompt values.
+        """
+        pd = require_pandas()
+        if what == "prompts":
+            per_prompt = self._per_prompt()
+            frame = pd.DataFrame({name: getattr(per_prompt, name) for name in PerPrompt.COLUMNS},
+                                 index=pd.RangeIndex(len(per_prompt.clean), name="prompt"))
+            if per_prompt.texts:
+                frame["text"] = list(per_prompt.texts)
+            return frame
+        if what == "claims":
+            return pd.DataFrame({"line": [c.line for c in self.claims],
+                                 "recovered_without": [c.recovered_without for c in self.claims],
+                                 "cost": [c.cost for c in self.claims]},
+                                index=pd.Index([c.text for c in self.claims], name="claim"))
+        if what == "expectations":
+            rows = self.expectations
+            return pd.DataFrame({"kind": [e.kind for e in rows], "holds": [e.holds for e in rows],
+                                 "value": [e.value for e in rows], "lhs": [e.lhs for e in rows],
+                                 "rhs": [e.rhs for e in rows], "failures": [e.failures for e in rows],
+                                 "note": [e.note for e in rows]},
+                                index=pd.Index([e.text for e in rows], name="expectation"))
+        from circuitlang.errors import CircuitlangError
+
+        raise CircuitlangError(f"no table {what!r} in a check result", code="display.table",
+                               hint="use what='prompts', 'claims' or 'expectations'")
+
+    def _per_prompt(self) -> PerPrompt:
+        if self.per_prompt is None:
+            from circuitlang.errors import CircuitlangError
+
+            raise CircuitlangError("this result holds no per-prompt values", code="display.per-prompt",
+                                   hint="a file of experiments only has none: see .experiments[k].to_numpy()")
+        return self.per_prompt
+
+    def _repr_html_(self) -> str:
+        """The result in a notebook: the verdict, the numbers with their intervals, the
+        claims, the expectations, the counterexamples, each experiment (with its heatmap
+        when matplotlib and `circuitlang.figures` are there), the notes."""
+        parts = [f"<div class='circuitlang-check'><p><b>{_e(self.verdict())}</b> &mdash; "
+                 f"model {_e(self.model)}, task {_e(self.task)}, metric {_e(self.metric)}, ablation "
+                 f"{_e(self.ablation)}, n={self.n}, seed={self.seed}</p>"]
+        if not (math.isnan(self.recovered.value) and self.experiments and not self.expectations):
+            rows = [(name, _fmt(iv.value), f"[{_fmt(iv.low)}, {_fmt(iv.high)}]")
+                    for name, iv in (("clean", self.clean), ("scrubbed", self.scrubbed), ("random", self.random))]
+            r = self.recovered
+            rows.append(("recovered", _pct(r.value), f"{int(r.level * 100)}% CI [{_pct(r.low)}, {_pct(r.high)}]")
+                        if self.behaviour else ("recovered", "undefined", "the task shows no behaviour"))
+            if not math.isnan(self.p_value):
+                rows.append(("p vs random circuits", f"{self.p_value:.3g}",
+                             f"{len(self.null_scores)} circuits" + (", exact" if self.null_exact else "")))
+            rows += [(f"paper reports {k}", str(v), "") for k, v in self.reported.items()]
+            parts.append(html_table(rows, ("", "value", "interval")))
+        if self.claims:
+            parts.append("<p>claims (recovered without it, cost)</p>" + html_table(
+                [(c.line or "", c.text, _pct(c.recovered_without), _signed_pct(c.cost)) for c in self.claims],
+                ("line", "claim", "recovered without", "cost")))
+        if self.expectations:
+            parts.append("<p>expectations</p>" + html_table(
+                [("ok" if e.holds else "FAIL", e.text, e.detail()) for e in self.expectations],
+                ("", "expectation", "judged on")))
+        if self.counterexamples:
+            parts.append("<p>smallest counterexamples</p>" + html_table(
+                [(c.expectation, f"{c.value:.4g}" + (" (shrunk)" if c.shrunk else ""), c.text,
+                  " ".join(repr(t) for t in c.tokens)) for c in self.counterexamples],
+                ("expectation", "value", "prompt", "tokens")))
+        if self.remainder:
+            parts.append("<details><summary>left to the remainder</summary>" + html_table(
+                [(node, "; ".join(items)) for node, items in self.remainder], ("node", "paths no claim covers"))
+                + "</details>")
+        parts += [e._repr_html_() for e in self.experiments]
+        if self.notes:
+            parts.append("<ul>" + "".join(f"<li>note: {_e(n)}</li>" for n in self.notes) + "</ul>")
+        parts.append(f"<p><small>{self.passes} forward passes, {self.seconds:.1f}s</small></p></div>")
+        return "".join(parts)
+
     def render(self) -> str:
         """The terminal report: numbers, one line per claim and expectation, counterexamples."""
         header = (
@@ -321,13 +475,7 @@ class CheckResult:
             lines += ["", "expectations:"]
             for e in self.expectations:
                 mark = "ok  " if e.holds else "FAIL"
-                detail = (
-                    f"{e.lhs:.4g} vs {e.rhs:.4g}" if e.kind == "aggregate" and e.lhs is not None
-                    else f"holds on {_pct(e.value)} of prompts"
-                )
-                if e.note:
-                    detail += f"   ({e.note})"
-                lines.append(f"  {mark} {e.text:<48} {detail}")
+                lines.append(f"  {mark} {e.text:<48} {e.detail()}")
         if self.counterexamples:
             lines += ["", "smallest counterexamples:"]
             for c in self.counterexamples:
@@ -337,10 +485,7 @@ class CheckResult:
         lines += experiments
         for note in self.notes:
             lines.append(f"note: {note}")
-        verdict = "every expectation holds" if self.holds else "an expectation FAILS"
-        if not self.expectations:
-            verdict = "no expectations to judge (add `expect recovered >= ...`)"
-        lines += ["", f"{verdict}   ({self.passes} forward passes, {self.seconds:.1f}s)"]
+        lines += ["", f"{self.verdict()}   ({self.passes} forward passes, {self.seconds:.1f}s)"]
         return "\n".join(lines)
 
 
@@ -378,6 +523,45 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def require_pandas():
+    """pandas, or a clear error saying how to install it (it is an optional extra)."""
+    try:
+        import pandas
+    except ModuleNotFoundError:
+        from circuitlang.errors import CircuitlangError
+
+        raise CircuitlangError("tables need pandas, which is not installed", code="display.pandas",
+                               hint="pip install pandas (or 'circuitlang[notebook]')") from None
+    return pandas
+
+
+def html_table(rows, header=None) -> str:
+    """An HTML table of `rows` (sequences of cells); every cell's text is escaped."""
+    head = "" if header is None else "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def figure_html(draw) -> str:
+    """`draw()`'s matplotlib figure as inline SVG, or "" when it cannot be drawn.
+
+    `draw` imports `circuitlang.figures` itself, so that a result shows as a table alone
+    where matplotlib (or the figure) is missing; a notebook's repr never fails.
+    """
+    try:
+        from circuitlang.figures import svg_text
+
+        svg = svg_text(draw())
+    except Exception:  # noqa: BLE001 - a missing extra or a figure that cannot be drawn: table only
+        return ""
+    start = svg.find("<svg")
+    return f"<div class='circuitlang-figure'>{svg[start:] if start >= 0 else svg}</div>"
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
 def _num(x):
     if x is None:
         return None
@@ -392,6 +576,10 @@ def _float(x) -> float:
 
 def _optional_float(x) -> float | None:
     return None if x is None else float(x)
+
+
+def _clip(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _fmt(x) -> str:

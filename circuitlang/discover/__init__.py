@@ -158,8 +158,15 @@ class DiscoveryResult:
 
     def __repr__(self) -> str:
         f = self.faithfulness
-        return (f"DiscoveryResult({self.method}, {len(self.edges)} edges of {len(self.space)}, "
-                f"faithfulness {f.value:.3f} [{f.low:.3f}, {f.high:.3f}])")
+        check = ""
+        if self.check is not None:
+            r = self.check.recovered
+            check = (f"; check recovered {100 * r.value:.1f}% [{100 * r.low:.1f}%, {100 * r.high:.1f}%], "
+                     + ("holds" if self.check.holds else "FAILS"))
+        curve = "" if self.curve is None else f"; CPR {self.curve.cpr:.3f}, CMD {self.curve.cmd:.3f}"
+        return (f"DiscoveryResult({self.method} on {self.model}, {self.task}, n={self.n}: {len(self.edges)} "
+                f"edges of {len(self.space)}, faithfulness {f.value:.3f} [{f.low:.3f}, {f.high:.3f}]"
+                f"{curve}{check})")
 
     def to_json(self) -> dict:
         from circuitlang.report import _num
@@ -180,6 +187,71 @@ class DiscoveryResult:
             "passes": self.passes,
             **{k: v for k, v in self.details.items() if isinstance(v, (dict, list, str, int, float))},
         }
+
+    def to_numpy(self) -> np.ndarray:
+        """The per-edge scores, float64 [E] in the order of `space.edges()` (`to_pandas`
+        names each edge by its typed sites).
+
+        Raises:
+            DiscoveryError: the method gives no scores (ACDC, prune): `to_pandas()` still
+                says which edges were kept.
+        """
+        if self.scores is None:
+            raise DiscoveryError(f"{self.method} gives no per-edge scores", code="display.scores",
+                                 hint="to_pandas() has a `kept` column for every candidate edge; "
+                                 "eap and eap-ig give scores")
+        return self.scores.edges.detach().to("cpu", torch.float64).numpy().copy()
+
+    def to_pandas(self):
+        """A pandas DataFrame with one row per candidate edge, indexed by a MultiIndex of
+        typed sites (sender, receiver, position), columns `score` (NaN for methods
+        without scores) and `kept` (in the circuit).
+
+        Raises:
+            CircuitlangError: pandas is not installed.
+        """
+        from circuitlang.report import require_pandas
+
+        pd = require_pandas()
+        edges = self.space.edges()
+        scores = self.to_numpy() if self.scores is not None else np.full(len(edges), np.nan)
+        index = pd.MultiIndex.from_tuples(edges, names=["sender", "receiver", "position"])
+        return pd.DataFrame({"score": scores, "kept": self.circuit.detach().to("cpu").bool().numpy()},
+                            index=index)
+
+    def _repr_html_(self) -> str:
+        """The discovery in a notebook: the numbers, the kept edges, the curve's summaries,
+        the check's verdict and, when matplotlib and `circuitlang.figures` are there, the
+        circuit's diagram."""
+        from circuitlang.report import _e, figure_html, html_table
+
+        f = self.faithfulness
+        rows = [("edges kept", f"{len(self.edges)} of {len(self.space)}", ""),
+                ("faithfulness", f"{f.value:.3f}", f"[{f.low:.3f}, {f.high:.3f}]")]
+        if self.curve is not None:
+            c = self.curve
+            rows += [("CPR", f"{c.cpr:.3f}", f"[{c.cpr_interval[0]:.3f}, {c.cpr_interval[1]:.3f}]"),
+                     ("CMD", f"{c.cmd:.3f}", f"[{c.cmd_interval[0]:.3f}, {c.cmd_interval[1]:.3f}]")]
+        if self.check is not None:
+            r = self.check.recovered
+            rows.append(("check: recovered", f"{100 * r.value:.1f}%",
+                         f"[{100 * r.low:.1f}%, {100 * r.high:.1f}%], "
+                         + ("every expectation holds" if self.check.holds else "an expectation FAILS")))
+        by_edge = self.scores.by_edge() if self.scores is not None else {}
+        kept = html_table([(s, r, p, f"{by_edge[(s, r, p)]:.4g}" if (s, r, p) in by_edge else "")
+                           for s, r, p in self.edges[:50]], ("sender", "receiver", "position", "score"))
+        more = f"<p><small>and {len(self.edges) - 50} more edges</small></p>" if len(self.edges) > 50 else ""
+
+        def draw():
+            from circuitlang.figures import circuit_diagram
+
+            return circuit_diagram(self)
+
+        notes = "".join(f"<li>note: {_e(n)}</li>" for n in self.notes)
+        return (f"<div class='circuitlang-discovery'><p><b>{_e(self.method)}</b> on {_e(self.model)}, task "
+                f"{_e(self.task)}, n={self.n}, seed={self.seed}</p>{html_table(rows, ('', 'value', 'interval'))}"
+                f"{figure_html(draw)}<details><summary>kept edges</summary>{kept}{more}</details>"
+                f"{'<ul>' + notes + '</ul>' if notes else ''}</div>")
 
     def render(self) -> str:
         f = self.faithfulness

@@ -199,7 +199,16 @@ class HoleResult:
 
     def __repr__(self) -> str:
         fills = "; ".join(f"?{n} = {f.chosen.text()}" for n, f in self.holes.items())
-        return f"HoleResult({fills}; recovered {_fmt(self.verified[0].recovered)})"
+        best = self.verified[0] if self.verified else None
+        score = "" if best is None else f"; recovered {_fmt(best.recovered)}"
+        if best is not None and not best.meets:
+            score += f", fails {', '.join(best.failed)}"
+        check = ""
+        if self.check is not None:
+            r = self.check.recovered
+            check = (f"; check {_fmt(r.value)} [{_fmt(r.low)}, {_fmt(r.high)}], "
+                     + ("holds" if self.check.holds else "FAILS"))
+        return f"HoleResult({fills}{score}; {len(self.verified)} verified{check})"
 
     def to_json(self) -> dict:
         check = None
@@ -213,6 +222,29 @@ class HoleResult:
                 "verified": [v.to_json() for v in self.verified], "check": check, "program": self.text,
                 "notes": self.notes, "seconds": round(self.seconds, 3), "passes": self.passes,
                 "scrub_batches": self.scrub_batches}
+
+    def _repr_html_(self) -> str:
+        """The filled holes in a notebook: each hole's choice with its evidence, the
+        check's verdict, the filled program."""
+        from circuitlang.report import _e, html_table
+
+        rows = []
+        for name, fill in self.holes.items():
+            runners = ", ".join(f"{c.text()} ({_fmt(c.recovered)})" if c.recovered is not None else c.text()
+                                for c in fill.runners_up)
+            rows.append((f"?{name}", fill.chosen.text(), f"{fill.chosen.score:.4g}", runners))
+        best = self.verified[0] if self.verified else None
+        head = (f"recovered {_fmt(best.recovered)}" + ("" if best.meets else f"; fails {', '.join(best.failed)}")
+                if best is not None else "nothing verified")
+        check = ""
+        if self.check is not None:
+            r = self.check.recovered
+            check = (f"<p>check: recovered {_fmt(r.value)} [{_fmt(r.low)}, {_fmt(r.high)}], "
+                     + ("every expectation holds" if self.check.holds else "an expectation FAILS") + "</p>")
+        return (f"<div class='circuitlang-holes'><p><b>{_e(head)}</b> &mdash; {len(self.holes)} hole(s) on "
+                f"{_e(self.model)}, task {_e(self.task)}, ranked by {_e(self.method)}</p>"
+                f"{html_table(rows, ('hole', 'chosen', 'attribution', 'runners-up (recovered)'))}{check}"
+                f"<details><summary>filled program</summary><pre>{_e(self.text)}</pre></details></div>")
 
     def render(self) -> str:
         best = self.verified[0]
