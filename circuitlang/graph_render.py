@@ -32,7 +32,6 @@ import networkx as nx
 
 from circuitlang import topology
 from circuitlang.errors import CircuitlangError
-from circuitlang.figures.circuit import CHANNEL_COLOURS as _PALETTE
 from circuitlang.ir_to_graph import InterventionGraph
 from circuitlang.sites import Channel
 
@@ -43,10 +42,13 @@ TREE_LIMIT = 60
 #: A row of the collapsed view holds at most this many boxes; a longer one wraps.
 ROW_LIMIT = 12
 
-#: Arrow colours by the channel a child enters its parent through: the circuit diagrams'
-#: palette; `None` is an MLP's or the logits' stream.
-CHANNEL_COLOURS = {Channel.Q: _PALETTE["q"], Channel.K: _PALETTE["k"], Channel.V: _PALETTE["v"],
-                   Channel.PATTERN: _PALETTE["pattern"], None: _PALETTE["other"]}
+#: The channels' colours, for every drawing of circuits (the circuit diagrams of
+#: circuitlang/figures/circuit.py use them too; Okabe-Ito, readable by the colour-blind).
+PALETTE = {"q": "#0072B2", "k": "#D55E00", "v": "#009E73", "pattern": "#CC79A7", "other": "#777777"}
+#: Arrow colours by the channel a child enters its parent through; `None` is an MLP's or
+#: the logits' stream.
+CHANNEL_COLOURS = {Channel.Q: PALETTE["q"], Channel.K: PALETTE["k"], Channel.V: PALETTE["v"],
+                   Channel.PATTERN: PALETTE["pattern"], None: PALETTE["other"]}
 
 
 class GraphRenderError(CircuitlangError):

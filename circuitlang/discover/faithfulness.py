@@ -65,6 +65,35 @@ class Curve:
                 "cpr": self.cpr, "cmd": self.cmd, "cpr_interval": list(self.cpr_interval),
                 "cmd_interval": list(self.cmd_interval), "full": self.full, "empty": self.empty}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Curve":
+        """The curve `to_json` wrote (NaN where the JSON holds null).
+
+        Raises:
+            DiscoveryError: a field is missing or the per-point lists differ in length.
+        """
+        from circuitlang.errors import DiscoveryError
+
+        def num(v):
+            return float("nan") if v is None else float(v)
+
+        try:
+            points = [tuple(num(v) for v in data[k]) for k in ("fractions", "faithfulness", "low", "high")]
+            out = cls(fractions=points[0], edges=tuple(int(v) for v in data["edges"]), faithfulness=points[1],
+                      low=points[2], high=points[3], cpr=num(data["cpr"]), cmd=num(data["cmd"]),
+                      cpr_interval=tuple(num(v) for v in data["cpr_interval"]),
+                      cmd_interval=tuple(num(v) for v in data["cmd_interval"]),
+                      full=num(data["full"]), empty=num(data["empty"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DiscoveryError(f"not a faithfulness curve's JSON ({type(exc).__name__}: {exc})",
+                                 code="discover.curve-json",
+                                 hint="pass the `curve` object `circuitlang discover --json` writes") from None
+        if len({len(out.fractions), len(out.edges), len(out.faithfulness), len(out.low), len(out.high)}) != 1:
+            raise DiscoveryError("a faithfulness curve's JSON has lists of different lengths",
+                                 code="discover.curve-json", hint="fractions, edges, faithfulness, low and "
+                                 "high hold one value per point")
+        return out
+
     def render(self) -> str:
         lines = [f"faithfulness over circuit size (CPR {self.cpr:.3f} [{self.cpr_interval[0]:.3f}, "
                  f"{self.cpr_interval[1]:.3f}], CMD {self.cmd:.3f} [{self.cmd_interval[0]:.3f}, "

@@ -8,5 +8,8 @@ with that hint. Importing this package imports nothing heavy.
 from __future__ import annotations
 
 from circuitlang.figures._mpl import FigureError, save, svg_text
+from circuitlang.figures.circuit import circuit_diagram
+from circuitlang.figures.curves import faithfulness_curves
 
 __all__ = ["FigureError", "save", "svg_text"]
+__all__ += ["circuit_diagram", "faithfulness_curves"]

@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from circuitlang.figures._mpl import FigureError, new_figure
+from circuitlang.graph_render import PALETTE
 from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position
 
 __all__ = ["CHANNEL_COLOURS", "GROUP_COLOURS", "CircuitLayout", "circuit_diagram", "circuit_layout"]
 
-#: Arrow colour by channel (the collapsed scrubbing graph uses the same palette).
-CHANNEL_COLOURS = {"q": "#0072B2", "k": "#D55E00", "v": "#009E73", "pattern": "#CC79A7", "other": "#777777"}
+#: Arrow colour by channel: the palette of every circuit drawing (the scrubbing graph's too).
+CHANNEL_COLOURS = PALETTE
 #: Group fills, in the order the groups are defined (Okabe-Ito lightened, then greys).
 GROUP_COLOURS = ("#9ecae1", "#fdae6b", "#a1d99b", "#f6b3d0", "#fee08b", "#c7b5e0", "#b7e4e4",
                  "#e0c9a6", "#d9d9d9", "#bdbdbd")
