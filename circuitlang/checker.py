@@ -371,7 +371,7 @@ def run_experiments(hypothesis, setup: Setup) -> list:
         grid = getattr(exp, "grid", ()) or None
         if isinstance(exp, ir.Patch):
             out.append(runner.activation_patching(list(exp.sites), exp.position, text=exp.text, grid=grid,
-                                                  together=not exp.sweep))
+                                                  together=not exp.sweep, direction=exp.direction))
         elif isinstance(exp, ir.PathPatch):
             for receiver in exp.receivers:
                 out.append(runner.path_patching(list(exp.senders), receiver, exp.position,
