@@ -442,12 +442,21 @@ class VerbDef:
     trivia: Trivia = _trivia()
 
 
+#: The words that may end a `patch` line: which run is patched with which values.
+PATCH_DIRECTIONS = ("noise", "denoise")
+
+
 @dataclass(frozen=True, slots=True)
 class Patch:
-    """`patch TARGET at POS`: activation patching; wildcards make a sweep."""
+    """`patch TARGET at POS [noise|denoise]`: activation patching; wildcards make a sweep.
+
+    `direction` is the word as written: None when there is none (noising, the default),
+    "noise" or "denoise" (the parser refuses any other word).
+    """
 
     target: Target
     position: Position
+    direction: str | None = None
     span: Span | None = _span()
     trivia: Trivia = _trivia()
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from circuitlang.ast import PATCH_DIRECTIONS
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
 from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed, Position, Resid, TokenEmbed
@@ -419,7 +420,7 @@ class Experiments:
         """
         from circuitlang.models import Patch
 
-        if direction not in ("denoise", "noise"):
+        if direction not in PATCH_DIRECTIONS:
             raise ExecutionError(f"unknown patching direction {direction!r}", hint="use denoise or noise")
         base, source = ("corrupt", "clean") if direction == "denoise" else ("clean", "corrupt")
         values = self.capture(source, sites)

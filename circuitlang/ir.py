@@ -160,6 +160,8 @@ class Patch:
         grid: the shape of the result grid for a sweep, e.g. (12, 12); () otherwise.
             `sites` lists the grid's cells in row-major order.
         axes: what each grid dimension indexes ("layer", "head").
+        direction: "noise" (the clean run, patched with corrupt values) or "denoise"
+            (the corrupt run, patched with clean values); `circuitlang.experiments`.
     """
 
     sites: tuple[SiteOrHole, ...]
@@ -169,6 +171,7 @@ class Patch:
     axes: tuple[str, ...] = ()
     text: str = field(default="", compare=False)
     span: Span | None = _span()
+    direction: str = "noise"
 
 
 @dataclass(frozen=True, slots=True)

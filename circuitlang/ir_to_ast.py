@@ -222,7 +222,8 @@ def _constraint(c: ir.HoleConstraint) -> list:
 
 def _experiment(exp) -> object:
     if isinstance(exp, ir.Patch):
-        return ast.Patch(_sites_target(exp.sites, exp.sweep, exp.axes), _position(exp.position))
+        return ast.Patch(_sites_target(exp.sites, exp.sweep, exp.axes), _position(exp.position),
+                         None if exp.direction == "noise" else exp.direction)
     if isinstance(exp, ir.PathPatch):
         receivers = exp.receivers
         receiver = site_to_target(receivers[0]) if len(receivers) == 1 else _sites_target(receivers, False, ())

@@ -100,8 +100,9 @@ def format_statement(stmt: ast.Statement) -> str:
         case ast.VerbDef(subject=subject, words=words):
             pattern = " ".join(_pattern_item(w) for w in words)
             return f"verb ${subject} {pattern}:"
-        case ast.Patch(target=target, position=position):
-            return f"patch {format_target(target)} at {_position(position)}"
+        case ast.Patch(target=target, position=position, direction=direction):
+            text = f"patch {format_target(target)} at {_position(position)}"
+            return text if direction is None else f"{text} {direction}"
         case ast.PathPatch(sender=s, receiver=r, position=p):
             return f"patch {_endpoint(s)} -> {_endpoint(r)} at {_position(p)}"
         case ast.Ablate(target=target, mode=mode, position=position):

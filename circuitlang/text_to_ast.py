@@ -11,6 +11,7 @@ source lines and attached to statements as `Trivia`, so the printer can keep the
 """
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import replace
 from decimal import Decimal
@@ -523,7 +524,19 @@ class _ToAst(Transformer):
 
     # -- experiments
     def patch(self, meta, c):
-        return ast.Patch(c[0], c[1], span=self._span(meta))
+        target, position, *word = c
+        direction = None
+        if word:
+            direction = str(word[0])
+            if direction not in ast.PATCH_DIRECTIONS:
+                close = difflib.get_close_matches(direction, ast.PATCH_DIRECTIONS, n=1)
+                raise ParseError(
+                    f"unknown patching direction {direction!r}", code="parse.patch_direction",
+                    span=_tok_span(word[0], self.filename),
+                    hint=(f"did you mean {close[0]}? " if close else "")
+                    + "end the line with `denoise` (run the corrupt prompt, patch in clean values) or "
+                    "`noise` (the default: run the clean prompt, patch in corrupt values)")
+        return ast.Patch(target, position, direction, span=self._span(meta))
 
     def path_patch(self, meta, c):
         sender, _arrow, receiver, position = c

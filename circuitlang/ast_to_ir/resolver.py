@@ -130,14 +130,14 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
     # -- experiments
     def _experiment(self, stmt, text: str, default_mode: str) -> ir.Experiment | None:
         match stmt:
-            case ast.Patch(target=target, position=position):
+            case ast.Patch(target=target, position=position, direction=direction):
                 found = self._sites(target, wildcards=True)
                 pos = self._position(position)
                 if found is None or pos is None:
                     return None
                 grid, axes = self._grid(target)
                 return ir.Patch(tuple(found), pos, bool(axes), grid, axes, text,
-                                span=stmt.span)
+                                span=stmt.span, direction=direction or "noise")
             case ast.PathPatch(sender=sender, receiver=receiver, position=position):
                 senders = self._sites(sender, wildcards=True)
                 receivers = self._sites(receiver)
