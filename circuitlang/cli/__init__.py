@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "circuitlang.cli.models",  # models
     "circuitlang.cli.tasks",  # tasks
     "circuitlang.cli.discover",  # discover
+    "circuitlang.cli.draw",  # draw
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
