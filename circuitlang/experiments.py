@@ -185,7 +185,7 @@ class ExperimentResult:
             def draw():
                 from circuitlang.figures import sweep_heatmap
 
-                return sweep_heatmap(self)
+                return sweep_heatmap(self, normalized=True)
 
             table += figure_html(draw)
         else:

@@ -424,6 +424,13 @@ class CheckResult:
             parts.append("<details><summary>left to the remainder</summary>" + html_table(
                 [(node, "; ".join(items)) for node, items in self.remainder], ("node", "paths no claim covers"))
                 + "</details>")
+        if self.source is not None and self.claims:
+            def draw():
+                from circuitlang.figures import circuit_diagram
+
+                return circuit_diagram(self.source, check=self)
+
+            parts.append(figure_html(draw))
         parts += [e._repr_html_() for e in self.experiments]
         if self.notes:
             parts.append("<ul>" + "".join(f"<li>note: {_e(n)}</li>" for n in self.notes) + "</ul>")

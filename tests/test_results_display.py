@@ -174,9 +174,12 @@ def test_html_inlines_a_figure_and_falls_back_to_the_table(result, monkeypatch):
     from circuitlang.figures._mpl import new_figure
 
     sweep = result.experiments[0]
+    if hasattr(figures, "sweep_heatmap"):  # the real heatmap, with its caption's numbers
+        page = sweep._repr_html_()
+        assert page.count("<svg") == 1 and "<td>L2</td>" in page
     seen = []
 
-    def heatmap(experiment):
+    def heatmap(experiment, **options):
         seen.append(experiment)
         fig = new_figure(2, 2)
         fig.add_subplot().imshow(experiment.to_numpy("normalized"))
@@ -186,7 +189,7 @@ def test_html_inlines_a_figure_and_falls_back_to_the_table(result, monkeypatch):
     page = sweep._repr_html_()
     assert seen == [sweep] and "<svg" in page and "<?xml" not in page
 
-    def broken(experiment):
+    def broken(experiment, **options):
         raise RuntimeError("cannot draw")
 
     monkeypatch.setattr(figures, "sweep_heatmap", broken, raising=False)
