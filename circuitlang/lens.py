@@ -40,7 +40,8 @@ from circuitlang.sites import Channel, Embed, Head, Mlp, ModelShape, Position, R
 #: Metrics that are linear in the logits: their direct effects are exact, not first-order.
 LINEAR_METRICS = ("logit_diff", "answer_logit")
 
-DEFAULT_BATCH = 32
+#: Prompts per forward pass (DLA keeps every component's output for a batch).
+DEFAULT_BATCH = 16
 
 
 # ---- direct logit attribution ----------------------------------------------------------
@@ -235,7 +236,8 @@ class _FrozenNorm:
         with torch.no_grad():
             real = norm(x).double()
         rebuilt = frozen.apply(x.detach().double()) + (0 if beta is None else beta)
-        if not torch.allclose(rebuilt, real, rtol=1e-4, atol=1e-4 * float(real.abs().max()) + 1e-6):
+        tol = max(1e-4, 8 * torch.finfo(x.dtype).eps)  # the norm ran in the model's dtype
+        if not torch.allclose(rebuilt, real, rtol=tol, atol=tol * float(real.abs().max()) + 1e-6):
             raise ModelError(f"the final norm ({type(norm).__name__}) is not a LayerNorm or an RMSNorm",
                              code="model.unknown-norm",
                              hint="direct logit attribution knows LayerNorm and RMSNorm final norms")
