@@ -159,6 +159,7 @@ def sweep_heatmap(result, *, normalized: bool = False, annotate: bool | None = N
     grids = [_check_sweep(r) for r in results]
     first = results[0]
     field = "normalized" if normalized else "values"
+    ylabel = "layer"
     if len(results) == 1 and len(grids[0]) == 2:
         n_rows, n_cols = grids[0]
         values = np.asarray(first.normalized if normalized else first.values, dtype=float).reshape(n_rows, n_cols)
@@ -179,6 +180,7 @@ def sweep_heatmap(result, *, normalized: bool = False, annotate: bool | None = N
         first_head = _site_parts(sites[0])
         if first_head[1] is not None and all(_site_parts(s)[0] == first_head[0] for s in sites):
             rows = [f"H{_site_parts(s)[1]}" for s in sites]  # `head 1.*`: one layer's heads
+            ylabel = f"head (layer {first_head[0]})"
         else:
             rows = _layer_names(sites)
         cols = [_position_of(r, i) for i, r in enumerate(results)]
@@ -189,6 +191,7 @@ def sweep_heatmap(result, *, normalized: bool = False, annotate: bool | None = N
     label = "normalized (1 = the whole gap)" if normalized else f"patched {first.metric}"
     draw_grid(fig, ax, values, rows, [_text(c) for c in cols], label=label, annotate=annotate)
     ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(_text(title), fontsize=10)
     direction = getattr(first, "direction", "noise")
     caption(fig, f"{first.metric}: clean {first.clean:.4g}, corrupt {first.corrupt:.4g}"

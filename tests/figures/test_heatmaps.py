@@ -6,6 +6,7 @@ values; and drawing twice gives the same file.
 """
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -23,7 +24,8 @@ SVG = "{http://www.w3.org/2000/svg}"
 PROGRAM = ("model toy-ioi\ntask ioi\nmetric logit_diff\n"
            "patch head * at END\n"
            "patch resid * at S1\npatch resid * at S2\npatch resid * at END\n"
-           "ablate head 1.1 with mean at END\n")
+           "ablate head 1.1 with mean at END\n"
+           "patch mlp * at END\npatch head 1.* at END\npatch head * -> logits at END\n")
 
 
 # ---- reading an SVG ------------------------------------------------------------------------
@@ -127,6 +129,25 @@ def test_layer_by_position_heatmap(results):
     assert "patch resid * at each position" in all_text(root)
     # resid 3 at END carries the whole effect; at S1 almost none
     assert values[3, 2] == pytest.approx(1.0, abs=1e-4) and abs(values[3, 0]) < 0.05
+
+
+def test_one_axis_sweeps_and_saved_results(results):
+    """`mlp *` and `head 1.*` are one column; a result read back from its JSON draws the same."""
+    from circuitlang.experiments import ExperimentResult
+
+    mlps, one_layer, paths = results[5], results[6], results[7]
+    root = ET.fromstring(svg_text(sweep_heatmap(mlps)))
+    assert tick_labels(root, 1, "y") == ["L0", "L1", "L2"] and tick_labels(root, 1, "x") == ["END"]
+    assert len(cell_fills(root)) == 3
+    root = ET.fromstring(svg_text(sweep_heatmap(one_layer)))
+    assert tick_labels(root, 1, "y") == ["H0", "H1", "H2", "H3"]
+    assert "head (layer 1)" in all_text(root)
+    root = ET.fromstring(svg_text(sweep_heatmap(paths)))  # sites are text: "head 0.1 -> logits"
+    assert tick_labels(root, 1, "y") == ["L0", "L1", "L2"]
+    assert tick_labels(root, 1, "x") == ["H0", "H1", "H2", "H3"]
+    for result in (results[0], mlps, paths):
+        back = ExperimentResult.from_json(json.loads(json.dumps(result.to_json())))
+        assert svg_text(sweep_heatmap(back)) == svg_text(sweep_heatmap(result))
 
 
 def test_what_is_not_a_sweep_is_refused(results):
