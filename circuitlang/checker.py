@@ -137,6 +137,8 @@ def check(
     task_params: dict | None = None,
     tokenizer=None,
     allow_pickle: bool = False,
+    out=None,
+    wandb=None,
 ) -> CheckResult:
     """Test a circuit hypothesis with causal scrubbing.
 
@@ -164,17 +166,32 @@ def check(
         tokenizer: a tokenizer folder or hub id, for a model folder without one.
         allow_pickle: read pickle weights (`pytorch_model.bin`) when a model folder has no
             safetensors, with torch's weights-only unpickler (off by default).
+        out: a new folder to write the run to, atomically (program, IR, result,
+            per-prompt values, figures, environment; `circuitlang.runs`, docs/runs.md),
+            for `circuitlang show` and `circuitlang diff`.
+        wandb: log the same record to Weights & Biases: True, a project name, or a
+            dict of `wandb.init` arguments (`circuitlang.tracking`; needs wandb).
 
     Returns:
         A `CheckResult`; `.holds` says whether every `expect` holds.
 
     Raises:
-        CircuitlangError: bad text, unknown model or task, holes left unfilled.
+        CircuitlangError: bad text, unknown model or task, holes left unfilled, an
+            `out` folder that exists and is not empty, `wandb` without wandb installed.
     """
     started = time.perf_counter()
+    call = _call_record(program_or_text, locals())
+    if out is not None:
+        from circuitlang.runs import check_out_dir
+
+        out = check_out_dir(out, "out=")                                            # before any weights load
+    if wandb:
+        from circuitlang.tracking import wandb_settings
+
+        wandb = wandb_settings(wandb)
     permutations = options.check_permutations(permutations, "permutations")
     max_examples = options.check_max_examples(max_examples, "max_examples")
-    hypothesis, _ = load_hypothesis(program_or_text, model=model, task=task)        # parse, resolve
+    hypothesis, source = load_hypothesis(program_or_text, model=model, task=task)   # parse, resolve
     hypothesis = _with_semantics(hypothesis, semantics)
     refuse_holes(hypothesis)                                                       # before any weights load
     setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric, device=device,
@@ -183,11 +200,53 @@ def check(
     graph = ir_to_graph(hypothesis)                                                # lower
     experiments = run_experiments(hypothesis, setup)
     if not hypothesis.claims and not hypothesis.expectations:  # a file of experiments only
-        return verdict.experiments_only(hypothesis, setup, experiments, started)
-    scores = verdict.score(graph, setup)                                           # execute
-    return verdict.judge(hypothesis, graph, setup, scores, experiments=experiments,  # statistics, expect
-                         permutations=permutations, breakdown=breakdown,
-                         max_examples=max_examples, progress=progress, started=started)
+        result = verdict.experiments_only(hypothesis, setup, experiments, started)
+    else:
+        scores = verdict.score(graph, setup)                                       # execute
+        result = verdict.judge(hypothesis, graph, setup, scores, experiments=experiments,  # statistics, expect
+                               permutations=permutations, breakdown=breakdown,
+                               max_examples=max_examples, progress=progress, started=started)
+    if out is not None or wandb:
+        _record(result, hypothesis, source, setup, call, out, wandb)               # the run directory
+    return result
+
+
+#: check's arguments that say how it ran (recorded in a run directory's run.json)
+_RECORDED = ("model", "task", "n", "seed", "metric", "semantics", "permutations", "breakdown", "max_examples",
+             "batch_size", "device", "task_params", "tokenizer", "allow_pickle")
+
+
+def _call_record(program_or_text, arguments: dict) -> dict:
+    """check's options as given, and the call that gave them (`runs.invocation`)."""
+    from circuitlang.runs import invocation
+
+    given = {k: arguments[k] for k in _RECORDED if arguments.get(k) is not None}
+    what = program_or_text if isinstance(program_or_text, (str, Path)) else "<program>"
+    return {"options": given, "invocation": invocation("circuitlang.check", {"program": str(what), **given})}
+
+
+def _record(result, hypothesis, source, setup, call: dict, out, wandb) -> None:
+    """Write the run directory (to a temporary one when only tracking), and log it."""
+    import shutil
+    import tempfile
+
+    from circuitlang import runs
+
+    options = {**call["options"], "n": result.n, "seed": result.seed, "metric": result.metric}
+    scratch = None
+    if out is None:
+        scratch = Path(tempfile.mkdtemp(prefix="circuitlang-run-"))
+        out = scratch / "run"
+    try:
+        folder = runs.save_check(out, result=result, hypothesis=hypothesis, source=source, model=setup.model,
+                                 options=options, call=call["invocation"])
+        if wandb:
+            from circuitlang.tracking import log_run
+
+            log_run(folder, wandb)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def refuse_holes(hypothesis) -> None:

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "circuitlang.cli.tasks",  # tasks
     "circuitlang.cli.discover",  # discover
     "circuitlang.cli.draw",  # draw
+    "circuitlang.cli.runs",  # show, diff
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

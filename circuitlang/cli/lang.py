@@ -94,6 +94,13 @@ def register(subparsers) -> None:
     check.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     check.add_argument("--json", metavar="FILE", dest="json_out",
                        help="also write the full result as JSON to FILE (atomically)")
+    check.add_argument("--out", metavar="RUN_DIR",
+                       help="write the run to a new folder RUN_DIR, atomically: program, resolved IR, "
+                       "result JSON, per-prompt values, figures, environment (for `circuitlang show` "
+                       "and `circuitlang diff`; docs/runs.md)")
+    check.add_argument("--wandb", nargs="?", const=True, default=None, metavar="PROJECT",
+                       help="log the run to Weights & Biases (project PROJECT, default circuitlang; "
+                       "needs `pip install 'circuitlang[tracking]'`; WANDB_MODE=offline works)")
     check.add_argument("--resolve-only", action="store_true",
                        help="parse and resolve, print what the file claims, run nothing")
     check.add_argument("-q", "--quiet", action="store_true",
@@ -194,6 +201,14 @@ def check_command(args: argparse.Namespace) -> int:
     device = options.check_device(args.device)
     if args.json_out:
         options.check_output_path(args.json_out)
+    if args.out:
+        from circuitlang.runs import check_out_dir
+
+        check_out_dir(args.out)
+    if args.wandb:
+        from circuitlang.tracking import wandb_settings
+
+        wandb_settings(args.wandb)
     explicit = task_params_from_args(args.task_params)
 
     hypothesis, source = load_hypothesis(args.file, args.model, args.task)
@@ -225,6 +240,8 @@ def check_command(args: argparse.Namespace) -> int:
         batch_size=batch_size,
         device=device,
         progress=False if args.quiet else None,
+        out=args.out,
+        wandb=args.wandb,
     )
     print(result.render())
     if args.json_out:

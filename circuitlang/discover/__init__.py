@@ -448,8 +448,13 @@ def discover(
         seconds=time.perf_counter() - started, passes=problem.passes, details=dict(found.extra),
     )
     if rundir is not None:
+        from circuitlang.runs import environment, invocation
+
+        rundir.write_json("environment", environment(model, seed=seed, invocation=invocation(
+            "circuitlang.discover", {k: v for k, v in rundir.spec.items() if v is not None})))
+        rundir.write_text("report.txt", result.render() + "\n")
         rundir.write_text("found.circ", text)
-        rundir.write_json("result", result.to_json())
+        rundir.write_json("result", result.to_json())  # last: it marks the run finished
     return result
 
 

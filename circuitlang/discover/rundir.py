@@ -8,19 +8,23 @@ half a file.
 
 Layout: `run.json` (what the run is: method, model, task, its parameters, prompts and
 seed, options, batch size; a resumed run must match it), one `NAME.json` / `NAME.pt`
-per checkpoint, and the results (`found.circ`, `result.json`).
+per checkpoint, and the results: `environment.json` (the record `circuitlang check
+--out` writes too: versions, model hash, seed, command line, time), `report.txt`,
+`found.circ` and, last, `result.json`, whose presence marks the run finished for
+`circuitlang show` and `circuitlang diff` (`circuitlang.runs`). Files are written
+by `circuitlang.runs.atomic_file`, the writer check's run directories use.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from circuitlang.errors import DiscoveryError
+from circuitlang.runs import atomic_file
 
 __all__ = ["RunDir"]
 
@@ -64,19 +68,7 @@ class RunDir:
         self.spec = spec
 
     def _atomic(self, name: str, write) -> Path:
-        target = self.path / name
-        fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=self.path)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return target
+        return atomic_file(self.path / name, write)  # the one atomic writer, shared with check --out
 
     def write_json(self, name: str, data: Any) -> Path:
         text = (json.dumps(data, indent=2) + "\n").encode()
