@@ -92,7 +92,7 @@ class DirectEffects:
 
     def sites(self) -> list[Site]:
         """The components with a typed site, in computation order."""
-        return [s for s in topology.senders(self.shape)]
+        return topology.senders(self.shape)
 
     def __getitem__(self, site: Site) -> np.ndarray:
         """Per-prompt direct effect [N] of `Embed()`, `Head(l, h)` or `Mlp(l)`."""
