@@ -16,7 +16,7 @@ Graphviz and no matplotlib. Two views of one graph:
   every arrow points up; within a row, boxes sit under their parents (the mean of the
   parents' places, then the order of the forward pass); a row of more than `ROW_LIMIT`
   boxes wraps onto several lines, so the width stays readable (stdlib/ioi.circ: 61
-  sites, about 2,600 px).
+  sites, about 2,300 px).
 
 `view="auto"` (the default) draws the tree up to `TREE_LIMIT` nodes and collapses
 larger graphs. JSON is always the full tree (it is the data, not a drawing); DOT and
@@ -265,15 +265,22 @@ def layout(collapsed: Collapsed) -> list[list[tuple]]:
 def collapsed_svg(collapsed: Collapsed) -> str:
     """The collapsed graph as an SVG document: one `<rect class="site">` per box."""
     boxes = {b.key: b for b in collapsed.boxes}
-    rows = [row[i:i + ROW_LIMIT] for row in layout(collapsed) for i in range(0, len(row), ROW_LIMIT)]
+    rows, stagger = [], []
+    for row in layout(collapsed):
+        lines = -(-len(row) // ROW_LIMIT)
+        size = -(-len(row) // lines)  # wrapped lines of (nearly) equal length
+        for j, i in enumerate(range(0, len(row), size)):
+            rows.append(row[i:i + size])
+            # wrapped lines shifted by half a box against each other, so links pass between boxes
+            stagger.append(0 if lines == 1 else (-1 if j % 2 == 0 else 1))
     chars = max(max(len(b.label), len(b.detail)) for b in collapsed.boxes)
     box_w, box_h, gap_x, gap_y = max(120, int(chars * 6.7) + 14), 38, 24, 90
-    width = max(len(r) for r in rows) * (box_w + gap_x) + gap_x
+    width = max(len(r) + abs(stagger[d]) / 2 for d, r in enumerate(rows)) * (box_w + gap_x) + gap_x
     height = len(rows) * (box_h + gap_y) + gap_y + 24
     pos = {}
     for d, row in enumerate(rows):
         row_w = len(row) * (box_w + gap_x) - gap_x
-        x0 = (width - row_w) / 2
+        x0 = (width - row_w) / 2 + stagger[d] * (box_w + gap_x) / 4
         for i, k in enumerate(row):
             pos[k] = (x0 + i * (box_w + gap_x), gap_y / 2 + 24 + d * (box_h + gap_y))
     out = _svg_open(width, height, "collapsed")
