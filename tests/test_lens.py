@@ -52,7 +52,7 @@ def test_direct_effects_sum_to_the_linearized_metric_on_every_architecture(tiny,
 
     `loss` on the induction task reads every repeated position, so this is also the
     multi-position, first-order case."""
-    arch, lm, task, prompts = tiny
+    _, lm, task, prompts = tiny
     d = lens.direct_logit_attribution(lm, task, prompts, metric, batch_size=3)  # two batches
     n, layers, heads = len(prompts), lm.shape.n_layers, lm.shape.n_heads
     assert d.heads.shape == (n, layers, heads) and d.mlps.shape == (n, layers) and d.embed.shape == (n,)
@@ -120,7 +120,7 @@ def test_an_unknown_final_norm_is_refused():
 
 # ---- the logit lens -----------------------------------------------------------------------------
 def test_the_lens_last_row_is_the_models_metric_on_every_architecture(tiny):
-    arch, lm, task, prompts = tiny
+    _, lm, task, prompts = tiny
     lensed = lens.logit_lens(lm, task, prompts, "logit_diff", batch_size=3)
     assert lensed.per_prompt.shape == (len(prompts), lm.shape.n_layers + 1, 1)
     np.testing.assert_allclose(lensed[Resid(lm.shape.n_layers)][:, 0], lensed.clean, rtol=1e-6, atol=1e-6)
@@ -151,7 +151,7 @@ def test_the_lens_at_named_positions(ioi):
 
 # ---- attention patterns ---------------------------------------------------------------------------
 def test_patterns_are_causal_distributions_equal_to_transformers_own(tiny):
-    arch, lm, task, prompts = tiny
+    _, lm, _, prompts = tiny
     ids, mask = prompts.input_ids[:2], prompts.attention_mask[:2].clone()
     mask[1, -2:] = 0  # a right-padded row: its padding is never attended to
     heads = [Head(0, 1), "2.3", Head(1, lm.shape.n_heads - 1)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 
 from circuitlang.figures._mpl import FigureError, new_figure
 from circuitlang.figures.heatmaps import draw_grid
