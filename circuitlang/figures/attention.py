@@ -81,11 +81,10 @@ def attention_pattern(model, prompt, heads, *, annotate: bool | None = None):
         FigureError: an empty or unreadable prompt.
         ExecutionError: a head the model does not have.
     """
-    from matplotlib.colors import Normalize
-
     from circuitlang.lens import attention_patterns
 
-    if isinstance(heads, (str, tuple)) or not isinstance(heads, Sequence):
+    one = isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(i, int) for i in heads)
+    if one or isinstance(heads, str) or not isinstance(heads, Sequence):
         heads = [heads]
     ids = _prompt_ids(model, prompt)
     patterns = attention_patterns(model, [ids], heads)
@@ -97,6 +96,8 @@ def attention_pattern(model, prompt, heads, *, annotate: bool | None = None):
     panel = min(6.0, 1.2 + 0.32 * t)
     fig = new_figure(panel * n + 0.9, panel + 0.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
+    from matplotlib.colors import Normalize  # after new_figure, which says when matplotlib is missing
+
     mesh = None
     for ax, (head, pattern) in zip(axes, patterns.items()):
         mesh = draw_grid(fig, ax, pattern[0], labels, labels, label="attention",

@@ -96,3 +96,13 @@ def test_bad_heads_and_prompts_are_refused(ioi):
     with pytest.raises(FigureError, match="has no tokenizer"):
         attention_pattern(bare, "Mary and John", ["0.0"])
     assert token_labels(bare, [5, 7]) == ["5", "7"]  # ids stand in for tokens
+
+
+def test_without_matplotlib_the_figure_says_how_to_get_it(ioi, monkeypatch):
+    import sys
+
+    lm, prompts = ioi
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(FigureError, match="matplotlib") as info:
+        attention_pattern(lm, (prompts, 0), (1, 1))
+    assert "circuitlang[figures]" in info.value.hint

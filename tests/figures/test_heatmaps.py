@@ -150,6 +150,19 @@ def test_one_axis_sweeps_and_saved_results(results):
         assert svg_text(sweep_heatmap(back)) == svg_text(sweep_heatmap(result))
 
 
+def test_without_matplotlib_each_figure_says_how_to_get_it(results, ioi, monkeypatch):
+    import sys
+
+    lm, task, prompts = ioi
+    effects = lens.direct_logit_attribution(lm, task, prompts.subset([0]))
+    lensed = lens.logit_lens(lm, task, prompts.subset([0]))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for draw in (lambda: sweep_heatmap(results[0]), lambda: dla_grid(effects), lambda: logit_lens(lensed)):
+        with pytest.raises(FigureError, match="matplotlib") as info:
+            draw()
+        assert "circuitlang[figures]" in info.value.hint
+
+
 def test_what_is_not_a_sweep_is_refused(results):
     with pytest.raises(FigureError, match="is not a sweep") as info:
         sweep_heatmap(results[4])  # an ablation: one number
