@@ -112,7 +112,8 @@ def circuit_diagram(source, *, check=None, model=None, task=None, title: str | N
         check: a `CheckResult` of the same circuit; its per-claim breakdown sets the
             arrows' widths (a `DiscoveryResult`'s own check is used when not given).
         model, task: override the file's `model` and `task` lines (text and paths only;
-            the model's shape is enough, no weights load).
+            the model's shape is enough, no weights load); text that names neither takes
+            the check's.
         title: the figure's title (default: model, task and the check's % recovered).
 
     Returns:
@@ -129,7 +130,7 @@ def circuit_diagram(source, *, check=None, model=None, task=None, title: str | N
 # --------------------------------------------------------------------------- what to draw
 
 
-def _resolve(source, model, task):
+def _resolve(source, model, task, check):
     """(hypothesis, edges or None, discovery result or None) for any accepted source."""
     from circuitlang.ir import Hypothesis
 
@@ -139,8 +140,16 @@ def _resolve(source, model, task):
         return source, None, None
     if isinstance(source, (str, Path)) or hasattr(source, "statements"):
         from circuitlang.checker import load_hypothesis
+        from circuitlang.errors import CircuitlangError
 
-        hypothesis, _ = load_hypothesis(source, model=model, task=task)
+        try:
+            hypothesis, _ = load_hypothesis(source, model=model, task=task)
+        except CircuitlangError as exc:
+            # text checked with model= and task= (`circuitlang.check("head 9.6 ...", model=...)`)
+            # names neither: the check's result does
+            if check is None or exc.diagnostics[0].code not in ("check.no-model", "check.no-task"):
+                raise
+            hypothesis, _ = load_hypothesis(source, model=model or check.model, task=task or check.task)
         return hypothesis, None, None
     raise FigureError(f"cannot draw a circuit from a {type(source).__name__}",
                       hint="pass circuitlang text, a .circ path, a Program, a Hypothesis or a DiscoveryResult")
@@ -213,7 +222,7 @@ def circuit_layout(source, *, check=None, model=None, task=None) -> CircuitLayou
     """What `circuit_diagram` draws, as data (the tests read it beside the SVG)."""
     from circuitlang.ir import DependsClaim
 
-    hypothesis, edges, found = _resolve(source, model, task)
+    hypothesis, edges, found = _resolve(source, model, task, check)
     holes = hypothesis.holes()
     if holes:
         raise FigureError("this circuit has holes (" + ", ".join(str(h) for h in holes) + "): a diagram "

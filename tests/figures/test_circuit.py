@@ -117,6 +117,15 @@ def test_costs_set_edge_widths(induction_check):
     assert svg == svg_text(circuit_diagram(TOY_INDUCTION, check=result))
 
 
+def test_text_without_model_lines_takes_the_checks(induction_check):
+    text = "head 0.3 -> head 1.0.k at PREV+1\nhead 1.0 copies PREV+1 to END\n"
+    with pytest.raises(circuitlang.errors.CircuitlangError, match="no model"):
+        circuit_diagram(text)
+    svg = svg_text(circuit_diagram(text, check=induction_check))
+    assert sorted(ids(svg, "head-")) == ["head-0.3-0", "head-1.0-1"]
+    assert ids(svg, "edge-") == ["edge-k-0"]
+
+
 def test_a_discovered_circuit_is_drawn_from_its_edges():
     found = circuitlang.discover(model="toy-induction", task="induction", method="eap", n=8, edges=8, check=False)
     layout = circuit_layout(found)
