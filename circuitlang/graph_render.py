@@ -136,8 +136,8 @@ def _fill(role: str, leaf: bool) -> str:
 
 def _svg_open(width: float, height: float, view: str) -> list[str]:
     return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'font-family="monospace" font-size="11" data-view="{view}">',
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+         f'font-family="monospace" font-size="11" data-view="{view}">'),
         '<rect width="100%" height="100%" fill="white"/>',
     ]
 

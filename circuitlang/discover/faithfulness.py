@@ -66,7 +66,7 @@ class Curve:
                 "cmd_interval": list(self.cmd_interval), "full": self.full, "empty": self.empty}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Curve":
+    def from_json(cls, data: dict) -> Curve:
         """The curve `to_json` wrote (NaN where the JSON holds null).
 
         Raises:

@@ -32,12 +32,14 @@ The layout is a pure function of the circuit, so two renders give the same SVG.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from circuitlang.errors import CircuitlangError
 from circuitlang.figures._mpl import FigureError, new_figure
 from circuitlang.graph_render import PALETTE
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position
+from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, Position
 
 __all__ = ["CHANNEL_COLOURS", "GROUP_COLOURS", "CircuitLayout", "circuit_diagram", "circuit_layout"]
 
@@ -140,7 +142,6 @@ def _resolve(source, model, task, check):
         return source, None, None
     if isinstance(source, (str, Path)) or hasattr(source, "statements"):
         from circuitlang.checker import load_hypothesis
-        from circuitlang.errors import CircuitlangError
 
         try:
             hypothesis, _ = load_hypothesis(source, model=model, task=task)
@@ -188,7 +189,7 @@ def _column_order(hypothesis, positions) -> list[Position]:
         from circuitlang.tasks import get_signature
 
         names = list(get_signature(hypothesis.task, **dict(hypothesis.task_params)).positions)
-    except Exception:  # a task that cannot be looked up here still draws, in first-seen order
+    except CircuitlangError:  # a task that cannot be looked up here still draws, in first-seen order
         names = []
     bases: dict[str, int] = {}
     for i, text in enumerate(names):
@@ -298,7 +299,7 @@ def circuit_layout(source, *, check=None, model=None, task=None) -> CircuitLayou
                                            getattr(n.site, "head", 0), str(n.site)))
     title = f"{hypothesis.model or 'circuit'} · task {hypothesis.task}"
     recovered = getattr(getattr(check, "recovered", None), "value", None)
-    if recovered is not None and recovered == recovered:
+    if recovered is not None and not math.isnan(recovered):
         r = check.recovered
         title += f"\nrecovered {100 * r.value:.1f}% [{100 * r.low:.1f}, {100 * r.high:.1f}]"
     return CircuitLayout(tuple(ordered), tuple(arrows), columns, rows, tuple(hypothesis.groups), outline,

@@ -10,11 +10,11 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="figures need matplotlib (pip install 'circuitlang[figures]')")
 
-import circuitlang  # noqa: E402
-from circuitlang.cli import main  # noqa: E402
-from circuitlang.figures import FigureError, circuit_diagram, svg_text  # noqa: E402
-from circuitlang.figures.circuit import CHANNEL_COLOURS, GROUP_COLOURS, circuit_layout  # noqa: E402
-from circuitlang.sites import Head  # noqa: E402
+import circuitlang
+from circuitlang.cli import main
+from circuitlang.figures import FigureError, circuit_diagram, svg_text
+from circuitlang.figures.circuit import CHANNEL_COLOURS, GROUP_COLOURS, circuit_layout
+from circuitlang.sites import Head
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_INDUCTION = ROOT / "stdlib" / "toy_induction.circ"

@@ -9,11 +9,11 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="figures need matplotlib (pip install 'circuitlang[figures]')")
 
-import circuitlang  # noqa: E402
-from circuitlang.cli import main  # noqa: E402
-from circuitlang.discover.faithfulness import Curve  # noqa: E402
-from circuitlang.figures import FigureError, faithfulness_curves, svg_text  # noqa: E402
-from circuitlang.figures.curves import CURVE_COLOURS, load_curves  # noqa: E402
+import circuitlang
+from circuitlang.cli import main
+from circuitlang.discover.faithfulness import Curve
+from circuitlang.figures import FigureError, faithfulness_curves, svg_text
+from circuitlang.figures.curves import CURVE_COLOURS, load_curves
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_json_dict_and_labels(runs, tmp_path):
 
 
 def test_bad_input_is_refused(runs, tmp_path):
-    eap, ig, _ = runs
+    eap = runs[0]
     with pytest.raises(FigureError, match="2 labels for 1 curves"):
         faithfulness_curves([eap], labels=["a", "b"])
     with pytest.raises(FigureError, match="no curves"):

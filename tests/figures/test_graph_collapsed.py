@@ -11,8 +11,14 @@ import pytest
 
 from circuitlang.checker import load_hypothesis
 from circuitlang.cli import main
-from circuitlang.graph_render import (CHANNEL_COLOURS, TREE_LIMIT, GraphRenderError, chosen_view, collapse,
-                                      render)
+from circuitlang.graph_render import (
+    CHANNEL_COLOURS,
+    TREE_LIMIT,
+    GraphRenderError,
+    chosen_view,
+    collapse,
+    render,
+)
 from circuitlang.ir_to_graph import ir_to_graph
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +46,7 @@ def test_ioi_collapsed_has_one_box_per_site(ioi_graph):
     assert width(svg) < 4000  # the tree of the same graph is over 100,000 px wide
     assert width(render(g, "svg", view="tree")) > 100_000
     labels = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
-    for (role, site, position), copies in sites.items():
+    for role, site, position in sites:
         label = "logits" if role == "root" else f"{site} at {position}"
         assert label in labels, label
     # the box of a site copied by treeification says how many copies it stands for
@@ -66,7 +72,7 @@ def test_collapsed_links_count_the_treeified_edges(ioi_graph):
     labels = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
     merged = next(link for link in c.links if link.copies > 1)
     assert merged.label in labels and merged.label.endswith(f" x{merged.copies}")
-    assert re.search(r"^q@END( x\d+)?$", "\n".join(labels), re.M)
+    assert re.search(r"^q@END( x\d+)?$", "\n".join(labels), re.MULTILINE)
 
 
 def test_small_graphs_stay_treeified_and_views_are_chosen(tmp_path):
