@@ -298,6 +298,10 @@ def circuit_layout(source, *, check=None, model=None, task=None) -> CircuitLayou
     ordered = sorted(nodes, key=lambda n: (_row(n.site, n_layers), order[n.column], isinstance(n.site, Mlp),
                                            getattr(n.site, "head", 0), str(n.site)))
     title = f"{hypothesis.model or 'circuit'} · task {hypothesis.task}"
+    if found is not None:
+        f = found.faithfulness
+        title += (f" · {found.method}, {len(edges)} of {len(found.space)} edges, faithfulness "
+                  f"{f.value:.3f} [{f.low:.3f}, {f.high:.3f}]")
     recovered = getattr(getattr(check, "recovered", None), "value", None)
     if recovered is not None and not math.isnan(recovered):
         r = check.recovered
@@ -368,17 +372,23 @@ def _draw(layout: CircuitLayout, title: str):
 
     for k, arrow in enumerate(layout.arrows):
         x2, y2 = centre[arrow.receiver]
+        rad = _RAD[arrow.channel]
         if arrow.sender is None:
             x1, y1 = col_x[arrow.column] + slots[arrow.column] / 2, 0.32
+            y2 -= box_h / 2
             style, prefix = "--", "read"
         else:
             x1, y1 = centre[arrow.sender]
-            y1 += box_h / 2
             style, prefix = "-", "edge"
+            if y1 == y2:  # within a layer (a head into its layer's MLP): side to side, arched over
+                side = 1 if x2 >= x1 else -1
+                x1, x2, rad = x1 + side * box_w / 2, x2 - side * box_w / 2, -0.4 * side
+            else:
+                y1, y2 = y1 + box_h / 2, y2 - box_h / 2
         dotted = layout.weight_kind == "cost" and arrow.weight is not None and arrow.weight < 0
         patch = FancyArrowPatch(
-            (x1, y1), (x2, y2 - box_h / 2), arrowstyle="-|>", mutation_scale=8,
-            connectionstyle=f"arc3,rad={_RAD[arrow.channel]}", color=CHANNEL_COLOURS[arrow.channel],
+            (x1, y1), (x2, y2), arrowstyle="-|>", mutation_scale=8,
+            connectionstyle=f"arc3,rad={rad}", color=CHANNEL_COLOURS[arrow.channel],
             linewidth=width(arrow.weight), linestyle=":" if dotted else style, shrinkA=0, shrinkB=1,
             zorder=1, gid=f"{prefix}-{arrow.channel}-{k}",
         )

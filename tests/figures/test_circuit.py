@@ -67,6 +67,32 @@ def test_toy_induction_boxes_labels_and_channel_colours():
     assert [str(p) for p in circuit_layout(TOY_INDUCTION).columns] == ["PREV+1", "END"]
 
 
+def test_every_kind_of_source_draws_the_same_diagram():
+    from circuitlang.checker import load_hypothesis
+    from circuitlang.text_to_ast import parse
+
+    text = TOY_INDUCTION.read_text()
+    hypothesis, _ = load_hypothesis(TOY_INDUCTION)
+    drawn = {svg_text(circuit_diagram(source)) for source in
+             (TOY_INDUCTION, str(TOY_INDUCTION), text, parse(text), hypothesis)}
+    assert len(drawn) == 1
+
+
+def test_an_edge_within_a_layer_runs_side_to_side():
+    text = "model toy-ioi\ntask ioi\nhead 0.1 -> mlp 0 at END\nmlp 0 -> logits at END\n"
+    layout = circuit_layout(text)
+    assert [(a.sender.label, a.receiver.label, a.channel) for a in layout.arrows] == [
+        ("0.1", "MLP 0", "other"), ("MLP 0", "logits", "other")]
+    svg = svg_text(circuit_diagram(text))
+    assert sorted(ids(svg, "site-")) == ["site-MLP_0-0", "site-logits-0"]
+    assert {"layer 0", "logits", "MLP 0", "0.1", "MLP / logits stream"} <= set(texts(svg))
+    assert f"stroke: {CHANNEL_COLOURS['other'].lower()}" in group_style(svg, "edge-other-0")
+    # from the head's side to the MLP's side, both ends at the row's height
+    start = svg.index('<g id="edge-other-0">')
+    points = re.findall(r"([0-9.]+) ([0-9.]+)", re.search(r' d="([^"]*)"', svg[start:]).group(1))
+    assert float(points[0][1]) == pytest.approx(float(points[-1][1]), abs=3)  # rows are ~90 px apart
+
+
 def test_ioi_groups_are_coloured_and_named():
     layout = circuit_layout(IOI)  # gpt2's shape only: no weights load
     assert [str(p) for p in layout.columns] == ["IO", "S1+1", "S2", "END"]
