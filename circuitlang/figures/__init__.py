@@ -8,9 +8,9 @@ with that hint. Importing this package imports nothing heavy.
 from __future__ import annotations
 
 from circuitlang.figures._mpl import FigureError, save, svg_text
+from circuitlang.figures.attention import attention_pattern
 from circuitlang.figures.circuit import circuit_diagram
 from circuitlang.figures.curves import faithfulness_curves
-from circuitlang.figures.attention import attention_pattern
 from circuitlang.figures.heatmaps import dla_grid, logit_lens, sweep_heatmap
 
 __all__ = ["FigureError", "save", "svg_text"]
