@@ -205,7 +205,7 @@ def test_models_names_each_architecture_by_its_own_type(capsys):
 @pytest.mark.slow
 def test_check_writes_nothing_into_the_working_directory(tmp_path):
     # the property search (`expect each`) made hypothesis write ./.hypothesis/
-    shutil.copy(Path(__file__).resolve().parent.parent / "examples" / "induction.circ",
+    shutil.copy(Path(__file__).resolve().parent.parent / "examples" / "induction" / "induction.circ",
                 tmp_path / "induction.circ")
     cache = tmp_path / "cache"
     env = dict(os.environ, CIRCUITLANG_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")

@@ -32,7 +32,7 @@ from circuitlang.tasks import get_signature, list_tasks
 from circuitlang.text_to_ast import grammar
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted([*ROOT.glob("stdlib/*.circ"), *ROOT.glob("examples/*.circ"),
+SHIPPED = sorted([*ROOT.glob("stdlib/*.circ"), *ROOT.glob("examples/**/*.circ"),
                   *ROOT.glob("tests/fixtures/**/*.circ")])
 GPT2 = ModelShape(n_layers=12, n_heads=12, d_model=768, d_head=64, n_kv_heads=12,
                   vocab_size=50257, n_ctx=1024, architecture="gpt2", name="gpt2")

@@ -20,7 +20,7 @@ from circuitlang.resources import stdlib_dir
 from circuitlang.sites import ALL, Channel, Embed, Head, Mlp, ModelShape, Position
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = sorted(p for p in list(stdlib_dir().glob("*.circ")) + list((ROOT / "examples").glob("*.circ"))
+FILES = sorted(p for p in list(stdlib_dir().glob("*.circ")) + list((ROOT / "examples").rglob("*.circ"))
                if p.name != "prelude.circ")
 GPT2 = ModelShape(12, 12, 768, 64, vocab_size=50257, n_ctx=1024, architecture="gpt2", name="gpt2")
 ATTN4 = ModelShape(4, 8, 512, 64, vocab_size=48262, n_ctx=1024, has_mlp=False, architecture="gpt2",

@@ -331,7 +331,7 @@ def test_missing_model_and_task_are_both_reported():
 # Globbed, so files added later are covered without touching this test.
 
 REPO = Path(__file__).resolve().parent.parent
-CIRC_FILES = sorted((REPO / "stdlib").glob("*.circ")) + sorted((REPO / "examples").glob("*.circ"))
+CIRC_FILES = sorted((REPO / "stdlib").glob("*.circ")) + sorted((REPO / "examples").rglob("*.circ"))
 # Files written for a model that is not GPT-2-shaped, and that shape.
 OTHER_SHAPES = {"docstring.circ": ATTN_ONLY}
 
@@ -354,7 +354,7 @@ def _signature(program) -> TaskSignature:
 
 def test_there_are_files_to_check():
     names = {p.name for p in CIRC_FILES}
-    assert {"prelude.circ", "ioi_name_movers.circ", "induction.circ"} <= names
+    assert {"prelude.circ", "name_movers.circ", "induction.circ"} <= names
 
 
 @pytest.mark.parametrize("path", CIRC_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -371,7 +371,7 @@ def test_stdlib_and_example_files_parse_and_resolve(path: Path):
 
 
 def test_the_examples_hold_the_users_sentence_verbatim():
-    text = (REPO / "examples" / "ioi_name_movers.circ").read_text()
+    text = (REPO / "examples" / "ioi" / "name_movers.circ").read_text()
     assert "head 9.6 moves name to END\n" in text
 
 

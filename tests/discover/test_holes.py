@@ -129,8 +129,8 @@ def test_constraints_are_respected_even_against_the_evidence(planted):
 
 def test_toy_induction_holes_are_filled_with_its_recorded_heads(toy):
     """`head ?p copies PREV to PREV+1`, `?p -> ?i.k at PREV+1`: the previous-token head and an
-    induction head, the ones tests/models/test_toys.py asserts (examples/induction_holes.circ)."""
-    result = fill_holes(ROOT / "examples" / "induction_holes.circ", model=toy)  # as its header runs it
+    induction head, the ones tests/models/test_toys.py asserts (examples/holes/induction_holes.circ)."""
+    result = fill_holes(ROOT / "examples" / "holes" / "induction_holes.circ", model=toy)  # as its header runs it
     assert result.n == 64 and result.seed == 0
     chosen = result.chosen()
     assert {chosen["p"][0]} == PREVIOUS_TOKEN
@@ -145,9 +145,9 @@ def test_toy_induction_holes_are_filled_with_its_recorded_heads(toy):
 
 
 def test_the_induction_holes_example_does_what_its_header_says(tmp_path, capsys):
-    """The command in examples/induction_holes.circ's header exits 0 and measures what the
+    """The command in examples/holes/induction_holes.circ's header exits 0 and measures what the
     header states: ?p = 0.3, ?i = 1.2, recovered 49.4% [41.3%, 57.0%]."""
-    example = ROOT / "examples" / "induction_holes.circ"
+    example = ROOT / "examples" / "holes" / "induction_holes.circ"
     header = example.read_text()
     command = re.search(r"# Run: circuitlang (discover \S+) -o filled\.circ", header)
     assert command is not None
@@ -240,7 +240,7 @@ def test_a_hole_with_no_candidate_exits_2_on_the_command_line(tmp_path, capsys):
 
 def test_check_on_a_file_with_holes_says_to_run_discover():
     with pytest.raises(CircuitlangError) as info:
-        circuitlang.check(ROOT / "examples" / "induction_holes.circ")
+        circuitlang.check(ROOT / "examples" / "holes" / "induction_holes.circ")
     assert "circuitlang discover FILE" in info.value.render()
 
 
@@ -256,7 +256,7 @@ def test_bad_options_are_errors():
 # ------------------------------------------------------------------ the final check's options
 
 
-INDUCTION_HOLES = ROOT / "examples" / "induction_holes.circ"
+INDUCTION_HOLES = ROOT / "examples" / "holes" / "induction_holes.circ"
 
 
 @pytest.fixture
