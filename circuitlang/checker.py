@@ -198,7 +198,7 @@ def check(
                     batch_size=batch_size, task_params=task_params, tokenizer=tokenizer,
                     allow_pickle=allow_pickle)                                      # model, task, prompts
     graph = ir_to_graph(hypothesis)                                                # lower
-    experiments = run_experiments(hypothesis, setup)
+    experiments = run_experiments(hypothesis, setup, progress=progress)
     if not hypothesis.claims and not hypothesis.expectations:  # a file of experiments only
         result = verdict.experiments_only(hypothesis, setup, experiments, started)
     else:
@@ -417,14 +417,16 @@ def _default_metric(hypothesis, task, prompts, vocab: int) -> tuple[str, str | N
     return default, None
 
 
-def run_experiments(hypothesis, setup: Setup) -> list:
-    """Every experiment statement of a hypothesis, run on one shared set of clean/corrupt runs."""
+def run_experiments(hypothesis, setup: Setup, *, progress: bool | None = False) -> list:
+    """Every experiment statement of a hypothesis, run on one shared set of clean/corrupt runs
+    (`progress`: a bar per sweep)."""
     from circuitlang import ir
     from circuitlang.experiments import Experiments
 
     if not hypothesis.experiments:
         return []
-    runner = Experiments(setup.model, setup.task, setup.prompts, setup.metric, batch_size=setup.batch_size)
+    runner = Experiments(setup.model, setup.task, setup.prompts, setup.metric, batch_size=setup.batch_size,
+                         progress=progress)
     out = []
     for exp in hypothesis.experiments:
         grid = getattr(exp, "grid", ()) or None

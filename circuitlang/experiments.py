@@ -36,6 +36,7 @@ import torch
 from circuitlang.ast import PATCH_DIRECTIONS
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
+from circuitlang.progress import Progress
 from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed, Position, Resid, TokenEmbed
 
 
@@ -256,14 +257,18 @@ def site_from_text(text: str):
 
 
 class Experiments:
-    """Runs experiments on one model, task and prompt set, sharing the clean/corrupt runs."""
+    """Runs experiments on one model, task and prompt set, sharing the clean/corrupt runs.
 
-    def __init__(self, model, task, prompts, metric: str, *, batch_size: int = 64):
+    `progress`: a bar per sweep over its (site, prompt) rows (`circuitlang.progress`;
+    None: when stderr is a terminal)."""
+
+    def __init__(self, model, task, prompts, metric: str, *, batch_size: int = 64, progress: bool | None = False):
         self.model = model
         self.task = task
         self.prompts = prompts
         self.metric = metric
         self.batch_size = batch_size
+        self.progress = progress
         self.passes = 0
         self._cache: dict = {}
         self._clean_logits = None
@@ -323,6 +328,7 @@ class Experiments:
         out = np.zeros((n_sites, n))
         ids, mask = self._ids(base), self.prompts.attention_mask
         pairs = [(k, i) for k in range(n_sites) for i in range(n)]
+        bar = Progress(len(pairs), "patching", enabled=self.progress)
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
             ks = np.array([k for k, _ in chunk])
@@ -335,6 +341,8 @@ class Experiments:
             run = run_batched(self.model, ids[prompt_rows], mask[prompt_rows], patches=patches)
             vals = self._metric(run.logits, prompt_rows.tolist())
             out[ks, prompt_rows.numpy()] = vals
+            bar.set(start + len(chunk), "(site, prompt) rows")
+        bar.close()
         self.passes += 1
         return out
 
@@ -355,6 +363,7 @@ class Experiments:
         ids, mask = self._ids(base), self.prompts.attention_mask
         where = position_index(self.prompts, position)
         read_at_end = self._metric_at_end()
+        bar = Progress(n_sites * n, "patching", enabled=self.progress)
         for p in sorted(set(where.tolist())):
             members = torch.nonzero(where == p).ravel()
             prefix_cache, prefix_logits = self._prefix(ids[members, :p], mask[members, :p])
@@ -384,6 +393,8 @@ class Experiments:
                 else:
                     logits = torch.cat([prefix_logits[local], run.logits], 1)
                 out[ks, prompt_rows.numpy()] = self._metric(logits, prompt_rows.tolist())
+                bar.step_by(len(chunk), "(site, prompt) rows")
+        bar.close()
         self.passes += 1
         return out
 

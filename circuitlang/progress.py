@@ -20,7 +20,10 @@ import sys
 import warnings
 from typing import IO, Iterator
 
-__all__ = ["Progress", "quiet_loading"]
+__all__ = ["MIN_INTERVAL", "Progress", "quiet_loading"]
+
+#: seconds between two redraws of a bar, at least
+MIN_INTERVAL = 0.1
 
 
 class Progress:
@@ -32,14 +35,14 @@ class Progress:
         enabled: True to draw, False (`--quiet`) to stay silent; None (the default)
             draws only when `stream` is a terminal.
         stream: where to draw (default: `sys.stderr` as it is when the bar is made).
-        min_interval: seconds between redraws at least.
+        min_interval: seconds between redraws at least (default `MIN_INTERVAL`).
 
     Use it as `bar.set(done, what)` or `bar.step(what)`, then `bar.close()` (or as a
     context manager). `done` is how many units are finished, whether or not it draws.
     """
 
     def __init__(self, total: int, label: str, *, enabled: bool | None = None, stream: IO[str] | None = None,
-                 min_interval: float = 0.1):
+                 min_interval: float | None = None):
         self.total = max(1, int(total))
         self.label = label
         self.done = 0
@@ -54,11 +57,16 @@ class Progress:
             # leave=False: the bar is erased when the run ends, so the report that
             # follows starts on a clean line.
             self._bar = tqdm(total=self.total, desc=label, file=stream, leave=False, dynamic_ncols=True,
-                             mininterval=min_interval, miniters=1, smoothing=0.1)
+                             mininterval=MIN_INTERVAL if min_interval is None else min_interval,
+                             miniters=1, smoothing=0.1)
 
     def step(self, what: str = "") -> None:
         """One more unit finished."""
         self.set(self.done + 1, what)
+
+    def step_by(self, units: int, what: str = "") -> None:
+        """`units` more finished."""
+        self.set(self.done + units, what)
 
     def set(self, done: int, what: str = "") -> None:
         """`done` of `total` units finished; `what` says what is running now."""

@@ -77,13 +77,18 @@ def test_a_piped_check_writes_nothing_to_stderr(tmp_path):
     assert done.stderr == ""
 
 
-def test_a_check_on_a_terminal_shows_the_bar_and_quiet_hides_it(monkeypatch, capsys):
-    args = ["check", str(TOY_IOI), "-n", "8", "--permutations", "3", "--max-examples", "2"]
+def test_a_check_on_a_terminal_shows_the_bar_and_quiet_hides_it(tmp_path, monkeypatch, capsys):
+    program = tmp_path / "sweep.circ"
+    program.write_text("model toy-ioi\ntask ioi\nhead 1.1 at END depends on IO\nhead 1.2 at END depends on IO\n"
+                       "patch head * at END\nexpect recovered >= 0.1\n")
+    args = ["check", str(program), "-n", "8", "--permutations", "3", "--max-examples", "2"]
+    monkeypatch.setattr("circuitlang.progress.MIN_INTERVAL", 0)  # draw every step, however fast
     tty = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", tty)
     assert main(args) == 0
     drawn = tty.getvalue()
-    assert "checking" in drawn and "random circuits" in drawn and "it/s" in drawn
+    assert "patching" in drawn and "(site, prompt) rows" in drawn  # the sweep
+    assert "checking" in drawn and "random circuits" in drawn and "it/s" in drawn  # claims, permutations
     assert "Loading weights" not in drawn
 
     tty = FakeTerminal()
