@@ -185,10 +185,11 @@ def check(
         from circuitlang.runs import check_out_dir
 
         out = check_out_dir(out, "out=")                                            # before any weights load
+    tracked = None  # wandb.init arguments ({} for wandb=True) when tracking
     if wandb:
         from circuitlang.tracking import wandb_settings
 
-        wandb = wandb_settings(wandb)
+        tracked = wandb_settings(wandb)
     permutations = options.check_permutations(permutations, "permutations")
     max_examples = options.check_max_examples(max_examples, "max_examples")
     hypothesis, source = load_hypothesis(program_or_text, model=model, task=task)   # parse, resolve
@@ -206,8 +207,8 @@ def check(
         result = verdict.judge(hypothesis, graph, setup, scores, experiments=experiments,  # statistics, expect
                                permutations=permutations, breakdown=breakdown,
                                max_examples=max_examples, progress=progress, started=started)
-    if out is not None or wandb:
-        _record(result, hypothesis, source, setup, call, out, wandb)               # the run directory
+    if out is not None or tracked is not None:
+        _record(result, hypothesis, source, setup, call, out, tracked)             # the run directory
     return result
 
 
@@ -225,7 +226,7 @@ def _call_record(program_or_text, arguments: dict) -> dict:
     return {"options": given, "invocation": invocation("circuitlang.check", {"program": str(what), **given})}
 
 
-def _record(result, hypothesis, source, setup, call: dict, out, wandb) -> None:
+def _record(result, hypothesis, source, setup, call: dict, out, tracked: dict | None) -> None:
     """Write the run directory (to a temporary one when only tracking), and log it."""
     import shutil
     import tempfile
@@ -237,16 +238,20 @@ def _record(result, hypothesis, source, setup, call: dict, out, wandb) -> None:
     if out is None:
         scratch = Path(tempfile.mkdtemp(prefix="circuitlang-run-"))
         out = scratch / "run"
-    try:
-        folder = runs.save_check(out, result=result, hypothesis=hypothesis, source=source, model=setup.model,
-                                 options=options, call=call["invocation"])
-        if wandb:
-            from circuitlang.tracking import log_run
+    folder = runs.save_check(out, result=result, hypothesis=hypothesis, source=source, model=setup.model,
+                             options=options, call=call["invocation"])
+    if tracked is not None:
+        from circuitlang.tracking import TrackingError, log_run
 
-            log_run(folder, wandb)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            log_run(folder, tracked)
+        except Exception as exc:  # the run is kept: a tracker's failure must not lose it
+            raise TrackingError(f"logging the run to wandb failed ({type(exc).__name__}: {exc}); the run is "
+                                f"saved in {folder}", code="tracking.failed",
+                                hint="`circuitlang show` reads it; try again with WANDB_MODE=offline and "
+                                "`wandb sync` later") from exc
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def refuse_holes(hypothesis) -> None:

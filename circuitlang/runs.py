@@ -95,7 +95,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # -- the environment record ----------------------------------------------------------
@@ -173,8 +173,8 @@ def _device_text(device) -> str | None:
 def check_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     """A folder a run can be written to, checked before the run (before weights load).
 
-    It must not exist yet, or be an empty folder; its parent must exist and take new
-    files.
+    It must not exist yet, or be an empty folder; the folders above it are created
+    when missing, and the nearest one that exists must take new files.
 
     Raises:
         RunDirError: what is wrong with the path.
@@ -187,9 +187,11 @@ def check_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
         raise RunDirError(f"{option} {path}: the folder is not empty", code="runs.exists",
                           hint="name a new folder (each run gets its own), or delete this one")
     parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
     if not parent.is_dir():
-        raise RunDirError(f"{option} {path}: {parent} does not exist", code="runs.out",
-                          hint="create the parent folder first, or write somewhere else")
+        raise RunDirError(f"{option} {path}: {parent} is not a folder", code="runs.out",
+                          hint="name a folder path for the run")
     try:
         tempfile.TemporaryDirectory(dir=parent, prefix=".circuitlang-probe-").cleanup()
     except OSError as exc:
@@ -217,6 +219,7 @@ def save_check(out: str | os.PathLike, *, result, hypothesis, source: str | None
     """
     target = check_out_dir(out)
     parent = target.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
     try:
         if source is None:

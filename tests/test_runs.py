@@ -95,17 +95,20 @@ def test_figures_are_written_or_skipped_with_the_reason(check_run):
 
 def test_show_prints_the_report_identically_and_loads_no_model(check_run):
     folder, printed = check_run
-    probe = ("import sys\nfrom circuitlang.cli import main\ncode = main(['show', sys.argv[1]])\n"
-             "loaded = [m for m in ('transformers', 'circuitlang.models.load') if m in sys.modules]\n"
-             "print('LOADED', loaded, code, file=sys.stderr)\n")
+    # no transformers (so no Hugging Face model can load), and circuitlang's loader never called
+    probe = ("import sys\nimport circuitlang.models, circuitlang.models.load\n"
+             "def boom(*a, **k):\n    raise SystemExit('a model was loaded')\n"
+             "circuitlang.models.load_model = circuitlang.models.load.load_model = boom\n"
+             "from circuitlang.cli import main\ncode = main(['show', sys.argv[1]])\n"
+             "print('TRANSFORMERS', 'transformers' in sys.modules, code, file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, timeout=300)
     assert done.stdout == printed
-    assert "LOADED [] 0" in done.stderr
+    assert "TRANSFORMERS False 0" in done.stderr, done.stderr
 
 
 def test_python_check_with_out_records_the_call(tmp_path):
     model = circuitlang.load_model("toy-ioi")
-    folder = tmp_path / "py"
+    folder = tmp_path / "runs" / "seed0" / "py"  # the folders above are made
     result = circuitlang.check("head 1.1 at END depends on IO", model=model, task="ioi", n=8, permutations=0,
                                breakdown=False, max_examples=2, out=folder)
     run = runs.load_run(folder)
@@ -193,7 +196,7 @@ def test_diff_rules_on_intervals():
     assert low < 0.2 < high and high - low < 0.3
 
 
-def test_a_discovery_run_shows_and_diffs(tmp_path, capsys):
+def test_a_discovery_run_shows_and_diffs(check_run, tmp_path, capsys):
     model = circuitlang.load_model("toy-ioi")
     first, second = tmp_path / "d1", tmp_path / "d2"
     found = circuitlang.discover(model=model, task="ioi", method="eap", edges=8, n=8, with_curve=False,
@@ -211,6 +214,9 @@ def test_a_discovery_run_shows_and_diffs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "edges" in out and f"{extra} in B only" in out
     assert main(["diff", str(first), str(first)]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(first), str(check_run[0])]) == 2
+    assert "cannot diff a discover run with a check run" in capsys.readouterr().err
     (first / "result.json").unlink()
     assert main(["show", str(first)]) == 2
     assert "has not finished" in capsys.readouterr().err

@@ -78,3 +78,21 @@ def test_check_logs_the_run_record_to_wandb_offline(tmp_path, monkeypatch):
             break
         time.sleep(0.5)
     assert missing == []
+
+
+def test_a_tracker_that_fails_keeps_the_run(tmp_path, monkeypatch):
+    from circuitlang import runs
+
+    monkeypatch.setattr(tracking, "_wandb_installed", lambda: True)
+
+    def offline_server(folder, settings):
+        raise RuntimeError("no route to api.wandb.ai")
+
+    monkeypatch.setattr(tracking, "log_run", offline_server)
+    model = circuitlang.load_model("toy-ioi")
+    with pytest.raises(tracking.TrackingError) as err:
+        circuitlang.check(PROGRAM, model=model, task="ioi", n=8, permutations=0, breakdown=False, max_examples=2,
+                          wandb=True)
+    assert "no route to api.wandb.ai" in err.value.message and "saved in" in err.value.message
+    kept = Path(err.value.message.split("saved in ")[1])
+    assert runs.load_run(kept).result["n"] == 8
