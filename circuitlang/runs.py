@@ -20,8 +20,8 @@ place only when complete (so a crash leaves no folder that `load_run` accepts):
     figures/          circuit.svg, experiment-K.svg (when matplotlib is installed)
 
 A discovery's folder is `circuitlang.discover.rundir.RunDir`: checkpoints written as
-the run goes (it must resume), with `environment.json`, `report.txt`, `found.circ`
-and, last, `result.json`; it counts as finished once `result.json` is there. Both
+the run goes (it must resume), with `environment.json`, `report.txt`, `figures/`
+(`discovery_figures`: circuit.svg, curve.svg), `found.circ` and, last, `result.json`; it counts as finished once `result.json` is there. Both
 kinds write every file with `atomic_file` and the same `environment()` record.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, Callable
 from circuitlang.errors import CircuitlangError
 
 __all__ = ["FORMAT", "Difference", "Run", "RunDirError", "atomic_file", "check_out_dir", "diff_runs",
-           "environment", "headline", "invocation", "load_run", "render_diff", "save_check", "weights_hash",
+           "discovery_figures", "draw_figures", "environment", "headline", "invocation", "load_run", "render_diff", "save_check", "weights_hash",
            "write_json", "write_text"]
 
 #: the layout version written in run.json (bumped when a file changes meaning)
@@ -263,15 +263,36 @@ def _write_per_prompt(path: Path, result) -> None:
 
 
 def _write_figures(folder: Path, hypothesis, result) -> tuple[list[str], str | None]:
-    """The circuit diagram and one heatmap per two-axis sweep; ([], reason) when
-    matplotlib (or the figure functions) are not installed."""
+    """A check's circuit diagram and one heatmap per two-axis sweep."""
+    def draw(figures):
+        if hypothesis.claims:
+            yield "circuit.svg", lambda: figures.circuit_diagram(hypothesis, check=result)
+        for k, exp in enumerate(result.experiments):
+            if exp.grid and len(exp.grid) == 2:
+                yield f"experiment-{k}.svg", lambda exp=exp: figures.sweep_heatmap(exp)
+
+    return draw_figures(folder, draw)
+
+
+def discovery_figures(folder: str | os.PathLike, result) -> tuple[list[str], str | None]:
+    """A discovery's circuit diagram and, for a ranking method, its faithfulness curve."""
+    def draw(figures):
+        yield "circuit.svg", lambda: figures.circuit_diagram(result)
+        if result.curve is not None:
+            yield "curve.svg", lambda: figures.faithfulness_curves(result)
+
+    return draw_figures(Path(folder), draw)
+
+
+def draw_figures(folder: Path, draw) -> tuple[list[str], str | None]:
+    """Save each (file name, figure maker) that `draw(circuitlang.figures)` yields into
+    `folder`, atomically; gives (the files drawn, relative to the run, or the reason none
+    or not all were: matplotlib or the figure functions missing, a figure that cannot be
+    drawn)."""
     try:
         from circuitlang import figures
         from circuitlang.figures import FigureError
-
-        circuit_diagram = figures.circuit_diagram
-        sweep_heatmap = figures.sweep_heatmap
-    except (ImportError, AttributeError) as exc:
+    except ImportError as exc:
         return [], f"the figure functions are not available ({exc})"
     try:
         import matplotlib  # noqa: F401
@@ -279,13 +300,10 @@ def _write_figures(folder: Path, hypothesis, result) -> tuple[list[str], str | N
         return [], "matplotlib is not installed (pip install 'circuitlang[figures]')"
     drawn = []
     try:
-        if hypothesis.claims:
-            figures.save(circuit_diagram(hypothesis, check=result), folder / "circuit.svg")
-            drawn.append("figures/circuit.svg")
-        for k, exp in enumerate(result.experiments):
-            if exp.grid and len(exp.grid) == 2:
-                figures.save(sweep_heatmap(exp), folder / f"experiment-{k}.svg")
-                drawn.append(f"figures/experiment-{k}.svg")
+        for name, make in draw(figures):
+            svg = figures.svg_text(make())
+            write_text(folder / name, svg)
+            drawn.append(f"{folder.name}/{name}")
     except FigureError as exc:
         return drawn, exc.message
     return drawn, None

@@ -1,6 +1,7 @@
 """Run directories (circuitlang/runs.py): `check --out`, `show`, `diff`, discovery runs."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -207,6 +208,9 @@ def test_a_discovery_run_shows_and_diffs(check_run, tmp_path, capsys):
     assert extra > 0
     env = json.loads((first / "environment.json").read_text())
     assert env["model"]["weights_sha256"] == runs.weights_hash(model)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "<svg" in (first / "figures" / "circuit.svg").read_text()
+        assert not (first / "figures" / "curve.svg").exists()  # with_curve=False: no curve to draw
     assert env["invocation"]["call"].startswith("circuitlang.discover(method='eap'")
     assert main(["show", str(first)]) == 0
     assert capsys.readouterr().out == found.render() + "\n"

@@ -448,11 +448,12 @@ def discover(
         seconds=time.perf_counter() - started, passes=problem.passes, details=dict(found.extra),
     )
     if rundir is not None:
-        from circuitlang.runs import environment, invocation
+        from circuitlang.runs import discovery_figures, environment, invocation
 
         rundir.write_json("environment", environment(model, seed=seed, invocation=invocation(
             "circuitlang.discover", {k: v for k, v in rundir.spec.items() if v is not None})))
         rundir.write_text("report.txt", result.render() + "\n")
+        discovery_figures(rundir.path / "figures", result)  # when matplotlib is installed
         rundir.write_text("found.circ", text)
         rundir.write_json("result", result.to_json())  # last: it marks the run finished
     return result

@@ -10,7 +10,8 @@ Layout: `run.json` (what the run is: method, model, task, its parameters, prompt
 seed, options, batch size; a resumed run must match it), one `NAME.json` / `NAME.pt`
 per checkpoint, and the results: `environment.json` (the record `circuitlang check
 --out` writes too: versions, model hash, seed, command line, time), `report.txt`,
-`found.circ` and, last, `result.json`, whose presence marks the run finished for
+`figures/` (circuit.svg, curve.svg; when matplotlib is installed), `found.circ` and,
+last, `result.json`, whose presence marks the run finished for
 `circuitlang show` and `circuitlang diff` (`circuitlang.runs`). Files are written
 by `circuitlang.runs.atomic_file`, the writer check's run directories use.
 """
