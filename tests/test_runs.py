@@ -224,3 +224,15 @@ def test_a_discovery_run_shows_and_diffs(check_run, tmp_path, capsys):
     (first / "result.json").unlink()
     assert main(["show", str(first)]) == 2
     assert "has not finished" in capsys.readouterr().err
+
+
+def test_without_matplotlib_figures_are_skipped_with_the_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+
+    def draw(figures):
+        raise AssertionError("no figure should be attempted")
+        yield  # pragma: no cover
+
+    drawn, why = runs.draw_figures(tmp_path / "figures", draw)
+    assert drawn == [] and "pip install 'circuitlang[figures]'" in why
+    assert not (tmp_path / "figures").exists()
