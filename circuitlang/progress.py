@@ -18,7 +18,8 @@ import contextlib
 import logging
 import sys
 import warnings
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 __all__ = ["MIN_INTERVAL", "Progress", "quiet_loading"]
 
@@ -52,7 +53,8 @@ class Progress:
         self.enabled = bool(enabled)
         self._bar = None
         if self.enabled:
-            from tqdm import tqdm  # the text bar, in a notebook too (no widget dependency)
+            # tqdm's text bar (in a notebook too: no widget dependency)
+            from tqdm import tqdm
 
             # leave=False: the bar is erased when the run ends, so the report that
             # follows starts on a clean line.
@@ -87,7 +89,7 @@ class Progress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,7 +113,11 @@ def quiet_loading() -> Iterator[None]:
     Everything is restored on the way out, error or not. Errors themselves still
     propagate: circuitlang turns them into its own messages.
     """
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()

@@ -34,9 +34,10 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from circuitlang.errors import CircuitlangError
 
@@ -637,12 +638,15 @@ def _pct(x) -> str:
 
 
 def render_diff(diffs: list[Difference], a: Run, b: Run, *, every: bool = False) -> str:
-    """The diff as a table: what moved first; with `every`, the numbers that did not too."""
-    ra, rb = a.result, b.result
-    lines = [f"A: {a.path}   {a.kind}, model {ra.get('model')}, task {ra.get('task')}, n={ra.get('n')}, "
-             f"seed={ra.get('seed')}",
-             f"B: {b.path}   {b.kind}, model {rb.get('model')}, task {rb.get('task')}, n={rb.get('n')}, "
-             f"seed={rb.get('seed')}"]
+    """The diff as a table of the numbers that moved (with `every`, of every number
+    compared), under a line naming each run."""
+
+    def about(letter: str, run: Run) -> str:
+        r = run.result
+        return (f"{letter}: {run.path}   {run.kind}, model {r.get('model')}, task {r.get('task')}, "
+                f"n={r.get('n')}, seed={r.get('seed')}")
+
+    lines = [about("A", a), about("B", b)]
     hashes = [r.environment.get("model", {}).get("weights_sha256") for r in (a, b)]
     if None not in hashes and hashes[0] != hashes[1]:
         lines.append("note: the runs used different weights (their hashes differ)")

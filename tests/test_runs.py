@@ -102,7 +102,8 @@ def test_show_prints_the_report_identically_and_loads_no_model(check_run):
              "circuitlang.models.load_model = circuitlang.models.load.load_model = boom\n"
              "from circuitlang.cli import main\ncode = main(['show', sys.argv[1]])\n"
              "print('TRANSFORMERS', 'transformers' in sys.modules, code, file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.stdout == printed
     assert "TRANSFORMERS False 0" in done.stderr, done.stderr
 
@@ -193,7 +194,7 @@ def test_diff_rules_on_intervals():
     assert runs._interval_diff("x", (0.2, None, None), (0.3, None, None)).moved
     assert not runs._interval_diff("x", (0.2, None, None), (0.2, None, None)).moved
     assert runs._interval_diff("x", (None, None, None), (0.2, 0.1, 0.3)).moved
-    p, low, high = runs._p_interval({"p_value": 0.2, "null_scores": [0.0] * 50, "null_exact": False})
+    _, low, high = runs._p_interval({"p_value": 0.2, "null_scores": [0.0] * 50, "null_exact": False})
     assert low < 0.2 < high and high - low < 0.3
 
 
