@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "circuitlang.cli.discover",  # discover
     "circuitlang.cli.draw",  # draw
     "circuitlang.cli.runs",  # show, diff
+    "circuitlang.cli.sweep",  # sweep
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
