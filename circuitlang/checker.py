@@ -203,7 +203,7 @@ def check(
     if not hypothesis.claims and not hypothesis.expectations:  # a file of experiments only
         result = verdict.experiments_only(hypothesis, setup, experiments, started)
     else:
-        scores = verdict.score(graph, setup)                                       # execute
+        scores = verdict.score(graph, setup, progress=progress)                    # execute
         result = verdict.judge(hypothesis, graph, setup, scores, experiments=experiments,  # statistics, expect
                                permutations=permutations, breakdown=breakdown,
                                max_examples=max_examples, progress=progress, started=started)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from circuitlang.errors import ExecutionError
+from circuitlang.execute_nodes import NodeKernels, Work
 from circuitlang.ir import ABLATION_MODES
 from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph, enters
 from circuitlang.sites import ALL, Channel, Head, Logits, Mlp, MlpIn, Position, Resid
@@ -274,7 +275,10 @@ class _Inst:
 
     rows: np.ndarray
     remainder: np.ndarray
-    value: torch.Tensor | None = None  # [N, T, D] for computed nodes; leaves read the cache
+    # computed nodes: [N, D] where the parent reads one named position (the value there),
+    # [N, T, D] where it reads every position; leaves read the cache
+    value: torch.Tensor | None = None
+    keys: tuple | None = None  # two uint64 [N] lanes: what the row is (see `Scrubber._row_keys`)
 
 
 @dataclass
@@ -299,6 +303,24 @@ class ScrubResult:
 #: (values are [prompts, tokens, d_model] per computed node); more graphs are split.
 VALUE_BUDGET = 2**26
 
+#: Rows already computed are kept (and reused by later graphs with identical rows:
+#: the per-claim breakdown, the permutation test) up to this many floats.
+MEMO_BUDGET = 2**27
+
+#: Floats of logits one chunk of the root pass holds ([rows, tokens, vocab]).
+LOGITS_BUDGET = 2**24
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(x):
+    """splitmix64's finaliser on uint64 (arrays wrap around, as the hash wants)."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
 
 class Scrubber:
     """Evaluates intervention graphs for one model, task, prompt set and metric.
@@ -320,6 +342,16 @@ class Scrubber:
         self.passes = 0
         self._clean: np.ndarray | None = None
         self._corrupt: PlainCache | None = None
+        self.kernels = NodeKernels(model)
+        self.work = Work()
+        #: compute nodes with the kernels of `execute_nodes` where they reproduce the
+        #: model (False: every node by a patched forward pass, as a reference)
+        self.use_kernels = True
+        #: compute identical rows once (False: every row, as a reference)
+        self.use_memo = True
+        self._memo: dict = {}
+        self._memo_floats = 0
+        self._reads: torch.Tensor | None = None
 
     # -- metrics ---------------------------------------------------------------
 
@@ -400,7 +432,8 @@ class Scrubber:
     def _child_value(self, graph: InterventionGraph, c: int, insts: dict, sel: np.ndarray,
                      channel=None) -> torch.Tensor:
         """A child's value for the references `sel`, laid out in its own prompts'
-        positions (an input leaf's: the channel it replaces, on its own sample)."""
+        positions (an input leaf's: the channel it replaces, on its own sample); a
+        computed child read at a named position gives its value there ([len(sel), D])."""
         node, inst = graph.node(c), insts[c]
         if inst.value is not None:
             return inst.value[torch.as_tensor(sel)]
@@ -451,24 +484,29 @@ class Scrubber:
         """Scrubbed per-reference metric values for one graph (every prompt a reference)."""
         return self.scrub_many([graph], seed=seed)[0]
 
-    def scrub_many(self, graphs: list[InterventionGraph], *, seed: int, progress=None) -> list[ScrubResult]:
-        """Scrub many graphs in shared batched passes: one per tree height for all of them.
+    def scrub_many(self, graphs: list[InterventionGraph], *, seed: int, progress=None,
+                   on_level=None) -> list[ScrubResult]:
+        """Scrub many graphs, level by level of their trees, all graphs of a group at once.
 
         Each graph draws its resamples from its own generator seeded with `seed`, so a
         graph scores the same alone or among others. Graphs are taken in groups whose
-        node values fit `VALUE_BUDGET`.
+        node values fit `VALUE_BUDGET`. A row (one node on one reference prompt) that is
+        identical to one computed before, in this call or an earlier one, is not
+        computed again (see `_row_keys`).
 
         Args:
             graphs: intervention graphs over this scrubber's model and prompts.
             seed: the resampling seed (the same for every graph).
             progress: called with the number of graphs finished after each group.
+            on_level: called as `on_level(done, total, what)` after each tree level
+                (`done` and `total` in rows of the current group).
         """
         results: list[ScrubResult | None] = [None] * len(graphs)
         done = 0
         for group in self._groups(graphs):
             sites: list = []
             for i in group:
-                sites += self.sites_needed(graphs[i])
+                sites += self.sites_needed(graphs[i]) + self._own_channel_sites(graphs[i])
             self.cache.ensure(sites)
             if any(graphs[i].ablation == "corrupt" for i in group):
                 self.corrupt_cache.ensure(sites)
@@ -479,10 +517,21 @@ class Scrubber:
                 for v in g.graph.nodes:
                     if v != g.root and not g.is_leaf(v):
                         heights.setdefault(g.height(v), []).append((i, v))
+            n = len(self.prompts.input_ids)
+            total = n * (sum(len(items) for items in heights.values()) + len(group))
+            finished = 0
+            passes = 0
             for h in sorted(heights):
-                self._level_pass([(graphs[i], v, insts[i]) for i, v in heights[h]])
+                items = [(graphs[i], v, insts[i]) for i, v in heights[h]]
+                passes += self._level(items)
+                finished += n * len(items)
+                self.work.levels.append((h, len(items) * n))
+                if on_level is not None:
+                    on_level(finished, total, f"tree level {h + 1} of {len(heights)}")
             scrubbed = self._root_pass([(graphs[i], insts[i]) for i in group])
-            passes = len(heights) + 1
+            passes += 0 if self._direct("logits") else 1
+            if on_level is not None:
+                on_level(total, total, "logits")
             self.passes += passes
             for i, values in zip(group, scrubbed):
                 g, inst = graphs[i], insts[i]
@@ -494,14 +543,32 @@ class Scrubber:
                 progress(done)
         return results
 
+    def _own_channel_sites(self, graph: InterventionGraph) -> list:
+        """Input sites the kernels read on a node's own prompt: channels of nodes with
+        children that do not start from the remainder (`semantics channels`)."""
+        sites = []
+        for v in graph.graph.nodes:
+            node = graph.node(v)
+            if v == graph.root or graph.is_leaf(v):
+                continue
+            for channel in graph.input_channels(v):
+                if not graph.reads_from_remainder(v, channel):
+                    sites.append(self._channel_site(node.site, channel))
+        return sites
+
     def _groups(self, graphs: list[InterventionGraph]) -> list[list[int]]:
-        """Consecutive groups of graph indices whose computed node values fit the budget."""
-        n = len(self.prompts.input_ids)
-        per_node = n * self.prompts.input_ids.shape[1] * self.model.shape.d_model
+        """Consecutive groups of graph indices whose computed node values fit the budget
+        (a node read at one named position keeps [prompts, d_model]; at every position
+        [prompts, tokens, d_model])."""
+        n, t = self.prompts.input_ids.shape
+        d = self.model.shape.d_model
         groups: list[list[int]] = [[]]
         used = 0
         for i, g in enumerate(graphs):
-            cost = per_node * max(1, sum(1 for v in g.graph.nodes if not g.is_leaf(v)))
+            cost = n * t * d  # the root's stream while it is rebuilt
+            for v in g.graph.nodes:
+                if v != g.root and not g.is_leaf(v):
+                    cost += n * d * (t if self._out_position(g, v).is_all else 1)
             if groups[-1] and used + cost > VALUE_BUDGET:
                 groups.append([])
                 used = 0
@@ -569,21 +636,23 @@ class Scrubber:
                 current[site] = base
             child = self._child_value(graph, c, insts, sel)
             kid_rows = insts[c].rows[sel]
-            self._place(value, child, t.position, rows, kid_rows, minus=(base, rows))
-            self._place(base, child, t.position, rows, kid_rows, replace=True)
+            at = insts[c].value is not None  # a computed child holds its value at its position
+            self._place(value, child, t.position, rows, kid_rows, minus=(base, rows), at=at)
+            self._place(base, child, t.position, rows, kid_rows, replace=True, at=at)
         return value
 
-    def _place(self, dest, src, position, dest_rows, src_rows, *, replace=False, minus=None):
+    def _place(self, dest, src, position, dest_rows, src_rows, *, replace=False, minus=None, at=False):
         """dest[P] (+)= src[P] (- base[P]), each read where P is in its own prompt.
 
-        `minus` is (base tensor, the prompts whose positions index it).
+        `minus` is (base tensor, the prompts whose positions index it); `at`: `src`
+        is already the value at P ([B, D]).
         """
         if position.is_all:
             delta = src if minus is None else src - minus[0]
             dest.copy_(src) if replace else dest.add_(delta)
             return
         ar = torch.arange(dest.shape[0])
-        piece = src[ar, self._index(position, src_rows)]
+        piece = src if at else src[ar, self._index(position, src_rows)]
         if minus is not None:
             piece = piece - minus[0][ar, self._index(position, minus[1])]
         td = self._index(position, dest_rows)
@@ -592,8 +661,171 @@ class Scrubber:
         else:
             dest[ar, td] += piece
 
-    def _level_pass(self, items: list[tuple[InterventionGraph, int, dict]]) -> None:
-        """Compute every (graph, node) of one height in one batched forward pass.
+    # -- levels: identical rows once, each by its kernel ------------------------------
+
+    def _out_position(self, graph: InterventionGraph, v: int) -> Position:
+        """Where node `v`'s parent reads it."""
+        parent = graph.parent(v)
+        return ALL if parent is None else graph.graph.edges[v, parent]["transplant"].position
+
+    def _direct(self, kind: str) -> bool:
+        """Whether `kind`'s kernel ("head", "mlp", "logits") is used for this model."""
+        return self.use_kernels and self.kernels.verify(kind, self.prompts)
+
+    def _row_keys(self, graph: InterventionGraph, v: int, insts: dict) -> tuple:
+        """What each row of node `v` is, as two 64-bit hash lanes [N] (2^-128 odds of two
+        different rows colliding): its site, where its parent reads it, the ablation,
+        its prompt and remainder prompt, and each child's way in and key. Rows with equal
+        keys have equal inputs, hence equal values."""
+        node, inst = graph.node(v), insts[v]
+        kids = graph.children(v)
+        if not kids:  # a leaf is its plain value on its own prompt
+            static = ("leaf", node.site, node.role)
+            cols = [inst.rows]
+        else:
+            static = ("node", node.site, self._out_position(graph, v), graph.ablation, graph.semantics,
+                      tuple(graph.given), tuple(t for _, t in kids))
+            cols = [inst.rows, inst.remainder]
+            for c, _ in kids:
+                if insts[c].keys is None:
+                    insts[c].keys = self._row_keys(graph, c, insts)
+                cols += list(insts[c].keys)
+        lanes = []
+        for lane in (0, 1):
+            h = np.full(len(inst.rows), _mix(np.uint64(hash((static, lane)) & _MASK)), dtype=np.uint64)
+            for col in cols:
+                h = _mix(h ^ _mix(col.astype(np.uint64) + np.uint64(lane + 1)))
+            lanes.append(h)
+        return tuple(lanes)
+
+    def _level(self, items: list[tuple[InterventionGraph, int, dict]]) -> int:
+        """Compute every (graph, node) of one height for every reference prompt; gives the
+        number of forward passes it took (0 when the kernels cover every node)."""
+        for graph, v, _ in items:
+            if not graph.input_channels(v):
+                raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs and logits can")
+        direct = [it for it in items if self._direct("head" if isinstance(it[0].node(it[1]).site, Head) else "mlp")]
+        forward = [it for it in items if not any(it is d for d in direct)]
+        if forward:
+            self._forward_level(forward)
+        if not direct:
+            return int(bool(forward))
+        n = len(self.prompts.input_ids)
+        local: dict = {}  # this level's rows the memo had no room for
+        todo: dict = {}   # key -> (item, reference) of the first row with that key
+        for k, (graph, v, insts) in enumerate(direct):
+            insts[v].keys = self._row_keys(graph, v, insts)
+            a, b = insts[v].keys
+            for r in range(n):
+                key = (int(a[r]), int(b[r])) if self.use_memo else (k, r)
+                if key in self._memo or key in todo:
+                    self.work.reused += 1
+                else:
+                    todo[key] = (k, r)
+        by_site: dict = {}
+        for key, (k, r) in todo.items():
+            graph, v, _ = direct[k]
+            by_site.setdefault((graph.node(v).site, self._out_position(graph, v).is_all), []).append((key, k, r))
+        for (site, every), rows in by_site.items():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                out = self._compute(direct, site, every, chunk)
+                for j, (key, _, _) in enumerate(chunk):
+                    self._keep(key, out[j], local)
+        for k, (graph, v, insts) in enumerate(direct):
+            a, b = insts[v].keys
+            keys = [(int(a[r]), int(b[r])) if self.use_memo else (k, r) for r in range(n)]
+            insts[v].value = torch.stack([self._memo[key] if key in self._memo else local[key] for key in keys])
+        for graph, v, insts in items:  # children's values are read: let them go
+            for c, _ in graph.children(v):
+                insts[c].value = None
+        return int(bool(forward))
+
+    def _keep(self, key, value: torch.Tensor, local: dict) -> None:
+        """Hold a computed row: in the memo while it has room, else for this level only."""
+        if self.use_memo and self._memo_floats + value.numel() <= MEMO_BUDGET:
+            self._memo[key] = value
+            self._memo_floats += value.numel()
+        else:
+            local[key] = value
+
+    def _compute(self, items: list, site, every: bool, chunk: list) -> torch.Tensor:
+        """Rows `chunk` ((key, item, reference) triples) of nodes at `site`, by the kernel:
+        [B, D] at the position each parent reads, or [B, T, D] when `every`."""
+        inputs: dict = {}
+        prompt_rows = np.empty(len(chunk), dtype=np.int64)
+        query = torch.empty(len(chunk), dtype=torch.long)
+        ks = np.array([k for _, k, _ in chunk])
+        refs = np.array([r for _, _, r in chunk])
+        for k in dict.fromkeys(ks.tolist()):
+            graph, v, insts = items[k]
+            here = np.flatnonzero(ks == k)
+            sel = refs[here]
+            rows = insts[v].rows[sel]
+            prompt_rows[here] = rows
+            if not every:
+                query[torch.as_tensor(here)] = self._index(self._out_position(graph, v), rows)
+            for ch in graph.input_channels(v):
+                channel_site = self._channel_site(site, ch)
+                val = self._assemble(graph, v, insts, ch, channel_site, sel)
+                if val is None:  # read on the node's own prompt
+                    val = self._plain(channel_site, rows)
+                if ch not in inputs:
+                    inputs[ch] = torch.empty(len(chunk), *val.shape[1:], dtype=val.dtype)
+                inputs[ch][torch.as_tensor(here)] = val
+        mask = self.prompts.attention_mask[torch.as_tensor(prompt_rows)]
+        ar = torch.arange(len(chunk))
+        if isinstance(site, Head):
+            out = self.kernels.head(site, inputs[Channel.Q], inputs[Channel.K], inputs[Channel.V], mask,
+                                    None if every else query)
+            self.work.head_rows += len(chunk)
+            keys = mask.sum(1) if every else query + 1
+            self.work.head_token_layers += int(keys.sum())
+        else:
+            stream = inputs[None]
+            out = self.kernels.mlp(site, stream if every else stream[ar, query])
+            self.work.mlp_rows += len(chunk)
+            self.work.mlp_token_layers += int(mask.sum()) if every else len(chunk)
+        return out.detach().to("cpu")
+
+    def _metric_reads(self) -> torch.Tensor:
+        """BoolTensor [N, T]: where the metric reads the logits (`metric_reads`, by chunks
+        of prompts so that its random logits stay small)."""
+        if self._reads is None:
+            n = len(self.prompts.input_ids)
+            vocab = self.model.shape.vocab_size
+            parts = [metric_reads(self.task, self.metric, self.prompts.subset(list(range(sl.start, sl.stop))), vocab)
+                     for sl in _chunks(n, 16)]
+            self._reads = torch.cat(parts)
+        return self._reads
+
+    def _root_pass(self, items: list[tuple[InterventionGraph, dict]]) -> list[np.ndarray]:
+        """Rebuild the final residual stream of every reference prompt, for every graph,
+        unembed it where the metric reads, and read the metric."""
+        if not self._direct("logits"):
+            return self._forward_root(items)
+        n, t = self.prompts.input_ids.shape
+        vocab = self.model.shape.vocab_size
+        reads = self._metric_reads()
+        size = max(1, min(self.batch_size, LOGITS_BUDGET // max(1, t * vocab)))
+        per_graph: list[list[np.ndarray]] = [[] for _ in items]
+        for k, (graph, insts) in enumerate(items):
+            for sl in _chunks(n, size):
+                sel = np.arange(sl.start, sl.stop)
+                stream = self._assemble(graph, graph.root, insts, None, self.final, sel)
+                if stream is None:
+                    stream = self._remainder(self.final, insts[graph.root].remainder[sel], graph.ablation)
+                where = reads[sl]
+                logits = torch.zeros(len(sel), t, vocab, dtype=stream.dtype)
+                logits[where] = self.kernels.logits(stream[where]).detach().to("cpu", stream.dtype)
+                self.work.root_rows += len(sel)
+                self.work.logit_positions += int(where.sum())
+                per_graph[k].append(self._metric_rows(logits, sel))
+        return [np.concatenate(v) for v in per_graph]
+
+    def _forward_level(self, items: list[tuple[InterventionGraph, int, dict]]) -> None:
+        """Compute every (graph, node) of one height in one batched forward pass (the way
+        for nodes the kernels do not cover on this model).
 
         Rows of the batch are (node, reference) pairs; each chunk of rows assembles only
         its own nodes' inputs, so memory grows with the batch, not the level."""
@@ -635,12 +867,19 @@ class Scrubber:
                 here = np.flatnonzero(ks == k)
                 value = run.cache[self._sender_site(graph.node(v).site)]
                 outs[k].append(value[here[0]:here[-1] + 1].detach().to("cpu"))
+        t = self.prompts.input_ids.shape[1]
         for k, (graph, v, insts) in enumerate(items):
-            insts[v].value = torch.cat(outs[k])
+            value = torch.cat(outs[k])
+            position = self._out_position(graph, v)
+            if not position.is_all:  # keep the value where the parent reads it
+                value = value[torch.arange(n), self._index(position, insts[v].rows)]
+            insts[v].value = value
+            self.work.forward_rows += n
+            self.work.forward_token_layers += n * t * self.n_layers
 
-    def _root_pass(self, items: list[tuple[InterventionGraph, dict]]) -> list[np.ndarray]:
+    def _forward_root(self, items: list[tuple[InterventionGraph, dict]]) -> list[np.ndarray]:
         """Rebuild the final residual stream of every reference prompt, for every graph,
-        and read the metric."""
+        and read the metric through a forward pass with that stream patched."""
         from circuitlang.models import Patch
 
         n = len(self.prompts.input_ids)
@@ -664,6 +903,8 @@ class Scrubber:
             idx = torch.as_tensor(refs)
             run = run_batched(self.model, self.prompts.input_ids[idx], self.prompts.attention_mask[idx],
                               patches=[Patch(self.final, value)])
+            self.work.forward_rows += len(chunk)
+            self.work.forward_token_layers += len(chunk) * value.shape[1] * self.n_layers
             metric = self._metric_rows(run.logits, refs)
             for k in dict.fromkeys(ks.tolist()):
                 per_graph[k].append(metric[ks == k])

@@ -212,6 +212,7 @@ class CheckResult:
     semantics: str = "paths"
     remainder: list = field(default_factory=list)
     passes: int = 0
+    work: str = ""  # what scrubbing computed: rows, reused rows, token-layers (execute_nodes.Work)
     seconds: float = 0.0
     source: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -284,6 +285,7 @@ class CheckResult:
             "experiments": [e.to_json() for e in self.experiments],
             "per_prompt": None if self.per_prompt is None else self.per_prompt.to_json(),
             "passes": self.passes,
+            "work": self.work,
             "seconds": self.seconds,
             "versions": versions(),
         }
@@ -324,6 +326,7 @@ class CheckResult:
             semantics=d.get("semantics", "paths"),
             remainder=[(node, list(parts)) for node, parts in d.get("remainder", {}).items()],
             passes=d.get("passes", 0),
+            work=d.get("work", ""),
             seconds=float(d.get("seconds", 0.0)),
             source=d.get("source"),
             notes=list(d.get("notes", [])),
@@ -493,6 +496,8 @@ class CheckResult:
         for note in self.notes:
             lines.append(f"note: {note}")
         lines += ["", f"{self.verdict()}   ({self.passes} forward passes, {self.seconds:.1f}s)"]
+        if self.work:
+            lines.append(f"scrubbing computed {self.work}")
         return "\n".join(lines)
 
 

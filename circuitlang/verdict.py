@@ -44,11 +44,24 @@ class Scores:
     scrubbed: np.ndarray
 
 
-def score(graph, setup) -> Scores:
-    """Run a graph and its fully ablated baseline, in shared batched passes."""
+def score(graph, setup, *, progress=False) -> Scores:
+    """Run a graph and its fully ablated baseline, level by level of the trees (a bar per
+    tree level with an ETA when `progress`)."""
     scrubber = setup.scrubber
     empty = ir_to_graph(_empty(graph))
-    random, scrubbed = scrubber.scrub_many([empty, graph], seed=setup.seed)
+    bar = None
+
+    def on_level(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, "scrubbing", enabled=progress)
+        bar.set(done, what)
+
+    try:
+        random, scrubbed = scrubber.scrub_many([empty, graph], seed=setup.seed, on_level=on_level)
+    finally:
+        if bar is not None:
+            bar.close()
     return Scores(scrubber.clean(), random.scrubbed, scrubbed.scrubbed)
 
 
@@ -134,6 +147,7 @@ def judge(hypothesis, graph, setup, scores: Scores, *, experiments=(), permutati
         max_examples=max_examples, graph=graph)
     bar.close()
     result.passes = setup.scrubber.passes + setup.scrubber.cache.passes
+    result.work = setup.scrubber.work.describe()
     result.seconds = time.perf_counter() - started
     return result
 

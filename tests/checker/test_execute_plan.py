@@ -1,0 +1,153 @@
+"""How scrubbing computes its rows: node kernels, memoised identical rows, exact counts.
+
+The scrubber computes each claimed node from its input streams (execute_nodes.py)
+and each distinct row once; these tests hold that to the reference ways (every node
+by a full patched forward pass, every row computed), and the counts it reports to
+what can be counted by hand.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from circuitlang.checker import load_hypothesis
+from circuitlang.execute import Scrubber
+from circuitlang.ir import Ablation, DependsClaim, EdgeClaim, Feature, Hypothesis
+from circuitlang.ir_to_graph import ir_to_graph
+from circuitlang.models import load_model
+from circuitlang.sites import Channel, Head, Position
+from circuitlang.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def induction():
+    model = load_model("toy-induction")
+    task = load_task("induction", tokenizer=model.tokenizer)
+    return model, task
+
+
+def _scrubber(model, task, n, **switches):
+    scrubber = Scrubber(model, task, task.prompts(n, 0), "logit_diff", batch_size=16)
+    for name, value in switches.items():
+        setattr(scrubber, name, value)
+    return scrubber
+
+
+def _stdlib_graph(name, model):
+    hypothesis, _ = load_hypothesis((ROOT / "stdlib" / name).read_text(), model=model)
+    return ir_to_graph(hypothesis)
+
+
+def test_the_kernels_agree_with_the_model_on_the_toys(induction):
+    """The kernels are checked against the model's own forward pass before use; on the
+    GPT-2 toys they agree, so the fast way is the one taken (toy-induction has no MLPs)."""
+    model, task = induction
+    scrubber = _scrubber(model, task, 8)
+    assert scrubber.kernels.verify("head", scrubber.prompts) and scrubber.kernels.verify("logits", scrubber.prompts)
+    assert not scrubber.kernels.verify("mlp", scrubber.prompts)
+    ioi = load_model("toy-ioi")
+    assert ioi.shape.has_mlp
+    kernels = Scrubber(ioi, load_task("ioi", tokenizer=ioi.tokenizer), load_task("ioi", tokenizer=ioi.tokenizer)
+                       .prompts(8, 0), "logit_diff").kernels
+    assert all(kernels.verify(kind, load_task("ioi", tokenizer=ioi.tokenizer).prompts(8, 0))
+               for kind in ("head", "mlp", "logits"))
+
+
+def test_kernels_give_the_numbers_of_full_forward_passes(induction):
+    """Heads computed only at the position their parent reads, from their own input
+    streams, and logits unembedded only where the metric reads, give what a full
+    patched forward pass per row gives (layers above and below, every position)."""
+    model, task = induction
+    graph = _stdlib_graph("toy_induction.circ", model)
+    fast = _scrubber(model, task, 24)
+    slow = _scrubber(model, task, 24, use_kernels=False, use_memo=False)
+    a = fast.scrub(graph, seed=3).scrubbed
+    b = slow.scrub(graph, seed=3).scrubbed
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert fast.work.forward_rows == 0 and fast.work.head_rows > 0
+    assert slow.work.head_rows == 0 and slow.work.forward_rows > 0
+
+
+def test_memoised_rows_are_the_rows_computed_again(induction):
+    """Graphs scored together with the same samples share every row (the same site, the
+    same sampled prompts, the same sub-tree, as the breakdown's variants share the full
+    hypothesis's untouched sub-trees); computing each once gives the values of computing
+    every one."""
+    model, task = induction
+    graph = _stdlib_graph("toy_induction.circ", model)
+    memo = _scrubber(model, task, 8)
+    every = _scrubber(model, task, 8, use_memo=False)
+    a = [r.scrubbed for r in memo.scrub_many([graph, graph], seed=1)]
+    b = [r.scrubbed for r in every.scrub_many([graph, graph], seed=1)]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a[0], a[1])
+    assert memo.work.reused > 0 and every.work.reused == 0
+    assert memo.work.head_rows + memo.work.reused == every.work.head_rows
+
+
+def test_a_later_graph_reuses_the_rows_an_earlier_one_computed(induction):
+    """Scoring the same graph again (as the breakdown's variants share sub-trees with
+    the full hypothesis) computes no head row a second time, and gives the same numbers."""
+    model, task = induction
+    graph = _stdlib_graph("toy_induction.circ", model)
+    scrubber = _scrubber(model, task, 16)
+    first = scrubber.scrub(graph, seed=0).scrubbed
+    rows = scrubber.work.head_rows
+    again = scrubber.scrub(graph, seed=0).scrubbed
+    np.testing.assert_array_equal(first, again)
+    assert scrubber.work.head_rows == rows
+
+
+def test_rows_and_token_layers_are_counted_exactly(induction):
+    """One claimed head at END with one claimed edge into its key: its rows are the
+    distinct (prompt, remainder, child's prompt) triples; each reads END + 1 keys; the
+    root unembeds one position per prompt (logit_diff reads END)."""
+    model, task = induction
+    hyp = Hypothesis(model="toy-induction", task="induction", metric="logit_diff", ablation=Ablation("resample"),
+                     claims=(DependsClaim(Head(1, 0), Position("END"), (Feature("token", "PREV+1"),)),
+                             EdgeClaim(Head(0, 3), Head(1, 0, Channel.K), Position("PREV+1"))))
+    graph = ir_to_graph(hyp)
+    n = 12
+    scrubber = _scrubber(model, task, n)
+    result = scrubber.scrub(graph, seed=5)
+    (head,) = [v for v in graph.graph.nodes if v != graph.root and not graph.is_leaf(v)]
+    (leaf,) = [c for c, _ in graph.children(head)]
+    triples = {(int(a), int(b), int(c)) for a, b, c in
+               zip(result.rows[head], result.remainders[head], result.rows[leaf])}
+    end = scrubber.prompts.positions["END"]
+    work = scrubber.work
+    assert work.head_rows == len(triples) and work.reused == n - len(triples)
+    assert work.head_token_layers == sum(int(end[a]) + 1 for a, _, _ in triples)
+    assert work.root_rows == n and work.logit_positions == n
+    assert work.mlp_rows == 0 and work.forward_rows == 0 and work.rows == len(triples) + n
+    assert str(len(triples)) in work.describe()
+
+
+def test_a_model_the_kernels_do_not_reproduce_is_computed_by_forward_passes(induction):
+    """Where the probe finds a kernel disagreeing with the model, those nodes run as
+    patched forward passes, and the numbers are the same."""
+    model, task = induction
+    graph = _stdlib_graph("toy_induction.circ", model)
+    fast = _scrubber(model, task, 12)
+    slow = _scrubber(model, task, 12)
+    slow.kernels._verified = {"head": False, "mlp": False, "logits": False}
+    np.testing.assert_allclose(fast.scrub(graph, seed=2).scrubbed, slow.scrub(graph, seed=2).scrubbed,
+                               rtol=1e-5, atol=1e-5)
+    assert slow.work.forward_rows > 0 and slow.work.head_rows == 0
+
+
+def test_the_probe_rejects_a_kernel_that_is_wrong(induction, monkeypatch):
+    """The probe compares with the model's forward pass: a kernel off by a little is refused."""
+    from circuitlang.execute_nodes import NodeKernels
+
+    model, task = induction
+    kernels = NodeKernels(model)
+    real = kernels.head
+    monkeypatch.setattr(kernels, "head", lambda *a, **k: real(*a, **k) * 1.01)
+    prompts = task.prompts(4, 0)
+    assert not kernels.verify("head", prompts)
+    assert kernels.verify("logits", prompts)
