@@ -69,6 +69,9 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.backend == "local" and (args.address or args.workers is not None):
         raise SweepError("--address and --workers are for --backend ray", code="sweep.backend",
                          hint="add --backend ray, or drop them")
+    if args.backend == "ray" and args.device:
+        raise SweepError("--device is for --backend local: Ray actors take a GPU each where the cluster has "
+                         "GPUs, else CPUs", code="sweep.backend", hint="drop --device")
     out = args.out or str(Path("sweeps") / Path(args.spec).stem)
     result = sweep(args.spec, out, backend=args.backend, resume=args.resume, device=args.device, threads=args.threads,
                    address=args.address, workers=args.workers, progress=False if args.quiet else None,

@@ -34,6 +34,7 @@ class SweepResult:
         folder: the sweep directory.
         summary: the table across the grid (as printed).
         ran: items run this time; kept: finished items a resumed sweep kept.
+        redone: times an item was sent again because the worker running it died (ray).
         holds: every item finished and every check (and re-check) holds.
     """
 
@@ -42,6 +43,7 @@ class SweepResult:
     ran: int
     kept: int
     holds: bool
+    redone: int = 0
 
 
 def sweep(spec, out, *, backend: str = "local", resume: bool = False, device=None, threads: int | None = None,
@@ -103,15 +105,15 @@ def sweep(spec, out, *, backend: str = "local", resume: bool = False, device=Non
 
     try:
         if backend == "local":
-            run_local(todo, folder, arrived, device=device, threads=threads)
+            redone = run_local(todo, folder, arrived, device=device, threads=threads)
         else:
-            run_ray(todo, folder, arrived, address=address, workers=workers, threads=threads)
+            redone = run_ray(todo, folder, arrived, address=address, workers=workers, threads=threads)
     finally:
         bar.close()
     records = folder.records()
     text = render_summary(spec.name, records)
     folder.write_summary(text)
-    return SweepResult(folder.path, text, len(todo), len(finished), holds_all(records))
+    return SweepResult(folder.path, text, len(todo), len(finished), holds_all(records), redone)
 
 
 def summary(path) -> tuple[str, bool]:

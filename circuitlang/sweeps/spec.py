@@ -315,7 +315,6 @@ def _check_items(table: Any, shared: dict, base: Path, where: _Where, varying: d
                          hint="add files = [\"hypothesis.circ\"] (paths relative to the spec's folder)")
     files = _axis(table, "files", lambda v: isinstance(v, str) and v.endswith(".circ"), where,
                   "paths of .circ files relative to the spec's folder", "check")
-    sources = {f: _read_circ(f, base, where) for f in files}
     axes = [
         ("permutations", _axis(table, "permutations",
                                lambda v: _is_int(v) and options.check_permutations(v, "permutations") is not None,
@@ -329,6 +328,7 @@ def _check_items(table: Any, shared: dict, base: Path, where: _Where, varying: d
                                lambda v: _is_int(v) and options.check_max_examples(v, "max_examples") is not None,
                                where, "whole numbers >= 1", "check")),
     ]
+    sources = {f: _read_circ(f, base, where) for f in files}  # the options first: they need no file
     grid = [("file", files), ("model", shared["models"]), ("task", shared["tasks"]), ("n", shared["n"]),
             *_params_axes(shared), *axes, ("seed", shared["seeds"])]
     _varying(grid, varying)
@@ -340,7 +340,13 @@ def _check_items(table: Any, shared: dict, base: Path, where: _Where, varying: d
         model = cell["model"] or _declared_model(text, str(path), where)
         combo = (file, model, cell["task"])
         if combo not in resolved:
-            resolved[combo] = _preflight_check(text, str(path), model, cell["task"])
+            try:
+                resolved[combo] = _preflight_check(text, str(path), model, cell["task"])
+            except CircuitlangError as exc:
+                on = f"model {model}" + (f", task {cell['task']}" if cell["task"] else "")
+                raise SweepError(f"{where.filename}: [check] {file} on {on} does not resolve:\n"
+                                 + "\n".join(exc.render().splitlines()), code="sweep.resolve",
+                                 hint="fix the file, or leave that model or task out of the grid") from None
         settings = {"kind": "check", "file": file, "file_sha256": hashlib.sha256(text.encode()).hexdigest(),
                     "model": model, "task": cell["task"], "seed": cell["seed"], "n": cell["n"],
                     "batch_size": shared["batch_size"],
