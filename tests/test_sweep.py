@@ -92,6 +92,14 @@ def test_the_spec_names_one_item_per_cell_with_stable_keys():
     assert not {i.key for i in other.items} & {i.key for i in spec.items}
 
 
+def test_the_example_spec_names_its_grid():
+    """examples/sweeps/seeds.toml (its run and summary: tests/test_examples.py)."""
+    spec = load_spec(ROOT / "examples" / "sweeps" / "seeds.toml")
+    assert spec.name == "toy-seeds" and len(spec.items) == 18
+    assert sum(i.kind == "check" for i in spec.items) == 12
+    assert "toy-seeds: 18 items" in (ROOT / "examples" / "sweeps" / "README.md").read_text()
+
+
 def test_the_spec_lists_equal_circuitlangs_own():
     from circuitlang import ir
     from circuitlang.discover import METHODS
