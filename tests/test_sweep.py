@@ -164,7 +164,7 @@ def test_with_ablation_replaces_or_adds_the_line():
     from circuitlang import ast
 
     program = circuitlang.parse("ablation resample given template\nhead 1.0 at END depends on IO\n")
-    modes = lambda p: [s.mode for s in p.statements if isinstance(s, ast.AblationDecl)]  # noqa: E731
+    modes = lambda p: [s.mode for s in p.statements if isinstance(s, ast.AblationDecl)]
     assert modes(with_ablation(program, "mean")) == ["mean"]
     assert with_ablation(program, "resample") == program  # its conditioning kept
     assert modes(with_ablation(circuitlang.parse("head 1.0 at END depends on IO\n"), "zero")) == ["zero"]

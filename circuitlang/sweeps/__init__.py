@@ -12,13 +12,20 @@ The spec format, the backends, resuming and the summary are in docs/sweeps.md.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from circuitlang.sweeps.spec import Item, Spec, SweepError, item_key, load_spec, parse_spec
-from circuitlang.sweeps.sweepdir import SweepDir
+from circuitlang.sweeps.spec import (
+    Item,
+    Spec,
+    SweepError,
+    item_key,
+    load_spec,
+    parse_spec,
+)
 from circuitlang.sweeps.summary import holds_all, render_summary
+from circuitlang.sweeps.sweepdir import SweepDir
 
 __all__ = ["BACKENDS", "Item", "Spec", "SweepDir", "SweepError", "SweepResult", "item_key", "load_spec",
            "parse_spec", "summary", "sweep"]

@@ -16,7 +16,7 @@ the moment it arrives, then passed to the callback (the progress bar; tests).
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from circuitlang.sweeps.spec import SweepError
 from circuitlang.sweeps.worker import Worker

@@ -32,10 +32,11 @@ import difflib
 import hashlib
 import itertools
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from circuitlang.errors import CircuitlangError
 

@@ -137,5 +137,5 @@ def _over_seeds(kind: str, rows) -> list[str]:
 
 def _grid(head: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(head[i]), *(len(row[i]) for row in body)) if body else len(head[i]) for i in range(len(head))]
-    fmt = lambda row: "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
+    fmt = lambda row: "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
     return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(row) for row in body)]

@@ -39,7 +39,7 @@ class SweepDir:
         self.meta = meta
 
     @classmethod
-    def create(cls, path, spec, *, resume: bool = False, spec_path=None, call: dict | None = None) -> "SweepDir":
+    def create(cls, path, spec, *, resume: bool = False, spec_path=None, call: dict | None = None) -> SweepDir:
         """Start a sweep in a new (or empty) folder, or continue the one there.
 
         Args:
@@ -78,7 +78,7 @@ class SweepDir:
         return cls(target, meta)
 
     @classmethod
-    def open(cls, path) -> "SweepDir":
+    def open(cls, path) -> SweepDir:
         """Read a sweep directory back (nothing recomputed).
 
         Raises:

@@ -81,7 +81,7 @@ class Worker:
             record["status"] = "error"
             record["error"] = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
                                "rendered": exc.render()}
-        except Exception as exc:  # a bug or out of memory in one item must not end the sweep
+        except Exception as exc:  # noqa: BLE001 - a bug or out of memory in one item must not end the sweep
             record["status"] = "error"
             record["error"] = {"type": type(exc).__name__, "message": str(exc), "hint": None,
                                "rendered": traceback.format_exc()}
