@@ -160,6 +160,18 @@ def test_a_bad_spec_exits_2_before_anything_runs(tmp_path, capsys):
     assert main(["sweep", "--summary", str(tmp_path)]) == 2  # not a sweep directory
 
 
+def test_the_command_runs_a_sweep_and_exits_0_when_it_holds(tmp_path, capsys):
+    spec = tmp_path / "one.toml"
+    spec.write_text("n = 4\n[discover]\nmodels = 'toy-ioi'\ntasks = 'ioi'\nmethod = 'eap'\nedges = 3\n"
+                    "curve = false\ncheck = false\n")
+    out = tmp_path / "one"
+    assert main(["sweep", str(spec), "-o", str(out), "-q", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "sweep one: 1 items, 1 finished" in printed and f"1 items run; results in {out}" in printed
+    (record,) = _items(out).values()
+    assert record["status"] == "ok" and record["result"]["method"] == "eap" and record["result"]["n"] == 4
+
+
 def test_with_ablation_replaces_or_adds_the_line():
     from circuitlang import ast
 

@@ -70,12 +70,13 @@ def run_ray(items, sweepdir, on_record: Callable[[dict], None], *, address=None,
     Args:
         address: the cluster (`ray.init(address=...)`; None: `$RAY_ADDRESS`, else a
             local instance). A Ray already initialised in this process is used as is.
-        workers: how many actors (default: one per GPU, else one per `threads` CPUs,
-            never more than there are items).
+        workers: how many actors (default, and at most: one per GPU, else one per
+            `threads` CPUs; never more than there are items).
         threads: torch's CPU threads per actor (default 1).
 
     Raises:
-        SweepError: ray is not installed, or the cluster cannot be reached.
+        SweepError: ray is not installed, the cluster cannot be reached, or (on CPUs)
+            `threads` is more than it has.
     """
     ray = _ray()
     started_here = not ray.is_initialized()
@@ -99,12 +100,16 @@ def _schedule(ray, items, sweepdir, on_record, *, workers, threads: int) -> int:
     if not items:
         return 0
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if gpus:
         count, options, device = gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda"
     else:
-        count, options, device = max(1, int(resources.get("CPU", 1)) // threads), {"num_cpus": threads}, "cpu"
-    count = min(workers or count, len(items))
+        if threads > cpus:
+            raise SweepError(f"--threads {threads} is more CPUs than the Ray cluster has ({cpus})",
+                             code="sweep.threads", hint=f"use --threads {max(1, cpus)} or fewer")
+        count, options, device = cpus // threads, {"num_cpus": threads}, "cpu"
+    # more actors than the cluster has devices would wait for ever for theirs
+    count = min(workers or count, count, len(items))
     actor_class = ray.remote(Worker).options(**options)
 
     def start():
