@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_readme_quickstart_checks_the_toy_induction_circuit(tmp_path, capsys):
     out = tmp_path / "result.json"
-    code = main(["check", str(ROOT / "examples" / "induction.circ"), "-n", "64", "--permutations", "0",
+    code = main(["check", str(ROOT / "examples" / "induction" / "induction.circ"), "-n", "64", "--permutations", "0",
                  "--max-examples", "5", "--json", str(out)])
     text = capsys.readouterr().out
     assert code == 0, text

@@ -72,7 +72,7 @@ def test_python_discover_returns_program_scores_curve_and_check():
     assert len(result.edges) <= 8
     by_edge = result.scores.by_edge()
     assert len(by_edge) == len(result.space) and result.curve.cpr > 0
-    assert repr(result).startswith("DiscoveryResult(eap, ")
+    assert repr(result).startswith("DiscoveryResult(eap on toy-induction, induction, n=8: ")
 
 
 def test_acdc_from_the_command_line_writes_a_program_that_check_re_measures(tmp_path, capsys):

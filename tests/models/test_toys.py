@@ -109,7 +109,7 @@ def test_toy_induction_has_sharp_previous_token_and_induction_heads():
     # uniform attention over the context would give ~0.1 here; the other heads stay low
     assert sorted(prev)[-2] < 0.2
     root = Path(__file__).resolve().parents[2]
-    for path in (root / "examples" / "induction.circ", stdlib_dir() / "toy_induction.circ"):
+    for path in (root / "examples" / "induction" / "induction.circ", stdlib_dir() / "toy_induction.circ"):
         text = path.read_text()
         for group, sharp in (("previous_token", sharp_prev), ("induction", sharp_ind)):
             named = re.search(rf"^group {group} = heads (.+)$", text, re.M).group(1)
