@@ -34,12 +34,15 @@ from circuitlang.models import compat
 from circuitlang.models.adapters import Adapter, adapter_class, supported_model_types
 from circuitlang.models.interventions import EdgePatch, EdgeSet, Patch, Run
 from circuitlang.models.known import config_errors, refuse_remote_code, toy_dir, toy_names
+from circuitlang.models.offload import main_device
 from circuitlang.progress import quiet_loading
 from circuitlang.sites import ModelShape, Site
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float64": torch.float64}
+#: `device_map` strings transformers (accelerate) plans a placement for.
+DEVICE_MAP_PLANS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(eq=False)
@@ -81,12 +84,15 @@ class LoadedModel:
             hf_model.set_attn_implementation("eager")
         hf_model.eval()
         param = next(hf_model.parameters())
+        # a model dispatched by accelerate (device_map) takes its inputs where its first
+        # layers compute; its first parameter may be offloaded (on `meta`)
+        device = main_device(hf_model) or param.device
         return cls(
             hf_model=hf_model,
             tokenizer=tokenizer,
             shape=cls_.shape_from_config(config, name),
             adapter=cls_(hf_model),
-            device=param.device,
+            device=device,
             dtype=param.dtype,
             name=name,
         )
@@ -195,6 +201,51 @@ def _resolve_dtype(dtype: Any) -> torch.dtype:
         raise ModelError(f"unknown dtype {dtype!r}", code="model.bad-dtype",
                          hint=f"use one of {', '.join(sorted(_DTYPES))} or a torch.dtype")
     return found
+
+
+def _check_device_map(device_map: Any, device: Any) -> Any:
+    """A `device_map` transformers can dispatch: a plan name or {module name: device}.
+
+    Raises:
+        ModelError: accelerate missing, a device map beside a device, an unknown plan,
+            or a value that is not a device (`cpu`, `disk`, `cuda:N`, a GPU index).
+        OptionError: a CUDA device this machine does not have.
+    """
+    from circuitlang.options import check_device
+
+    try:
+        import accelerate  # noqa: F401  (transformers dispatches through it)
+    except ImportError:
+        raise ModelError("device_map needs accelerate, which is not installed",
+                         code="model.no-accelerate",
+                         hint="pip install 'circuitlang[offload]' (accelerate), or load without "
+                         "device_map") from None
+    if device is not None:
+        raise ModelError(f"both device={device!r} and device_map= were given",
+                         code="model.device-map",
+                         hint="the device map places every layer; leave device out")
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_PLANS:
+            raise ModelError(f"unknown device_map {device_map!r}", code="model.device-map",
+                             hint=f"use one of {', '.join(DEVICE_MAP_PLANS)}, or a dict of module "
+                             "name -> device ('cpu', 'disk', 'cuda:0', 0)")
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise ModelError(f"device_map {device_map!r} is not a plan name or a dict",
+                         code="model.device-map",
+                         hint="for example {'model.embed_tokens': 'cpu', 'model.layers.0': 'disk', ...}")
+    placed = {}
+    for module, where in device_map.items():
+        if isinstance(where, bool) or not isinstance(where, (str, int, torch.device)):
+            raise ModelError(f"device_map[{module!r}] = {where!r} is not a device",
+                             code="model.device-map", hint="use 'cpu', 'disk', 'cuda:N' or a GPU index")
+        if where in ("cpu", "disk"):
+            placed[module] = where
+            continue
+        text = f"cuda:{where}" if isinstance(where, int) else str(where)
+        check_device(text, f"device_map[{module!r}]")
+        placed[module] = where
+    return placed
 
 
 def _resolve_device(device: Any) -> torch.device:
@@ -353,6 +404,8 @@ def load_model(
     *,
     allow_pickle: bool = False,
     tokenizer: Any = None,
+    device_map: Any = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM by embedded short name, local folder, or hub id.
 
@@ -368,6 +421,13 @@ def load_model(
             reading a pickle file can run code).
         tokenizer: a tokenizer, or the path (or hub id) of one, for a model folder
             without its own; by default the folder's (None if it has none).
+        device_map: place the layers with accelerate instead of on one `device`: a
+            plan (`"auto"`, `"balanced"`, `"sequential"`) or a dict of module name ->
+            `"cpu"`, `"disk"`, `"cuda:N"` or a GPU index, as `from_pretrained` takes it
+            (needs `circuitlang[offload]`). Every intervention works on such a model
+            (`circuitlang.models.offload`); docs/models.md.
+        offload_folder: where layers mapped to `"disk"` are written (default: a new
+            temporary folder, removed when the model is freed).
 
     Returns:
         A `LoadedModel`.
@@ -386,7 +446,17 @@ def load_model(
     from circuitlang.models.adapters import shape_from_config
 
     torch_dtype = _resolve_dtype(dtype)
-    torch_device = _resolve_device(device)
+    placement: dict = {}
+    scratch = None
+    if device_map is not None:
+        placement["device_map"] = _check_device_map(device_map, device)
+        if offload_folder is None:
+            import tempfile
+
+            scratch = tempfile.mkdtemp(prefix="circuitlang-offload-")
+        placement["offload_folder"] = str(offload_folder or scratch)
+    else:
+        torch_device = _resolve_device(device)
     config, source, local = load_config(name_or_path, trust_remote_code)
     name = str(name_or_path)
     shape_from_config(config, name)  # unsupported or impossible -> ModelError, before weights
@@ -403,9 +473,18 @@ def load_model(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=None if allow_pickle else True,
                 output_loading_info=True,
+                **placement,
             )
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as exc:
+            SafetensorError, KeyError) as exc:
+        if scratch is not None:
+            _remove_folder(scratch)
+        if device_map is not None and isinstance(exc, (ValueError, KeyError)):
+            text = (str(exc).splitlines() or [""])[0][:200]
+            raise ModelError(f"transformers could not place model {name!r} with device_map "
+                             f"({type(exc).__name__}: {text})", code="model.device-map",
+                             hint="a dict must name modules of this model (hf_model.named_modules()) "
+                             "and cover all of them") from None
         raise _load_error(name, exc, allow_pickle) from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -415,8 +494,40 @@ def load_model(
             code="model.incomplete-weights",
             hint="the weights file is incomplete or belongs to another architecture; save "
             "the model again")
-    hf_model.to(torch_device)
-    return LoadedModel.from_hf(hf_model, found, name)
+    if device_map is None:
+        hf_model.to(torch_device)
+    elif isinstance(placement["device_map"], dict):
+        _check_placed(hf_model, placement["device_map"], name, scratch)
+    loaded = LoadedModel.from_hf(hf_model, found, name)
+    if scratch is not None:  # the offloaded weights live as long as the model
+        import weakref
+
+        weakref.finalize(loaded, _remove_folder, scratch)
+    return loaded
+
+
+def _check_placed(hf_model: Any, device_map: dict, name: str, scratch: str | None) -> None:
+    """transformers ignores a device map's names that are not modules of the model.
+
+    Raises:
+        ModelError: one that is not (with the names that would have been valid).
+    """
+    modules = dict(hf_model.named_modules())
+    unknown = [key for key in device_map if key not in modules]
+    if not unknown:
+        return
+    if scratch is not None:
+        _remove_folder(scratch)
+    blocks = [n for n in modules if n and n.count(".") <= 2][:12]
+    raise ModelError(f"device_map names {len(unknown)} module(s) model {name!r} does not have "
+                     f"(e.g. {unknown[0]!r})", code="model.device-map",
+                     hint="name modules as hf_model.named_modules() does: " + ", ".join(blocks))
+
+
+def _remove_folder(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 __all__ = ["LoadedModel", "load_model", "load_config", "supported_model_types"]

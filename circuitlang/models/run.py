@@ -135,13 +135,11 @@ def run_model(
                 stack.callback(handle.remove)
         for module, hook, kind in _hooks(lm, plan):
             if kind == "replace":  # a block below the resume layer: its clean output, not computed
-                module.forward = lambda *a, out=hook, **k: out
-                stack.callback(delattr, module, "forward")
+                _swap_forward(stack, module, lambda *a, out=hook, **k: out)
                 continue
             if kind == "skip":
                 n_out = linear_weight_in_out(module).shape[1]
-                module.forward = lambda x, *a, n_out=n_out, **k: x.new_empty(*x.shape[:-1], n_out)
-                stack.callback(delattr, module, "forward")
+                _swap_forward(stack, module, lambda x, *a, n_out=n_out, **k: x.new_empty(*x.shape[:-1], n_out))
                 continue
             if kind == "pre":
                 handle = module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -153,6 +151,18 @@ def run_model(
     if Logits() in plan.capture:
         plan.cache[Logits()] = logits
     return Run(logits=logits, cache=plan.cache)
+
+
+def _swap_forward(stack: ExitStack, module: torch.nn.Module, forward) -> None:
+    """Give `module` another forward for this run; what it had comes back after. A module
+    dispatched by accelerate (`device_map`) has a forward of its own (its hook's): that
+    one is put back, not removed."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    if own is None:
+        stack.callback(delattr, module, "forward")
+    else:
+        stack.callback(setattr, module, "forward", own)
 
 
 def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, str]]:

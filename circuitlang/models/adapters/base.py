@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from circuitlang.errors import ModelError
+from circuitlang.models.offload import is_offloaded, resident
 from circuitlang.sites import Channel, ModelShape
 
 #: HF `config.model_type` -> adapter class.
@@ -131,13 +132,14 @@ class Projection:
 
 def linear_weight_in_out(module: nn.Module) -> torch.Tensor:
     """The weight of a linear layer as [in, out] (HF `Conv1D` already is; `nn.Linear` is not)."""
+    weight = resident(module, "weight")  # an offloaded layer's, read from accelerate's map
     if isinstance(module, nn.Linear):
-        return module.weight.t()
-    return module.weight  # transformers.pytorch_utils.Conv1D stores [in, out]
+        return weight.t()
+    return weight  # transformers.pytorch_utils.Conv1D stores [in, out]
 
 
 def linear_bias(module: nn.Module) -> torch.Tensor | None:
-    return getattr(module, "bias", None)
+    return resident(module, "bias")
 
 
 class Adapter(ABC):
@@ -262,7 +264,8 @@ class Adapter(ABC):
             w = linear_weight_in_out(module)  # [D, out]
             weight = w[:, columns].permute(1, 0, 2).detach()  # [H_c, D, d_head]
             proj = Projection(module, columns.to(w.device), weight.contiguous())
-            self._projections[key] = proj
+            if not is_offloaded(module):  # an offloaded layer's weights are read when used
+                self._projections[key] = proj
         return proj
 
     def out_weight(self, layer: int) -> torch.Tensor:
@@ -271,7 +274,8 @@ class Adapter(ABC):
         if w is None:
             w_io = linear_weight_in_out(self.out_proj(layer)).detach()
             w = w_io.reshape(self.n_heads, -1, w_io.shape[-1]).contiguous()
-            self._out_weights[layer] = w
+            if not is_offloaded(self.out_proj(layer)):
+                self._out_weights[layer] = w
         return w
 
     def out_bias(self, layer: int) -> torch.Tensor | None:
