@@ -134,6 +134,13 @@ BAD_SPECS = [
     ("[discover]\ntasks = ['ioi']", "[discover] has no models", "models = "),
     ("[discover]\nmodels = ['toy-ioi']\ntasks = ['nope']", "unknown task 'nope'", "valid tasks"),
     ("[discover]\nmodels = ['nope-model']\ntasks = ['ioi']", "unknown model 'nope-model'", None),
+    ("[check]\nfiles = ['stdlib/toy_ioi.circ']\nmetric = ['logit_diff', 'accuracy']",
+     "[check] metric = \"accuracy\" is not a metric of task ioi", "logit_diff, prob_diff, loss, kl"),
+    ("[discover]\nmodels = ['toy-ioi']\ntasks = ['induction']\nmetric = 'logitdiff'",
+     "[discover] metric = \"logitdiff\" is not a metric of task induction", "its metrics: loss"),
+    ("[task_params]\nbogus = [1, 2]\n[check]\nfiles = ['stdlib/toy_ioi.circ']",
+     "task ioi has no parameter 'bogus' ([task_params])", "prepend_bos (bool)"),
+    ("[task_params]\nprepend_bos = 3\n[discover]\nmodels = ['toy-ioi']\ntasks = ['ioi']", "prepend_bos", None),
     ("name = 'x'", "neither a [check] nor a [discover] table", "[check]"),
     ("seeds = [0,\n", "not valid TOML", "docs/sweeps.md"),
 ]
@@ -170,6 +177,30 @@ def test_the_command_runs_a_sweep_and_exits_0_when_it_holds(tmp_path, capsys):
     assert "sweep one: 1 items, 1 finished" in printed and f"1 items run; results in {out}" in printed
     (record,) = _items(out).values()
     assert record["status"] == "ok" and record["result"]["method"] == "eap" and record["result"]["n"] == 4
+
+
+def test_an_item_that_raises_is_recorded_and_redone_on_resume(tmp_path, monkeypatch):
+    from circuitlang.sweeps import worker
+
+    spec = _spec_file(tmp_path, "seeds = [0, 1]\nn = 8\n[check]\nfiles = [\"stdlib/toy_ioi.circ\"]\n"
+                                "permutations = 0\nbreakdown = false\n")
+    real = worker.run_check
+
+    def broken(item, model):
+        if item.settings["seed"] == 1:
+            raise RuntimeError("boom")
+        return real(item, model)
+
+    monkeypatch.setattr(worker, "run_check", broken)
+    first = sweep(spec, tmp_path / "out", threads=1, progress=False)
+    statuses = {r["settings"]["seed"]: r for r in _items(tmp_path / "out").values()}
+    assert statuses[0]["status"] == "ok" and statuses[1]["status"] == "error"
+    assert statuses[1]["error"]["type"] == "RuntimeError" and "boom" in statuses[1]["error"]["rendered"]
+    assert not first.holds and "1 failed" in first.summary and "RuntimeError: boom" in first.summary
+    monkeypatch.setattr(worker, "run_check", real)
+    again = sweep(spec, tmp_path / "out", resume=True, threads=1, progress=False)
+    assert (again.kept, again.ran) == (1, 1) and again.holds
+    assert all(r["status"] == "ok" for r in _items(tmp_path / "out").values())
 
 
 def test_with_ablation_replaces_or_adds_the_line():

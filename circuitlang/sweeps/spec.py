@@ -340,7 +340,7 @@ def _check_items(table: Any, shared: dict, base: Path, where: _Where, varying: d
         text, path = sources[file]
         model = cell["model"] or _declared_model(text, str(path), where)
         combo = (file, model, cell["task"])
-        if combo not in resolved:
+        if combo not in resolved:  # (task name, its metrics)
             try:
                 resolved[combo] = _preflight_check(text, str(path), model, cell["task"])
             except CircuitlangError as exc:
@@ -348,6 +348,11 @@ def _check_items(table: Any, shared: dict, base: Path, where: _Where, varying: d
                 raise SweepError(f"{where.filename}: [check] {file} on {on} does not resolve:\n"
                                  + "\n".join(exc.render().splitlines()), code="sweep.resolve",
                                  hint="fix the file, or leave that model or task out of the grid") from None
+        task_name, metrics = resolved[combo]
+        _check_task_params(task_name, cell, where)
+        if cell["metric"] is not None and metrics and cell["metric"] not in metrics:
+            raise SweepError(f"{where.filename}: [check] metric = {_toml(cell['metric'])} is not a metric of task "
+                             f"{task_name} ({file})", code="sweep.metric", hint="its metrics: " + ", ".join(metrics))
         settings = {"kind": "check", "file": file, "file_sha256": hashlib.sha256(text.encode()).hexdigest(),
                     "model": model, "task": cell["task"], "seed": cell["seed"], "n": cell["n"],
                     "batch_size": shared["batch_size"],
@@ -376,16 +381,38 @@ def _declared_model(text: str, filename: str, where: _Where) -> str:
                      code="sweep.models", hint="add models = [\"toy-ioi\"] to the spec, or a model line to the file")
 
 
-def _preflight_check(text: str, filename: str, model: str, task: str | None) -> str:
+def _preflight_check(text: str, filename: str, model: str, task: str | None) -> tuple[str, tuple[str, ...]]:
     """Parse and resolve a file against a model's shape and a task (no weights); gives
-    the task's name."""
+    the task's name and metrics."""
     from circuitlang.checker import load_hypothesis, refuse_holes
     from circuitlang.text_to_ast import parse
 
     program = parse(text, filename)
     hypothesis, _ = load_hypothesis(program, model=model, task=task, filename=filename)
     refuse_holes(hypothesis)
-    return hypothesis.task
+    return hypothesis.task, _metrics(hypothesis.task)
+
+
+def _check_task_params(task: str, cell: dict, where: _Where) -> None:
+    """The cell's task parameters are ones its task has, of their types."""
+    from circuitlang.tasks.params import validate_task_params
+
+    params = {k.split(".", 1)[1]: v for k, v in cell.items() if k.startswith("task_params.")}
+    if params and not task.endswith((".jsonl", ".json")):
+        try:
+            validate_task_params(task, params, source="[task_params]")
+        except CircuitlangError as exc:
+            raise SweepError(f"{where.filename}: {exc.message}", code="sweep.task-params", hint=exc.hint) from None
+
+
+def _metrics(task: str) -> tuple[str, ...]:
+    """A task's metric names (none known for a task file that cannot be read here)."""
+    from circuitlang.tasks import get_signature
+
+    try:
+        return tuple(get_signature(task).metrics)
+    except CircuitlangError:
+        return ()
 
 
 def _discover_items(table: Any, shared: dict, where: _Where, varying: dict) -> list[Item]:
@@ -406,9 +433,11 @@ def _discover_items(table: Any, shared: dict, where: _Where, varying: dict) -> l
                          "and tasks = [\"ioi\"]")
     for model in shared["models"]:
         known_shape(model)
+    metrics = {}
     for task in shared["tasks"]:
         if not task.endswith((".jsonl", ".json")):
             task_class(task)
+        metrics[task] = _metrics(task)
     selection = chosen[0] if chosen else "target"
     checks = {"edges": (lambda v: _is_int(v) and v >= 1, "whole numbers >= 1 (the top N edges)"),
               "threshold": (lambda v: _is_number(v) and v >= 0, "numbers >= 0 (ACDC's tau)"),
@@ -442,6 +471,11 @@ def _discover_items(table: Any, shared: dict, where: _Where, varying: dict) -> l
     _varying(grid, varying)
     items = []
     for cell in _product(grid):
+        _check_task_params(cell["task"], cell, where)
+        known = metrics[cell["task"]]
+        if cell["metric"] is not None and known and cell["metric"] not in known:
+            raise SweepError(f"{where.filename}: [discover] metric = {_toml(cell['metric'])} is not a metric of "
+                             f"task {cell['task']}", code="sweep.metric", hint="its metrics: " + ", ".join(known))
         settings = {"kind": "discover", "model": cell["model"], "task": cell["task"], "seed": cell["seed"],
                     "n": cell["n"], "batch_size": shared["batch_size"], "positions": positions,
                     "task_params": {k.split(".", 1)[1]: v for k, v in cell.items() if k.startswith("task_params.")},
