@@ -157,9 +157,43 @@ class SlotTarget:
     span: Span | None = _span()
 
 
+@dataclass(frozen=True, slots=True)
+class NeuronTarget:
+    """`neuron 5.12` (an MLP hidden unit; `neuron 5.*` sweeps a layer's units)."""
+
+    ref: HeadRef
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class NeuronsTarget:
+    """`neurons 5.12, 5.99`: several neurons as one subject."""
+
+    items: tuple[HeadRef, ...]
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureTarget:
+    """`feature res5.1234`: a latent of the SAE the file declares as `res5` (`res5.*`: every
+    latent, index None)."""
+
+    sae: str
+    index: int | None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorTarget:
+    """`error res5`: what SAE `res5` misses at its hook point (its reconstruction error)."""
+
+    sae: str
+    span: Span | None = _span()
+
+
 Target = Union[
     HeadTarget, HeadsTarget, MlpTarget, ResidTarget, EmbedTarget, LogitsTarget,
-    GroupTarget, SlotTarget,
+    GroupTarget, SlotTarget, NeuronTarget, NeuronsTarget, FeatureTarget, ErrorTarget,
 ]
 
 
@@ -391,6 +425,22 @@ class GroupDef:
 
 
 @dataclass(frozen=True, slots=True)
+class SaeDecl:
+    """`sae res5 = "saes/res5" at resid 5`: a sparse autoencoder the file's claims may use.
+
+    `hook` is "resid", "attn" or "mlp"; `path` is the folder as written (relative to the
+    file's folder).
+    """
+
+    name: str
+    path: str
+    hook: str
+    layer: int
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
 class Depends:
     """`SITE at POS depends on F, G` (`depends on nothing`: empty `features`)."""
 
@@ -537,6 +587,7 @@ HoleConstraint = Union[HoleIn, HoleSize]
 Statement = Union[
     Cite, ModelDecl, TaskDecl, Use, MetricDecl, AblationDecl, SemanticsDecl, Reported, Setting,
     GroupDef, Depends, Edge, VerbUse, VerbDef, Patch, PathPatch, Ablate, Expect, HoleIn, HoleSize,
+    SaeDecl,
 ]
 
 

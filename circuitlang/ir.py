@@ -118,7 +118,7 @@ class HoleConstraint:
 
 
 SiteOrHole = Union[sites.Embed, sites.TokenEmbed, sites.PosEmbed, sites.Head, sites.Mlp,
-                   sites.Resid, sites.Logits, Hole]
+                   sites.Resid, sites.Logits, Hole, sites.Neuron, sites.Latent, sites.SaeError]
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +273,7 @@ class Hypothesis:
         hole_constraints: the constraints on its holes (`?s in layers 7-8`, `?g has at most
             4 heads`), in source order; the solver fills holes within them.
         filename: the file it came from, if any.
+        saes: the sparse autoencoders the file declares (`sae NAME = "path" at resid L`).
         shape: the `ModelShape` it was resolved against (what edges exist; None for
             a hypothesis built by hand). Not part of equality.
     """
@@ -296,6 +297,7 @@ class Hypothesis:
     hole_constraints: tuple[HoleConstraint, ...] = ()
     filename: str | None = field(default=None, compare=False)
     shape: sites.ModelShape | None = field(default=None, compare=False, repr=False)
+    saes: tuple[sites.Dictionary, ...] = ()
 
     def group(self, name: str) -> tuple[sites.Head, ...]:
         """The heads of group `name` (KeyError if there is none)."""
@@ -347,6 +349,8 @@ class Hypothesis:
             "hole_constraints": [hole_constraint_to_json(c) for c in self.hole_constraints],
             "imports": list(self.imports),
             "filename": self.filename,
+            "saes": [{"name": d.name, "path": d.path, "hook": d.hook, "layer": d.layer,
+                      "d_sae": d.d_sae} for d in self.saes],
         }
 
 
@@ -384,6 +388,12 @@ def site_to_json(site: SiteOrHole) -> dict[str, Any]:
     if isinstance(site, (sites.Mlp, sites.Resid)):
         kind = "mlp" if isinstance(site, sites.Mlp) else "resid"
         return {"kind": kind, "layer": site.layer, "text": str(site)}
+    if isinstance(site, sites.Neuron):
+        return {"kind": "neuron", "layer": site.layer, "index": site.index, "text": str(site)}
+    if isinstance(site, sites.Latent):
+        return {"kind": "feature", "sae": site.sae.name, "index": site.index, "text": str(site)}
+    if isinstance(site, sites.SaeError):
+        return {"kind": "error", "sae": site.sae.name, "text": str(site)}
     return {"kind": str(site), "text": str(site)}
 
 

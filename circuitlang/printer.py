@@ -124,6 +124,8 @@ def format_statement(stmt: ast.Statement) -> str:
             return f"?{hole.name} in layers " + ", ".join(ranges)
         case ast.HoleSize(hole=hole, bound=bound, count=count):
             return f"?{hole.name} has {bound} {count} {'head' if count == 1 else 'heads'}"
+        case ast.SaeDecl(name=name, path=path, hook=hook, layer=layer):
+            return f"sae {name} = {_quote(path)} at {hook} {layer}"
     raise TypeError(f"not a circuitlang statement: {stmt!r}")
 
 
@@ -210,6 +212,14 @@ def format_target(target: ast.Target) -> str:
             return f"{name}{_channel(channel)}"
         case ast.SlotTarget(name=name, channel=channel):
             return f"${name}{_channel(channel)}"
+        case ast.NeuronTarget(ref=ref):
+            return f"neuron {_headref(ref)}"
+        case ast.NeuronsTarget(items=items):
+            return "neurons " + ", ".join(_headref(i) for i in items)
+        case ast.FeatureTarget(sae=sae, index=index):
+            return f"feature {sae}.{'*' if index is None else index}"
+        case ast.ErrorTarget(sae=sae):
+            return f"error {sae}"
     raise TypeError(f"not a circuitlang target: {target!r}")
 
 

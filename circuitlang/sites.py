@@ -20,6 +20,14 @@ Conventions (the same for every architecture):
 * `Resid(layer)` is the residual stream entering block `layer`;
   `Resid(n_layers)` is the final residual stream before the final norm.
 * `Logits()` is the unembedded output.
+* `Neuron(layer, index)` is one MLP hidden unit: its activation, one number per
+  position, where it enters the MLP's output projection (GELU MLPs: `act(x W_in)[N]`;
+  gated MLPs (Llama family): `act(gate)[N] * up[N]`). Its contribution to the
+  residual stream is `activation * W_out[N]`.
+* `Latent(sae, index)` is one latent of a sparse autoencoder spliced in at the
+  dictionary's hook point (`Dictionary`), its activation after the SAE's
+  nonlinearity; `SaeError(sae)` is what the dictionary misses there (`x - x_hat`,
+  Marks et al. 2024), [B, T, D].
 
 Positions are names a task defines (`Position("S1", 1)` is `S1+1`); `ALL` is every
 position. The model layer receives concrete per-row token indices, never names.
@@ -134,7 +142,66 @@ class Logits:
         return "logits"
 
 
-Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits]
+@dataclass(frozen=True, slots=True, order=True)
+class Neuron:
+    """One hidden unit of MLP `layer` (its activation; it writes `act * W_out[index]`)."""
+
+    layer: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"neuron {self.layer}.{self.index}"
+
+
+#: Where a dictionary reads and writes: the stream entering a block, an attention
+#: block's output (every head plus the output bias), or an MLP block's output.
+SAE_HOOKS = ("resid", "attn", "mlp")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Dictionary:
+    """A sparse autoencoder declared in a file: `sae res5 = "path" at resid 5`.
+
+    Attributes:
+        name: what the file calls it (`res5`).
+        path: the folder its weights are in (resolved, absolute).
+        hook: one of `SAE_HOOKS`.
+        layer: the block (`resid` takes 0..n_layers, n_layers being the final stream).
+        d_sae: its number of latents (read from its cfg.json by the resolver; 0 unknown).
+    """
+
+    name: str
+    path: str
+    hook: str
+    layer: int
+    d_sae: int = 0
+
+    def __str__(self) -> str:
+        return f"sae {self.name} at {self.hook} {self.layer}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Latent:
+    """Latent `index` of a spliced-in dictionary: its activation, [B, T]."""
+
+    sae: Dictionary
+    index: int
+
+    def __str__(self) -> str:
+        return f"feature {self.sae.name}.{self.index}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SaeError:
+    """A dictionary's reconstruction error at its hook point: `x - decode(encode(x))`."""
+
+    sae: Dictionary
+
+    def __str__(self) -> str:
+        return f"error {self.sae.name}"
+
+
+Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits, Neuron, Latent, SaeError]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -191,6 +258,7 @@ class ModelShape:
         vocab_size: tokenizer vocabulary size.
         n_ctx: maximum context length.
         has_mlp: False for attention-only models.
+        d_mlp: MLP hidden width (neurons per layer; 0 when not known without weights).
         parallel_residual: True when each block's MLP reads the block's input (the
             same stream as its attention: GPT-NeoX/Pythia), so a head cannot feed the
             MLP of its own layer.
@@ -209,6 +277,7 @@ class ModelShape:
     parallel_residual: bool = False
     architecture: str = "unknown"
     name: str = ""
+    d_mlp: int = 0
 
     @property
     def kv_heads(self) -> int:

@@ -48,7 +48,7 @@ _EXPR_RULES = frozenset({"add", "sub", "mul", "div", "neg", "call"})
 _STATEMENT_RULES = frozenset(
     "cite model task use metric ablation semantics reported seed samples group depends "
     "edge verb_use verb_def patch path_patch ablate expect hole_in_layer hole_in_layers "
-    "hole_in_heads hole_size".split())
+    "hole_in_heads hole_size".split()) | {"sae_decl"}
 
 # Words that are keywords somewhere in the grammar. Keywords are contextual, but a
 # group, verb word or feature spelled like one of these can be unusable in places,
@@ -56,7 +56,7 @@ _STATEMENT_RULES = frozenset(
 KEYWORDS = frozenset(
     "cite model task use metric ablation semantics given reported seed samples group head heads "
     "mlp resid embed logits at depends on nothing patch ablate with expect each verb".split()
-)
+) | frozenset("neuron neurons feature error sae attn".split())
 
 
 class _CircIndenter(Indenter):
@@ -413,6 +413,36 @@ class _ToAst(Transformer):
 
     def logits_target(self, meta, c):
         return ast.LogitsTarget(span=self._span(meta))
+
+    def _neuron_ref(self, tok: Token) -> ast.HeadRef:
+        ref = _parse_headref(tok, self.filename)
+        if ref.channel is not None:
+            raise ParseError(f"a neuron has no channel: {tok}", code="parse.neuron",
+                             span=_tok_span(tok, self.filename),
+                             hint="write `neuron LAYER.INDEX`, such as `neuron 5.12`")
+        return ref
+
+    def neuron_target(self, meta, c):
+        return ast.NeuronTarget(self._neuron_ref(c[0]), span=self._span(meta))
+
+    def neurons_target(self, meta, c):
+        return ast.NeuronsTarget(tuple(self._neuron_ref(t) for t in c), span=self._span(meta))
+
+    def feature_target(self, meta, c):
+        name, index = c
+        value = None if index.type == "STAR" else _int(index, self.filename)
+        return ast.FeatureTarget(str(name), value, span=self._span(meta))
+
+    def error_target(self, meta, c):
+        return ast.ErrorTarget(str(c[0]), span=self._span(meta))
+
+    def sae_decl(self, meta, c):
+        name, path, hook, layer = c
+        return ast.SaeDecl(str(name), _unquote(path, self.filename), hook,
+                           _int(layer, self.filename), span=self._span(meta))
+
+    def sae_hook(self, meta, c):
+        return str(c[0])
 
     def group_target(self, meta, c):
         channel = str(c[1]) if len(c) > 1 else None

@@ -52,6 +52,8 @@ class NameResolver:
                             "only inside a verb definition", target.span,
                             "name a site instead, such as `head 9.6`")
                 return None
+            case ast.NeuronTarget() | ast.NeuronsTarget() | ast.FeatureTarget() | ast.ErrorTarget():
+                return self._unit_sites(target, wildcards)  # ast_to_ir.units
         raise TypeError(f"not a target: {target!r}")  # pragma: no cover
 
     def _channel(self, text: str | None, span: Span | None) -> sites.Channel | None:

@@ -8,6 +8,7 @@ from circuitlang.ast_to_ir.header import HeaderResolver
 from circuitlang.ast_to_ir.holes import HoleResolver
 from circuitlang.ast_to_ir.imports import ImportResolver
 from circuitlang.ast_to_ir.names import NameResolver, _base_position, _similar
+from circuitlang.ast_to_ir.units import UnitResolver
 from circuitlang.errors import Diagnostic, ResolveError, Span, diagnostic_order
 from circuitlang.printer import format_statement
 from circuitlang.tasks.signature import TaskSignature
@@ -15,7 +16,7 @@ from circuitlang.text_to_ast import KEYWORDS, check_claim_count
 
 
 class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, ClaimResolver,
-                ExpressionResolver):
+                ExpressionResolver, UnitResolver):
     """One resolution: collects diagnostics, builds the Hypothesis."""
 
     def __init__(self, shape: sites.ModelShape, task: TaskSignature, filename: str | None,
@@ -30,6 +31,7 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
         self.imports: list[str] = []
         self.origin: _Origin | None = None
         self.local_groups: set[str] = set()
+        self.saes: dict[str, sites.Dictionary] = {}
         positions = [_base_position(p) for p in task.positions]
         self.position_names = {name for name, _ in positions}
         self.metric_names = ir.BUILTIN_METRICS + tuple(
@@ -49,6 +51,9 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
         self._imports(program)
         self._local_verbs(program)
         header = self._header(program)
+        for stmt in program.statements:
+            if isinstance(stmt, ast.SaeDecl):
+                self._sae_decl(stmt)
         for stmt in program.statements:
             if isinstance(stmt, ast.GroupDef):
                 self._group(stmt)
@@ -95,6 +100,7 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
             imports=tuple(self.imports),
             hole_constraints=hole_constraints,
             filename=self.filename,
+            saes=tuple(self.saes.values()),
         )
 
 
@@ -177,6 +183,8 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
                 grid.append(self.shape.n_heads)
                 axes.append("head")
             return tuple(grid), tuple(axes)
+        if isinstance(target, (ast.NeuronTarget, ast.FeatureTarget)):
+            return self._unit_grid(target)
         if isinstance(target, (ast.MlpTarget, ast.ResidTarget)) and target.layer is None:
             extra = 1 if isinstance(target, ast.ResidTarget) else 0
             return (self.shape.n_layers + extra,), ("layer",)

@@ -31,6 +31,7 @@ from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
 from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges
 from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
+from circuitlang.models.units import check_unit_site, is_unit_site, unit_hooks
 from circuitlang.sites import (
     Channel,
     Embed,
@@ -100,12 +101,12 @@ def run_model(
                          hint="expected [batch, tokens]")
     plan = _Plan(capture=set(capture))
     for site in plan.capture:
-        check_site(lm, site)
+        _check(lm, site)
     for patch in patches:
         if not isinstance(patch, Patch):
             raise ModelError(f"{patch!r} is not a Patch", code="model.bad-patch",
                              hint="pass Patch(site, value, positions=None)")
-        check_site(lm, patch.site)
+        _check(lm, patch.site)
         plan.patches[patch.site].append(patch)
     start, clean = 0, None
     if resume is not None:
@@ -153,6 +154,14 @@ def run_model(
     return Run(logits=logits, cache=plan.cache)
 
 
+def _check(lm: "LoadedModel", site: Site) -> None:
+    """`check_site`, and for neurons and SAE latents `units.check_unit_site`."""
+    if is_unit_site(site):
+        check_unit_site(lm, site)
+    else:
+        check_site(lm, site)
+
+
 def _swap_forward(stack: ExitStack, module: torch.nn.Module, forward) -> None:
     """Give `module` another forward for this run; what it had comes back after. A module
     dispatched by accelerate (`device_map`) has a forward of its own (its hook's): that
@@ -166,7 +175,14 @@ def _swap_forward(stack: ExitStack, module: torch.nn.Module, forward) -> None:
 
 
 def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, str]]:
-    """The (module, hook, 'pre'|'fwd') triples this plan needs, and no others."""
+    """The (module, hook, 'pre'|'fwd') triples this plan needs, and no others
+    (neuron and SAE hooks from `circuitlang.models.units`, in the order they must run)."""
+    first, last = unit_hooks(lm, plan)
+    return first + _component_hooks(lm, plan) + last
+
+
+def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, str]]:
+    """The hooks of component sites (heads, MLPs, streams, edges)."""
     adapter, shape = lm.adapter, lm.shape
     n = shape.n_layers
     edges = plan.edges

@@ -179,7 +179,15 @@ class Adapter(ABC):
             parallel_residual=cls.config_parallel_residual(config),
             architecture=str(getattr(config, "model_type", cls.name)),
             name=name,
+            d_mlp=cls.config_d_mlp(config),
         )
+
+    @classmethod
+    def config_d_mlp(cls, config: Any) -> int:
+        """The MLP hidden width a config gives (`intermediate_size`; GPT-2's `n_inner`,
+        4 x d_model when unset)."""
+        width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+        return int(width or 4 * int(config.hidden_size))
 
     # ---- module accessors (one architecture's module paths) ----------------------
     @abstractmethod
@@ -211,6 +219,17 @@ class Adapter(ABC):
     @abstractmethod
     def mlp(self, layer: int) -> nn.Module:
         ...
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        """The MLP's output projection; its input is the hidden units [B, T, d_mlp]
+        (`Neuron` sites: after the activation, and after the gate in gated MLPs)."""
+        raise ModelError(f"the {self.name} adapter does not name its MLP's output projection",
+                         code="model.no-neurons",
+                         hint="neuron sites need Adapter.mlp_out_proj for this architecture")
+
+    def neuron_out_weight(self, layer: int) -> torch.Tensor:
+        """W_out of MLP `layer` as [d_mlp, d_model]: row N is what neuron N writes per unit."""
+        return linear_weight_in_out(self.mlp_out_proj(layer)).detach()
 
     @abstractmethod
     def out_proj(self, layer: int) -> nn.Module:

@@ -36,6 +36,9 @@ class GPT2Adapter(Adapter):
     def mlp(self, layer: int) -> nn.Module:
         return self.model.transformer.h[layer].mlp
 
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        return self.model.transformer.h[layer].mlp.c_proj
+
     def out_proj(self, layer: int) -> nn.Module:
         return self.model.transformer.h[layer].attn.c_proj
 

@@ -35,6 +35,9 @@ class GPTNeoXAdapter(Adapter):
     def mlp(self, layer: int) -> nn.Module:
         return self.model.gpt_neox.layers[layer].mlp
 
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        return self.model.gpt_neox.layers[layer].mlp.dense_4h_to_h
+
     def out_proj(self, layer: int) -> nn.Module:
         return self.model.gpt_neox.layers[layer].attention.dense
 

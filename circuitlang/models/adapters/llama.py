@@ -35,6 +35,9 @@ class LlamaAdapter(Adapter):
     def mlp(self, layer: int) -> nn.Module:
         return self.model.model.layers[layer].mlp
 
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        return self.model.model.layers[layer].mlp.down_proj
+
     def out_proj(self, layer: int) -> nn.Module:
         return self.model.model.layers[layer].self_attn.o_proj
 

@@ -1,0 +1,193 @@
+"""Sites below the component: MLP neurons and SAE latents, captured and patched in a run.
+
+Takes a `LoadedModel` and the run engine's plan (`circuitlang.models.run`); gives the
+checks for `Neuron`, `Latent` and `SaeError` sites and the hooks that read and write
+them, on the modules the adapter names (`Adapter.mlp_out_proj`, `blocks`, `attn`,
+`mlp`, `final_norm`).
+
+* A `Neuron(l, n)` is column n of the input of MLP l's output projection (the hidden
+  units after the activation, after the gate in gated MLPs), [B, T]. Patching it
+  rewrites that column, so the MLP's output moves by `(new - old) * W_out[n]`.
+* A dictionary (`sites.Dictionary`) is spliced in at its hook point `x` (the stream
+  entering block l, an attention block's output, an MLP block's output): latents
+  `f = encode(x)` [B, T, d_sae] and error `e = x - decode(f, x)`. Patching latents or
+  the error gives the hook point `x + decode_delta(f' - f, x) + (e' - e)`: an identity
+  patch adds exact zeros, so splicing the SAE in with its error term is the plain
+  forward pass bit for bit, and a latent patched alone leaves the error as it was
+  (Marks et al. 2024).
+
+Nothing is hooked for a layer or dictionary no site of the run touches.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from circuitlang.errors import ModelError
+from circuitlang.models.patches import _first, _replace_first, apply_patch
+from circuitlang.models.sae import sae_for
+from circuitlang.sites import SAE_HOOKS, Dictionary, Latent, Neuron, SaeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from circuitlang.models.load import LoadedModel
+
+UNIT_SITES = (Neuron, Latent, SaeError)
+
+
+def is_unit_site(site: Any) -> bool:
+    return isinstance(site, UNIT_SITES)
+
+
+def d_mlp(lm: "LoadedModel", layer: int) -> int:
+    """Neurons in MLP `layer` (the width of its output projection's input)."""
+    return int(lm.adapter.neuron_out_weight(layer).shape[0])
+
+
+def check_unit_site(lm: "LoadedModel", site) -> None:
+    """Raise ModelError unless a neuron / latent / error site exists in this model."""
+    shape = lm.shape
+    if isinstance(site, Neuron):
+        if not shape.has_mlp:
+            raise ModelError(f"{site}: model {shape.name!r} is attention-only", code="model.bad-site",
+                             hint="neurons are MLP hidden units; use head, embed, resid or logits sites")
+        if not 0 <= site.layer < shape.n_layers:
+            raise ModelError(f"{site}: layer {site.layer} out of range", code="model.bad-site",
+                             hint=f"model has layers 0-{shape.n_layers - 1}")
+        width = d_mlp(lm, site.layer)
+        if not 0 <= site.index < width:
+            raise ModelError(f"{site}: neuron {site.index} out of range", code="model.bad-site",
+                             hint=f"MLP {site.layer} has neurons 0-{width - 1}")
+        return
+    sae = check_dictionary(lm, site.sae)
+    if isinstance(site, Latent) and not 0 <= site.index < sae.d_sae:
+        raise ModelError(f"{site}: latent {site.index} out of range", code="model.bad-site",
+                         hint=f"SAE {site.sae.name} has latents 0-{sae.d_sae - 1}")
+
+
+def check_dictionary(lm: "LoadedModel", d: Dictionary):
+    """The loaded SAE of a dictionary, checked against the model (hook point, width)."""
+    shape = lm.shape
+    if d.hook not in SAE_HOOKS:
+        raise ModelError(f"{d}: unknown hook point {d.hook!r}", code="model.bad-site",
+                         hint="an SAE reads " + ", ".join(SAE_HOOKS))
+    top = shape.n_layers if d.hook == "resid" else shape.n_layers - 1
+    if not 0 <= d.layer <= top:
+        raise ModelError(f"{d}: layer {d.layer} out of range", code="model.bad-site",
+                         hint=f"{d.hook} takes layers 0-{top}")
+    if d.hook == "mlp" and not shape.has_mlp:
+        raise ModelError(f"{d}: model {shape.name!r} is attention-only", code="model.bad-site",
+                         hint="declare the SAE at resid L or attn L")
+    sae = sae_for(d.path, lm.device, lm.dtype)
+    if sae.d_in != shape.d_model:
+        raise ModelError(f"{d}: the SAE reads width {sae.d_in}, the model's stream is {shape.d_model}",
+                         code="model.bad-site", hint="declare an SAE trained on this model")
+    return sae
+
+
+def unit_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
+    """(hooks to register before the engine's own, hooks to register after), as
+    (module, hook, 'pre'|'fwd') triples, for the unit sites `plan` captures or patches."""
+    adapter, n = lm.adapter, lm.shape.n_layers
+    touched = [s for s in set(plan.capture) | set(plan.patches) if is_unit_site(s)]
+    first: list = []
+    last: list = []
+    neurons: dict[int, list[Neuron]] = defaultdict(list)
+    saes: dict[Dictionary, list] = defaultdict(list)
+    for site in touched:
+        if isinstance(site, Neuron):
+            neurons[site.layer].append(site)
+        else:
+            saes[site.sae].append(site)
+    for layer, found in sorted(neurons.items()):
+        last.append((adapter.mlp_out_proj(layer), _neuron_hook(sorted(found), plan), "pre"))
+    for d, found in sorted(saes.items()):
+        sae = check_dictionary(lm, d)
+        found = sorted(found, key=lambda s: (isinstance(s, SaeError), getattr(s, "index", 0)))
+        if d.hook == "resid":
+            # before the engine's block / final-norm hook, so Resid(l) and q/k/v patches
+            # see the spliced stream
+            module = adapter.blocks()[d.layer] if d.layer < n else adapter.final_norm()
+            name = "hidden_states" if d.layer < n else "input"
+            first.append((module, _resid_splice(sae, found, plan, name), "pre"))
+        elif d.hook == "attn":
+            last.append((adapter.attn(d.layer), _output_splice(sae, found, plan), "fwd"))
+        else:
+            last.append((adapter.mlp(d.layer), _output_splice(sae, found, plan), "fwd"))
+    return first, last
+
+
+def _neuron_hook(found: list[Neuron], plan):
+    def hook(module, args, kwargs):
+        h = args[0] if args else next(iter(kwargs.values()))
+        new_h = h
+        for site in found:
+            cur = h[..., site.index]
+            new = cur
+            for p in plan.patches.get(site, ()):
+                new = apply_patch(new, p)
+            if site in plan.capture:
+                plan.cache[site] = new
+            if new is not cur:
+                if new_h is h:
+                    new_h = h.clone()
+                new_h[..., site.index] = new
+        if new_h is h:
+            return None
+        if args:
+            return (new_h, *args[1:]), kwargs
+        return args, {**kwargs, next(iter(kwargs)): new_h}
+    return hook
+
+
+def _splice(sae, found: list, plan, x: torch.Tensor) -> torch.Tensor:
+    """The hook point's new value (`x` itself when nothing is patched)."""
+    f = sae.encode(x)
+    df = None
+    delta = None
+    for site in found:
+        if isinstance(site, SaeError):
+            err = x - sae.decode(f, x)
+            new = err
+            for p in plan.patches.get(site, ()):
+                new = apply_patch(new, p)
+            if site in plan.capture:
+                plan.cache[site] = new
+            if new is not err:
+                delta = new - err if delta is None else delta + (new - err)
+            continue
+        cur = f[..., site.index]
+        new = cur
+        for p in plan.patches.get(site, ()):
+            new = apply_patch(new, p)
+        if site in plan.capture:
+            plan.cache[site] = new
+        if new is not cur:
+            if df is None:
+                df = torch.zeros_like(f)
+            df[..., site.index] = new - cur
+    if df is not None:
+        moved = sae.decode_delta(df, x)
+        delta = moved if delta is None else delta + moved
+    return x if delta is None else x + delta
+
+
+def _resid_splice(sae, found: list, plan, name: str):
+    def hook(module, args, kwargs):
+        x = _first(args, kwargs, name)
+        new = _splice(sae, found, plan, x)
+        if new is x:
+            return None
+        return _replace_first(args, kwargs, name, new)
+    return hook
+
+
+def _output_splice(sae, found: list, plan):
+    def hook(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        new = _splice(sae, found, plan, x)
+        if new is x:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return hook
