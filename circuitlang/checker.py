@@ -18,6 +18,7 @@ and shrunk by `hypothesis`. `run` runs a program's experiments only.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def load_hypothesis(program_or_text, *, model=None, task=None, filename=None):
         filename = filename or str(path)
         program = parse(source, filename)
     elif isinstance(program_or_text, str):
-        source = program_or_text
+        # DSL embedded in Python is usually an indented triple-quoted string: its common
+        # indentation is not the language's (only a verb body is indented)
+        source = textwrap.dedent(program_or_text)
         program = parse(source, filename)
     else:
         program = program_or_text

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,7 +405,8 @@ def _read(program_or_text, filename):
     if not isinstance(program_or_text, str):
         raise DiscoveryError(f"expected a program, its text or a .circ path, got {type(program_or_text).__name__}",
                              code="discover.input", hint='e.g. "head ?h moves IO to END"')
-    return parse(program_or_text, filename), program_or_text, filename
+    text = textwrap.dedent(program_or_text)  # an indented string in Python, as check reads it
+    return parse(text, filename), text, filename
 
 
 def _load(program, text, filename, model, task):

@@ -74,3 +74,13 @@ def test_edges_into_an_mlp_are_scrubbed(capsys):
                                 permutations=0, breakdown=False)
     assert with_edge.scrubbed.value != without.scrubbed.value
     assert with_edge.random.value == without.random.value
+
+
+def test_an_indented_string_from_python_reads_as_the_same_program():
+    """DSL embedded in Python is an indented triple-quoted string; its common indentation
+    is dropped (a verb body keeps its own), so it resolves as the flush-left text does."""
+    from circuitlang.checker import load_hypothesis
+
+    flush = "model toy-ioi\ntask ioi\nheads 1.0, 1.1 moves name from IO to END\nexpect recovered >= 0.5\n"
+    indented = "\n".join("        " + line for line in flush.splitlines()) + "\n    "
+    assert load_hypothesis(indented)[0] == load_hypothesis(flush)[0]
