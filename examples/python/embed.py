@@ -9,13 +9,13 @@ import circuitlang
 
 # 1. A hypothesis as a string. `check` parses, resolves against the model and task,
 #    lowers it to a scrubbing graph, runs it and judges every `expect`.
-HYPOTHESIS = """
-group name_movers = heads 1.0, 1.1, 1.2
-name_movers moves name from IO to END
-expect recovered >= 0.8
-"""
+#    The string may be indented like the code around it.
 result = circuitlang.check(
-    HYPOTHESIS,
+    """
+    group name_movers = heads 1.0, 1.1, 1.2
+    name_movers moves name from IO to END
+    expect recovered >= 0.8
+    """,
     model="toy-ioi", task="ioi", n=32, permutations=0, progress=False,
 )
 low, high = result.recovered.low, result.recovered.high
