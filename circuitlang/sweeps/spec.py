@@ -13,7 +13,7 @@ A spec, in short (every list is an axis of the grid; a single value is fixed)::
 
     name = "toy seeds"
     models = ["toy-ioi"]            # default: each file's `model` line ([check] and
-    tasks = ["ioi"]                 # [discover] may name their own models and tasks)
+    tasks = ["ioi"]                 # [discover] may give their own models, tasks, seeds, n)
     seeds = [0, 1, 2]               # default [0]
     n = 32                          # default: the API's (check 64, discover 32)
     [task_params]
@@ -45,9 +45,9 @@ __all__ = ["Item", "Spec", "SweepError", "item_key", "load_spec", "parse_spec"]
 #: the spec's top-level keys: shared by check and discovery items
 TOP_KEYS = ("name", "models", "tasks", "seeds", "n", "batch_size", "task_params", "check", "discover")
 #: keys of [check]
-CHECK_KEYS = ("files", "models", "tasks", "permutations", "breakdown", "ablation", "metric", "semantics", "max_examples")
+CHECK_KEYS = ("files", "models", "tasks", "seeds", "n", "permutations", "breakdown", "ablation", "metric", "semantics", "max_examples")
 #: keys of [discover]
-DISCOVER_KEYS = ("models", "tasks", "method", "edges", "threshold", "target", "ablation", "metric", "positions", "ig", "steps",
+DISCOVER_KEYS = ("models", "tasks", "seeds", "n", "method", "edges", "threshold", "target", "ablation", "metric", "positions", "ig", "steps",
                  "curve", "check", "permutations")
 
 # the solver's and the checker's choices, named here so a spec is checked without torch
@@ -239,6 +239,11 @@ def _axis(table: dict, key: str, check, where: _Where, valid: str, table_name: s
     return out
 
 
+def _param_value(v) -> bool:
+    scalar = (str, int, float, bool)
+    return isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -251,19 +256,30 @@ def _one_of(choices):
     return lambda v: isinstance(v, str) and v in choices
 
 
-def _shared_axes(data: dict, where: _Where) -> dict:
+def _grid_axes(table: dict, where: _Where, name: str | None = None, defaults: dict | None = None) -> dict:
+    """The axes a table may give for itself or share: models, tasks, seeds, n (each
+    absent one from `defaults`, the top level's)."""
     from circuitlang import options
 
-    out = {
-        "models": _axis(data, "models", lambda v: isinstance(v, str) and bool(v), where,
-                        "model names or folders, e.g. models = [\"toy-ioi\"]"),
-        "tasks": _axis(data, "tasks", lambda v: isinstance(v, str) and bool(v), where,
-                       "task names, e.g. tasks = [\"ioi\"]"),
-        "seeds": _axis(data, "seeds", lambda v: _is_int(v) and options.check_seed(v, "seeds") is not None, where,
-                       "whole numbers 0 .. 2**32-1, e.g. seeds = [0, 1, 2]", default=[0]),
-        "n": _axis(data, "n", lambda v: _is_int(v) and options.check_n(v, "n") is not None, where,
-                   "numbers of prompts, e.g. n = 32 or n = [16, 64]"),
+    checks = {
+        "models": (lambda v: isinstance(v, str) and bool(v), "model names or folders, e.g. models = [\"toy-ioi\"]"),
+        "tasks": (lambda v: isinstance(v, str) and bool(v), "task names, e.g. tasks = [\"ioi\"]"),
+        "seeds": (lambda v: _is_int(v) and options.check_seed(v, "seeds") is not None,
+                  "whole numbers 0 .. 2**32-1, e.g. seeds = [0, 1, 2]"),
+        "n": (lambda v: _is_int(v) and options.check_n(v, "n") is not None,
+              "numbers of prompts, e.g. n = 32 or n = [16, 64]"),
     }
+    out = {}
+    for key, (check, valid) in checks.items():
+        if defaults is not None and key not in table:
+            out[key] = defaults[key]
+        else:
+            out[key] = _axis(table, key, check, where, valid, name, default=[0] if key == "seeds" else None)
+    return out
+
+
+def _shared_axes(data: dict, where: _Where) -> dict:
+    out = _grid_axes(data, where)
     batch = data.get("batch_size")
     if batch is not None and not (_is_int(batch) and batch >= 1):
         raise where.bad("batch_size", batch, "one whole number >= 1 (rows per forward pass)")
@@ -271,8 +287,10 @@ def _shared_axes(data: dict, where: _Where) -> dict:
     params = data.get("task_params", {})
     if not isinstance(params, dict):
         raise where.bad("task_params", params, "a table: [task_params] then name = value lines")
-    out["task_params"] = [(k, _axis(params, k, lambda v: isinstance(v, (str, int, float, bool)), where,
-                                    "strings, numbers or booleans (a list is an axis)", "task_params"))
+    out["task_params"] = [(k, _axis(params, k, _param_value, where,
+                                    "strings, numbers or booleans (a list is an axis; a list-valued "
+                                    "parameter goes inside one: names = [[\"Ann\", \"Bob\"]])",
+                                    "task_params"))
                           for k in params]
     return out
 
@@ -292,14 +310,9 @@ def _varying(axes: list[tuple[str, list]], varying: dict) -> None:
 
 
 def _own_axes(table: dict, shared: dict, where: _Where, name: str) -> dict:
-    """The shared axes, with the table's own `models` and `tasks` in place of the top
-    level's (a grid of check files on their own models beside discoveries on others)."""
-    out = dict(shared)
-    for key, example in (("models", "[\"toy-ioi\"]"), ("tasks", "[\"ioi\"]")):
-        if key in table:
-            out[key] = _axis(table, key, lambda v: isinstance(v, str) and bool(v), where,
-                             f"names, e.g. {key} = {example}", name)
-    return out
+    """The shared axes, with the table's own models, tasks, seeds and n in place of the
+    top level's (check files on their own models beside discoveries on others)."""
+    return {**shared, **_grid_axes(table, where, name, defaults=shared)}
 
 
 def _params_axes(shared: dict) -> list[tuple[str, list]]:

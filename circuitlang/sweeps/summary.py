@@ -61,11 +61,19 @@ def render_summary(name: str, records: list[tuple[dict, dict | None]]) -> str:
 
 
 def _varying(rows, skip=()) -> list[str]:
-    keys = list(dict.fromkeys(k for e, _ in rows for k in e["settings"] if k not in _HIDDEN and k not in skip))
-    out = [k for k in keys if len({_show(e["settings"].get(k)) for e, _ in rows}) > 1]
+    keys = list(dict.fromkeys(k for e, _ in rows for k in _flat(e) if k not in _HIDDEN and k not in skip))
+    out = [k for k in keys if len({_show(_flat(e).get(k)) for e, _ in rows}) > 1]
     if not out:  # one item: still say what it is
         out = [k for k in ("file", "method", "model", "seed") if k in keys and k not in skip]
     return sorted(out, key=lambda k: k == "seed")  # seeds last: the replicates of a row above
+
+
+def _flat(entry: dict) -> dict:
+    """An item's settings with each task parameter a setting of its own (a column)."""
+    settings = dict(entry["settings"])
+    for name, value in (settings.pop("task_params", None) or {}).items():
+        settings[name] = value
+    return settings
 
 
 def _show(value) -> str:
@@ -109,7 +117,7 @@ def _table(kind: str, rows) -> list[str]:
     columns = _varying(rows)
     head = (["recovered", "95% CI", "p", "verdict"] if kind == "check"
             else ["kept", "faithfulness [95% CI]", "CPR", "CMD", "check"])
-    body = [[_show(e["settings"].get(c)) for c in columns] + _numbers(kind, r) for e, r in rows]
+    body = [[_show(_flat(e).get(c)) for c in columns] + _numbers(kind, r) for e, r in rows]
     title = "checks" if kind == "check" else "discoveries"
     return [f"{title}:", *_grid(columns + head, body)]
 
@@ -118,7 +126,7 @@ def _over_seeds(kind: str, rows) -> list[str]:
     columns = _varying(rows, skip=("seed",))
     groups: dict[tuple, list] = {}
     for e, r in rows:
-        groups.setdefault(tuple(_show(e["settings"].get(c)) for c in columns), []).append(r)
+        groups.setdefault(tuple(_show(_flat(e).get(c)) for c in columns), []).append(r)
     what = "recovered" if kind == "check" else "faithfulness"
     body = []
     for label, records in groups.items():
