@@ -88,12 +88,6 @@ class Item:
     def model(self) -> str:
         return self.settings["model"]
 
-    def label(self) -> str:
-        """A short name for progress lines and messages."""
-        s = self.settings
-        what = s["file"] if self.kind == "check" else f"{s['method']}"
-        return f"{what} {s['model']} seed={s['seed']}"
-
 
 @dataclass(frozen=True)
 class Spec:

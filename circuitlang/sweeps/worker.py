@@ -41,29 +41,23 @@ class Worker:
         self.threads = threads
         self.backend = backend
         self._model = None
+        self._loaded: str | None = None  # the name it was loaded by (a path stays a path)
         self._environment: dict | None = None
         if threads is not None:
             import torch
 
             torch.set_num_threads(int(threads))
 
-    def pid(self) -> int:
-        """This worker's process id (a Ray actor's, to watch or to kill it)."""
-        return os.getpid()
-
-    def holding(self) -> str | None:
-        """The name of the model loaded now."""
-        return None if self._model is None else self._model.name
-
     def model(self, name: str):
         """The loaded model `name`, loading it (and dropping the last one) when it is not."""
-        if self._model is None or self._model.name != name:
+        if self._model is None or self._loaded != name:
             import circuitlang
             from circuitlang.runs import environment
 
-            self._model = None  # free the last model before the next loads
+            self._model = self._loaded = self._environment = None  # free the last model first
             self._model = circuitlang.load_model(name, device=self.device)
             self._environment = environment(self._model)  # the weights hash, once per model
+            self._loaded = name
         return self._model
 
     def run(self, item) -> dict:
