@@ -5,7 +5,7 @@ registered) plus parameters and a tokenizer; gives a `Task` (see `base.py` for t
 contract), or just its `TaskSignature` without a tokenizer.
 
 Built-in tasks: `ioi`, `induction`, `greater_than`, `docstring`, `gendered_pronoun`,
-and `custom` (a JSONL file of prompt pairs: `load_task("custom", path=...)`, or
+`facts` (factual recall, for causal tracing), and `custom` (a JSONL file of prompt pairs: `load_task("custom", path=...)`, or
 simply `load_task("path/to/pairs.jsonl")`).
 
 Python task definitions run only from the stdlib or from a module the user names
@@ -50,6 +50,7 @@ _BUILTIN: dict[str, str] = {
     "docstring": "circuitlang.tasks.docstring:DocstringTask",
     "gendered_pronoun": "circuitlang.tasks.gendered_pronoun:GenderedPronounTask",
     "custom": "circuitlang.tasks.custom:CustomTask",
+    "facts": "circuitlang.tasks.facts:FactsTask",
 }
 _ALIASES = {"greater-than": "greater_than", "gendered-pronoun": "gendered_pronoun",
             "gp": "gendered_pronoun", "gt": "greater_than"}

@@ -32,6 +32,8 @@ Models:
   j-1 back (V-composition), so no head scores as a textbook induction head. With every
   layer-0 head clamped to previous-token attention the textbook heads form within 500
   steps; the curriculum is the trainable version of that.
+* `toy-facts`: GPT-2, 4 layers x 4 heads, trained on synthetic facts for causal tracing
+  (`train_facts.py` says how, and what its `circuitlang.json` measures).
 * `toy-ioi`: GPT-2 architecture, 3 layers x 4 heads, word-level vocabulary covering
   the IOI templates, names, places and objects of Wang et al. 2022
   (`circuitlang.tasks.ioi`), trained as a language model on IOI sentences.
@@ -336,6 +338,11 @@ RECIPES = {
         _ioi,
     ),
 }
+
+# toy-facts's recipe lives beside this file (its measurements are long)
+from circuitlang.models.toys.train_facts import facts_recipe  # noqa: E402
+
+RECIPES["toy-facts"] = facts_recipe()
 
 
 # ---- training loop --------------------------------------------------------------
