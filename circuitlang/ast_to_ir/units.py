@@ -43,18 +43,21 @@ class UnitResolver:
             self.report("resolve.no_mlp", "this model has no MLPs (attention only)", stmt.span,
                         "declare the SAE at resid L or attn L")
             return
+        from circuitlang.models.sae import read_sae_info  # torch: only for files that use SAEs
+
         try:
             real = confined_path(stmt.path, self.filename)
+            info = read_sae_info(real)
         except OutsideError as exc:
             self.report("resolve.sae_outside", f"cannot read SAE folder: {exc.message}", stmt.span,
                         "a file may read SAE folders only inside its own folder tree")
             return
-        from circuitlang.models.sae import read_sae_info  # torch: only for files that use SAEs
-
-        try:
-            info = read_sae_info(real)
         except CircuitlangError as exc:
             self.report(exc.diagnostics[0].code, exc.message, stmt.span, exc.hint)
+            return
+        except (OSError, ValueError) as exc:  # a name the file system refuses
+            self.report("resolve.sae_path", f"cannot read SAE folder {stmt.path!r}: {exc}", stmt.span,
+                        'write the folder as a relative path, such as "saes/res5"')
             return
         if info.d_in != self.shape.d_model:
             self.report("resolve.sae_width", f"SAE {stmt.name} reads width {info.d_in}, but the model's "

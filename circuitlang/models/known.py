@@ -17,11 +17,13 @@ TOYS_DIR = Path(__file__).resolve().parent / "toys"
 
 
 def _shape(arch: str, n_layers: int, n_heads: int, d_model: int, vocab: int, n_ctx: int,
-           n_kv: int | None = None, d_head: int | None = None, has_mlp: bool = True) -> dict:
-    # every GPT-NeoX / Pythia release uses parallel attention and MLP (use_parallel_residual)
+           n_kv: int | None = None, d_head: int | None = None, has_mlp: bool = True,
+           d_mlp: int | None = None) -> dict:
+    # every GPT-NeoX / Pythia release uses parallel attention and MLP (use_parallel_residual);
+    # GPT-2 and Pythia MLPs are 4 x d_model wide, Llama-family widths are given
     return dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head or d_model // n_heads,
                 n_kv_heads=n_kv or n_heads, vocab_size=vocab, n_ctx=n_ctx, has_mlp=has_mlp, architecture=arch,
-                parallel_residual=arch == "gpt_neox")
+                parallel_residual=arch == "gpt_neox", d_mlp=(d_mlp or 4 * d_model) if has_mlp else 0)
 
 
 #: Well-known hub models (from their published config.json files).
@@ -40,12 +42,12 @@ KNOWN_SHAPES: dict[str, dict] = {
     "EleutherAI/pythia-1.4b": _shape("gpt_neox", 24, 16, 2048, 50304, 2048),
     "EleutherAI/pythia-2.8b": _shape("gpt_neox", 32, 32, 2560, 50304, 2048),
     "EleutherAI/pythia-6.9b": _shape("gpt_neox", 32, 32, 4096, 50432, 2048),
-    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": _shape("llama", 22, 32, 2048, 32000, 2048, n_kv=4),
-    "meta-llama/Llama-3.2-1B": _shape("llama", 16, 32, 2048, 128256, 131072, n_kv=8),
-    "meta-llama/Llama-2-7b-hf": _shape("llama", 32, 32, 4096, 32000, 4096),
-    "mistralai/Mistral-7B-v0.1": _shape("mistral", 32, 32, 4096, 32000, 32768, n_kv=8),
-    "Qwen/Qwen2-0.5B": _shape("qwen2", 24, 14, 896, 151936, 131072, n_kv=2),
-    "Qwen/Qwen2.5-0.5B": _shape("qwen2", 24, 14, 896, 151936, 32768, n_kv=2),
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": _shape("llama", 22, 32, 2048, 32000, 2048, n_kv=4, d_mlp=5632),
+    "meta-llama/Llama-3.2-1B": _shape("llama", 16, 32, 2048, 128256, 131072, n_kv=8, d_mlp=8192),
+    "meta-llama/Llama-2-7b-hf": _shape("llama", 32, 32, 4096, 32000, 4096, d_mlp=11008),
+    "mistralai/Mistral-7B-v0.1": _shape("mistral", 32, 32, 4096, 32000, 32768, n_kv=8, d_mlp=14336),
+    "Qwen/Qwen2-0.5B": _shape("qwen2", 24, 14, 896, 151936, 131072, n_kv=2, d_mlp=4864),
+    "Qwen/Qwen2.5-0.5B": _shape("qwen2", 24, 14, 896, 151936, 32768, n_kv=2, d_mlp=4864),
     # TransformerLens' attention-only models (Nanda), for hypotheses written against them.
     "attn-only-1l": _shape("gpt2", 1, 8, 512, 48262, 1024, has_mlp=False),
     "attn-only-2l": _shape("gpt2", 2, 8, 512, 48262, 1024, has_mlp=False),
