@@ -533,6 +533,44 @@ class Ablate:
     trivia: Trivia = _trivia()
 
 
+#: What `trace` restores, and its options with their defaults (`circuitlang.tracing`).
+TRACE_SITES = ("resid", "mlp", "attn")
+TRACE_OPTIONS = {"noise": 3.0, "window": 1}
+#: What `probe` reads, and its options (`circuitlang.probes`).
+PROBE_SITES = ("resid", "mlp")
+PROBE_OPTIONS = ("save", "heldout")
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """`trace SITE * at POS [noise K] [window K]`: causal tracing.
+
+    `site` is one of `TRACE_SITES`; `options` the (name, value) pairs as written, in
+    order (the parser refuses unknown names and repeats).
+    """
+
+    site: str
+    position: Position
+    options: tuple[tuple[str, float | int], ...] = ()
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """`probe SITE * at POS for FEATURE [heldout F] [save "file"]`: a linear probe per layer.
+
+    `site` is one of `PROBE_SITES`; `options` the (name, value) pairs as written.
+    """
+
+    site: str
+    position: Position
+    feature: str
+    options: tuple[tuple[str, float | int | str], ...] = ()
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
 @dataclass(frozen=True, slots=True)
 class Expect:
     """`expect [each] LHS OP RHS`; `each` makes it a per-prompt property."""
@@ -587,7 +625,7 @@ HoleConstraint = Union[HoleIn, HoleSize]
 Statement = Union[
     Cite, ModelDecl, TaskDecl, Use, MetricDecl, AblationDecl, SemanticsDecl, Reported, Setting,
     GroupDef, Depends, Edge, VerbUse, VerbDef, Patch, PathPatch, Ablate, Expect, HoleIn, HoleSize,
-    SaeDecl,
+    SaeDecl, Trace, Probe,
 ]
 
 

@@ -202,7 +202,55 @@ class Ablate:
     span: Span | None = _span()
 
 
-Experiment = Union[Patch, PathPatch, Ablate]
+#: The columns of `trace ... at all` (ROME's figure), in order; `circuitlang.tracing`.
+TRACE_COLUMNS = ("BEFORE", "SUBJ_FIRST", "SUBJ_MIDDLE", "SUBJ_LAST", "SUBJ_LAST+1", "FURTHER", "END")
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Causal tracing (`circuitlang.tracing`): noise the task's subject span, restore
+    each clean `site` state ("resid", "mlp" or "attn") of every layer at `position`
+    (`ALL`: every token, in ROME's columns).
+
+    Attributes:
+        sites: every layer's state of that kind (`Mlp(0)`, ...; attention as its heads).
+        noise: the noise's std in units of the subject embeddings' std (ROME: 3).
+        window: layers restored together around each layer (1: one layer).
+    """
+
+    site: str
+    position: sites.Position
+    sites: tuple[SiteOrHole, ...] = ()
+    noise: float = 3.0
+    window: int = 1
+    grid: tuple[int, ...] = ()
+    text: str = field(default="", compare=False)
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Linear probes (`circuitlang.probes`): one per layer's `site` state at `position`,
+    predicting task feature `feature`.
+
+    Attributes:
+        sites: the states probed (`Resid(0)`, ..., or `Mlp(0)`, ...), one per layer.
+        heldout: the share of prompts held out to score each probe.
+        save: a safetensors file to write the probe directions to (None: not saved).
+    """
+
+    site: str
+    position: sites.Position
+    feature: str
+    sites: tuple[SiteOrHole, ...] = ()
+    heldout: float = 0.25
+    save: str | None = None
+    grid: tuple[int, ...] = ()
+    text: str = field(default="", compare=False)
+    span: Span | None = _span()
+
+
+Experiment = Union[Patch, PathPatch, Ablate, Trace, Probe]
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +473,12 @@ def claim_to_json(claim: Claim) -> dict[str, Any]:
 def experiment_to_json(exp: Experiment) -> dict[str, Any]:
     """An experiment as a dict with `kind` "patch", "path_patch" or "ablate"."""
     common = {"text": exp.text, "span": span_to_json(exp.span), "position": str(exp.position)}
+    if isinstance(exp, Trace):
+        return {"kind": "trace", "site": exp.site, "noise": exp.noise, "window": exp.window,
+                "grid": list(exp.grid), **common}
+    if isinstance(exp, Probe):
+        return {"kind": "probe", "site": exp.site, "feature": exp.feature, "heldout": exp.heldout,
+                "save": exp.save, "grid": list(exp.grid), **common}
     if isinstance(exp, Patch):
         return {"kind": "patch", "sites": [site_to_json(s) for s in exp.sites],
                 "sweep": exp.sweep, "grid": list(exp.grid), "axes": list(exp.axes), **common}

@@ -231,6 +231,14 @@ def _experiment(exp) -> object:
     if isinstance(exp, ir.Ablate):
         position = None if exp.position.is_all else _position(exp.position)
         return ast.Ablate(_sites_target(exp.sites, False, ()), exp.mode, position)
+    if isinstance(exp, ir.Trace):
+        options = tuple((k, v) for k, v in (("noise", exp.noise), ("window", exp.window))
+                        if v != ast.TRACE_OPTIONS[k])
+        return ast.Trace(exp.site, _position(exp.position), options)
+    if isinstance(exp, ir.Probe):
+        options = (() if exp.heldout == 0.25 else (("heldout", exp.heldout),)) \
+            + (() if exp.save is None else (("save", exp.save),))
+        return ast.Probe(exp.site, _position(exp.position), exp.feature, options)
     raise CircuitlangError(f"not an experiment: {exp!r}", code="print.not-an-experiment")
 
 

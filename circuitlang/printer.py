@@ -112,6 +112,10 @@ def format_statement(stmt: ast.Statement) -> str:
             if position is not None:
                 text += f" at {_position(position)}"
             return text
+        case ast.Trace(site=site, position=position, options=options):
+            return f"trace {site} * at {_position(position)}" + _options(options)
+        case ast.Probe(site=site, position=position, feature=feature, options=options):
+            return f"probe {site} * at {_position(position)} for {feature}" + _options(options)
         case ast.Expect(each=each, lhs=lhs, op=op, rhs=rhs):
             quant = "each " if each else ""
             return f"expect {quant}{format_expr(lhs)} {op} {format_expr(rhs)}"
@@ -309,3 +313,11 @@ def format_expr(expr: ast.Expr) -> str:
                 rtext = f"({rtext})"
             return f"{ltext} {op} {rtext}"
     raise TypeError(f"not an expression: {expr!r}")
+
+
+def _options(options) -> str:
+    """` noise 3.0 window 10`, ` save "x.safetensors"`: an experiment's options as written."""
+    parts = []
+    for name, value in options:
+        parts.append(f" {name} {_quote(value) if isinstance(value, str) else repr(value)}")
+    return "".join(parts)

@@ -48,7 +48,7 @@ _EXPR_RULES = frozenset({"add", "sub", "mul", "div", "neg", "call"})
 _STATEMENT_RULES = frozenset(
     "cite model task use metric ablation semantics reported seed samples group depends "
     "edge verb_use verb_def patch path_patch ablate expect hole_in_layer hole_in_layers "
-    "hole_in_heads hole_size".split()) | {"sae_decl"}
+    "hole_in_heads hole_size".split()) | {"sae_decl", "trace", "probe"}
 
 # Words that are keywords somewhere in the grammar. Keywords are contextual, but a
 # group, verb word or feature spelled like one of these can be unusable in places,
@@ -56,7 +56,8 @@ _STATEMENT_RULES = frozenset(
 KEYWORDS = frozenset(
     "cite model task use metric ablation semantics given reported seed samples group head heads "
     "mlp resid embed logits at depends on nothing patch ablate with expect each verb".split()
-) | frozenset("neuron neurons feature error sae attn".split())
+) | frozenset("neuron neurons feature error sae attn".split()) \
+    | frozenset("trace probe".split())
 
 
 class _CircIndenter(Indenter):
@@ -580,6 +581,74 @@ class _ToAst(Transformer):
             else:
                 position = item
         return ast.Ablate(target, mode, position, span=self._span(meta))
+
+    def _experiment_site(self, tok: Token, valid: tuple[str, ...], verb: str) -> str:
+        word = str(tok)
+        if word not in valid:
+            close = difflib.get_close_matches(word, valid, n=1)
+            raise ParseError(f"cannot {verb} {word!r}", code=f"parse.{verb}_site",
+                             span=_tok_span(tok, self.filename),
+                             hint=(f"did you mean {close[0]}? " if close else "")
+                             + f"{verb} reads " + ", ".join(valid[:-1]) + f" or {valid[-1]}, e.g. `"
+                             + ("trace mlp * at all" if verb == "trace" else "probe resid * at END for IO") + "`")
+        return word
+
+    def _options(self, items, valid: tuple[str, ...], verb: str) -> tuple[tuple[str, object], ...]:
+        seen: dict[str, object] = {}
+        for tok, value in items:
+            name = str(tok)
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1)
+                raise ParseError(f"unknown {verb} option {name!r}", code=f"parse.{verb}_option",
+                                 span=_tok_span(tok, self.filename),
+                                 hint=(f"did you mean {close[0]}? " if close else "")
+                                 + f"{verb} takes " + ", ".join(valid))
+            if name in seen:
+                raise ParseError(f"{verb} option {name!r} is given twice", code=f"parse.{verb}_option",
+                                 span=_tok_span(tok, self.filename), hint="give each option once")
+            seen[name] = self._option_value(verb, tok, value)
+        return tuple(seen.items())
+
+    def _option_value(self, verb: str, tok: Token, value) -> object:
+        name = str(tok)
+        wants = {"window": "a whole number of layers >= 1 (window 10)",
+                 "noise": "a number above 0, in units of the embeddings' std (noise 3.0)",
+                 "heldout": "a share of the prompts between 0 and 1 (heldout 0.25)",
+                 "save": 'a file name in quotes (save "io_probe.safetensors")'}[name]
+        ok = False
+        if name == "save":
+            ok = isinstance(value, str) and value != ""
+        elif isinstance(value, Decimal):
+            if name == "window":
+                ok = value == value.to_integral_value() and value >= 1
+                value = int(value) if ok else value
+            elif name == "noise":
+                ok, value = value > 0, float(value)
+            else:
+                ok, value = 0 < value < 1, float(value)
+        if not ok:
+            raise ParseError(f"{verb} option {name} must be {wants}", code=f"parse.{verb}_option",
+                             span=_tok_span(tok, self.filename), hint=f"write {wants.split('(')[-1][:-1]}")
+        return value
+
+    def trace(self, meta, c):
+        site, _star, position, *options = c
+        return ast.Trace(self._experiment_site(site, ast.TRACE_SITES, "trace"), position,
+                         self._options(options, tuple(ast.TRACE_OPTIONS), "trace"), span=self._span(meta))
+
+    def trace_option(self, meta, c):
+        return c[0], c[1]
+
+    def probe(self, meta, c):
+        site, _star, position, feature, *options = c
+        return ast.Probe(self._experiment_site(site, ast.PROBE_SITES, "probe"), position, str(feature),
+                         self._options(options, ast.PROBE_OPTIONS, "probe"), span=self._span(meta))
+
+    def probe_option(self, meta, c):
+        tok, value = c
+        if isinstance(value, Token):  # a STRING
+            value = _unquote(value, self.filename)
+        return tok, value
 
     # -- hole constraints
     def _constraint_hole(self, tok: Token) -> ast.Hole:

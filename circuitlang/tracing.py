@@ -42,6 +42,7 @@ import torch
 
 from circuitlang.errors import ExecutionError
 from circuitlang.experiments import ExperimentResult
+from circuitlang.ir import TRACE_COLUMNS as COLUMNS
 from circuitlang.progress import Progress
 from circuitlang.sites import ALL, Embed, Head, Mlp, Position, Resid, TokenEmbed
 
@@ -49,8 +50,6 @@ from circuitlang.sites import ALL, Embed, Head, Mlp, Position, Resid, TokenEmbed
 TRACE_SITES = ("resid", "mlp", "attn")
 #: ROME's noise level: 3 x the standard deviation of the subject's embeddings.
 DEFAULT_NOISE = 3.0
-#: The columns of `trace ... at all`, in the order shown.
-COLUMNS = ("BEFORE", "SUBJ_FIRST", "SUBJ_MIDDLE", "SUBJ_LAST", "SUBJ_LAST+1", "FURTHER", "END")
 #: The metric tracing reads: the probability of the correct object.
 TRACE_METRIC = "answer_prob"
 
@@ -320,3 +319,10 @@ def _capture(model, prompts, sites, batch_size: int) -> dict:
         for s in sites:
             parts[s].append(run.cache[s].detach())
     return {s: torch.cat(v) for s, v in parts.items()}
+
+
+def run_trace(exp, setup, hypothesis=None, *, progress: bool | None = False) -> TraceResult:
+    """A resolved `trace` statement (`ir.Trace`) on a checker `Setup`'s model and prompts."""
+    return causal_trace(setup.model, setup.task, setup.prompts, exp.site, exp.position, noise=exp.noise,
+                        window=exp.window, seed=setup.seed, batch_size=setup.batch_size, text=exp.text,
+                        progress=progress)

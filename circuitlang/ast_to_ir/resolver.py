@@ -72,6 +72,10 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
                 exp = self._experiment(stmt, text, header["ablation"].mode)
                 if exp is not None:
                     experiments.append(exp)
+            elif isinstance(stmt, (ast.Trace, ast.Probe)):
+                exp = self._trace_or_probe(stmt, text)
+                if exp is not None:
+                    experiments.append(exp)
             elif isinstance(stmt, ast.Expect):
                 exp = self._expectation(stmt, text)
                 if exp is not None:
@@ -171,6 +175,61 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
                     return None
                 return ir.Ablate(tuple(found), mode or default_mode, pos, text, span=stmt.span)
         raise TypeError(f"not an experiment: {stmt!r}")  # pragma: no cover
+
+    def _trace_or_probe(self, stmt, text: str) -> ir.Trace | ir.Probe | None:
+        """`trace SITE * at P` / `probe SITE * at P for F`, checked against the model and task."""
+        pos = self._position(stmt.position)
+        shape = self.shape
+        if stmt.site == "mlp" and not shape.has_mlp:
+            self.report("resolve.no_mlp", f"{shape.name or 'this model'} has no MLPs", stmt.span,
+                        f"{'trace' if isinstance(stmt, ast.Trace) else 'probe'} resid instead")
+            return None
+        layers = range(shape.n_layers)
+        if stmt.site == "resid":
+            found = tuple(sites.Resid(l) for l in layers)
+        elif stmt.site == "mlp":
+            found = tuple(sites.Mlp(l) for l in layers)
+        else:
+            found = tuple(sites.Head(l, h) for l in layers for h in range(shape.n_heads))
+        options = dict(stmt.options)
+        if isinstance(stmt, ast.Trace):
+            missing = [p for p in ("SUBJ_FIRST", "SUBJ_LAST") if p not in self.task.positions]
+            if missing:
+                self.report("resolve.trace_task", f"causal tracing noises the task's subject span, and "
+                            f"task {self.task.name} has none (no {' or '.join(missing)})", stmt.span,
+                            "use a factual-recall task: `task facts` (or task facts path=\"facts.jsonl\")")
+                return None
+            window = options.get("window", ast.TRACE_OPTIONS["window"])
+            if stmt.site == "resid" and window != 1:
+                self.report("resolve.trace_window", "window applies to tracing mlp and attn, not resid",
+                            stmt.span, "restoring the residual stream at one layer already carries "
+                            "every layer below it; drop `window`, or trace mlp or attn")
+                return None
+            if window > shape.n_layers:
+                self.report("resolve.trace_window", f"window {window} is wider than the model "
+                            f"({shape.n_layers} layers)", stmt.span, f"use window 1 to {shape.n_layers}")
+                return None
+            if pos is None:
+                return None
+            columns = len(ir.TRACE_COLUMNS) if pos.is_all else 1
+            return ir.Trace(stmt.site, pos, found, float(options.get("noise", ast.TRACE_OPTIONS["noise"])),
+                            int(window), (shape.n_layers, columns), text, span=stmt.span)
+        names = self.task.feature_names()
+        if stmt.feature not in names:
+            close = _similar(stmt.feature, names)
+            self.report("resolve.feature", f"unknown feature {stmt.feature!r}", stmt.span,
+                        (f"did you mean {close}? " if close else "")
+                        + f"task {self.task.name} defines features " + ", ".join(names))
+            return None
+        if pos is None:
+            return None
+        if pos.is_all:
+            self.report("resolve.probe_position", "a probe reads one position, not all", stmt.span,
+                        "name one, e.g. `probe resid * at END for IO`")
+            return None
+        return ir.Probe(stmt.site, pos, self.task.canonical_feature(stmt.feature), found,
+                        float(options.get("heldout", 0.25)), options.get("save"), (shape.n_layers,), text,
+                        span=stmt.span)
 
     def _grid(self, target: ast.Target) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """The sweep grid a wildcard target spans ((), () for no wildcard)."""
