@@ -37,7 +37,7 @@ from circuitlang.ast import PATCH_DIRECTIONS
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
 from circuitlang.progress import Progress
-from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed, Position, Resid, TokenEmbed
+from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, Neuron, PosEmbed, Position, Resid, TokenEmbed
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ExperimentResult:
     """The numbers of one experiment statement.
 
     Attributes:
-        kind: "patch", "path_patch" or "ablate".
+        kind: "patch", "path_patch", "ablate" or "attribution" (estimated by attribution patching).
         text: the statement, as written.
         sites: what each entry of `values` intervened on, flattened in the grid's
             order: typed sites (`Head(1, 2)`) for one-site patches, text for a path
@@ -238,11 +238,15 @@ def _unfinite(x) -> float:
 
 _SITE_TEXT = re.compile(r"head (\d+)\.(\d+)(?:\.(q|k|v|pattern))?|mlp (\d+)(\.in)?|resid (\d+)"
                         r"|embed|embed\.token|embed\.position|logits")
+_NEURON_TEXT = re.compile(r"neuron (\d+)\.(\d+)")
 
 
 def site_from_text(text: str):
     """The typed site whose `str` is `text` (`"head 1.2.q"` -> `Head(1, 2, Channel.Q)`);
     any other text (a path, sites patched together) is returned unchanged."""
+    neuron = _NEURON_TEXT.fullmatch(text)
+    if neuron is not None:  # (a latent's text names its SAE, not its folder: it stays text)
+        return Neuron(int(neuron.group(1)), int(neuron.group(2)))
     match = _SITE_TEXT.fullmatch(text)
     if match is None:
         return text
@@ -564,6 +568,48 @@ class Experiments:
         patch_for.n_sites = 1
         per_prompt = self._sweep("clean", patch_for)
         return self._result("ablate", text, [", ".join(str(s) for s in sites)], per_prompt, None)
+
+    def attribution(self, sites, position: Position, *, text: str = "", grid=None,
+                    top_k: int = 0) -> ExperimentResult:
+        """Attribution patching over neurons, SAE latents and SAE error terms (noising).
+
+        Estimates, for every node at once, what `patch NODE at P` measures: the clean
+        run's metric plus `(corrupt - clean value) . d metric / d value`, in two passes
+        per batch (`circuitlang.models.attribution`). `sites` may hold `AllLatents` /
+        `AllNeurons` (every unit of one dictionary or MLP), single `Latent` / `Neuron`
+        sites, and `SaeError`s. With `top_k`, the k strongest nodes are also patched
+        exactly; `extra["top_k"]` maps each to its estimated and measured `normalized`.
+        """
+        from circuitlang.models.attribution import attribute_nodes
+
+        n = len(self.prompts.input_ids)
+        index = list(range(n))
+
+        def metric(logits, rows):
+            sub = self.prompts.subset(index[rows])
+            reference = None
+            if self.metric == "kl":
+                with torch.no_grad():
+                    reference = run_batched(self.model, sub.input_ids, sub.attention_mask).logits
+            return self.task.metric(self.metric, logits, sub, reference_logits=reference)
+
+        at = None if position.is_all else position_index(self.prompts, position)
+        found = attribute_nodes(self.model, self.prompts.input_ids, self.prompts.corrupt_input_ids, metric,
+                                sites, attention_mask=self.prompts.attention_mask, positions=at,
+                                batch_size=self.batch_size)
+        self.passes += 1
+        per_prompt = self.baseline("clean")[None, :] + found.per_prompt.to(torch.float64).numpy()
+        result = self._result("attribution", text, list(found.sites), per_prompt, grid)
+        result.extra["passes"] = found.passes
+        if top_k > 0:
+            best = [site for site, _ in found.top(top_k)]
+            exact = self.activation_patching(best, position)
+            where = {site: k for k, site in enumerate(found.sites)}
+            result.extra["top_k"] = {
+                str(site): {"estimated": float(np.ravel(result.normalized)[where[site]]),
+                            "measured": float(np.ravel(exact.normalized)[k])}
+                for k, site in enumerate(best)}
+        return result
 
     def _result(self, kind, text, sites, per_prompt, grid, direction: str = "noise") -> ExperimentResult:
         clean = float(self.baseline("clean").mean())

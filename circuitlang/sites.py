@@ -27,7 +27,8 @@ Conventions (the same for every architecture):
 * `Latent(sae, index)` is one latent of a sparse autoencoder spliced in at the
   dictionary's hook point (`Dictionary`), its activation after the SAE's
   nonlinearity; `SaeError(sae)` is what the dictionary misses there (`x - x_hat`,
-  Marks et al. 2024), [B, T, D].
+  Marks et al. 2024), [B, T, D]. `AllNeurons(layer)` and `AllLatents(sae)` are every
+  unit of one MLP or one dictionary as one value (the last axis indexes the unit).
 
 Positions are names a task defines (`Position("S1", 1)` is `S1+1`); `ALL` is every
 position. The model layer receives concrete per-row token indices, never names.
@@ -201,7 +202,28 @@ class SaeError:
         return f"error {self.sae.name}"
 
 
-Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits, Neuron, Latent, SaeError]
+@dataclass(frozen=True, slots=True, order=True)
+class AllNeurons:
+    """Every hidden unit of MLP `layer` at once, [B, T, d_mlp] (sweeps, attribution)."""
+
+    layer: int
+
+    def __str__(self) -> str:
+        return f"neuron {self.layer}.*"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class AllLatents:
+    """Every latent of a spliced-in dictionary at once, [B, T, d_sae] (sweeps, attribution)."""
+
+    sae: Dictionary
+
+    def __str__(self) -> str:
+        return f"feature {self.sae.name}.*"
+
+
+Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits, Neuron, Latent, SaeError,
+             AllNeurons, AllLatents]
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -28,12 +28,12 @@ import torch
 from circuitlang.errors import ModelError
 from circuitlang.models.patches import _first, _replace_first, apply_patch
 from circuitlang.models.sae import sae_for
-from circuitlang.sites import SAE_HOOKS, Dictionary, Latent, Neuron, SaeError
+from circuitlang.sites import SAE_HOOKS, AllLatents, AllNeurons, Dictionary, Latent, Neuron, SaeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
 
-UNIT_SITES = (Neuron, Latent, SaeError)
+UNIT_SITES = (Neuron, Latent, SaeError, AllNeurons, AllLatents)
 
 
 def is_unit_site(site: Any) -> bool:
@@ -48,7 +48,7 @@ def d_mlp(lm: "LoadedModel", layer: int) -> int:
 def check_unit_site(lm: "LoadedModel", site) -> None:
     """Raise ModelError unless a neuron / latent / error site exists in this model."""
     shape = lm.shape
-    if isinstance(site, Neuron):
+    if isinstance(site, (Neuron, AllNeurons)):
         if not shape.has_mlp:
             raise ModelError(f"{site}: model {shape.name!r} is attention-only", code="model.bad-site",
                              hint="neurons are MLP hidden units; use head, embed, resid or logits sites")
@@ -56,7 +56,7 @@ def check_unit_site(lm: "LoadedModel", site) -> None:
             raise ModelError(f"{site}: layer {site.layer} out of range", code="model.bad-site",
                              hint=f"model has layers 0-{shape.n_layers - 1}")
         width = d_mlp(lm, site.layer)
-        if not 0 <= site.index < width:
+        if isinstance(site, Neuron) and not 0 <= site.index < width:
             raise ModelError(f"{site}: neuron {site.index} out of range", code="model.bad-site",
                              hint=f"MLP {site.layer} has neurons 0-{width - 1}")
         return
@@ -96,15 +96,16 @@ def unit_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
     neurons: dict[int, list[Neuron]] = defaultdict(list)
     saes: dict[Dictionary, list] = defaultdict(list)
     for site in touched:
-        if isinstance(site, Neuron):
+        if isinstance(site, (Neuron, AllNeurons)):
             neurons[site.layer].append(site)
         else:
             saes[site.sae].append(site)
     for layer, found in sorted(neurons.items()):
-        last.append((adapter.mlp_out_proj(layer), _neuron_hook(sorted(found), plan), "pre"))
+        found = sorted(found, key=lambda s: (isinstance(s, AllNeurons), getattr(s, "index", 0)))
+        last.append((adapter.mlp_out_proj(layer), _neuron_hook(found, plan), "pre"))
     for d, found in sorted(saes.items()):
         sae = check_dictionary(lm, d)
-        found = sorted(found, key=lambda s: (isinstance(s, SaeError), getattr(s, "index", 0)))
+        found = sorted(found, key=lambda s: (type(s).__name__, getattr(s, "index", 0)))
         if d.hook == "resid":
             # before the engine's block / final-norm hook, so Resid(l) and q/k/v patches
             # see the spliced stream
@@ -123,6 +124,12 @@ def _neuron_hook(found: list[Neuron], plan):
         h = args[0] if args else next(iter(kwargs.values()))
         new_h = h
         for site in found:
+            if isinstance(site, AllNeurons):  # after the single units: it sees their patches
+                for p in plan.patches.get(site, ()):
+                    new_h = apply_patch(new_h, p)
+                if site in plan.capture:  # under grad, the tensor the projection reads
+                    plan.cache[site] = new_h
+                continue
             cur = h[..., site.index]
             new = cur
             for p in plan.patches.get(site, ()):
@@ -142,20 +149,42 @@ def _neuron_hook(found: list[Neuron], plan):
 
 
 def _splice(sae, found: list, plan, x: torch.Tensor) -> torch.Tensor:
-    """The hook point's new value (`x` itself when nothing is patched)."""
+    """The hook point's new value (`x` itself when nothing is patched).
+
+    Under autograd, a captured `AllLatents` / `SaeError` is a leaf the hook point adds as
+    `leaf - leaf.detach()` (exact zeros): its gradient is the metric's gradient with
+    respect to the latents (the error), as attribution needs, and the gradient reaching
+    `x` is the plain model's."""
     f = sae.encode(x)
+    grad = torch.is_grad_enabled()
     df = None
     delta = None
+    new_f = f
     for site in found:
         if isinstance(site, SaeError):
             err = x - sae.decode(f, x)
+            if grad and site in plan.capture:
+                err = err.detach().requires_grad_(True)
             new = err
             for p in plan.patches.get(site, ()):
                 new = apply_patch(new, p)
             if site in plan.capture:
                 plan.cache[site] = new
-            if new is not err:
-                delta = new - err if delta is None else delta + (new - err)
+            if new is not err or err.requires_grad:
+                step = new - err.detach()
+                delta = step if delta is None else delta + step
+            continue
+        if isinstance(site, AllLatents):  # after the single latents: it sees their patches
+            base = f if df is None else f + df
+            if grad and site in plan.capture:
+                base = base.detach().requires_grad_(True)
+            new_f = base
+            for p in plan.patches.get(site, ()):
+                new_f = apply_patch(new_f, p)
+            if site in plan.capture:
+                plan.cache[site] = new_f
+            if new_f is not base or base.requires_grad:
+                df = new_f - f.detach() if base.requires_grad else new_f - f
             continue
         cur = f[..., site.index]
         new = cur

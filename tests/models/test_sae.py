@@ -230,3 +230,47 @@ def test_sae_declaration_errors(tmp_path):
         resolve_text(text, model="toy-ioi", task="ioi", filename=str(tmp_path / "h.circ"))
     codes = [d.code for d in info.value.diagnostics]
     assert codes == ["sae.pickle", "resolve.sae_outside", "resolve.latent_range", "resolve.sae"]
+
+
+# ---- attribution over latents ----------------------------------------------------------------
+def test_latent_attribution_is_gradient_times_difference_in_two_passes(tmp_path, build_tiny):
+    """Every latent and the error term scored at once; each equals a hand-computed oracle:
+    the gradient of the metric with respect to the plain model's stream (no SAE) times the
+    latent's corrupt-minus-clean change along its decoder row."""
+    from circuitlang.models.attribution import attribute_nodes
+    from circuitlang.sites import AllLatents
+
+    lm = LoadedModel.from_hf(build_tiny("gpt2"), name="tiny-gpt2")
+    d = Dictionary("s", save_saelens(tmp_path / "sae", _weights(5)), "resid", 2, N)
+    g = torch.Generator().manual_seed(2)
+    clean, corrupt = torch.randint(0, 61, (6, 5), generator=g), torch.randint(0, 61, (6, 5), generator=g)
+    end = torch.full((6,), 4)
+
+    def metric(logits, rows):
+        return logits[:, -1, 3] - logits[:, -1, 4]
+
+    found = attribute_nodes(lm, clean, corrupt, metric, [AllLatents(d), SaeError(d)], positions=end, batch_size=4)
+    assert found.passes == 4  # two batches, two passes each
+    assert len(found.sites) == N + 1 and found.sites[0] == Latent(d, 0) and found.sites[-1] == SaeError(d)
+    sae = load_sae(d.path)
+    plain = lm.run(clean, capture=[Resid(2)], grad=True)
+    grad_x, = torch.autograd.grad(metric(plain.logits, None).sum(), [plain.cache[Resid(2)]])
+    x_clean = plain.cache[Resid(2)].detach()[:, 4]
+    x_corrupt = lm.run(corrupt, capture=[Resid(2)]).cache[Resid(2)][:, 4]
+    df = sae.encode(x_corrupt) - sae.encode(x_clean)  # [6, N]
+    oracle = df * (grad_x[:, 4] @ sae.W_dec.T)  # [6, N]
+    torch.testing.assert_close(found.per_prompt[:N], oracle.T, rtol=1e-4, atol=1e-6)
+    err_oracle = ((sae.error(x_corrupt) - sae.error(x_clean)) * grad_x[:, 4]).sum(-1)
+    torch.testing.assert_close(found.per_prompt[N], err_oracle, rtol=1e-4, atol=1e-6)
+    top = found.top(3)
+    assert abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1])
+
+
+def test_attribution_refuses_heads(build_tiny):
+    from circuitlang.models.attribution import attribute_nodes
+    from circuitlang.sites import Head
+
+    lm = LoadedModel.from_hf(build_tiny("gpt2"), name="tiny-gpt2")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ModelError, match="EAP"):
+        attribute_nodes(lm, ids, ids, lambda logits, rows: logits[:, -1, 0], [Head(0, 0)])
