@@ -29,6 +29,9 @@ from circuitlang.ir_to_graph import ir_to_graph
 from circuitlang.report import CheckResult
 
 DEFAULT_N = 64
+#: The most prompts per forward pass when the caller gives no batch size (fewer when the
+#: free memory holds fewer: `circuitlang.models.memory`).
+DEFAULT_BATCH = 64
 #: Random circuits in the permutation test (all of them when there are fewer).
 DEFAULT_PERMUTATIONS = 200
 
@@ -134,8 +137,10 @@ def check(
     permutations: int = DEFAULT_PERMUTATIONS,
     breakdown: bool = True,
     max_examples: int = 25,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device=None,
+    dtype=None,
+    device_map=None,
     progress: bool | None = False,
     task_params: dict | None = None,
     tokenizer=None,
@@ -162,8 +167,15 @@ def check(
         permutations: random circuits of the same size to compare against (0: skip).
         breakdown: also measure what each claim costs when removed.
         max_examples: prompts `hypothesis` tries per per-prompt expectation.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (default: as many as the free memory
+            holds, at most 64: `circuitlang.models.memory`).
         device: torch device for the model ("cuda", "cpu"; default: CUDA if present).
+        dtype: the weights' dtype when the model is loaded by name (`"float32"`, the
+            default, `"bfloat16"`, `"float16"` or a torch dtype); metrics and their
+            means are computed in fp32 whatever it is.
+        device_map: place the model's layers with accelerate (`load_model`'s
+            `device_map`: `"auto"`, or module name -> `"cpu"`/`"disk"`/`"cuda:N"`)
+            instead of on one `device`.
         progress: show a progress bar on stderr (None: when stderr is a terminal).
         task_params: task parameters; each beats the file's `task` line's.
         tokenizer: a tokenizer folder or hub id, for a model folder without one.
@@ -200,7 +212,7 @@ def check(
     refuse_holes(hypothesis)                                                       # before any weights load
     setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric, device=device,
                     batch_size=batch_size, task_params=task_params, tokenizer=tokenizer,
-                    allow_pickle=allow_pickle)                                      # model, task, prompts
+                    allow_pickle=allow_pickle, dtype=dtype, device_map=device_map)  # model, task, prompts
     graph = ir_to_graph(hypothesis)                                                # lower
     experiments = run_experiments(hypothesis, setup, progress=progress)
     if not hypothesis.claims and not hypothesis.expectations:  # a file of experiments only
@@ -293,11 +305,13 @@ def run(
     n: int | None = None,
     seed: int | None = None,
     metric: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device=None,
     task_params: dict | None = None,
     tokenizer=None,
     allow_pickle: bool = False,
+    dtype=None,
+    device_map=None,
 ) -> list:
     """Run a program's experiments (`patch`, `ablate`) and return their numbers.
 
@@ -322,7 +336,7 @@ def run(
     refuse_holes(hypothesis)
     setup = prepare(hypothesis, model=model, task=task, n=n, seed=seed, metric=metric, device=device,
                     batch_size=batch_size, task_params=task_params, tokenizer=tokenizer,
-                    allow_pickle=allow_pickle)
+                    allow_pickle=allow_pickle, dtype=dtype, device_map=device_map)
     return run_experiments(hypothesis, setup)
 
 
@@ -342,8 +356,8 @@ class Setup:
 
 
 def prepare(hypothesis, *, model=None, task=None, n=None, seed=None, metric=None, device=None,
-            batch_size: int = 64, task_params: dict | None = None, tokenizer=None,
-            allow_pickle: bool = False) -> Setup:
+            batch_size: int | None = None, task_params: dict | None = None, tokenizer=None,
+            allow_pickle: bool = False, dtype=None, device_map=None) -> Setup:
     """Check the run options, load the model and the task, draw the prompts, and choose
     the metric.
 
@@ -354,6 +368,8 @@ def prepare(hypothesis, *, model=None, task=None, n=None, seed=None, metric=None
     else the file's, else the task's default, unless that one cannot see any position
     the hypothesis claims (induction's `loss` reads the repeated half, not END), in
     which case the first of the task's metrics that can is chosen and a note says so.
+    The batch size: the caller's, else as many prompts as the free memory holds, at
+    most `DEFAULT_BATCH` (`circuitlang.models.memory.choose_batch_size`).
 
     Raises:
         CircuitlangError: a bad option, a model or task that cannot be loaded, prompts
@@ -366,11 +382,14 @@ def prepare(hypothesis, *, model=None, task=None, n=None, seed=None, metric=None
         n = options.check_n(n, "n")
     if seed is not None:
         seed = options.check_seed(seed, "seed")
-    batch_size = options.check_batch_size(batch_size, "batch_size")
+    if batch_size is not None:
+        batch_size = options.check_batch_size(batch_size, "batch_size")
     device = options.check_device(device, "device")
     if model is None or isinstance(model, (str, Path)):
         model = load_model(str(model or hypothesis.model), device=device, allow_pickle=allow_pickle,
-                           tokenizer=tokenizer)
+                           tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+    else:
+        refuse_load_options(model, dtype, device_map)
     if task is None or isinstance(task, str):
         if task is not None and task != hypothesis.task:
             hypothesis = dataclasses.replace(hypothesis, task=task)
@@ -383,6 +402,10 @@ def prepare(hypothesis, *, model=None, task=None, n=None, seed=None, metric=None
         n = options.prompt_count(n, hypothesis.samples, DEFAULT_N)
     prompts = task.prompts(n, seed)
     options.check_prompts_fit(prompts, model.shape)
+    if batch_size is None:
+        from circuitlang.models.memory import choose_batch_size
+
+        batch_size = choose_batch_size(model, prompts.input_ids.shape[-1], cap=DEFAULT_BATCH).size
     notes = []
     dropped = getattr(prompts, "dropped", None)
     if dropped is not None and dropped.count:
@@ -396,6 +419,27 @@ def prepare(hypothesis, *, model=None, task=None, n=None, seed=None, metric=None
             notes.append(note)
     return Setup(model, task, prompts, chosen, seed, batch_size,
                  Scrubber(model, task, prompts, chosen, batch_size=batch_size), notes)
+
+
+def refuse_load_options(model, dtype, device_map) -> None:
+    """`dtype=` and `device_map=` say how to load a model by name; a `LoadedModel` is loaded.
+
+    Raises:
+        CircuitlangError: one of them given with a loaded model it does not describe.
+    """
+    if dtype is not None:
+        from circuitlang.models.load import resolve_dtype
+
+        if resolve_dtype(dtype) != model.dtype:
+            raise CircuitlangError(f"dtype={dtype!r} was given with a model already loaded in {model.dtype}",
+                                   code="check.dtype",
+                                   hint="pass the model's name with dtype=, or load it with "
+                                   "load_model(..., dtype=...)")
+    if device_map is not None:
+        raise CircuitlangError("device_map= was given with a model that is already loaded",
+                               code="check.device-map",
+                               hint="pass the model's name with device_map=, or load it with "
+                               "load_model(..., device_map=...)")
 
 
 def _names_metric(hypothesis) -> bool:
@@ -447,6 +491,12 @@ def run_experiments(hypothesis, setup: Setup, *, progress: bool | None = False) 
                                                 text=exp.text, grid=grid))
         elif isinstance(exp, ir.Ablate):
             out.append(runner.ablation(list(exp.sites), exp.mode, exp.position, seed=setup.seed, text=exp.text))
+        elif isinstance(exp, (ir.Trace, ir.Probe)):  # circuitlang.tracing, circuitlang.probes
+            from circuitlang.probes import run_probe
+            from circuitlang.tracing import run_trace
+
+            run = run_trace if isinstance(exp, ir.Trace) else run_probe
+            out.append(run(exp, setup, hypothesis, progress=progress))
     return out
 
 

@@ -41,7 +41,9 @@ def register(subparsers) -> None:
         "(`head ?h moves IO to END`) instead.",
     )
     p.add_argument("file", nargs="?", metavar="FILE", help="a .circ file with holes to fill (optional)")
-    p.add_argument("--model", metavar="M", help="model name, hub id or local path")
+    from circuitlang.cli.lang import add_model_options
+
+    add_model_options(p)
     p.add_argument("--task", metavar="T", help="task name (or a .jsonl file of prompt pairs)")
     p.add_argument("--task-param", action="append", default=[], metavar="NAME=VALUE", dest="task_params",
                    help="a task parameter, as on a file's `task` line (repeatable)")
@@ -74,8 +76,8 @@ def register(subparsers) -> None:
     p.add_argument("-n", "--samples", type=int, metavar="N", help="number of prompts (default 32)")
     p.add_argument("--seed", type=int, help="seed for prompts and resampling (default: the file's "
                    "`seed` line, else 0)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="rows per forward pass")
-    p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="rows per forward pass (default: as many as the free memory holds, at most 32)")
     p.add_argument("-o", "--output", metavar="FOUND.circ", help="write the program here (default: stdout)")
     p.add_argument("--json", metavar="FILE", dest="json_out", help="also write the result as JSON")
     p.add_argument("--out", metavar="RUN_DIR", help="a run directory: checkpoints and results")
@@ -94,17 +96,19 @@ def discover_command(args: argparse.Namespace) -> int:
     """Run `circuitlang discover`; see the module docstring."""
     import circuitlang
     from circuitlang import options
-    from circuitlang.cli.lang import task_params_from_args
+    from circuitlang.cli.lang import load_from_args, load_hypothesis, model_options, task_params_from_args
     from circuitlang.report import write_json_atomic, write_text_atomic
 
     if args.samples is not None:
         options.check_n(args.samples)
     if args.seed is not None:
         options.check_seed(args.seed)
-    options.check_batch_size(args.batch_size)
+    if args.batch_size is not None:
+        options.check_batch_size(args.batch_size)
     if args.permutations is not None:
         options.check_permutations(args.permutations)
-    device = options.check_device(args.device)
+    loading = model_options(args)
+    device = loading["device"]
     for path, flag in ((args.output, "-o"), (args.json_out, "--json")):
         if path:
             options.check_output_path(path, flag)
@@ -130,12 +134,20 @@ def discover_command(args: argparse.Namespace) -> int:
         method_options["warm_start"] = True
     params = task_params_from_args(args.task_params)
 
-    kwargs = dict(model=args.model, task=args.task, method=args.method, edges=args.edges,
+    model, how = args.model, {}
+    if args.tokenizer or args.allow_pickle or args.offload_folder:  # ways to load that discover() leaves to load_model
+        name = model or (load_hypothesis(args.file, None, args.task)[0].model if args.file else None)
+        if name is not None:
+            model = load_from_args(args, name)
+    else:
+        how = {"dtype": loading["dtype"], "device_map": loading.get("device_map")}
+    kwargs = dict(model=model, task=args.task, method=args.method, edges=args.edges,
                   threshold=args.threshold, target=args.target, ablation=args.ablation, positions=positions,
                   metric=args.metric, ig=args.ig, steps=args.steps, n=args.samples, seed=args.seed,
                   batch_size=args.batch_size, with_curve=not args.no_curve, check=not args.no_check,
                   permutations=args.permutations, out=args.out, resume=args.resume, device=device, task_params=params or None,
-                  progress=not args.quiet and sys.stderr.isatty(), method_options=method_options or None)
+                  progress=not args.quiet and sys.stderr.isatty(), method_options=method_options or None,
+                  **how)
     if args.file:
         kwargs["program_or_text"] = args.file
     result = circuitlang.discover(**kwargs)

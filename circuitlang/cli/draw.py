@@ -25,9 +25,10 @@ from pathlib import Path
 
 from circuitlang.errors import CircuitlangError
 
-#: The options of `circuitlang check` that `draw --check` takes, as `check` defines them.
-CHECK_OPTIONS = ("model", "task", "task_params", "tokenizer", "allow_pickle", "samples", "seed", "metric",
-                 "semantics", "batch_size", "device", "max_examples")
+#: The run options of `circuitlang check` that `draw --check` takes, as `check` defines them
+#: (the model options are the shared ones: `circuitlang.cli.lang.add_model_options`).
+CHECK_OPTIONS = ("task", "task_params", "samples", "seed", "metric", "semantics", "batch_size",
+                 "max_examples")
 
 
 def register(subparsers) -> None:
@@ -53,11 +54,14 @@ def register(subparsers) -> None:
     draw.add_argument("--label", action="append", default=[], metavar="NAME",
                       help="a legend label per --curve (default: each result's method)")
     draw.add_argument("--title", help="the figure's title")
+    from circuitlang.cli.lang import add_model_options
+
     check = subparsers.choices.get("check")
-    defaults = {}
+    run = draw.add_argument_group("check options (as for `circuitlang check`; --model and --task also "
+                                  "choose the shape the file resolves against, the others need --check)")
+    defaults = add_model_options(run, model_help="model name, hub id or local path (overrides the file's "
+                                 "`model`)")
     if check is not None:
-        run = draw.add_argument_group("check options (as for `circuitlang check`; --model and --task also "
-                                      "choose the shape the file resolves against, the others need --check)")
         for action in check._actions:
             if action.dest in CHECK_OPTIONS:
                 run._add_action(copy.copy(action))
@@ -130,20 +134,19 @@ def _check(args, hypothesis):
         raise CircuitlangError("`draw --check` needs the `check` command", code="cli.draw-check")
     from circuitlang import options
     from circuitlang.checker import DEFAULT_N, check
-    from circuitlang.cli.lang import task_params_from_args
-    from circuitlang.models import load_model
+    from circuitlang.cli.lang import load_from_args, model_options, task_params_from_args
     from circuitlang.tasks import merge_task_params, task_for
 
     if args.samples is not None:
         options.check_n(args.samples)
     seed = None if args.seed is None else options.check_seed(args.seed)
-    batch_size = options.check_batch_size(args.batch_size)
+    batch_size = None if args.batch_size is None else options.check_batch_size(args.batch_size)
     max_examples = options.check_max_examples(args.max_examples)
-    device = options.check_device(args.device)
+    device = model_options(args)["device"]
     explicit = task_params_from_args(args.task_params)
     n = options.prompt_count(args.samples, hypothesis.samples, DEFAULT_N)
     merge_task_params(hypothesis.task, hypothesis.task_params, explicit, source="--task-param")
-    model = load_model(hypothesis.model, device=device, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
+    model = load_from_args(args, hypothesis.model)
     task = task_for(hypothesis, model.tokenizer, params=explicit, shape=model.shape, model_name=model.name,
                     source="--task-param")
     # the breakdown is what the diagram draws; the permutation test is not

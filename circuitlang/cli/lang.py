@@ -61,21 +61,13 @@ def register(subparsers) -> None:
         "`expect` holds, 1 if one fails, 2 on a user error.",
     )
     check.add_argument("file", metavar="FILE", help="a .circ file")
-    check.add_argument("--model", metavar="M",
-                       help="model name, hub id or local path (overrides the file's `model`)")
+    add_model_options(check, model_help="model name, hub id or local path (overrides the file's `model`)")
     check.add_argument("--task", metavar="T", help="task name (overrides the file's `task`)")
     check.add_argument("--task-param", action="append", default=[], metavar="NAME=VALUE",
                        dest="task_params",
                        help="a task parameter, written as in a file's `task` line "
                        "(length=20, template_set=ABBA, tokens=[a, b]); beats the file's; "
                        "repeatable; `circuitlang tasks NAME` lists them")
-    check.add_argument("--tokenizer", metavar="PATH",
-                       help="the tokenizer to use (a folder with tokenizer.json, or a hub id), "
-                       "for a model folder that has none")
-    check.add_argument("--allow-pickle", action="store_true",
-                       help="read pickle weights (pytorch_model.bin) when a model has no "
-                       "safetensors, with torch's weights-only unpickler (pickle files can "
-                       "run code; off by default)")
     check.add_argument("-n", "--samples", type=int, metavar="N",
                        help="number of prompts (default: the file's `samples`, else 64)")
     check.add_argument("--seed", type=int, help="seed for prompts, resampling, bootstrap, search")
@@ -90,8 +82,9 @@ def register(subparsers) -> None:
                        help="skip measuring what each claim costs when removed")
     check.add_argument("--max-examples", type=int, default=25, metavar="K",
                        help="prompts `hypothesis` tries per per-prompt expectation")
-    check.add_argument("--batch-size", type=int, default=64, metavar="B", help="prompts per forward pass")
-    check.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    check.add_argument("--batch-size", type=int, metavar="B",
+                       help="prompts per forward pass (default: as many as the free memory holds, "
+                       "at most 64)")
     check.add_argument("--json", metavar="FILE", dest="json_out",
                        help="also write the full result as JSON to FILE (atomically)")
     check.add_argument("--out", metavar="RUN_DIR",
@@ -106,6 +99,82 @@ def register(subparsers) -> None:
     check.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bar (there is none anyway when stderr is not a terminal)")
     check.set_defaults(func=check_command)
+
+
+#: The dtypes `--dtype` offers (metrics and their means are fp32 whichever).
+DTYPES = ("float32", "bfloat16", "float16")
+#: `--device-map` plans (accelerate places the layers; `circuitlang.models.load`).
+DEVICE_MAP_PLANS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def add_model_options(parser, *, model_help: str = "model name, hub id or local path") -> dict:
+    """Add the options that say which model to load and how, the same for every command:
+    `--model`, `--tokenizer`, `--allow-pickle`, `--device`, `--dtype`, `--device-map`,
+    `--offload-folder`. `load_from_args` loads the model they describe.
+
+    Returns:
+        {dest: default} of the options added.
+    """
+    added = [
+        parser.add_argument("--model", metavar="M", help=model_help),
+        parser.add_argument("--tokenizer", metavar="PATH",
+                            help="the tokenizer to use (a folder with tokenizer.json, or a hub id), "
+                            "for a model folder that has none"),
+        parser.add_argument("--allow-pickle", action="store_true",
+                            help="read pickle weights (pytorch_model.bin) when a model has no "
+                            "safetensors, with torch's weights-only unpickler (pickle files can "
+                            "run code; off by default)"),
+        parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)"),
+        parser.add_argument("--dtype", choices=DTYPES,
+                            help="the weights' dtype (default float32); metrics, scores and their "
+                            "means are computed in fp32 whichever"),
+        parser.add_argument("--device-map", choices=DEVICE_MAP_PLANS, metavar="PLAN",
+                            help="place the layers with accelerate instead of on one --device: "
+                            f"{', '.join(DEVICE_MAP_PLANS)} (GPUs, then CPU memory, then disk; "
+                            "needs `pip install 'circuitlang[offload]'`)"),
+        parser.add_argument("--offload-folder", metavar="DIR",
+                            help="where --device-map puts layers offloaded to disk (default: a "
+                            "temporary folder)"),
+    ]
+    return {action.dest: action.default for action in added}
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The model options of `args` as `load_model` keyword arguments, each checked.
+
+    Raises:
+        OptionError: a device this machine does not have, `--device` with
+            `--device-map`, `--offload-folder` without it.
+    """
+    from circuitlang import options
+
+    device = options.check_device(args.device)
+    device_map = getattr(args, "device_map", None)
+    folder = getattr(args, "offload_folder", None)
+    if device_map is not None and device is not None:
+        raise options.OptionError(f"--device {args.device} and --device-map {device_map} were both given",
+                                  code="options.device-map",
+                                  hint="--device-map places every layer; leave --device out")
+    if folder is not None and device_map is None:
+        raise options.OptionError("--offload-folder is where --device-map offloads layers",
+                                  code="options.device-map", hint="add --device-map auto, or drop it")
+    found = {"device": device, "dtype": args.dtype, "allow_pickle": args.allow_pickle,
+             "tokenizer": args.tokenizer}
+    if device_map is not None:
+        found["device_map"] = device_map
+        found["offload_folder"] = folder
+    return found
+
+
+def load_from_args(args: argparse.Namespace, name: str):
+    """Load model `name` as the model options of `args` say (`add_model_options`).
+
+    Raises:
+        CircuitlangError: a bad option (OptionError) or a model that cannot be loaded.
+    """
+    from circuitlang.models import load_model
+
+    return load_model(name, **model_options(args))
 
 
 def fmt_command(args: argparse.Namespace) -> int:
@@ -195,10 +264,10 @@ def check_command(args: argparse.Namespace) -> int:
     if args.samples is not None:
         options.check_n(args.samples)
     seed = None if args.seed is None else options.check_seed(args.seed)
-    batch_size = options.check_batch_size(args.batch_size)
+    batch_size = None if args.batch_size is None else options.check_batch_size(args.batch_size)
     permutations = options.check_permutations(args.permutations)
     max_examples = options.check_max_examples(args.max_examples)
-    device = options.check_device(args.device)
+    device = model_options(args)["device"]
     if args.json_out:
         options.check_output_path(args.json_out)
     if args.out:
@@ -218,12 +287,10 @@ def check_command(args: argparse.Namespace) -> int:
         print(summarize(hypothesis))
         return EXIT_OK
     from circuitlang.checker import check
-    from circuitlang.models import load_model
     from circuitlang.report import write_json_atomic
     from circuitlang.tasks import task_for
 
-    model = load_model(hypothesis.model, device=device, allow_pickle=args.allow_pickle,
-                       tokenizer=args.tokenizer)
+    model = load_from_args(args, hypothesis.model)
     task = task_for(hypothesis, model.tokenizer, params=explicit, shape=model.shape,
                     model_name=model.name, source="--task-param")
     result = check(

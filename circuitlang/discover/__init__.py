@@ -36,6 +36,12 @@ from circuitlang.sites import ALL, Position
 __all__ = ["DEFAULT_N", "DiscoveryResult", "Found", "METHODS", "Selection", "discover", "register_method"]
 
 DEFAULT_N = 32
+#: The most rows per forward pass when the caller gives no batch size (fewer when the free
+#: memory holds fewer: `circuitlang.models.memory`).
+DEFAULT_BATCH = 32
+#: The prompt length a batch size is planned for when filling a program's holes (its
+#: prompts are drawn later, by `fill_holes`).
+HOLES_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -284,7 +290,7 @@ def discover(
     steps: int = 5,
     n: int | None = None,
     seed: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     with_curve: bool = True,
     check: bool = True,
     permutations: int | None = None,
@@ -294,6 +300,8 @@ def discover(
     task_params: dict | None = None,
     progress: bool = False,
     method_options: dict | None = None,
+    dtype=None,
+    device_map=None,
 ) -> DiscoveryResult:
     """Discover a circuit and write it back as a circuitlang program (or, given a program
     with holes, fill them: `circuitlang.discover.holes.fill_holes`, which returns a
@@ -316,7 +324,8 @@ def discover(
             `inputs` under `ablation corrupt`, else `activations`) and number of points.
         n, seed: prompts and their seed (default: 32 prompts, seed 0; a program with holes:
             its `samples` and `seed` lines).
-        batch_size: rows per forward pass.
+        batch_size: rows per forward pass (default: as many as the free memory holds
+            with gradients and every sender's buffers, at most 32; `circuitlang.models.memory`).
         with_curve: also compute the faithfulness curve of the ranking.
         check: re-check the written program with the causal-scrubbing checker.
         permutations: random circuits for that check's permutation test, 0 .. 10,000
@@ -329,6 +338,10 @@ def discover(
         progress: show progress on stderr.
         method_options: the method's own settings, e.g. pruning's `{"prune_steps": 500,
             "sparsity": 0.02, "warm_start": True}` (see `circuitlang.discover.prune`).
+        dtype: the weights' dtype when the model is loaded by name (`"bfloat16"`, ...;
+            float32 by default); scores, masks' gradients and metrics stay fp32.
+        device_map: place the model's layers with accelerate (`load_model`'s
+            `device_map`) instead of on one `device`.
 
     Raises:
         DiscoveryError: a bad request (method, selection, positions, ablation, `resume`
@@ -336,6 +349,7 @@ def discover(
         OptionError: a bad `permutations`.
     """
     from circuitlang import options as run_options
+    from circuitlang.checker import refuse_load_options
     from circuitlang.models import load_model
     from circuitlang.models.known import model_task_params
     from circuitlang.tasks import load_task
@@ -356,6 +370,13 @@ def discover(
                                  + " to discovering a circuit, not to filling a program's holes (its "
                                  "claims and `expect` lines decide)", code="discover.holes",
                                  hint="drop " + ", ".join(given) + ", or leave out the program")
+        if model is None or not hasattr(model, "run"):  # loaded here, as asked, for its batch size
+            model = load_model(str(model or _program_model(program_or_text, task)), device=device,
+                               dtype=dtype, device_map=device_map)
+        else:
+            refuse_load_options(model, dtype, device_map)
+        if batch_size is None:
+            batch_size = _batch_size(model, min(model.shape.n_ctx or HOLES_TOKENS, HOLES_TOKENS))
         return fill_holes(program_or_text, model=model, task=task, n=n, seed=seed, metric=metric,
                           method=method, ig=ig, ablation=ablation, steps=steps, check=check,
                           permutations=permutations, batch_size=batch_size, device=device,
@@ -381,12 +402,18 @@ def discover(
         raise DiscoveryError("no task to discover a circuit for", code="discover.task",
                              hint="pass --task NAME (e.g. ioi)")
     if not hasattr(model, "run"):
-        model = load_model(str(model), device=device)
+        model = load_model(str(model), device=device, dtype=dtype, device_map=device_map)
+    else:
+        refuse_load_options(model, dtype, device_map)
     if isinstance(task, str):
         params = {**model_task_params(model.name), **(task_params or {})}
         task = load_task(task, tokenizer=model.tokenizer, **params)
     n = DEFAULT_N if n is None else n
     prompts = task.prompts(n, seed)
+    if batch_size is None and resume:  # a resumed run keeps the batch size it started with
+        batch_size = _recorded_batch_size(out)
+    if batch_size is None:
+        batch_size = _batch_size(model, prompts.input_ids.shape[-1])
     space = EdgeSpace.build(model.edge_set(), _positions(task, positions))
     default_metric = task.SIGNATURE.default_metric
     chosen = metric or ("kl" if method in ("acdc", "prune") else default_metric)
@@ -510,6 +537,34 @@ def _header(method, options, problem, circuit, faith, the_curve) -> list[str]:
     if the_curve is not None:
         lines.append(f"faithfulness curve of the ranking: CPR {the_curve.cpr:.3f}, CMD {the_curve.cmd:.3f}")
     return lines
+
+
+def _batch_size(model, tokens: int) -> int:
+    """Rows per pass from the free memory: a pass keeps gradients and every sender's
+    ablated value and delta (`circuitlang.models.memory`)."""
+    from circuitlang.models.memory import choose_batch_size
+
+    return choose_batch_size(model, tokens, grad=True, senders=len(model.edge_set().senders),
+                             cap=DEFAULT_BATCH).size
+
+
+def _recorded_batch_size(out) -> int | None:
+    """The batch size an interrupted run in `out` recorded (None: no record to read)."""
+    import json
+    from pathlib import Path
+
+    try:
+        found = json.loads((Path(out) / "run.json").read_text()).get("batch_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, int) and not isinstance(found, bool) and found >= 1 else None
+
+
+def _program_model(program_or_text, task) -> str:
+    """The model a program with holes names (its `model` line), for loading it here."""
+    from circuitlang.checker import load_hypothesis
+
+    return load_hypothesis(program_or_text, task=task)[0].model
 
 
 from circuitlang.discover import acdc as _acdc  # noqa: E402,F401  (registers the "acdc" method)

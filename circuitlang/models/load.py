@@ -191,7 +191,12 @@ class LoadedModel:
         return f"LoadedModel({self.name!r}, {self.shape.architecture}, {self.shape.describe()}, {self.dtype})"
 
 
-def _resolve_dtype(dtype: Any) -> torch.dtype:
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    """A torch dtype from one or its name (`float32`, `bf16`, ...); None is float32.
+
+    Raises:
+        ModelError: a name that is not a dtype.
+    """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -445,7 +450,7 @@ def load_model(
 
     from circuitlang.models.adapters import shape_from_config
 
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     placement: dict = {}
     scratch = None
     if device_map is not None:
