@@ -63,6 +63,17 @@ def resident(module: nn.Module, name: str) -> torch.Tensor | None:
     return value.to(device=execution_device(module, value.device), dtype=param.dtype)
 
 
+def execution_devices(hf_model: Any) -> set[torch.device]:
+    """Every device the modules of a dispatched model compute on (empty: not dispatched)."""
+    found = set()
+    for module in hf_model.modules():
+        hook = _hook(module)
+        where = getattr(hook, "execution_device", None) if hook is not None else None
+        if where is not None:
+            found.add(torch.device(f"cuda:{where}" if isinstance(where, int) else where))
+    return found
+
+
 def dispatch_devices(hf_model: Any) -> list[torch.device]:
     """The devices a dispatched model computes on (`hf_device_map`'s, without "disk");
     empty for a model that was not dispatched."""
@@ -86,4 +97,5 @@ def main_device(hf_model: Any) -> torch.device | None:
     return accelerators[0] if accelerators else torch.device("cpu")
 
 
-__all__ = ["dispatch_devices", "execution_device", "is_offloaded", "main_device", "resident"]
+__all__ = ["dispatch_devices", "execution_device", "execution_devices", "is_offloaded", "main_device",
+           "resident"]

@@ -30,6 +30,7 @@ from circuitlang.models import compat
 from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
 from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges
 from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
+from circuitlang.models.offload import execution_devices
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
 from circuitlang.models.units import check_unit_site, is_unit_site, unit_hooks
 from circuitlang.sites import (
@@ -124,6 +125,7 @@ def run_model(
                              hint="make it with LoadedModel.clean_pass")
     plan.start = start
     if edges is not None:
+        _one_device_for_edges(lm)
         plan.edges = _prepare_edges(lm, edges, tuple(input_ids.shape), lm.dtype, device,
                                     start=start, resumed=clean)
     if start:
@@ -160,6 +162,26 @@ def _check(lm: "LoadedModel", site: Site) -> None:
         check_unit_site(lm, site)
     else:
         check_site(lm, site)
+
+
+def _one_device_for_edges(lm: "LoadedModel") -> None:
+    """Edge patches keep every sender's delta in one buffer that receivers in every layer
+    read: a model dispatched over several devices (`device_map`) must compute on one
+    (offloading to CPU memory or disk is fine: offloaded layers compute on the main device).
+
+    Raises:
+        ModelError: layers that compute on more than one device.
+    """
+    if not getattr(lm.hf_model, "hf_device_map", None):
+        return
+    devices = lm.buffers.get("execution-devices")
+    if devices is None:
+        devices = lm.buffers["execution-devices"] = execution_devices(lm.hf_model)
+    if len(devices) > 1:
+        raise ModelError(f"edge patches need one compute device; this model's layers compute on "
+                         f"{', '.join(sorted(map(str, devices)))}", code="model.edges-devices",
+                         hint="load it with a device_map of one GPU plus \"cpu\"/\"disk\" offload "
+                         "(max_memory= to keep it to one GPU), or on one device")
 
 
 def _swap_forward(stack: ExitStack, module: torch.nn.Module, forward) -> None:

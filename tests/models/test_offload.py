@@ -27,6 +27,13 @@ MAPS = {
     "llama": {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
               "model.layers.1": "cpu", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"},
 }
+#: GPU 0 for layer 1 and the ends; layer 0 offloaded to CPU memory, layer 2 to disk.
+GPU_MAPS = {
+    "gpt2": {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": "cpu", "transformer.h.1": 0,
+             "transformer.h.2": "disk", "transformer.ln_f": 0, "lm_head": 0},
+    "llama": {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": "cpu", "model.layers.1": 0,
+              "model.layers.2": "disk", "model.norm": 0, "lm_head": 0},
+}
 TASK = {"length": 4, "vocab": 50}
 
 
@@ -112,3 +119,37 @@ def test_bad_device_maps_are_model_errors(tmp_path, build_tiny):
         load_model(tmp_path, device_map={"transformer": 1.5})
     with pytest.raises(ModelError, match="does not have"):
         load_model(tmp_path, device_map={"transformer.nothing": "cpu"})
+
+
+def test_edges_over_several_compute_devices_are_refused(pair, tokens, monkeypatch):
+    """Only reachable with two GPUs: the engine's delta buffer is read by every layer."""
+    from circuitlang.models import run as run_module
+
+    _, split = pair
+    clean, corrupt = tokens
+    es = split.edge_set()
+    ablated = split.run(corrupt, capture=es.senders).cache
+    monkeypatch.setattr(run_module, "execution_devices",
+                        lambda model: {torch.device("cuda", 0), torch.device("cuda", 1)})
+    split.free_buffers()
+    with pytest.raises(ModelError, match="one compute device"):
+        split.run(clean, edges=EdgePatch.from_set(es, ablated, es.mask(clean.shape[0])))
+    split.free_buffers()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", sorted(MAPS))
+def test_gpu_with_cpu_and_disk_offload_matches_the_cpu_model(arch, tmp_path, build_tiny, tokens):
+    """Layer 1 on the GPU, the others offloaded to CPU memory and disk: every layer computes
+    on the GPU (accelerate moves the weights in), and the numbers are the CPU model's."""
+    build_tiny(arch).save_pretrained(tmp_path)
+    whole = load_model(tmp_path, device="cpu")
+    split = load_model(tmp_path, device_map=GPU_MAPS[arch], offload_folder=tmp_path / "offload")
+    assert split.device.type == "cuda"
+    clean, corrupt = tokens
+    torch.testing.assert_close(split.run(clean).logits.cpu(), whole.run(clean).logits, rtol=1e-4, atol=1e-4)
+    es = whole.edge_set()
+    mask = es.mask(clean.shape[0]) * 0.5
+    want = whole.run(clean, edges=EdgePatch.from_set(es, whole.run(corrupt, capture=es.senders).cache, mask))
+    got = split.run(clean, edges=EdgePatch.from_set(es, split.run(corrupt, capture=es.senders).cache, mask))
+    torch.testing.assert_close(got.logits.cpu(), want.logits, rtol=1e-4, atol=1e-4)
