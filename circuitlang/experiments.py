@@ -493,7 +493,7 @@ class Experiments:
 
         def patch_for(j, prompt_rows):
             s = outs[keep[j]]
-            delta = corrupt[s][prompt_rows] - clean[s][prompt_rows]
+            delta = self._stream_delta(s, corrupt[s][prompt_rows] - clean[s][prompt_rows])
             v = clean[target][prompt_rows] + delta
             pos = self._positions(position, prompt_rows)
             if pos is not None:
@@ -504,6 +504,25 @@ class Experiments:
         per_prompt = np.full((len(outs), len(self.prompts.input_ids)), np.nan)
         per_prompt[keep] = self._sweep("clean", patch_for)
         return self._result("path_patch", text, [f"{s} -> {receiver}" for s in senders], per_prompt, grid)
+
+    def _stream_delta(self, sender, delta: torch.Tensor) -> torch.Tensor:
+        """A sender's change as the change it writes into the residual stream [B, T, D]:
+        a neuron's times its row of W_out, a latent's times its decoder row."""
+        from circuitlang.sites import Latent
+
+        if isinstance(sender, Neuron):
+            row = self.model.adapter.neuron_out_weight(sender.layer)[sender.index]
+            return delta[..., None] * row.to(delta.device, delta.dtype)
+        if isinstance(sender, Latent):
+            from circuitlang.models.units import check_dictionary
+
+            sae = check_dictionary(self.model, sender.sae)
+            if sae.normalize != "none":
+                raise ExecutionError(f"path patching from {sender}: its SAE normalises its input, so a "
+                                     "latent's write depends on the stream it reads",
+                                     hint="patch the latent itself (`patch feature ... at P`)")
+            return delta[..., None] * sae.W_dec[sender.index].to(delta.device, delta.dtype)
+        return delta
 
     def ablation(self, sites, mode: str, position: Position, *, seed: int = 0, text: str = "") -> ExperimentResult:
         """Ablate all `sites` together on the clean prompts (one entry in `values`).

@@ -23,21 +23,31 @@ the sender's output":
   receiver to the first query head of its group.
 
 `Resid(l)` is not a node: it is the sum of the senders before layer l.
+
+Below the component, a neuron `Neuron(l, n)` sends as part of MLP l (it writes
+`act * W_out[n]`), and an SAE's latents and error term (`Latent`, `SaeError`) send
+where their dictionary is spliced in: a dictionary at `resid L` writes into the
+stream entering block L, one at `attn L` beside layer L's heads, one at `mlp L` as
+MLP L. They are senders only (what a latent reads is its hook point, not a node's
+input), and not yet nodes of a causal-scrubbing graph: `site_order` refuses them, so
+the lowering says so instead of scrubbing them with a component's semantics.
 """
 from __future__ import annotations
 
-from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, ModelShape, Site
+from circuitlang.sites import Channel, Embed, Head, Latent, Logits, Mlp, ModelShape, Neuron, SaeError, Site
 
 __all__ = ["canonical", "edge_exists", "edge_problem", "edges", "is_receiver", "is_sender",
            "receivers", "sender_key", "senders", "site_order"]
 
-SENDERS_HINT = "senders are embed, head L.H (its output) and mlp L"
+SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I "
+                "and error S")
 RECEIVERS_HINT = "receivers are head L.H.q / .k / .v, mlp L (its input) and logits"
 
 
 def is_sender(site: Site) -> bool:
     """True for sites whose output adds into the residual stream."""
-    return isinstance(site, (Embed, Mlp)) or (isinstance(site, Head) and site.channel is Channel.OUT)
+    return isinstance(site, (Embed, Mlp, Neuron, Latent, SaeError)) or (
+        isinstance(site, Head) and site.channel is Channel.OUT)
 
 
 def is_receiver(site: Site) -> bool:
@@ -59,7 +69,24 @@ def sender_key(site: Site) -> tuple[int, int, int]:
         return (site.layer, 0, site.head)
     if isinstance(site, Mlp):
         return (site.layer, 1, 0)
+    if isinstance(site, Neuron):
+        return (site.layer, 1, 1 + site.index)
+    if isinstance(site, (Latent, SaeError)):
+        return _unit_key(site)
     raise ValueError(f"{site} is not a sender ({SENDERS_HINT})")
+
+
+_AFTER_HEADS = 1 << 40  # a dictionary at `attn L` sorts after every head of layer L
+
+
+def _unit_key(site) -> tuple[int, int, int]:
+    sae = site.sae
+    index = site.index if isinstance(site, Latent) else sae.d_sae
+    if sae.hook == "resid":  # the stream entering block L: after everything of layer L - 1
+        return (sae.layer - 1, 2, index)
+    if sae.hook == "attn":
+        return (sae.layer, 0, _AFTER_HEADS + index)
+    return (sae.layer, 1, 1 + index)
 
 
 def site_order(site: Site) -> float:
