@@ -300,16 +300,22 @@ def load_sae(path: str | Path) -> Sae:
                True, "none", "sparsify", str(info.path))
 
 
-# A process-wide cache: one SAE read once per (folder, its weights' mtime, device, dtype).
+# A process-wide cache: one SAE read once per (folder, its weights' mtime, device, dtype);
+# and each folder's weights file, so a run checking thousands of latent sites stats one
+# file instead of parsing cfg.json for each.
 _LOADED: dict[tuple, Sae] = {}
+_WEIGHTS: dict[str, Path] = {}
 
 
 def sae_for(path: str, device, dtype: torch.dtype) -> Sae:
     """The SAE in folder `path`, on `device` in `dtype`, read once per process (re-read when
     its weights file changes)."""
-    info = read_sae_info(path)
-    weights = info.path / (SAELENS_WEIGHTS if info.format == "saelens" else SPARSIFY_WEIGHTS)
-    key = (str(info.path.resolve()), weights.stat().st_mtime_ns, str(device), dtype)
+    weights = _WEIGHTS.get(str(path))
+    if weights is None or not weights.is_file():
+        info = read_sae_info(path)
+        weights = info.path / (SAELENS_WEIGHTS if info.format == "saelens" else SPARSIFY_WEIGHTS)
+        _WEIGHTS[str(path)] = weights
+    key = (str(weights.parent.resolve()), weights.stat().st_mtime_ns, str(device), dtype)
     found = _LOADED.get(key)
     if found is None:
         for old in [k for k in _LOADED if k[0] == key[0] and k[1] != key[1]]:
