@@ -176,7 +176,13 @@ class ExperimentResult:
 
         title = (f"<p><b>{_e(self.text)}</b> ({_e(self.metric)}, {_e(self.direction)}; clean "
                  f"{self.clean:.4g}, corrupt {self.corrupt:.4g})</p>")
-        if self.grid and len(self.grid) == 2:
+        if self._long():
+            shown = self.strongest(_SHOWN)
+            table = html_table([(s, f"{v:.4g}", f"{nv:.3f}") for s, v, nv in shown],
+                               ("site", "patched metric", "normalized"))
+            table += (f"<p><small>the {len(shown)} strongest of {len(self.sites)} sites; every one is in "
+                      "to_numpy() and to_pandas()</small></p>")
+        elif self.grid and len(self.grid) == 2:
             rows, cols = self.grid
             grid = np.asarray(self.normalized, dtype=float).reshape(rows, cols)
             table = html_table([[f"L{r}"] + ["-" if np.isnan(v) else f"{v:.2f}" for v in grid[r]]
@@ -195,9 +201,28 @@ class ExperimentResult:
                                ("site", "patched metric", "normalized"))
         return f"<div class='circuitlang-experiment'>{title}{table}</div>"
 
+    def _long(self) -> bool:
+        """Too many sites to list or draw (a neuron or latent sweep): show the strongest."""
+        wide_grid = bool(self.grid) and len(self.grid) == 2 and self.grid[1] > _GRID_COLUMNS
+        flat = not (self.grid and len(self.grid) == 2)
+        return wide_grid or (flat and len(self.sites) > _LIST_LIMIT)
+
+    def strongest(self, k: int = 20) -> list[tuple]:
+        """The `k` sites with the largest |normalized| (NaN last): (site, value, normalized)."""
+        normalized = np.asarray(self.normalized, dtype=float).ravel()
+        values = np.asarray(self.values, dtype=float).ravel()
+        order = np.argsort(-np.nan_to_num(np.abs(normalized), nan=-1.0), kind="stable")[:k]
+        return [(self.sites[i], float(values[i]), float(normalized[i])) for i in order]
+
     def render(self) -> str:
         lines = [f"{self.text}   ({self.metric}; clean {self.clean:.4g}, corrupt {self.corrupt:.4g})"]
-        if self.grid and len(self.grid) == 2:
+        if self._long():
+            shown = self.strongest(_SHOWN)
+            for s, v, nv in shown:
+                lines.append(f"  {str(s):<28} {v:>9.4g}   normalized {nv:>7.3f}")
+            lines.append(f"  ({len(shown)} strongest of {len(self.sites)} sites; every one is in the JSON "
+                         "report and to_numpy())")
+        elif self.grid and len(self.grid) == 2:
             rows, cols = self.grid
             lines.append("        " + "".join(f"{c:>7}" for c in range(cols)))
             for r in range(rows):
@@ -212,6 +237,12 @@ class ExperimentResult:
                 else:
                     lines.append(f"  {str(s):<28} {v:>9.4g}   normalized {nv:>7.3f}")
         return "\n".join(lines)
+
+
+# A sweep longer than this (or a grid wider than that) is rendered as its strongest sites.
+_LIST_LIMIT = 40
+_GRID_COLUMNS = 64
+_SHOWN = 20
 
 
 def _floats(values: np.ndarray):

@@ -122,3 +122,21 @@ def test_claims_the_scrubber_cannot_run_yet_are_refused_clearly(tmp_path):
     with pytest.raises(ResolveError, match="cannot be part of an edge claim yet") as info:
         circuitlang.check("neuron 1.3 -> logits at END\n", model="toy-ioi", task="ioi")
     assert "patch neuron 1.3 -> logits at P" in info.value.hint
+
+
+def test_a_long_unit_sweep_renders_its_strongest_sites():
+    from circuitlang.experiments import ExperimentResult
+    from circuitlang.sites import Neuron
+
+    sites = [Neuron(1, i) for i in range(300)]
+    normalized = np.zeros(300)
+    normalized[[7, 123, 250]] = [0.2, -0.9, 0.5]
+    result = ExperimentResult("patch", "patch neuron 1.* at END", sites, 1 - normalized, normalized,
+                              np.zeros((300, 2)), 1.0, 0.0, "logit_diff", (300,))
+    lines = result.render().splitlines()
+    assert len(lines) == 1 + 20 + 1
+    assert [ln.split()[1] for ln in lines[1:4]] == ["1.123", "1.250", "1.7"]
+    assert "20 strongest of 300 sites" in lines[-1]
+    assert "neuron 1.123" in result._repr_html_()
+    back = ExperimentResult.from_json(result.to_json())
+    assert back.sites[123] == Neuron(1, 123) and back.render() == result.render()
