@@ -60,10 +60,11 @@ def metric_reads(task, metric: str, prompts, vocab: int) -> torch.Tensor:
     reference = torch.randn(n, t, vocab, generator=g)
     base = task.metric(metric, logits, prompts, reference_logits=reference).double()
     reads = torch.zeros(n, t, dtype=torch.bool)
-    for pos in range(t):
-        moved = logits.clone()
-        moved[:, pos] = torch.randn(n, vocab, generator=g) * 3
-        value = task.metric(metric, moved, prompts, reference_logits=reference).double()
+    for pos in range(t):  # one position moved at a time, in place and put back (no copy of all)
+        kept = logits[:, pos].clone()
+        logits[:, pos] = torch.randn(n, vocab, generator=g) * 3
+        value = task.metric(metric, logits, prompts, reference_logits=reference).double()
+        logits[:, pos] = kept
         reads[:, pos] = (value - base).abs() > 1e-6
     return reads & prompts.attention_mask.bool()
 
@@ -610,16 +611,14 @@ class Scrubber:
         kids = [(c, t) for c, t in graph.children(v) if enters(t, channel)]
         inst, mode = insts[v], graph.ablation
         rows, remainder = inst.rows[sel], inst.remainder[sel]
-        value = self._remainder(input_site, remainder, mode)
-        covered: list[tuple[Position, np.ndarray]] = []  # where input leaves replaced it
+        leaves = []  # (position, the leaf's prompts, its value), in order
         for c, t in kids:
             if graph.node(c).role != "input":
                 continue
             position = ALL if t.channel is Channel.PATTERN and channel is Channel.K else t.position
-            kid_rows = insts[c].rows[sel]
-            self._place(value, self._child_value(graph, c, insts, sel, channel), position, rows, kid_rows,
-                        replace=True)
-            covered.append((position, kid_rows))
+            leaves.append((position, insts[c].rows[sel], self._child_value(graph, c, insts, sel, channel)))
+        covered = [(position, kid_rows) for position, kid_rows, _ in leaves]  # where leaves replaced it
+        value = self._covered(leaves, lambda: self._remainder(input_site, remainder, mode), rows)
         # claimed senders, those read at every position first, so that a claim at a named
         # position refines one at `all` there instead of adding the site twice
         current: dict = {}  # site -> what it contributes to the channel as it stands
@@ -630,15 +629,36 @@ class Scrubber:
             if base is None:
                 # its remainder value, and where an input leaf replaced the channel, its
                 # value on the leaf's prompt
-                base = self._remainder(site, remainder, mode)  # a fresh tensor: ours to write
-                for position, kid_rows in covered:
-                    self._place(base, self._plain(site, kid_rows), position, rows, kid_rows, replace=True)
+                base = self._covered([(position, kid_rows, None) for position, kid_rows in covered],
+                                     lambda: self._remainder(site, remainder, mode), rows, site)
                 current[site] = base
             child = self._child_value(graph, c, insts, sel)
             kid_rows = insts[c].rows[sel]
             at = insts[c].value is not None  # a computed child holds its value at its position
             self._place(value, child, t.position, rows, kid_rows, minus=(base, rows), at=at)
             self._place(base, child, t.position, rows, kid_rows, replace=True, at=at)
+        return value
+
+    def _covered(self, leaves: list, start, rows: np.ndarray, site=None) -> torch.Tensor:
+        """A channel (or, with `site`, that site's contribution to it) as input leaves leave
+        it: `start()` (a fresh tensor: the remainder's), each leaf's value replacing it at
+        its position in order (`site`: the site's plain value on the leaf's prompts). A
+        leaf at every position replaces all before it, so the value starts from the last
+        such leaf instead of being gathered and overwritten."""
+        last = max((i for i, (position, _, _) in enumerate(leaves) if position.is_all), default=None)
+
+        def leaf_value(i):
+            _, kid_rows, val = leaves[i]
+            return self._plain(site, kid_rows) if site is not None else val
+
+        if last is None:
+            value, rest = start(), range(len(leaves))
+        else:
+            value = leaf_value(last)  # a fresh gather, ours to write
+            rest = range(last + 1, len(leaves))
+        for i in rest:
+            position, kid_rows, _ = leaves[i]
+            self._place(value, leaf_value(i), position, rows, kid_rows, replace=True)
         return value
 
     def _place(self, dest, src, position, dest_rows, src_rows, *, replace=False, minus=None, at=False):

@@ -67,7 +67,7 @@ class Work:
 
     def describe(self) -> str:
         """One line: rows computed and reused, and the token-layers behind them."""
-        parts = [f"{self.rows:,} node rows computed ({self.head_rows:,} head, {self.mlp_rows:,} MLP, "
+        parts = [f"{self.rows:,} node rows ({self.head_rows:,} head, {self.mlp_rows:,} MLP, "
                  f"{self.root_rows:,} logits, {self.forward_rows:,} by forward passes), "
                  f"{self.reused:,} identical rows reused",
                  f"{self.head_token_layers:,} head-token-layers, {self.mlp_token_layers:,} MLP-token-layers, "
