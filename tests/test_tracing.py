@@ -154,6 +154,46 @@ def test_bad_arguments_say_what_is_valid(facts):
         assert words in err.value.hint
 
 
+def test_trace_and_probe_survive_ir_to_ast():
+    from circuitlang.ast_to_ir import resolve_text
+    from circuitlang.ir_to_ast import ir_to_ast
+    from circuitlang.models import known_shape
+    from circuitlang.tasks import get_signature
+
+    text = ("task facts\ntrace mlp * at all window 10\ntrace resid * at SUBJ_LAST noise 2.0\n"
+            "probe resid * at END for object heldout 0.3 save \"p.safetensors\"\n")
+    h = resolve_text(text, known_shape("toy-facts"), get_signature("facts"))
+    assert [type(e).__name__ for e in h.experiments] == ["Trace", "Trace", "Probe"]
+    assert h.experiments[0].window == 10 and h.experiments[1].noise == 2.0
+    printed = circuitlang.format(ir_to_ast(h))
+    for line in text.splitlines()[1:]:
+        assert line in printed
+
+
+def test_toy_facts_training_is_deterministic():
+    from circuitlang.models.toys import train as toy_train
+
+    a, _, _ = toy_train.train("toy-facts", steps=3, log=lambda s: None)
+    b, _, _ = toy_train.train("toy-facts", steps=3, log=lambda s: None)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_training_script_reproduces_toy_facts(tmp_path, recorded):
+    """Retraining gives the shipped toy-facts: bit for bit on the versions it was trained
+    with, else the same behaviour (all facts recalled, the subject stored in MLP 0)."""
+    from circuitlang.models.toys import train as toy_train
+
+    model, tok, meta = toy_train.train("toy-facts", log=lambda s: None)
+    saved = toy_train.save(model, tok, meta, tmp_path / "toy-facts")
+    if recorded.get("trained_with") == toy_train.trained_with():
+        assert saved["sha256"] == recorded["sha256"]
+    got = saved["measured"]
+    assert got["accuracy"] >= 0.99
+    assert got["subject_storage_layers"] == recorded["measured"]["subject_storage_layers"]
+
+
 def test_trace_statement_end_to_end_json_and_figure(tmp_path):
     results = circuitlang.run("task facts\nsamples 12\ntrace mlp * at SUBJ_LAST\ntrace resid * at all\n",
                               model="toy-facts")

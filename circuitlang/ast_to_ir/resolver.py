@@ -205,10 +205,6 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
                             stmt.span, "restoring the residual stream at one layer already carries "
                             "every layer below it; drop `window`, or trace mlp or attn")
                 return None
-            if window > shape.n_layers:
-                self.report("resolve.trace_window", f"window {window} is wider than the model "
-                            f"({shape.n_layers} layers)", stmt.span, f"use window 1 to {shape.n_layers}")
-                return None
             if pos is None:
                 return None
             columns = len(ir.TRACE_COLUMNS) if pos.is_all else 1
