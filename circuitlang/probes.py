@@ -371,11 +371,24 @@ def load_probes(path: str | os.PathLike) -> tuple[dict, dict[int, LinearProbe]]:
 
 def run_probe(exp, setup, hypothesis=None, *, progress: bool | None = False) -> ProbeResult:
     """A resolved `probe` statement (`ir.Probe`) on a checker `Setup`; a `save "file"` path
-    is read relative to the hypothesis file's folder."""
+    is relative to the hypothesis file's folder (and must stay inside it), or to the
+    working directory for a program given as text.
+
+    Raises:
+        ExecutionError: as `linear_probe`, or a save path leaving the file's folder.
+    """
+    target = None
+    if exp.save:
+        from_file = hypothesis is not None and hypothesis.filename
+        base = Path(hypothesis.filename).parent if from_file else Path.cwd()
+        target = base / exp.save
+        if from_file and base.resolve() not in target.resolve().parents:
+            # a hypothesis file writes only beside itself, as it reads only beside itself
+            raise ExecutionError(f"probe save path {exp.save!r} leaves the hypothesis file's folder",
+                                 code="probe.save-path",
+                                 hint="give a path inside that folder, e.g. save \"probes/io.safetensors\"")
     result = linear_probe(setup.model, setup.prompts, exp.site, exp.position, exp.feature, heldout=exp.heldout,
                           seed=setup.seed, batch_size=setup.batch_size, text=exp.text)
-    if exp.save:
-        base = Path(hypothesis.filename).parent if hypothesis is not None and hypothesis.filename else Path.cwd()
-        target = Path(exp.save) if Path(exp.save).is_absolute() else base / exp.save
+    if target is not None:
         result.extra["saved"] = str(save_probes(result, target, getattr(setup.model, "name", "") or ""))
     return result

@@ -112,3 +112,21 @@ def test_bad_probe_inputs(tmp_path):
     with pytest.raises(ExecutionError, match="no fitted probes"):
         save_probes(ProbeResult("probe", "", [], np.zeros(0), np.zeros(0), np.zeros((0, 0)), 0.0, 0.0),
                     tmp_path / "x.safetensors")
+
+
+def test_a_file_saves_probes_only_beside_itself(tmp_path, capsys):
+    from circuitlang.cli import main
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    bad = folder / "bad.circ"
+    bad.write_text('model toy-ioi\ntask ioi\nsamples 40\nprobe resid * at END for IO save "../io.safetensors"\n')
+    assert main(["check", str(bad)]) == 2
+    assert "leaves the hypothesis file's folder" in capsys.readouterr().err
+    assert not (tmp_path / "io.safetensors").exists()
+    good = folder / "good.circ"
+    good.write_text('model toy-ioi\ntask ioi\nsamples 40\nprobe resid * at END for IO save "probes/io.safetensors"\n')
+    assert main(["check", str(good)]) == 0
+    assert "selectivity" in capsys.readouterr().out
+    meta, probes = load_probes(folder / "probes" / "io.safetensors")
+    assert meta["model"] == "toy-ioi" and len(probes) == 3
