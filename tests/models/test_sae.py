@@ -123,7 +123,7 @@ def test_missing_tensor_and_gated_are_clear_errors(tmp_path):
 
 
 # ---- the splice -------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
 @pytest.mark.parametrize("hook,layer", [("resid", 1), ("attn", 0), ("mlp", 2), ("resid", 3)])
 def test_splice_with_error_term_is_the_plain_forward_pass(tmp_path, build_tiny, arch, hook, layer):
     lm = LoadedModel.from_hf(build_tiny(arch), name=f"tiny-{arch}")
