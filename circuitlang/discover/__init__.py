@@ -544,8 +544,7 @@ def _batch_size(model, tokens: int) -> int:
     ablated value and delta (`circuitlang.models.memory`)."""
     from circuitlang.models.memory import choose_batch_size
 
-    return choose_batch_size(model, tokens, grad=True, senders=len(model.edge_set().senders),
-                             cap=DEFAULT_BATCH).size
+    return choose_batch_size(model, tokens, grad=True, edges=True, cap=DEFAULT_BATCH).size
 
 
 def _recorded_batch_size(out) -> int | None:

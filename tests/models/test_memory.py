@@ -40,7 +40,7 @@ def test_a_row_costs_more_with_tokens_gradients_and_senders(toy_ioi):
     shape, small = toy_ioi.shape, row_bytes(toy_ioi.shape, 8)
     assert row_bytes(shape, 16) > small
     assert row_bytes(shape, 8, grad=True) > small
-    assert row_bytes(shape, 8, senders=20) > small
+    assert row_bytes(shape, 8, edges=True) > small
     assert row_bytes(shape, 8, torch.bfloat16) < small
     # the logits alone: 8 positions x the vocabulary, in fp32 and their metric copies
     assert small >= 8 * shape.vocab_size * 4
@@ -48,8 +48,8 @@ def test_a_row_costs_more_with_tokens_gradients_and_senders(toy_ioi):
 
 @pytest.mark.parametrize("budget_rows", [1, 3, 10])
 def test_the_batch_fits_a_given_budget(toy_ioi, budget_rows):
-    per_row = row_bytes(toy_ioi.shape, 12, grad=True, senders=17)
-    plan = choose_batch_size(toy_ioi, 12, grad=True, senders=17, cap=64, budget=budget_rows * per_row + per_row // 2)
+    per_row = row_bytes(toy_ioi.shape, 12, grad=True, edges=True)
+    plan = choose_batch_size(toy_ioi, 12, grad=True, edges=True, cap=64, budget=budget_rows * per_row + per_row // 2)
     assert plan.size == budget_rows and plan.size * plan.row_bytes <= plan.budget
     assert "batch" in plan.describe()
 
@@ -76,7 +76,7 @@ def test_check_and_discover_take_the_batch_size_from_memory(toy_induction, monke
 
     def three_rows(model, tokens, **kw):
         per_row = memory.row_bytes(model.shape, tokens, model.dtype, grad=kw.get("grad", False),
-                                   senders=kw.get("senders", 0))
+                                   edges=kw.get("edges", False))
         plan = real(model, tokens, budget=3 * per_row, **kw)
         seen.append(plan.size)
         return plan
