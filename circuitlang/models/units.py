@@ -105,7 +105,9 @@ def unit_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
         last.append((adapter.mlp_out_proj(layer), _neuron_hook(found, plan), "pre"))
     for d, found in sorted(saes.items()):
         sae = check_dictionary(lm, d)
-        found = sorted(found, key=lambda s: (type(s).__name__, getattr(s, "index", 0)))
+        # single latents, then every latent (it sees their patches), then the error term
+        order = {Latent: 0, AllLatents: 1, SaeError: 2}
+        found = sorted(found, key=lambda s: (order[type(s)], getattr(s, "index", 0)))
         if d.hook == "resid":
             # before the engine's block / final-norm hook, so Resid(l) and q/k/v patches
             # see the spliced stream

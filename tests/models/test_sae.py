@@ -274,3 +274,21 @@ def test_attribution_refuses_heads(build_tiny):
     ids = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ModelError, match="EAP"):
         attribute_nodes(lm, ids, ids, lambda logits, rows: logits[:, -1, 0], [Head(0, 0)])
+
+
+def test_single_and_whole_latent_patches_compose(tmp_path, build_tiny):
+    """A patch of one latent and a patch of every latent in one run: the whole-dictionary
+    value is read after the single latent's patch, so it is what that patch made."""
+    from circuitlang.sites import AllLatents
+
+    lm = LoadedModel.from_hf(build_tiny("gpt2"), name="tiny-gpt2")
+    d = Dictionary("s", save_saelens(tmp_path / "sae", _weights(6)), "resid", 1, N)
+    ids = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(5))
+    base = lm.run(ids, capture=[AllLatents(d)]).cache[AllLatents(d)]
+    both = lm.run(ids, capture=[AllLatents(d)], patches=[Patch(Latent(d, 3), base[..., 3] + 2.0)])
+    want = base.clone()
+    want[..., 3] += 2.0
+    torch.testing.assert_close(both.cache[AllLatents(d)], want)
+    # and the run equals patching the whole dictionary with that value
+    whole = lm.run(ids, patches=[Patch(AllLatents(d), want)])
+    torch.testing.assert_close(whole.logits, both.logits, rtol=1e-5, atol=1e-6)
