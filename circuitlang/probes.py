@@ -293,9 +293,10 @@ def linear_probe(model, prompts, kind: str, position: Position, feature: str, *,
     for start in range(0, len(labels), batch_size):
         sl = slice(start, start + batch_size)
         run = model.run(prompts.input_ids[sl], prompts.attention_mask[sl], capture=sites)
-        rows = torch.arange(run.logits.shape[0])
         for s in sites:
-            parts[s].append(run.cache[s][rows, where[sl].to(run.cache[s].device)].detach().cpu())
+            value = run.cache[s]
+            rows = torch.arange(value.shape[0], device=value.device)
+            parts[s].append(value[rows, where[sl].to(value.device)].detach().float().cpu())
     states = [torch.cat(parts[s]) for s in sites]
     found = probe_layers(states, labels, prefix_types(prompts, where), heldout=heldout, seed=seed)
     scalar = found["kind"] == "scalar"

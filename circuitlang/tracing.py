@@ -271,8 +271,11 @@ def causal_trace(model, task, prompts, kind: str = "mlp", position: Position = A
     corrupt_p = np.concatenate([prob(list(range(s, min(s + batch_size, n))),
                                      [Patch(Embed(), noised[s:s + batch_size])])
                                 for s in range(0, n, batch_size)])
-    rows = [(layer, i, t) for layer in range(layers) for i in range(n) for t in tokens[i]]
-    restored = np.zeros((layers, n, width))
+    # a state before the subject is the same in the clean and the corrupted run (attention
+    # is causal), so restoring it changes nothing: its effect is 0 without running it
+    first = prompts.positions["SUBJ_FIRST"].tolist()
+    restored = np.repeat(corrupt_p[None, :, None], width, axis=2).repeat(layers, axis=0)
+    rows = [(layer, i, t) for layer in range(layers) for i in range(n) for t in tokens[i] if t >= first[i]]
     bar = Progress(len(rows), "tracing", enabled=progress)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -284,7 +287,8 @@ def causal_trace(model, task, prompts, kind: str = "mlp", position: Position = A
         for layer in ls.unique().tolist():
             mine = ls == layer
             for site in states(layer):
-                value = clean_run[site][pr, at]
+                state = clean_run[site]
+                value = state[pr.to(state.device), at.to(state.device)]
                 patches.append(Patch(site, value, at, mine))
         restored[ls.numpy(), pr.numpy(), at.numpy()] = prob(prompt_rows, patches)
         bar.step_by(len(chunk), "(state, prompt, token) rows")

@@ -48,6 +48,14 @@ def test_toy_facts_ships_as_recorded(recorded):
     measured = recorded["measured"]
     assert measured["accuracy"] >= 0.99
     assert measured["subject_storage_layers"] == [0]
+    # the swap measurement, rerun on the shipped weights, gives the recorded numbers
+    from circuitlang.models.toys.train_facts import measure_facts
+    from circuitlang.tasks.facts import synthetic_facts
+
+    lm = load_model("toy-facts", device="cpu")
+    again = measure_facts(lm.hf_model, lm.tokenizer, synthetic_facts())
+    for key, value in measured.items():
+        assert again[key] == pytest.approx(value, abs=1e-3), key
 
 
 def test_tracing_puts_the_subject_effect_where_the_swap_measurement_does(mlp_trace, recorded):
@@ -64,8 +72,6 @@ def test_tracing_puts_the_subject_effect_where_the_swap_measurement_does(mlp_tra
     for layer, swap in enumerate(measured["mlp_swap_subj_last"]):
         if swap < 0.01:
             assert abs(subj_last[layer]) < 0.01, layer
-    # nothing before the subject was noised: restoring it changes nothing, exactly
-    assert np.allclose(mlp_trace.column("BEFORE"), 0.0, atol=1e-6)
     assert np.isnan(mlp_trace.column("FURTHER")).all()  # the toy's relations are two tokens
     assert mlp_trace.clean > 0.95 and mlp_trace.corrupt < 0.5 * mlp_trace.clean
 
@@ -121,9 +127,26 @@ def test_one_cell_equals_hand_written_hooks(facts, mlp_trace):
         p_restored = model(ids).logits[0, -1].softmax(-1)[obj].item()
     for h in hooks:
         h.remove()
-    cell = mlp_trace.per_prompt.reshape(*mlp_trace.grid, -1)[layer, mlp_trace.columns.index("SUBJ_LAST"), i]
+    cells = mlp_trace.per_prompt.reshape(*mlp_trace.grid, -1)
+    cell = cells[layer, mlp_trace.columns.index("SUBJ_LAST"), i]
     assert cell == pytest.approx(p_restored - p_corrupt, abs=1e-5)
     assert mlp_trace.extra["corrupt_per_prompt"][i] == pytest.approx(p_corrupt, abs=1e-5)
+    # tracing does not run states before the subject (they are clean in the corrupted run
+    # too) and gives them 0: restoring one by hand indeed changes nothing
+    clean_mlp.clear()
+    h1 = model.transformer.h[layer].mlp.register_forward_hook(lambda m, a, o: clean_mlp.setdefault("v", o.detach()))
+    with torch.no_grad():
+        model(ids)
+    h1.remove()
+    t = 0  # <bos>, before the subject
+    hooks = [model.transformer.wte.register_forward_hook(noised),
+             model.transformer.h[layer].mlp.register_forward_hook(restore)]
+    with torch.no_grad():
+        p_before = model(ids).logits[0, -1].softmax(-1)[obj].item()
+    for h in hooks:
+        h.remove()
+    assert p_before == pytest.approx(p_corrupt, abs=1e-6)
+    assert cells[layer, mlp_trace.columns.index("BEFORE"), i] == 0.0
 
 
 def test_window_grid_shape_and_a_window_covering_the_model(facts):

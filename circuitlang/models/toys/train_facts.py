@@ -22,6 +22,13 @@ tracing tests have an independent answer to compare with:
   the same at END and at the subject's first token.
 * `subject_storage_layers`: the layers whose `mlp_swap_subj_last` is at least half the
   largest: where the toy reads the subject into the stream at its last token.
+
+What the shipped model does: every fact recalled; at the subject's last token only MLP 0
+matters (swap drop 0.31, layers 1-3 below 0.01), at the first token less (0.10). Unlike
+GPT-2 XL in the ROME paper, most of the recall happens at END (swapping MLP 0 there drops
+0.46): a 4-layer model that reads the relation last looks the object up once it has
+it. Causal tracing agrees on both (tests/test_tracing.py): restored at SUBJ_LAST, MLP 0
+brings back ~0.1 of p(object) and the other layers ~0; at END, MLP 0 ~0.3.
 """
 from __future__ import annotations
 
@@ -86,54 +93,57 @@ def _swap_partner(facts, k: int) -> int:
 
 
 def measure_facts(model, tok, facts) -> dict:
-    """What `circuitlang.json` records (see the module docstring), by plain hooks."""
+    """What `circuitlang.json` records (see the module docstring), by plain hooks on a
+    right-padded batch of every fact (the answer is read at each row's last real token)."""
     rows = _prompts(tok, facts)
     n_layers = len(model.transformer.h)
+    width = max(len(r[0]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, _, _, _) in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    last = mask.sum(1) - 1
+    objects = torch.tensor([r[3] for r in rows])
+    batch = torch.arange(len(rows))
 
-    def run(ids, hook_layer=None, position=None, value=None, capture=False):
-        captured = {}
+    def run(layer=None, where=None, value=None, capture=None):
         handles = []
-        for layer, block in enumerate(model.transformer.h):
-            def hook(module, args, output, layer=layer):
-                if capture:
-                    captured[layer] = output.detach().clone()
-                if layer == hook_layer:
+        for l, block in enumerate(model.transformer.h):
+            def hook(module, args, output, l=l):
+                if capture is not None:
+                    capture[l] = output.detach().clone()
+                if l == layer:
                     output = output.clone()
-                    output[0, position] = value
+                    output[batch, where] = value
                     return output
                 return None
             handles.append(block.mlp.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, -1]
+                logits = model(ids, attention_mask=mask).logits[batch, last]
         finally:
             for h in handles:
                 h.remove()
-        return logits.softmax(-1), captured
+        return logits.softmax(-1)[batch, objects]
 
-    clean, mlps = [], []
-    for ids, _, _, _ in rows:
-        probs, cap = run(ids, capture=True)
-        clean.append(probs)
-        mlps.append(cap)
-    correct = [int(clean[k].argmax() == rows[k][3]) for k in range(len(rows))]
-    out = {"facts": len(rows), "accuracy": round(sum(correct) / len(rows), 4)}
-    for name in ("subj_last", "subj_first", "end"):
+    mlps: dict = {}
+    clean = run(capture=mlps)
+    with torch.no_grad():
+        top = model(ids, attention_mask=mask).logits[batch, last].argmax(-1)
+    out = {"facts": len(rows), "accuracy": round(float((top == objects).float().mean()), 4)}
+    donors = torch.tensor([_swap_partner(facts, k) for k in range(len(rows))])
+    where = {"subj_last": torch.tensor([r[2] for r in rows]), "subj_first": torch.tensor([r[1] for r in rows]),
+             "end": last}
+    for name, pos in where.items():
         drops = []
         for layer in range(n_layers):
-            total = 0.0
-            for k, (ids, first, last, obj) in enumerate(rows):
-                donor = _swap_partner(facts, k)
-                d_ids, d_first, d_last, _ = rows[donor]
-                pos, d_pos = {"subj_last": (last, d_last), "subj_first": (first, d_first),
-                              "end": (len(ids) - 1, len(d_ids) - 1)}[name]
-                probs, _ = run(ids, layer, pos, mlps[donor][layer][0, d_pos])
-                total += float(clean[k][obj] - probs[obj])
-            drops.append(round(total / len(rows), 4))
+            value = mlps[layer][donors, pos[donors]]
+            drops.append(round(float((clean - run(layer, pos, value)).mean()), 4))
         out[f"mlp_swap_{name}"] = drops
     best = max(out["mlp_swap_subj_last"])
     out["subject_storage_layers"] = [l for l, v in enumerate(out["mlp_swap_subj_last"]) if v >= best / 2]
-    out["clean_object_prob"] = round(float(sum(clean[k][rows[k][3]] for k in range(len(rows))) / len(rows)), 4)
+    out["clean_object_prob"] = round(float(clean.mean()), 4)
     return out
 
 
