@@ -233,3 +233,38 @@ def test_trace_statement_end_to_end_json_and_figure(tmp_path):
     fig = sweep_heatmap(resid.as_sweeps())
     assert fig is not None
     sweep_heatmap(resid)  # the two-axis grid draws as it is too
+
+
+def _statements():
+    from hypothesis import strategies as st
+
+    from circuitlang import ast
+
+    position = st.builds(ast.PositionRef, st.sampled_from(["all", "END", "SUBJ_LAST", "S1"]),
+                         st.integers(-3, 3))
+    noise = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False)
+    trace_options = st.lists(st.sampled_from(["noise", "window"]), unique=True).flatmap(
+        lambda names: st.tuples(*[noise.map(lambda v: ("noise", v)) if n == "noise"
+                                  else st.integers(1, 40).map(lambda v: ("window", v)) for n in names]))
+    probe_options = st.lists(st.sampled_from(["heldout", "save"]), unique=True).flatmap(
+        lambda names: st.tuples(*[st.floats(0.01, 0.99).map(lambda v: ("heldout", v)) if n == "heldout"
+                                  else st.text("ab/\"\\. _", min_size=1, max_size=8).map(lambda v: ("save", v))
+                                  for n in names]))
+    trace = st.builds(ast.Trace, st.sampled_from(ast.TRACE_SITES), position, trace_options)
+    probe = st.builds(ast.Probe, st.sampled_from(ast.PROBE_SITES), position,
+                      st.sampled_from(["IO", "S", "subject"]), probe_options)
+    return st.one_of(trace, probe)
+
+
+def test_trace_and_probe_print_then_parse_round_trip():
+    from hypothesis import given, settings
+
+    from circuitlang import ast
+
+    @settings(max_examples=150, deadline=None)
+    @given(_statements())
+    def check(stmt):
+        program = ast.Program((stmt,))
+        assert circuitlang.parse(circuitlang.format(program)) == program
+
+    check()
