@@ -3,7 +3,8 @@
 `sae res5 = "saes/res5" at resid 5` becomes a `sites.Dictionary`: the folder is read
 relative to the file's folder and confined to it (as `use` and task files are), and
 its cfg.json is read (never its weights) for the format, the width it reads (it must
-be the model's d_model) and its number of latents. `neuron 5.12` is checked against
+be the model's d_model), its number of latents, and where it was trained when its files
+say (SAELens's `hook_name`, sparsify's hookpoint folder): it must be where it is declared. `neuron 5.12` is checked against
 the model's MLP width (`ModelShape.d_mlp`), `feature res5.1234` against the SAE's
 latents, `error res5` needs the SAE declared. A part of `_Resolver`.
 """
@@ -25,6 +26,14 @@ class UnitResolver:
     def _sae_decl(self, stmt: ast.SaeDecl) -> None:
         if not hasattr(self, "saes"):
             self.saes = {}
+        refused = getattr(self, "refused_saes", set())
+        self.refused_saes = refused
+        known = len(self.diagnostics)
+        self._declare_sae(stmt)
+        if len(self.diagnostics) > known and stmt.name not in self.saes:
+            refused.add(stmt.name)  # its uses are not reported again as unknown
+
+    def _declare_sae(self, stmt: ast.SaeDecl) -> None:
         if stmt.name in KEYWORDS:
             self.report("resolve.sae_name", f"{stmt.name!r} is a keyword and cannot name an SAE",
                         stmt.span, f"call it {stmt.name}_sae")
@@ -43,11 +52,12 @@ class UnitResolver:
             self.report("resolve.no_mlp", "this model has no MLPs (attention only)", stmt.span,
                         "declare the SAE at resid L or attn L")
             return
-        from circuitlang.models.sae import read_sae_info  # torch: only for files that use SAEs
+        from circuitlang.models.sae import check_trained_at, read_sae_info  # torch: only for SAE files
 
         try:
             real = confined_path(stmt.path, self.filename)
             info = read_sae_info(real)
+            check_trained_at(info, stmt.hook, stmt.layer)
         except OutsideError as exc:
             self.report("resolve.sae_outside", f"cannot read SAE folder: {exc.message}", stmt.span,
                         "a file may read SAE folders only inside its own folder tree")
@@ -99,6 +109,8 @@ class UnitResolver:
         saes = getattr(self, "saes", {})
         if name in saes:
             return saes[name]
+        if name in getattr(self, "refused_saes", ()):
+            return None  # its declaration was refused, and said why
         close = _similar(name, saes)
         hint = (f"did you mean {close}?" if close else
                 "SAEs here: " + ", ".join(saes) if saes else

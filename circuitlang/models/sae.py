@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ import torch
 
 from circuitlang.errors import ModelError
 
-__all__ = ["Sae", "SaeInfo", "load_sae", "read_sae_info", "PICKLE_SUFFIXES"]
+__all__ = ["Sae", "SaeInfo", "check_trained_at", "load_sae", "read_sae_info", "trained_at", "PICKLE_SUFFIXES"]
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -124,6 +125,56 @@ def read_sae_info(path: str | Path) -> SaeInfo:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _error(f"{cfg_file} has {name}={value!r}", f"cfg.json needs {name}, a positive whole number")
     return SaeInfo(folder, fmt, int(d_in), int(d_sae), config)
+
+
+_SAELENS_HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|"
+                           r"attn\.hook_z|hook_resid_mid)")
+_SPARSIFY_HOOK = re.compile(r"(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?")
+
+
+def trained_at(info: SaeInfo) -> tuple[str, int] | None:
+    """Where the SAE was trained, as (hook, layer) in circuitlang's terms, when its files say
+    (SAELens's `hook_name`, sparsify's hookpoint folder name); None when they do not.
+
+    `blocks.5.hook_resid_post` and sparsify's `layers.5` (block 5's output) are the stream
+    entering block 6: `("resid", 6)`.
+
+    Raises:
+        ModelError: it was trained where circuitlang does not splice an SAE (`hook_z`,
+            the concatenated head values before W_O; `hook_resid_mid`).
+    """
+    if info.format == "saelens":
+        match = _SAELENS_HOOK.fullmatch(str(info.config.get("hook_name") or ""))
+        if match is None:
+            return None
+        layer, name = int(match.group(1)), match.group(2)
+        if name in ("attn.hook_z", "hook_resid_mid"):
+            raise _error(f"{info.path} was trained on {info.config['hook_name']}, where circuitlang does not "
+                         "splice an SAE", "circuitlang splices SAEs at the residual stream (hook_resid_pre / "
+                         "hook_resid_post), an attention block's output (hook_attn_out) or an MLP's output "
+                         "(hook_mlp_out)", code="sae.hook")
+        return {"hook_resid_pre": ("resid", layer), "hook_resid_post": ("resid", layer + 1),
+                "hook_attn_out": ("attn", layer), "hook_mlp_out": ("mlp", layer)}[name]
+    match = _SPARSIFY_HOOK.fullmatch(info.path.name)
+    if match is None:
+        return None
+    layer, part = int(match.group(1)), match.group(2)
+    if part is None:
+        return ("resid", layer + 1)
+    return ("mlp", layer) if part == "mlp" else ("attn", layer)
+
+
+def check_trained_at(info: SaeInfo, hook: str, layer: int) -> None:
+    """Refuse a declaration that splices an SAE somewhere else than where it was trained.
+
+    Raises:
+        ModelError: `trained_at(info)` is known and is not (hook, layer).
+    """
+    found = trained_at(info)
+    if found is not None and found != (hook, layer):
+        where = f"{info.config.get('hook_name')}" if info.format == "saelens" else f"hookpoint {info.path.name}"
+        raise _error(f"{info.path} was trained at {where}, which is {found[0]} {found[1]}, not {hook} {layer}",
+                     f"declare it `at {found[0]} {found[1]}`", code="sae.hook")
 
 
 def _pickled(file: Path) -> ModelError:

@@ -28,7 +28,7 @@ def save_saelens(folder, w: dict, **cfg) -> str:
     save_file({k: v.contiguous() for k, v in w.items()}, str(folder / "sae_weights.safetensors"))
     d_in, d_sae = w["W_enc"].shape
     config = {"d_in": d_in, "d_sae": d_sae, "architecture": "standard", "apply_b_dec_to_input": True,
-              "normalize_activations": "none", "hook_name": "blocks.1.hook_resid_pre", **cfg}
+              "normalize_activations": "none", **cfg}
     (folder / "cfg.json").write_text(json.dumps(config))
     return str(folder)
 
@@ -230,6 +230,29 @@ def test_sae_declaration_errors(tmp_path):
         resolve_text(text, model="toy-ioi", task="ioi", filename=str(tmp_path / "h.circ"))
     codes = [d.code for d in info.value.diagnostics]
     assert codes == ["sae.pickle", "resolve.sae_outside", "resolve.latent_range", "resolve.sae"]
+    assert "feature b" not in str(info.value)  # a refused declaration's uses are not reported again
+
+
+def test_an_sae_is_declared_where_it_was_trained(tmp_path):
+    from circuitlang.ast_to_ir import resolve_text
+
+    save_saelens(tmp_path / "post1", _weights(d=64, n=20), hook_name="blocks.1.hook_resid_post")
+    save_saelens(tmp_path / "z", _weights(d=64, n=20), hook_name="blocks.1.attn.hook_z")
+    save_saelens(tmp_path / "mlp1", _weights(d=64, n=20), hook_name="blocks.1.hook_mlp_out")
+    save_sparsify(tmp_path / "layers.0", _weights(d=64, n=20), k=4)
+    save_sparsify(tmp_path / "layers.1.self_attn", _weights(d=64, n=20), k=4)
+    good = ('sae a = "post1" at resid 2\nsae m = "mlp1" at mlp 1\nsae s = "layers.0" at resid 1\n'
+            'sae t = "layers.1.self_attn" at attn 1\n')
+    hypothesis = resolve_text(good, model="toy-ioi", task="ioi", filename=str(tmp_path / "h.circ"))
+    assert [(d.hook, d.layer) for d in hypothesis.saes] == [("resid", 2), ("mlp", 1), ("resid", 1), ("attn", 1)]
+    bad = 'sae a = "post1" at resid 1\nsae z = "z" at attn 1\nsae s = "layers.0" at resid 0\n'
+    with pytest.raises(CircuitlangError) as info:
+        resolve_text(bad, model="toy-ioi", task="ioi", filename=str(tmp_path / "h.circ"))
+    messages = [(d.code, d.message, d.hint) for d in info.value.diagnostics]
+    assert [m[0] for m in messages] == ["sae.hook"] * 3
+    assert "blocks.1.hook_resid_post, which is resid 2, not resid 1" in messages[0][1]
+    assert "hook_z" in messages[1][1]
+    assert messages[2][2] == "declare it `at resid 1`"
 
 
 # ---- attribution over latents ----------------------------------------------------------------
