@@ -85,7 +85,7 @@ class LinearProbe:
 
     def basis(self) -> torch.Tensor:
         """An orthonormal basis [r, d] of the row space of `weight`."""
-        u, s, vh = torch.linalg.svd(self.weight.double(), full_matrices=False)
+        _, s, vh = torch.linalg.svd(self.weight.double(), full_matrices=False)
         rank = int((s > s.max() * 1e-8).sum()) if s.numel() and s.max() > 0 else 0
         return vh[:rank].contiguous()
 
@@ -234,12 +234,13 @@ class ProbeResult(ExperimentResult):
 
     def render(self) -> str:
         what = "R²" if self.extra.get("kind") == "scalar" else "accuracy"
-        lines = [f"{self.text}   ({self.extra.get('kind')} probe; {self.extra.get('n_train')} train / "
-                 f"{self.extra.get('n_heldout')} held-out prompts; chance {self.clean:.3f})",
+        head = (f"{self.text}   ({self.extra.get('kind')} probe; {self.extra.get('n_train')} train / "
+                f"{self.extra.get('n_heldout')} held-out prompts; chance {self.clean:.3f})")
+        lines = [head,
                  f"  {'layer':<8}{'held-out ' + what:>18}{'control':>10}{'selectivity':>13}"]
         for site, v, c, s in zip(self.sites, np.ravel(self.values), self.extra.get("control", []),
                                  np.ravel(self.normalized)):
-            lines.append(f"  {str(site):<8}{v:>18.3f}{c:>10.3f}{s:>13.3f}")
+            lines.append(f"  {site!s:<8}{v:>18.3f}{c:>10.3f}{s:>13.3f}")
         if self.extra.get("saved"):
             lines.append(f"  probe directions saved to {self.extra['saved']}")
         return "\n".join(lines)
@@ -254,7 +255,7 @@ class ProbeResult(ExperimentResult):
                 + html_table(rows, ("layer", "held-out " + self.metric, "control", "selectivity")) + "</div>")
 
     @classmethod
-    def from_json(cls, d: dict) -> "ProbeResult":
+    def from_json(cls, d: dict) -> ProbeResult:
         base = ExperimentResult.from_json(d)
         return cls(**{f: getattr(base, f) for f in ExperimentResult.__dataclass_fields__})
 
@@ -357,7 +358,7 @@ def load_probes(path: str | os.PathLike) -> tuple[dict, dict[int, LinearProbe]]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - a safe_open handle, not a dict
     except (OSError, ValueError, RuntimeError) as exc:
         raise ExecutionError(f"cannot read probe file {str(path)!r}: {exc}", code="probe.file",
                              hint="give a .safetensors file written by a `probe ... save` statement") from None

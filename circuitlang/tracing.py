@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from circuitlang.errors import ExecutionError
+from circuitlang.errors import ExecutionError, TaskError
 from circuitlang.experiments import ExperimentResult
 from circuitlang.ir import TRACE_COLUMNS as COLUMNS
 from circuitlang.progress import Progress
@@ -130,7 +130,7 @@ class TraceResult(ExperimentResult):
         return f"<div class='circuitlang-experiment'>{title}{table}{figure_html(draw)}</div>"
 
     @classmethod
-    def from_json(cls, d: dict) -> "TraceResult":
+    def from_json(cls, d: dict) -> TraceResult:
         base = ExperimentResult.from_json(d)
         return cls(**{f: getattr(base, f) for f in base.__dataclass_fields__})
 
@@ -222,8 +222,8 @@ def causal_trace(model, task, prompts, kind: str = "mlp", position: Position = A
                              hint="trace resid or attn")
     try:
         span = subject_span(prompts)
-    except Exception as exc:  # a TaskError: say it as the experiment's error
-        raise ExecutionError(str(exc.message if hasattr(exc, "message") else exc), code="trace.no-subject",
+    except TaskError as exc:  # said as the experiment's error
+        raise ExecutionError(exc.message, code="trace.no-subject",
                              hint="causal tracing needs a factual-recall task with a subject span: "
                              "task facts") from None
     n, width = prompts.input_ids.shape

@@ -90,7 +90,7 @@ def test_default_noise_is_three_embedding_stds(facts, mlp_trace):
 
 def test_one_cell_equals_hand_written_hooks(facts, mlp_trace):
     """Noise wte's output at the subject, restore one MLP output at one token, read p(object)."""
-    lm, task, prompts = facts
+    lm, _, prompts = facts
     model = lm.hf_model
     i, layer = 0, 0
     t = int(prompts.positions["SUBJ_LAST"][i])
@@ -154,7 +154,7 @@ def test_window_grid_shape_and_a_window_covering_the_model(facts):
     few = prompts.subset(list(range(8)))
     assert window_layers(2, 10, 4) == [0, 1, 2, 3]
     assert window_layers(0, 3, 4) == [0, 1] and window_layers(3, 3, 4) == [2, 3]
-    assert window_layers(5, 10, 48) == list(range(0, 10))  # ROME: layers L-5 .. L+4
+    assert window_layers(5, 10, 48) == list(range(10))  # ROME: layers L-5 .. L+4
     wide = causal_trace(lm, task, few, "mlp", ALL, window=10)
     assert wide.grid == (4, 7) and wide.extra["window"] == 10
     values = np.asarray(wide.values)
@@ -169,9 +169,9 @@ def test_bad_arguments_say_what_is_valid(facts):
     from circuitlang.errors import ExecutionError
 
     lm, task, prompts = facts
-    for kwargs, words in ((dict(kind="head"), "trace resid, mlp or attn"),
-                          (dict(kind="resid", window=3), "for mlp and attn only"),
-                          (dict(kind="mlp", noise=0.0), "3 x the embeddings")):
+    for kwargs, words in (({"kind": "head"}, "trace resid, mlp or attn"),
+                          ({"kind": "resid", "window": 3}, "for mlp and attn only"),
+                          ({"kind": "mlp", "noise": 0.0}, "3 x the embeddings")):
         with pytest.raises(ExecutionError) as err:
             causal_trace(lm, task, prompts, position=ALL, **kwargs)
         assert words in err.value.hint

@@ -189,7 +189,7 @@ def read_facts(path: str | Path) -> list[FactSpec]:
     return facts
 
 
-def subject_span(prompts: "PromptSet"):
+def subject_span(prompts: PromptSet):
     """The subject span `SUBJ` as a BoolTensor [N, T]: True from SUBJ_FIRST to SUBJ_LAST.
 
     Raises:
@@ -302,7 +302,7 @@ class FactsTask(Task):
                                           "END": len(ids) - 1},
                 "answers": answers, "wrong": wrong, "corrupt_ids": c_ids}
 
-    def _spec_strategy(self, fixed: dict[str, Any]) -> "SearchStrategy":
+    def _spec_strategy(self, fixed: dict[str, Any]) -> SearchStrategy:
         from hypothesis import strategies as st
 
         matching = [f for f in self.facts if all(f.feature(k) == v for k, v in fixed.items())]
