@@ -140,3 +140,57 @@ def test_a_long_unit_sweep_renders_its_strongest_sites():
     assert "neuron 1.123" in result._repr_html_()
     back = ExperimentResult.from_json(result.to_json())
     assert back.sites[123] == Neuron(1, 123) and back.render() == result.render()
+
+
+def test_mean_ablating_neurons_and_zeroing_an_error_term_equal_hook_oracles(toy, tmp_path):
+    """`ablate neurons 1.3, 1.90 with mean at END` sets both units at END to their mean there
+    over the prompts; `ablate error s with zero` runs the model on the SAE's reconstruction
+    (x replaced by decode(encode(x)) at every position). Oracles: plain torch hooks."""
+    from circuitlang.models.sae import load_sae
+
+    lm, task, prompts = toy
+    d, hf = lm.shape.d_model, lm.hf_model
+    g = torch.Generator().manual_seed(2)
+    _saelens(tmp_path / "res2", {"W_enc": torch.randn(d, 24, generator=g) / d ** 0.5, "b_enc": torch.zeros(24),
+                                 "W_dec": torch.randn(24, d, generator=g) * 0.3, "b_dec": torch.zeros(d)})
+    (tmp_path / "h.circ").write_text('sae s = "res2" at resid 2\nsamples 8\nseed 0\n'
+                                     "ablate neurons 1.3, 1.90 with mean at END\nablate error s with zero\n")
+    neurons, error = circuitlang.check(str(tmp_path / "h.circ"), model="toy-ioi", task="ioi").experiments
+    end, rows = prompts.positions["END"], torch.arange(8)
+    units = [3, 90]
+    proj = hf.transformer.h[1].mlp.c_proj
+    seen = {}
+    handle = proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0][rows, end][:, units]))
+    with torch.no_grad():
+        hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask)
+    handle.remove()
+    mean = seen["h"].mean(0)
+
+    def set_mean(module, args):
+        h = args[0].clone()
+        for j, unit in enumerate(units):
+            h[rows, end, unit] = mean[j]
+        return (h,)
+
+    def metric_with(module, hook):
+        handle = module.register_forward_pre_hook(hook)
+        with torch.no_grad():
+            logits = hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask).logits
+        handle.remove()
+        return task.metric("logit_diff", logits, prompts).numpy()
+
+    np.testing.assert_allclose(neurons.per_prompt[0], metric_with(proj, set_mean), rtol=1e-4, atol=1e-4)
+    sae = load_sae(tmp_path / "res2")
+
+    def reconstruct(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x_hat = sae.decode(sae.encode(x))
+        return ((x_hat, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x_hat})
+
+    handle = hf.transformer.h[2].register_forward_pre_hook(reconstruct, with_kwargs=True)
+    with torch.no_grad():
+        logits = hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask).logits
+    handle.remove()
+    oracle = task.metric("logit_diff", logits, prompts).numpy()
+    np.testing.assert_allclose(error.per_prompt[0], oracle, rtol=1e-4, atol=1e-4)
+    assert abs(float(np.ravel(error.values)[0]) - error.clean) > 1e-3  # the error term matters here
