@@ -37,7 +37,8 @@ from circuitlang.ast import PATCH_DIRECTIONS
 from circuitlang.errors import ExecutionError
 from circuitlang.execute import metric_positions, position_index, run_batched
 from circuitlang.progress import Progress
-from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, Neuron, PosEmbed, Position, Resid, TokenEmbed
+from circuitlang.sites import (Channel, Embed, Head, Latent, LatentIn, Logits, Mlp, MlpIn, Neuron, PosEmbed,
+                               Position, Resid, TokenEmbed)
 
 
 @dataclass
@@ -500,6 +501,8 @@ class Experiments:
             target = receiver
         elif isinstance(receiver, Mlp):
             target = MlpIn(receiver.layer)  # the stream the MLP reads (only the MLP sees the patch)
+        elif isinstance(receiver, Latent):
+            target = LatentIn(receiver.sae, receiver.index)  # what the latent reads (only it sees the patch)
         elif isinstance(receiver, Head):
             raise ExecutionError(
                 f"path patching needs a receiver's input: {receiver}.q, .k or .v, or logits",
@@ -539,8 +542,6 @@ class Experiments:
     def _stream_delta(self, sender, delta: torch.Tensor) -> torch.Tensor:
         """A sender's change as the change it writes into the residual stream [B, T, D]:
         a neuron's times its row of W_out, a latent's times its decoder row."""
-        from circuitlang.sites import Latent
-
         if isinstance(sender, Neuron):
             row = self.model.adapter.neuron_out_weight(sender.layer)[sender.index]
             return delta[..., None] * row.to(delta.device, delta.dtype)

@@ -193,6 +193,18 @@ class Latent:
 
 
 @dataclass(frozen=True, slots=True, order=True)
+class LatentIn:
+    """The stream latent `index` reads at its dictionary's hook point, [B, T, D]: patching it
+    changes that latent only (path patching into a latent), as `MlpIn` does for an MLP."""
+
+    sae: Dictionary
+    index: int
+
+    def __str__(self) -> str:
+        return f"feature {self.sae.name}.{self.index}.in"
+
+
+@dataclass(frozen=True, slots=True, order=True)
 class SaeError:
     """A dictionary's reconstruction error at its hook point: `x - decode(encode(x))`."""
 
@@ -223,7 +235,7 @@ class AllLatents:
 
 
 Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits, Neuron, Latent, SaeError,
-             AllNeurons, AllLatents]
+             AllNeurons, AllLatents, LatentIn]
 
 
 @dataclass(frozen=True, slots=True, order=True)

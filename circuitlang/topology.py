@@ -28,9 +28,10 @@ Below the component, a neuron `Neuron(l, n)` sends as part of MLP l (it writes
 `act * W_out[n]`), and an SAE's latents and error term (`Latent`, `SaeError`) send
 where their dictionary is spliced in: a dictionary at `resid L` writes into the
 stream entering block L, one at `attn L` beside layer L's heads, one at `mlp L` as
-MLP L. They are senders only (what a latent reads is its hook point, not a node's
-input), and not yet nodes of a causal-scrubbing graph: `site_order` refuses them, so
-the lowering says so instead of scrubbing them with a component's semantics.
+MLP L. A latent also receives: its hook point holds the senders before it (a
+dictionary at `attn L`: layer L's heads; at `mlp L`: MLP L). They are not yet nodes
+of a causal-scrubbing graph: `site_order` refuses them, so the lowering says so
+instead of scrubbing them with a component's semantics.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ __all__ = ["canonical", "edge_exists", "edge_problem", "edges", "is_receiver", "
 
 SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I "
                 "and error S")
-RECEIVERS_HINT = "receivers are head L.H.q / .k / .v, mlp L (its input) and logits"
+RECEIVERS_HINT = ("receivers are head L.H.q / .k / .v, mlp L (its input), logits and feature S.I "
+                  "(what the latent reads)")
 
 
 def is_sender(site: Site) -> bool:
@@ -51,8 +53,8 @@ def is_sender(site: Site) -> bool:
 
 
 def is_receiver(site: Site) -> bool:
-    """True for sites that read the residual stream."""
-    return isinstance(site, (Mlp, Logits)) or (isinstance(site, Head) and site.channel.is_input)
+    """True for sites that read the residual stream (an SAE latent reads its hook point)."""
+    return isinstance(site, (Mlp, Logits, Latent)) or (isinstance(site, Head) and site.channel.is_input)
 
 
 def sender_key(site: Site) -> tuple[int, int, int]:
@@ -127,6 +129,8 @@ def edge_problem(shape: ModelShape | None, sender: Site, receiver: Site) -> str 
                 return f"{site}: the model is attention-only"
     if isinstance(receiver, Logits):
         return None
+    if isinstance(receiver, Latent):
+        return _latent_reads(sender, receiver)
     s_layer, s_kind, _ = sender_key(sender)
     if isinstance(receiver, Head):
         if s_layer < receiver.layer:
@@ -141,6 +145,24 @@ def edge_problem(shape: ModelShape | None, sender: Site, receiver: Site) -> str 
                     f"and MLP), so {sender} does not reach it")
         return None
     return f"{sender} is computed after {receiver} reads the residual stream"
+
+
+def _latent_reads(sender: Site, receiver: Latent) -> str | None:
+    """Whether a latent's hook point holds `sender`'s output directly: the stream entering
+    block L holds every sender before it; an attention block's output its layer's heads; an
+    MLP's output that MLP (and its neurons)."""
+    sae = receiver.sae
+    if sae.hook == "resid":
+        if sender_key(sender) < (sae.layer - 1, 2, -1):
+            return None
+        return f"{sender} is computed after the stream entering block {sae.layer}, which {receiver} reads"
+    if sae.hook == "attn":
+        if isinstance(sender, Head) and sender.layer == sae.layer:
+            return None
+        return f"{receiver} reads attention block {sae.layer}'s output: only that layer's heads send to it"
+    if isinstance(sender, (Mlp, Neuron)) and sender.layer == sae.layer:
+        return None
+    return f"{receiver} reads MLP {sae.layer}'s output: only that MLP (and its neurons) sends to it"
 
 
 def edge_exists(shape: ModelShape | None, sender: Site, receiver: Site) -> bool:

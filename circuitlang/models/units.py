@@ -28,12 +28,12 @@ import torch
 from circuitlang.errors import ModelError
 from circuitlang.models.patches import _first, _replace_first, apply_patch
 from circuitlang.models.sae import sae_for
-from circuitlang.sites import SAE_HOOKS, AllLatents, AllNeurons, Dictionary, Latent, Neuron, SaeError
+from circuitlang.sites import SAE_HOOKS, AllLatents, AllNeurons, Dictionary, Latent, LatentIn, Neuron, SaeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
 
-UNIT_SITES = (Neuron, Latent, SaeError, AllNeurons, AllLatents)
+UNIT_SITES = (Neuron, Latent, SaeError, AllNeurons, AllLatents, LatentIn)
 
 
 def is_unit_site(site: Any) -> bool:
@@ -61,7 +61,7 @@ def check_unit_site(lm: "LoadedModel", site) -> None:
                              hint=f"MLP {site.layer} has neurons 0-{width - 1}")
         return
     sae = check_dictionary(lm, site.sae)
-    if isinstance(site, Latent) and not 0 <= site.index < sae.d_sae:
+    if isinstance(site, (Latent, LatentIn)) and not 0 <= site.index < sae.d_sae:
         raise ModelError(f"{site}: latent {site.index} out of range", code="model.bad-site",
                          hint=f"SAE {site.sae.name} has latents 0-{sae.d_sae - 1}")
 
@@ -105,8 +105,9 @@ def unit_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
         last.append((adapter.mlp_out_proj(layer), _neuron_hook(found, plan), "pre"))
     for d, found in sorted(saes.items()):
         sae = check_dictionary(lm, d)
-        # single latents, then every latent (it sees their patches), then the error term
-        order = {Latent: 0, AllLatents: 1, SaeError: 2}
+        # what single latents read, single latents, every latent (it sees their patches),
+        # then the error term
+        order = {LatentIn: 0, Latent: 1, AllLatents: 2, SaeError: 3}
         found = sorted(found, key=lambda s: (order[type(s)], getattr(s, "index", 0)))
         if d.hook == "resid":
             # before the engine's block / final-norm hook, so Resid(l) and q/k/v patches
@@ -188,7 +189,18 @@ def _splice(sae, found: list, plan, x: torch.Tensor) -> torch.Tensor:
             if new_f is not base or base.requires_grad:
                 df = new_f - f.detach() if base.requires_grad else new_f - f
             continue
-        cur = f[..., site.index]
+        if isinstance(site, LatentIn):  # the latent re-encoded from its own input
+            inp = x
+            for p in plan.patches.get(site, ()):
+                inp = apply_patch(inp, p)
+            if site in plan.capture:
+                plan.cache[site] = inp
+            if inp is not x:
+                if df is None:
+                    df = torch.zeros_like(f)
+                df[..., site.index] = sae.encode(inp)[..., site.index] - f[..., site.index]
+            continue
+        cur = f[..., site.index] if df is None else f[..., site.index] + df[..., site.index]
         new = cur
         for p in plan.patches.get(site, ()):
             new = apply_patch(new, p)
@@ -197,7 +209,7 @@ def _splice(sae, found: list, plan, x: torch.Tensor) -> torch.Tensor:
         if new is not cur:
             if df is None:
                 df = torch.zeros_like(f)
-            df[..., site.index] = new - cur
+            df[..., site.index] = new - f[..., site.index]
     if df is not None:
         moved = sae.decode_delta(df, x)
         delta = moved if delta is None else delta + moved

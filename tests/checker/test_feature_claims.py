@@ -194,3 +194,55 @@ def test_mean_ablating_neurons_and_zeroing_an_error_term_equal_hook_oracles(toy,
     oracle = task.metric("logit_diff", logits, prompts).numpy()
     np.testing.assert_allclose(error.per_prompt[0], oracle, rtol=1e-4, atol=1e-4)
     assert abs(float(np.ravel(error.values)[0]) - error.clean) > 1e-3  # the error term matters here
+
+
+def test_path_patching_into_a_latent_equals_an_oracle(toy, tmp_path):
+    """`patch head 1.* -> feature s.3 at END`: each head's corrupt-minus-clean output reaches
+    latent 3's encoder only; the stream moves by (re-encoded latent - latent) x its decoder
+    row. The oracle does the SAE arithmetic by hand and adds the move with a torch hook."""
+    from circuitlang.models.sae import load_sae
+    from circuitlang.sites import Head, Resid
+
+    lm, task, prompts = toy
+    d, hf = lm.shape.d_model, lm.hf_model
+    g = torch.Generator().manual_seed(3)
+    _saelens(tmp_path / "res2", {"W_enc": torch.randn(d, 8, generator=g) / d ** 0.5, "b_enc": torch.full((8,), 0.5),
+                                 "W_dec": torch.randn(8, d, generator=g), "b_dec": torch.zeros(d)})
+    (tmp_path / "h.circ").write_text('sae s = "res2" at resid 2\nsamples 8\nseed 0\n'
+                                     "patch head 1.* -> feature s.3 at END\n")
+    (found,) = circuitlang.check(str(tmp_path / "h.circ"), model="toy-ioi", task="ioi").experiments
+    assert found.grid == (lm.shape.n_heads,)
+    sae = load_sae(tmp_path / "res2")
+    end, rows = prompts.positions["END"], torch.arange(8)
+    heads = [Head(1, h) for h in range(lm.shape.n_heads)]
+    clean = lm.run(prompts.input_ids, prompts.attention_mask, capture=heads + [Resid(2)]).cache
+    corrupt = lm.run(prompts.corrupt_input_ids, prompts.attention_mask, capture=heads).cache
+    x = clean[Resid(2)][rows, end]
+    for h, head in enumerate(heads):
+        x_new = x + (corrupt[head] - clean[head])[rows, end]
+        move = (sae.encode(x_new)[:, 3] - sae.encode(x)[:, 3])[:, None] * sae.W_dec[3]
+
+        def add(module, args, kwargs, move=move):
+            s = (args[0] if args else kwargs["hidden_states"]).clone()
+            s[rows, end] += move
+            return ((s, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": s})
+
+        handle = hf.transformer.h[2].register_forward_pre_hook(add, with_kwargs=True)
+        with torch.no_grad():
+            logits = hf(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask).logits
+        handle.remove()
+        oracle = task.metric("logit_diff", logits, prompts).numpy()
+        np.testing.assert_allclose(found.per_prompt[h], oracle, rtol=1e-4, atol=1e-4)
+    assert np.abs(found.to_numpy("values") - found.clean).max() > 1e-4  # some head moves it
+
+
+def test_which_senders_reach_a_latent():
+    from circuitlang import topology
+    from circuitlang.sites import Embed, Head, Mlp, Neuron
+
+    at = {hook: Latent(Dictionary("s", "/x", hook, 2, 10), 0) for hook in ("resid", "attn", "mlp")}
+    assert topology.edge_exists(None, Mlp(1), at["resid"]) and topology.edge_exists(None, Embed(), at["resid"])
+    assert not topology.edge_exists(None, Head(2, 0), at["resid"])
+    assert not topology.edge_exists(None, Latent(at["resid"].sae, 1), at["resid"])  # its own dictionary
+    assert topology.edge_exists(None, Head(2, 1), at["attn"]) and not topology.edge_exists(None, Head(1, 1), at["attn"])
+    assert topology.edge_exists(None, Neuron(2, 5), at["mlp"]) and not topology.edge_exists(None, Mlp(1), at["mlp"])
