@@ -522,13 +522,13 @@ class Scrubber:
             total = n * (sum(len(items) for items in heights.values()) + len(group))
             finished = 0
             passes = 0
-            for h in sorted(heights):
+            for step, h in enumerate(sorted(heights), 1):
                 items = [(graphs[i], v, insts[i]) for i, v in heights[h]]
                 passes += self._level(items)
                 finished += n * len(items)
                 self.work.levels.append((h, len(items) * n))
                 if on_level is not None:
-                    on_level(finished, total, f"tree level {h + 1} of {len(heights)}")
+                    on_level(finished, total, f"tree level {step} of {len(heights)}")
             scrubbed = self._root_pass([(graphs[i], insts[i]) for i in group])
             passes += 0 if self._direct("logits") else 1
             if on_level is not None:

@@ -151,3 +151,27 @@ def test_the_probe_rejects_a_kernel_that_is_wrong(induction, monkeypatch):
     prompts = task.prompts(4, 0)
     assert not kernels.verify("head", prompts)
     assert kernels.verify("logits", prompts)
+
+
+def test_the_main_pass_shows_a_bar_per_tree_level(induction, capsys):
+    """Scrubbing reports after each tree level, in rows (the bar's unit, so its ETA is
+    in rows); with progress on, scoring draws the bar on stderr and erases it, with
+    progress off nothing is written."""
+    from circuitlang.checker import prepare
+    from circuitlang.verdict import score
+
+    model, task = induction
+    hypothesis, _ = load_hypothesis((ROOT / "stdlib" / "toy_induction.circ").read_text(), model=model)
+    graph = ir_to_graph(hypothesis)
+    calls = []
+    _scrubber(model, task, 8).scrub_many([graph], seed=0, on_level=lambda *a: calls.append(a))
+    # toy_induction's tree: 3 inner heads at height 1, then the logits; 8 prompts each
+    assert [c[:2] for c in calls] == [(24, 32), (32, 32)]
+    assert calls[0][2] == "tree level 1 of 1"
+    assert calls[-1][2] == "logits"
+    setup = prepare(hypothesis, model=model, n=8)
+    score(graph, setup, progress=True)
+    err = capsys.readouterr().err
+    assert "scrubbing" in err and "/40" in err  # two graphs (the empty one too): 8 x (3 + 1 + 1) rows
+    score(graph, setup, progress=False)
+    assert capsys.readouterr().err == ""
