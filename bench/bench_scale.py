@@ -35,8 +35,8 @@ from circuitlang.models import LoadedModel  # noqa: E402
 from circuitlang.report import write_json_atomic  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "scale.json"
-CONFIG = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-              intermediate_size=8192, vocab_size=32000, max_position_embeddings=256)
+CONFIG = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+          "intermediate_size": 8192, "vocab_size": 32000, "max_position_embeddings": 256}
 HYPOTHESIS = """\
 task induction
 metric logit_diff

@@ -96,7 +96,12 @@ def discover_command(args: argparse.Namespace) -> int:
     """Run `circuitlang discover`; see the module docstring."""
     import circuitlang
     from circuitlang import options
-    from circuitlang.cli.lang import load_from_args, load_hypothesis, model_options, task_params_from_args
+    from circuitlang.cli.lang import (
+        load_from_args,
+        load_hypothesis,
+        model_options,
+        task_params_from_args,
+    )
     from circuitlang.report import write_json_atomic, write_text_atomic
 
     if args.samples is not None:

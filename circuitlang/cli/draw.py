@@ -134,7 +134,11 @@ def _check(args, hypothesis):
         raise CircuitlangError("`draw --check` needs the `check` command", code="cli.draw-check")
     from circuitlang import options
     from circuitlang.checker import DEFAULT_N, check
-    from circuitlang.cli.lang import load_from_args, model_options, task_params_from_args
+    from circuitlang.cli.lang import (
+        load_from_args,
+        model_options,
+        task_params_from_args,
+    )
     from circuitlang.tasks import merge_task_params, task_for
 
     if args.samples is not None:

@@ -165,4 +165,4 @@ def choose_batch_size(model: Any, tokens: int, *, grad: bool = False, edges: boo
     return BatchPlan(size, per_row, int(budget), free, str(device))
 
 
-__all__ = ["BatchPlan", "FRACTION", "choose_batch_size", "free_memory", "row_bytes"]
+__all__ = ["FRACTION", "BatchPlan", "choose_batch_size", "free_memory", "row_bytes"]
