@@ -102,10 +102,11 @@ def row_bytes(shape: ModelShape, tokens: int, dtype: torch.dtype = torch.float32
     kept per layer (captures, a clean pass's blocks), the logits and their fp32 metric
     copies; with `grad`, every block's transients saved for the backward pass and their
     gradients; with `edges` (an edge patch over every edge), each sender's clean, ablated
-    and delta values and each receiver's own input, with gradients their normed copies
-    and what autograd keeps of them too. The edge term's factors were fitted to peak
-    memory measured on CPU (EAP on Llama-shaped models of d_model 512 and 1024: about 7
-    [tokens, d_model] tensors per sender and receiver with gradients).
+    and delta values and each receiver's own input (with gradients, their normed copies
+    and what autograd keeps of them), and per layer the deltas of the senders below it.
+    The edge term's factors were fitted to peak memory measured on CPU for EAP on
+    Llama-shaped models (d_model 512 and 1024 with 8 layers, 2048 with 16: 98 MiB, 317
+    MiB and 3.7 GiB a row; this estimate gives 122, 389 and 4,100 MiB: 10-25% over).
 
     Args:
         shape: the model's shape.
@@ -127,7 +128,11 @@ def row_bytes(shape: ModelShape, tokens: int, dtype: torch.dtype = torch.float32
     if edges:
         senders = 1 + n_layers * (shape.n_heads + (1 if shape.has_mlp else 0))
         receivers = n_layers * (shape.n_heads + 2 * shape.n_kv_heads + (1 if shape.has_mlp else 0)) + 1
-        total += (senders + receivers) * t * d * e * (7 if grad else 2)
+        # per sender and receiver a few [T, D] values; and per layer the senders below it
+        # (on average half of them) stacked for that layer's receivers
+        per_node, per_layer = (4.0, 2.5) if grad else (2.0, 1.0)
+        units = per_node * (senders + receivers) + per_layer * n_layers * senders / 2
+        total += int(units * t * d * e)
     return int(total)
 
 

@@ -93,3 +93,16 @@ def test_check_and_discover_take_the_batch_size_from_memory(toy_induction, monke
     explicit = circuitlang.discover(model=toy_induction, task="induction", method="eap", n=6, edges=4,
                                     with_curve=False, check=False, task_params={"length": 6}, batch_size=3)
     torch.testing.assert_close(found.scores.edges, explicit.scores.edges)
+
+
+@pytest.mark.parametrize("width, layers, measured_mib", [(512, 8, 98), (1024, 8, 317), (2048, 16, 3730)])
+def test_the_edge_estimate_covers_measured_eap_peaks(width, layers, measured_mib):
+    """Peak memory a row of EAP over every edge took on CPU (Llama shapes, 32 tokens, fp32;
+    bench/results/scale.json for the 2048 x 16 one): the estimate covers it, by at most 30%."""
+    from circuitlang.sites import ModelShape
+
+    shape = ModelShape(n_layers=layers, n_heads=width // 64, d_model=width, d_head=64,
+                       n_kv_heads=max(1, width // 256), vocab_size=32000, n_ctx=256, has_mlp=True,
+                       parallel_residual=False, architecture="llama", name="llama-shape", d_mlp=4 * width)
+    estimate = row_bytes(shape, 32, grad=True, edges=True) / 2**20
+    assert measured_mib <= estimate <= 1.3 * measured_mib
