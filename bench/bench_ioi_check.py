@@ -116,8 +116,8 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-
     from bench_checker import build
+
     from circuitlang.report import write_json_atomic
 
     report = {"n": args.n, "permutations": args.permutations, "batch_size": BATCH, "torch": torch.__version__,
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         for name in args.parts.split(","):
             cmd = [sys.executable, __file__, "--part", name, "--model", str(folder), "--n", str(args.n),
                    "--permutations", str(args.permutations)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 report["parts"][name] = {"error": done.stderr[-2000:]}
             else:

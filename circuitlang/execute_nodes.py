@@ -67,11 +67,11 @@ class Work:
 
     def describe(self) -> str:
         """One line: rows computed and reused, and the token-layers behind them."""
-        parts = [f"{self.rows:,} node rows ({self.head_rows:,} head, {self.mlp_rows:,} MLP, "
+        parts = [(f"{self.rows:,} node rows ({self.head_rows:,} head, {self.mlp_rows:,} MLP, "
                  f"{self.root_rows:,} logits, {self.forward_rows:,} by forward passes), "
-                 f"{self.reused:,} identical rows reused",
-                 f"{self.head_token_layers:,} head-token-layers, {self.mlp_token_layers:,} MLP-token-layers, "
-                 f"{self.logit_positions:,} unembedded positions"]
+                  f"{self.reused:,} identical rows reused"),
+                 (f"{self.head_token_layers:,} head-token-layers, {self.mlp_token_layers:,} MLP-token-layers, "
+                  f"{self.logit_positions:,} unembedded positions")]
         if self.forward_token_layers:
             parts.append(f"{self.forward_token_layers:,} full token-layers in forward passes")
         return "; ".join(parts)

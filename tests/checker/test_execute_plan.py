@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from circuitlang.checker import load_hypothesis
 from circuitlang.execute import Scrubber
 from circuitlang.ir import Ablation, DependsClaim, EdgeClaim, Feature, Hypothesis

@@ -1,0 +1,237 @@
+"""What scrubbing reads before any node is computed: plain captures, resamples, positions.
+
+Takes a loaded model, a task and its `PromptSet`; gives the pieces `execute.Scrubber`
+builds rows from: `PlainCache` (the plain activations of every prompt, captured in
+batched passes), `Sampler` (resamples agreeing with a prompt on features),
+`position_index` (where a named position sits in each prompt), `metric_reads` /
+`metric_positions` / `claimed_positions` (which logits the metric reads, where the
+claims reach the output), and `run_batched` (a forward pass that halves its batch on
+CUDA out-of-memory). `circuitlang.execute` re-exports them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from circuitlang.errors import ExecutionError
+from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph
+from circuitlang.sites import Position
+
+DEFAULT_BATCH = 64
+
+
+def metric_reads(task, metric: str, prompts, vocab: int) -> torch.Tensor:
+    """Which logits the task's metric reads: BoolTensor [N, T], True where changing the
+    logits at that position changes the metric's value for that prompt.
+
+    Found by asking the metric itself, on random logits: each position's logits are
+    perturbed in turn (cheap: no model runs), so a task needs to declare nothing.
+    """
+    n, t = prompts.input_ids.shape
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, t, vocab, generator=g)
+    reference = torch.randn(n, t, vocab, generator=g)
+    base = task.metric(metric, logits, prompts, reference_logits=reference).double()
+    reads = torch.zeros(n, t, dtype=torch.bool)
+    for pos in range(t):  # one position moved at a time, in place and put back (no copy of all)
+        kept = logits[:, pos].clone()
+        logits[:, pos] = torch.randn(n, vocab, generator=g) * 3
+        value = task.metric(metric, logits, prompts, reference_logits=reference).double()
+        logits[:, pos] = kept
+        reads[:, pos] = (value - base).abs() > 1e-6
+    return reads & prompts.attention_mask.bool()
+
+
+def metric_positions(task, metric: str, prompts=None, vocab: int | None = None) -> str:
+    """Where the task's metric reads the logits: "END" (only there) or "all".
+
+    A task may say so with a `metric_positions(metric)` method; otherwise, given the
+    prompts, `metric_reads` finds out; without them a task that defines an `END`
+    position is read there, and any other at every position.
+    """
+    explicit = getattr(task, "metric_positions", None)
+    if callable(explicit):
+        return explicit(metric)
+    if prompts is not None and vocab:
+        reads = metric_reads(task, metric, prompts, vocab)
+        end = prompts.positions.get("END")
+        if end is not None:
+            only_end = torch.zeros_like(reads)
+            only_end[torch.arange(len(end)), end] = True
+            return "END" if torch.equal(reads, only_end) else "all"
+        return "all"
+    return "END" if "END" in task.SIGNATURE.positions else "all"
+
+
+def claimed_positions(graph: InterventionGraph, prompts) -> torch.Tensor | None:
+    """BoolTensor [N, T]: the positions where the root reads a claimed child (on each
+    reference prompt); None when a child is read at every position."""
+    n, t = prompts.input_ids.shape
+    out = torch.zeros(n, t, dtype=torch.bool)
+    for _, transplant in graph.children(graph.root):
+        if transplant.position.is_all:
+            return None
+        out[torch.arange(n), position_index(prompts, transplant.position)] = True
+    return out
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+class PlainCache:
+    """Plain (un-intervened) activations of every prompt, captured on demand.
+
+    `ensure(sites)` runs one batched pass over the prompts for the sites not yet
+    held; `get(site)` returns a CPU tensor [M, T, D]. Means for mean ablation are
+    taken over real (unpadded) tokens, per absolute position. With
+    `which="corrupt"` the prompts are the task's counterfactuals (`corrupt_input_ids`).
+    """
+
+    def __init__(self, model, prompts, *, batch_size: int = DEFAULT_BATCH, which: str = "clean"):
+        self.model = model
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.values: dict = {}
+        self.passes = 0
+        self.input_ids = prompts.input_ids if which == "clean" else prompts.corrupt_input_ids
+
+    def ensure(self, sites) -> None:
+        missing = [s for s in dict.fromkeys(sites) if s not in self.values]
+        if not missing:
+            return
+        parts = {s: [] for s in missing}
+        for sl in _chunks(len(self.prompts.input_ids), self.batch_size):
+            run = run_batched(
+                self.model,
+                self.input_ids[sl],
+                self.prompts.attention_mask[sl],
+                capture=missing,
+            )
+            for s in missing:
+                parts[s].append(run.cache[s].detach().to("cpu"))
+        self.passes += 1
+        for s in missing:
+            self.values[s] = torch.cat(parts[s])
+
+    def get(self, site) -> torch.Tensor:
+        self.ensure([site])
+        return self.values[site]
+
+    def mean(self, site) -> torch.Tensor:
+        """Mean over prompts at each absolute position (padding excluded): [T, D]."""
+        key = ("mean", site)
+        if key not in self.values:
+            v = self.get(site)
+            mask = self.prompts.attention_mask.to(v.dtype).unsqueeze(-1)
+            self.values[key] = (v * mask).sum(0) / mask.sum(0).clamp(min=1)
+        return self.values[key]
+
+
+def run_batched(model, input_ids, attention_mask, *, capture=(), patches=()):
+    """`model.run` that halves the batch and retries when CUDA runs out of memory."""
+    try:
+        return model.run(input_ids, attention_mask, capture=capture, patches=patches)
+    except torch.cuda.OutOfMemoryError:
+        n = input_ids.shape[0]
+        if n <= 1:
+            raise ExecutionError(
+                "out of GPU memory even with a batch of one prompt",
+                hint="use a smaller model, shorter prompts, or --device cpu",
+            )
+        torch.cuda.empty_cache()
+        from circuitlang.models import (  # local: models imports torch-heavy code
+            Patch,
+            Run,
+        )
+
+        def part(sl):
+            cut = [Patch(p.site, p.value[sl], None if p.positions is None else p.positions[sl],
+                         None if p.rows is None else p.rows[sl]) for p in patches]
+            return run_batched(model, input_ids[sl], attention_mask[sl], capture=capture, patches=cut)
+
+        a, b = part(slice(0, n // 2)), part(slice(n // 2, n))
+        return Run(torch.cat([a.logits, b.logits]), {k: torch.cat([a.cache[k], b.cache[k]]) for k in a.cache})
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class Sampler:
+    """Draws resamples that agree with given prompts on given features.
+
+    Args:
+        prompts: the task's `PromptSet` (the resampling pool).
+        rng: a numpy Generator (the run's seed).
+        same_length: also agree on the prompt's token length.
+    """
+
+    def __init__(self, prompts, rng: np.random.Generator, *, same_length: bool):
+        self.prompts = prompts
+        self.rng = rng
+        self.same_length = same_length
+        self.lengths = prompts.attention_mask.sum(1).numpy()
+        self._groups: dict = {}
+
+    def feature_values(self, feature: Feature) -> list:
+        p = self.prompts
+        if feature.kind == "task":
+            try:
+                return list(p.features[feature.name])
+            except KeyError:
+                raise ExecutionError(
+                    f"the task has no feature {feature.name!r}",
+                    hint="it defines: " + ", ".join(sorted(p.features)),
+                ) from None
+        if feature.kind in ("token", "position"):
+            if feature.name in p.features and feature.name not in p.positions:
+                # token(IO) where IO is a feature (a name): agree on that feature
+                return list(p.features[feature.name])
+            idx = position_index(p, Position.parse(feature.name))
+            if feature.kind == "position":
+                return idx.tolist()
+            return p.input_ids[torch.arange(len(idx)), idx].tolist()
+        raise ExecutionError(f"cannot resample on feature {feature}")
+
+    def _group_keys(self, features: tuple) -> np.ndarray:
+        cols = [self.feature_values(f) for f in features if f.kind != INPUT]
+        if self.same_length:
+            cols.append(self.lengths.tolist())
+        n = len(self.prompts.input_ids)
+        keys = [tuple(col[i] for col in cols) for i in range(n)]
+        return keys
+
+    def agree(self, parent_rows: np.ndarray, features: tuple) -> np.ndarray:
+        """For each parent prompt, a pool prompt agreeing with it on `features`."""
+        if any(f.kind == INPUT for f in features):
+            return parent_rows.copy()
+        key = tuple(features)
+        if key not in self._groups:
+            keys = self._group_keys(features)
+            groups: dict = {}
+            for i, k in enumerate(keys):
+                groups.setdefault(k, []).append(i)
+            self._groups[key] = (keys, {k: np.array(v) for k, v in groups.items()})
+        keys, groups = self._groups[key]
+        out = np.empty_like(parent_rows)
+        for j, row in enumerate(parent_rows):
+            members = groups[keys[row]]
+            out[j] = members[self.rng.integers(len(members))]
+        return out
+
+
+def position_index(prompts, position: Position) -> torch.Tensor:
+    """Token index of a named position in every prompt: LongTensor [M]."""
+    try:
+        base = prompts.positions[position.name]
+    except KeyError:
+        raise ExecutionError(
+            f"the task defines no position {position.name!r}",
+            hint="it defines: " + ", ".join(sorted(prompts.positions)),
+        ) from None
+    idx = base + position.offset
+    lengths = prompts.attention_mask.sum(1)
+    if bool(((idx < 0) | (idx >= lengths)).any()):
+        raise ExecutionError(f"position {position} falls outside some prompts")
+    return idx
