@@ -292,6 +292,20 @@ def site_from_text(text: str):
     return {"embed": Embed(), "embed.token": TokenEmbed(), "embed.position": PosEmbed(), "logits": Logits()}[text]
 
 
+def experiment_from_json(d: dict) -> ExperimentResult:
+    """An experiment's result read back from its JSON as the class that wrote it: a trace
+    or a probe renders its own layout (`circuitlang show` re-renders a saved run)."""
+    if d.get("kind") == "trace":
+        from circuitlang.tracing import TraceResult
+
+        return TraceResult.from_json(d)
+    if d.get("kind") == "probe":
+        from circuitlang.probes import ProbeResult
+
+        return ProbeResult.from_json(d)
+    return ExperimentResult.from_json(d)
+
+
 class Experiments:
     """Runs experiments on one model, task and prompt set, sharing the clean/corrupt runs.
 

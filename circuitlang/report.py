@@ -298,7 +298,7 @@ class CheckResult:
         report writes both as null, read back as NaN (how they print as "n/a"). Fields a
         report from an older version lacks take their defaults.
         """
-        from circuitlang.experiments import ExperimentResult
+        from circuitlang.experiments import experiment_from_json
 
         def interval(value, bounds, level=None) -> Interval:
             return Interval(_float(value), _float(bounds["low"]), _float(bounds["high"]),
@@ -330,7 +330,7 @@ class CheckResult:
             seconds=float(d.get("seconds", 0.0)),
             source=d.get("source"),
             notes=list(d.get("notes", [])),
-            experiments=[ExperimentResult.from_json(e) for e in d.get("experiments", [])],
+            experiments=[experiment_from_json(e) for e in d.get("experiments", [])],
             per_prompt=None if d.get("per_prompt") is None else PerPrompt.from_json(d["per_prompt"]),
         )
 

@@ -268,3 +268,15 @@ def test_trace_and_probe_print_then_parse_round_trip():
         assert circuitlang.parse(circuitlang.format(program)) == program
 
     check()
+
+
+def test_a_saved_check_with_trace_and_probe_renders_as_it_ran():
+    """`circuitlang show` re-renders a run from its JSON: trace and probe results come back
+    as themselves (their own layout), not as plain patching results."""
+    from circuitlang.report import CheckResult
+
+    result = circuitlang.check("task facts\nsamples 16\ntrace mlp * at SUBJ_LAST\nprobe resid * at END for object\n",
+                               model="toy-facts", progress=False)
+    back = CheckResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert [type(e).__name__ for e in back.experiments] == ["TraceResult", "ProbeResult"]
+    assert back.render() == result.render()
