@@ -76,3 +76,17 @@ def test_grammar_excerpts_are_in_the_grammar(text: str, line: int):
     grammar = " ".join((grammar_dir() / "circuitlang.lark").read_text().split())
     for rule in text.strip().split("\n"):
         assert " ".join(rule.split()) in grammar, f"docs/language.md:{line}: {rule!r}"
+
+
+def test_the_readme_tour_parses_and_resolves_against_gpt2_small():
+    """The README's tour of the language is one program: it parses and resolves (holes and
+    all) against GPT-2 small's shape, so no statement in it is out of date."""
+    import re
+    from pathlib import Path
+
+    from circuitlang.ast_to_ir import resolve_text
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    tour = re.search(r"## A tour of the language\n\n```\n(.*?)```", readme, re.S).group(1)
+    hypothesis = resolve_text(tour, filename="README.md")
+    assert hypothesis.model == "gpt2" and hypothesis.claims and hypothesis.experiments and hypothesis.holes()
