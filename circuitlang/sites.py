@@ -234,8 +234,52 @@ class AllLatents:
         return f"feature {self.sae.name}.*"
 
 
+#: Where a subspace lies: the stream entering a block, one head's output, an MLP's output.
+SUBSPACE_HOOKS = ("resid", "head", "mlp")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Basis:
+    """A subspace declared in a file: `subspace io = "io.safetensors" at resid 6`, or
+    learned by `align io at resid 6 at END with IO dims 1` (DAS).
+
+    Attributes:
+        name: what the file calls it (`io`).
+        path: the safetensors file its [d_model, k] orthonormal basis is in (absolute).
+        hook: one of `SUBSPACE_HOOKS`.
+        layer: the block (`resid` takes 0..n_layers, n_layers being the final stream).
+        head: the head, for `hook == "head"` (its output, `z_h @ W_O[h]`); else None.
+        k: its dimension (0: not known until an `align` statement has run).
+        key: the tensor the file holds it under (`basis`, or a probe file's `layer{L}.basis`).
+    """
+
+    name: str
+    path: str
+    hook: str
+    layer: int
+    head: int | None = None
+    k: int = 0
+    key: str = "basis"
+
+    def __str__(self) -> str:
+        at = f"head {self.layer}.{self.head}.out" if self.hook == "head" else f"{self.hook} {self.layer}"
+        return f"subspace {self.name} at {at}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Subspace:
+    """A state's coordinates in a declared subspace, `x @ B` [B, T, k]. Patching them moves
+    the state by `(new - old) @ B.T`: the orthogonal complement is left as it was, so a
+    patch with another prompt's coordinates is an interchange intervention (Geiger et al.)."""
+
+    basis: Basis
+
+    def __str__(self) -> str:
+        return f"subspace {self.basis.name}"
+
+
 Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits, Neuron, Latent, SaeError,
-             AllNeurons, AllLatents, LatentIn]
+             AllNeurons, AllLatents, LatentIn, Subspace]
 
 
 @dataclass(frozen=True, slots=True, order=True)

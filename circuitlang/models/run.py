@@ -32,6 +32,7 @@ from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges
 from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
 from circuitlang.models.offload import execution_devices
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
+from circuitlang.models.subspace import check_basis, is_subspace_site, subspace_hooks
 from circuitlang.models.units import check_unit_site, is_unit_site, unit_hooks
 from circuitlang.sites import (
     Channel,
@@ -157,9 +158,12 @@ def run_model(
 
 
 def _check(lm: "LoadedModel", site: Site) -> None:
-    """`check_site`, and for neurons and SAE latents `units.check_unit_site`."""
+    """`check_site`, for neurons and SAE latents `units.check_unit_site`, for subspaces
+    `subspace.check_basis`."""
     if is_unit_site(site):
         check_unit_site(lm, site)
+    elif is_subspace_site(site):
+        check_basis(lm, site.basis)
     else:
         check_site(lm, site)
 
@@ -200,7 +204,8 @@ def _hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, s
     """The (module, hook, 'pre'|'fwd') triples this plan needs, and no others
     (neuron and SAE hooks from `circuitlang.models.units`, in the order they must run)."""
     first, last = unit_hooks(lm, plan)
-    return first + _component_hooks(lm, plan) + last
+    sub_first, sub_last = subspace_hooks(lm, plan)  # circuitlang.models.subspace
+    return sub_first + first + _component_hooks(lm, plan) + last + sub_last
 
 
 def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Module, Any, str]]:
