@@ -191,9 +191,19 @@ class ErrorTarget:
     span: Span | None = _span()
 
 
+@dataclass(frozen=True, slots=True)
+class SubspaceTarget:
+    """`subspace io`: a state's coordinates in the subspace the file declares (or aligns)
+    as `io`."""
+
+    name: str
+    span: Span | None = _span()
+
+
 Target = Union[
     HeadTarget, HeadsTarget, MlpTarget, ResidTarget, EmbedTarget, LogitsTarget,
     GroupTarget, SlotTarget, NeuronTarget, NeuronsTarget, FeatureTarget, ErrorTarget,
+    SubspaceTarget,
 ]
 
 
@@ -441,6 +451,24 @@ class SaeDecl:
 
 
 @dataclass(frozen=True, slots=True)
+class SubspaceDecl:
+    """`subspace io = "io.safetensors" at resid 6`: a fixed orthonormal basis the file may use.
+
+    `hook` is "resid", "mlp" or "head" (`head` is then the head of layer `layer`, whose
+    output the subspace lies in); `path` is the file as written (relative to the file's
+    folder).
+    """
+
+    name: str
+    path: str
+    hook: str
+    layer: int
+    head: int | None = None
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
+@dataclass(frozen=True, slots=True)
 class Depends:
     """`SITE at POS depends on F, G` (`depends on nothing`: empty `features`)."""
 
@@ -571,6 +599,26 @@ class Probe:
     trivia: Trivia = _trivia()
 
 
+#: Options of `align` (circuitlang.das.ALIGN_DEFAULTS gives their defaults).
+ALIGN_OPTIONS = ("dims", "steps", "pairs", "heldout")
+
+
+@dataclass(frozen=True, slots=True)
+class Align:
+    """`align NAME at PLACE at POS with FEATURE [dims K] [steps N] [pairs N] [heldout F]`:
+    distributed alignment search for subspace NAME (the place as in `SubspaceDecl`)."""
+
+    name: str
+    hook: str
+    layer: int
+    head: int | None
+    position: Position
+    feature: str
+    options: tuple[tuple[str, float | int], ...] = ()
+    span: Span | None = _span()
+    trivia: Trivia = _trivia()
+
+
 @dataclass(frozen=True, slots=True)
 class Expect:
     """`expect [each] LHS OP RHS`; `each` makes it a per-prompt property."""
@@ -625,7 +673,7 @@ HoleConstraint = Union[HoleIn, HoleSize]
 Statement = Union[
     Cite, ModelDecl, TaskDecl, Use, MetricDecl, AblationDecl, SemanticsDecl, Reported, Setting,
     GroupDef, Depends, Edge, VerbUse, VerbDef, Patch, PathPatch, Ablate, Expect, HoleIn, HoleSize,
-    SaeDecl, Trace, Probe,
+    SaeDecl, Trace, Probe, SubspaceDecl, Align,
 ]
 
 

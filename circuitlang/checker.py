@@ -497,6 +497,10 @@ def run_experiments(hypothesis, setup: Setup, *, progress: bool | None = False) 
 
             run = run_trace if isinstance(exp, ir.Trace) else run_probe
             out.append(run(exp, setup, hypothesis, progress=progress))
+        elif isinstance(exp, ir.Align):  # circuitlang.das; writes the basis later statements read
+            from circuitlang.das import run_align
+
+            out.append(run_align(exp, setup, hypothesis, progress=progress))
     return out
 
 

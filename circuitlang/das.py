@@ -28,9 +28,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from circuitlang.errors import ExecutionError
+from circuitlang.experiments import ExperimentResult
 from circuitlang.models.subspace import SUBSPACE_FORMAT
 from circuitlang.sites import Basis, Channel, Head, Mlp, Resid
 
@@ -211,3 +213,37 @@ def save_basis(alignment: Alignment, path: str | os.PathLike, place: Basis, *, p
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+class AlignResult(ExperimentResult):
+    """An `align` statement's result: `values` and `normalized` hold the held-out IIA;
+    `extra` the train IIA, pair counts, final loss and the file the basis was saved to."""
+
+    def render(self) -> str:
+        e = self.extra
+        return (f"{self.text}\n  IIA {float(self.values.ravel()[0]):.3f} on {e.get('heldout_pairs')} held-out pairs "
+                f"(train {e.get('train_iia', float('nan')):.3f} on {e.get('train_pairs')}); "
+                f"basis [{e.get('d_model')}, {e.get('dims')}] saved to {e.get('saved')}")
+
+    def __repr__(self) -> str:
+        return f"AlignResult({self.text!r}: IIA {float(self.values.ravel()[0]):.3g})"
+
+
+def run_align(exp, setup, hypothesis=None, *, progress: bool | None = False) -> AlignResult:
+    """A resolved `align` statement (`ir.Align`) on a checker `Setup`: learn, score, save the
+    basis where the resolver said (`exp.basis.path`, beside the hypothesis file)."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few hundred small steps: one thread is as fast, and shares the machine
+    try:
+        found = align_from_task(setup.model, setup.task, setup.prompts, exp.basis, exp.position, exp.feature,
+                                dims=exp.basis.k, steps=exp.steps, pairs=exp.pairs, heldout=exp.heldout,
+                                seed=setup.seed)
+    finally:
+        torch.set_num_threads(torch_threads)
+    saved = save_basis(found, exp.basis.path, exp.basis, position=str(exp.position), feature=exp.feature)
+    extra = {"train_iia": found.train_iia, "train_pairs": found.n_train, "heldout_pairs": found.n_heldout,
+             "loss": found.loss, "dims": exp.basis.k, "d_model": int(found.basis.shape[0]), "saved": str(saved),
+             "feature": exp.feature, "position": str(exp.position)}
+    iia = np.array([found.iia])
+    return AlignResult("align", exp.text, [f"subspace {exp.basis.name}"], iia, iia.copy(), np.empty((1, 0)),
+                       float("nan"), float("nan"), "iia", None, extra)

@@ -303,6 +303,10 @@ def experiment_from_json(d: dict) -> ExperimentResult:
         from circuitlang.probes import ProbeResult
 
         return ProbeResult.from_json(d)
+    if d.get("kind") == "align":
+        from circuitlang.das import AlignResult
+
+        return AlignResult.from_json(d)
     return ExperimentResult.from_json(d)
 
 

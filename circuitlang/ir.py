@@ -118,7 +118,8 @@ class HoleConstraint:
 
 
 SiteOrHole = Union[sites.Embed, sites.TokenEmbed, sites.PosEmbed, sites.Head, sites.Mlp,
-                   sites.Resid, sites.Logits, Hole, sites.Neuron, sites.Latent, sites.SaeError]
+                   sites.Resid, sites.Logits, Hole, sites.Neuron, sites.Latent, sites.SaeError,
+                   sites.Subspace]
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +251,30 @@ class Probe:
     span: Span | None = _span()
 
 
-Experiment = Union[Patch, PathPatch, Ablate, Trace, Probe]
+@dataclass(frozen=True, slots=True)
+class Align:
+    """Distributed alignment search (`circuitlang.das`): learn `basis` (its place, its file,
+    k = `basis.k` dimensions) at `position` for task feature `feature`, from the task's
+    counterfactual pairs; later statements use it as `subspace NAME`.
+
+    Attributes:
+        steps, pairs, heldout: Adam steps, at most this many pairs, the share held out.
+        sites: empty (what it learns is not a site yet; as other experiments, for passes
+            that look for holes in `sites`).
+    """
+
+    basis: sites.Basis
+    position: sites.Position
+    feature: str
+    steps: int = 300
+    pairs: int = 200
+    heldout: float = 0.25
+    sites: tuple[SiteOrHole, ...] = ()
+    text: str = field(default="", compare=False)
+    span: Span | None = _span()
+
+
+Experiment = Union[Patch, PathPatch, Ablate, Trace, Probe, Align]
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +466,10 @@ def site_to_json(site: SiteOrHole) -> dict[str, Any]:
         return {"kind": "feature", "sae": site.sae.name, "index": site.index, "text": str(site)}
     if isinstance(site, sites.SaeError):
         return {"kind": "error", "sae": site.sae.name, "text": str(site)}
+    if isinstance(site, sites.Subspace):
+        b = site.basis
+        return {"kind": "subspace", "name": b.name, "hook": b.hook, "layer": b.layer, "head": b.head,
+                "k": b.k, "text": str(site)}
     return {"kind": str(site), "text": str(site)}
 
 
@@ -476,6 +504,11 @@ def experiment_to_json(exp: Experiment) -> dict[str, Any]:
     if isinstance(exp, Trace):
         return {"kind": "trace", "site": exp.site, "noise": exp.noise, "window": exp.window,
                 "grid": list(exp.grid), **common}
+    if isinstance(exp, Align):
+        b = exp.basis
+        return {"kind": "align", "name": b.name, "hook": b.hook, "layer": b.layer, "head": b.head,
+                "dims": b.k, "feature": exp.feature, "steps": exp.steps, "pairs": exp.pairs,
+                "heldout": exp.heldout, "save": b.path, **common}
     if isinstance(exp, Probe):
         return {"kind": "probe", "site": exp.site, "feature": exp.feature, "heldout": exp.heldout,
                 "save": exp.save, "grid": list(exp.grid), **common}

@@ -175,6 +175,8 @@ def site_to_target(site) -> ast.Target:
             return ast.EmbedTarget()
         case sites.Logits():
             return ast.LogitsTarget()
+        case sites.Subspace(basis=basis):
+            return ast.SubspaceTarget(basis.name)
     raise CircuitlangError(f"{site} has no name in the language", code="print.unnamed-site",
                            hint="sites are heads, MLPs, resid, embed and logits")
 
@@ -239,6 +241,12 @@ def _experiment(exp) -> object:
         options = (() if exp.heldout == 0.25 else (("heldout", exp.heldout),)) \
             + (() if exp.save is None else (("save", exp.save),))
         return ast.Probe(exp.site, _position(exp.position), exp.feature, options)
+    if isinstance(exp, ir.Align):
+        b = exp.basis
+        given = (("dims", b.k), ("steps", exp.steps), ("pairs", exp.pairs), ("heldout", exp.heldout))
+        defaults = {"dims": 1, "steps": 300, "pairs": 200, "heldout": 0.25}  # circuitlang.das.ALIGN_DEFAULTS
+        options = tuple((k, v) for k, v in given if k == "dims" or v != defaults[k])
+        return ast.Align(b.name, b.hook, b.layer, b.head, _position(exp.position), exp.feature, options)
     raise CircuitlangError(f"not an experiment: {exp!r}", code="print.not-an-experiment")
 
 

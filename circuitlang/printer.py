@@ -130,10 +130,20 @@ def format_statement(stmt: ast.Statement) -> str:
             return f"?{hole.name} has {bound} {count} {'head' if count == 1 else 'heads'}"
         case ast.SaeDecl(name=name, path=path, hook=hook, layer=layer):
             return f"sae {name} = {_quote(path)} at {hook} {layer}"
+        case ast.SubspaceDecl(name=name, path=path, hook=hook, layer=layer, head=head):
+            return f"subspace {name} = {_quote(path)} at {_subspace_place(hook, layer, head)}"
+        case ast.Align(name=name, hook=hook, layer=layer, head=head, position=position, feature=feature,
+                       options=options):
+            return (f"align {name} at {_subspace_place(hook, layer, head)} at {_position(position)} "
+                    f"with {feature}" + _options(options))
     raise TypeError(f"not a circuitlang statement: {stmt!r}")
 
 
 # ------------------------------------------------------------------ pieces
+
+
+def _subspace_place(hook: str, layer: int, head: int | None) -> str:
+    return f"head {layer}.{head}.out" if hook == "head" else f"{hook} {layer}"
 
 
 def _quote(text: str) -> str:
@@ -224,6 +234,8 @@ def format_target(target: ast.Target) -> str:
             return f"feature {sae}.{'*' if index is None else index}"
         case ast.ErrorTarget(sae=sae):
             return f"error {sae}"
+        case ast.SubspaceTarget(name=name):
+            return f"subspace {name}"
     raise TypeError(f"not a circuitlang target: {target!r}")
 
 

@@ -48,7 +48,7 @@ _EXPR_RULES = frozenset({"add", "sub", "mul", "div", "neg", "call"})
 _STATEMENT_RULES = frozenset(
     "cite model task use metric ablation semantics reported seed samples group depends "
     "edge verb_use verb_def patch path_patch ablate expect hole_in_layer hole_in_layers "
-    "hole_in_heads hole_size".split()) | {"sae_decl", "trace", "probe"}
+    "hole_in_heads hole_size".split()) | {"sae_decl", "trace", "probe"} | {"subspace_decl", "align"}
 
 # Words that are keywords somewhere in the grammar. Keywords are contextual, but a
 # group, verb word or feature spelled like one of these can be unusable in places,
@@ -57,7 +57,7 @@ KEYWORDS = frozenset(
     "cite model task use metric ablation semantics given reported seed samples group head heads "
     "mlp resid embed logits at depends on nothing patch ablate with expect each verb".split()
 ) | frozenset("neuron neurons feature error sae attn".split()) \
-    | frozenset("trace probe".split())
+    | frozenset("trace probe".split()) | frozenset("subspace align".split())
 
 
 class _CircIndenter(Indenter):
@@ -437,6 +437,49 @@ class _ToAst(Transformer):
     def error_target(self, meta, c):
         return ast.ErrorTarget(str(c[0]), span=self._span(meta))
 
+    def subspace_target(self, meta, c):
+        return ast.SubspaceTarget(str(c[0]), span=self._span(meta))
+
+    def subspace_place(self, meta, c):
+        """(hook, layer, head) of `resid 6`, `mlp 5`, `head 8.6.out` (or `head 8.6`)."""
+        hook, where = str(c[0]), c[1]
+        if hook != "head":
+            return hook, _int(where, self.filename), None
+        ref = _parse_headref(where, self.filename)
+        if ref.layer is None or ref.head is None or ref.channel not in (None, "out"):
+            raise ParseError(f"a subspace lies in one head's output, not {where}", code="parse.subspace_head",
+                             span=_tok_span(where, self.filename),
+                             hint="write `head LAYER.HEAD.out`, such as `head 8.6.out`")
+        return hook, ref.layer, ref.head
+
+    def subspace_decl(self, meta, c):
+        name, path, (hook, layer, head) = c
+        return ast.SubspaceDecl(str(name), _unquote(path, self.filename), hook, layer, head,
+                                span=self._span(meta))
+
+    def align(self, meta, c):
+        name, (hook, layer, head), position, feature, *options = c
+        return ast.Align(str(name), hook, layer, head, position, str(feature),
+                         self._options(options, ast.ALIGN_OPTIONS, "align"), span=self._span(meta))
+
+    def align_option(self, meta, c):
+        return c[0], c[1]
+
+    def _align_value(self, tok: Token, value) -> object:
+        name = str(tok)
+        if name == "heldout":
+            if 0 < value < 1:
+                return float(value)
+            wants = "a share of the pairs between 0 and 1 (heldout 0.25)"
+        else:
+            if value == value.to_integral_value() and value >= 1:
+                return int(value)
+            wants = {"dims": "a whole number of dimensions >= 1 (dims 1)",
+                     "steps": "a whole number of training steps >= 1 (steps 300)",
+                     "pairs": "a whole number of pairs >= 1 (pairs 200)"}[name]
+        raise ParseError(f"align option {name} must be {wants}", code="parse.align_option",
+                         span=_tok_span(tok, self.filename), hint=f"write {wants.split('(')[-1][:-1]}")
+
     def sae_decl(self, meta, c):
         name, path, hook, layer = c
         return ast.SaeDecl(str(name), _unquote(path, self.filename), hook,
@@ -610,6 +653,8 @@ class _ToAst(Transformer):
         return tuple(seen.items())
 
     def _option_value(self, verb: str, tok: Token, value) -> object:
+        if verb == "align":
+            return self._align_value(tok, value)
         name = str(tok)
         wants = {"window": "a whole number of layers >= 1 (window 10)",
                  "noise": "a number above 0, in units of the embeddings' std (noise 3.0)",

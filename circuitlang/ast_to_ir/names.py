@@ -54,6 +54,8 @@ class NameResolver:
                 return None
             case ast.NeuronTarget() | ast.NeuronsTarget() | ast.FeatureTarget() | ast.ErrorTarget():
                 return self._unit_sites(target, wildcards)  # ast_to_ir.units
+            case ast.SubspaceTarget():
+                return self._subspace_sites(target)  # ast_to_ir.subspaces
         raise TypeError(f"not a target: {target!r}")  # pragma: no cover
 
     def _channel(self, text: str | None, span: Span | None) -> sites.Channel | None:

@@ -8,6 +8,7 @@ from circuitlang.ast_to_ir.header import HeaderResolver
 from circuitlang.ast_to_ir.holes import HoleResolver
 from circuitlang.ast_to_ir.imports import ImportResolver
 from circuitlang.ast_to_ir.names import NameResolver, _base_position, _similar
+from circuitlang.ast_to_ir.subspaces import SubspaceResolver
 from circuitlang.ast_to_ir.units import UnitResolver
 from circuitlang.errors import Diagnostic, ResolveError, Span, diagnostic_order
 from circuitlang.printer import format_statement
@@ -16,7 +17,7 @@ from circuitlang.text_to_ast import KEYWORDS, check_claim_count
 
 
 class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, ClaimResolver,
-                ExpressionResolver, UnitResolver):
+                ExpressionResolver, UnitResolver, SubspaceResolver):
     """One resolution: collects diagnostics, builds the Hypothesis."""
 
     def __init__(self, shape: sites.ModelShape, task: TaskSignature, filename: str | None,
@@ -54,6 +55,10 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
         for stmt in program.statements:
             if isinstance(stmt, ast.SaeDecl):
                 self._sae_decl(stmt)
+            elif isinstance(stmt, ast.SubspaceDecl):
+                self._subspace_decl(stmt)  # ast_to_ir.subspaces
+            elif isinstance(stmt, ast.Align):
+                self._align_ahead(stmt)
         for stmt in program.statements:
             if isinstance(stmt, ast.GroupDef):
                 self._group(stmt)
@@ -74,6 +79,10 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
                     experiments.append(exp)
             elif isinstance(stmt, (ast.Trace, ast.Probe)):
                 exp = self._trace_or_probe(stmt, text)
+                if exp is not None:
+                    experiments.append(exp)
+            elif isinstance(stmt, ast.Align):  # declares its subspace for the statements after it
+                exp = self._align(stmt, text)
                 if exp is not None:
                     experiments.append(exp)
             elif isinstance(stmt, ast.Expect):

@@ -100,12 +100,12 @@ def _metadata(path: Path) -> dict:
         raise ModelError(f"{path.name} is a pickle; subspaces are read from safetensors only",
                          code="model.subspace-pickle",
                          hint="save the basis with safetensors.torch.save_file({'basis': B}, 'b.safetensors')")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
-    except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path.name} is not a safetensors file: {exc}", code="model.subspace-file",
                          hint="save the basis with safetensors.torch.save_file({'basis': B}, 'b.safetensors')") from None
 

@@ -83,7 +83,7 @@ def test_interchange_along_the_planted_direction_moves_the_output_fully(model, t
     plain = lm.run(base).logits[:, 1]
     src = lm.run(source).logits[:, 1]
     along = _interchange(lm, _basis_file(tmp_path, u[:, None]), layer, base, source)
-    diff = lambda z: z[:, A1] - z[:, A0]  # noqa: E731
+    diff = lambda z: z[:, A1] - z[:, A0]
     assert (along.argmax(-1) == target).all()
     torch.testing.assert_close(diff(along), diff(src), rtol=1e-4, atol=1e-5)  # the source's answer, fully
     # a random direction orthogonal to u (and to the all-ones vector) moves nothing it reads
