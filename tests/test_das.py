@@ -1,0 +1,91 @@
+"""Subspaces through the language, on toy-ioi: `align` learns and saves a basis that later
+statements patch and ablate; a full-rank subspace patches as the whole stream does; a fixed
+basis file's problems are resolve errors; claims on a subspace are refused at lowering.
+(DAS recovering a planted direction is tests/models/test_subspace.py.)"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import circuitlang
+from circuitlang.errors import LowerError, ResolveError
+
+D = 64  # toy-ioi's width
+
+
+def _basis(path, b: torch.Tensor, key: str = "basis") -> None:
+    from safetensors.torch import save_file
+
+    save_file({key: b.float().contiguous()}, str(path))
+
+
+def test_align_saves_a_basis_that_later_statements_use(tmp_path):
+    from safetensors import safe_open
+
+    from circuitlang.das import AlignResult
+    from circuitlang.experiments import experiment_from_json
+
+    circ = tmp_path / "io.circ"
+    circ.write_text("model toy-ioi\ntask ioi\nsamples 80\n"
+                    "align io at resid 2 at END with IO dims 4 steps 20 pairs 60\n"
+                    "patch subspace io at END\nablate subspace io with mean at END\n")
+    align, patch, ablate = circuitlang.run(circ)
+    assert isinstance(align, AlignResult)
+    assert align.extra["train_pairs"] + align.extra["heldout_pairs"] == 60
+    assert 0.0 <= float(align.values[0]) <= 1.0 and "IIA" in align.render()
+    with safe_open(str(tmp_path / "io.safetensors"), framework="pt") as fh:
+        meta, b = fh.metadata(), fh.get_tensor("basis")
+    assert meta["format"] == "circuitlang-subspace/1" and meta["feature"] == "IO" and b.shape == (D, 4)
+    torch.testing.assert_close(b.T @ b, torch.eye(4), atol=1e-5, rtol=0)
+    assert np.isfinite(patch.normalized).all() and np.isfinite(ablate.normalized).all()
+    assert str(patch.sites[0]) == "subspace io"
+    back = experiment_from_json(json.loads(json.dumps(align.to_json())))
+    assert isinstance(back, AlignResult) and back.extra["saved"] == str(tmp_path / "io.safetensors")
+
+
+def test_a_full_rank_subspace_patches_as_the_whole_stream(tmp_path):
+    q = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))[0]
+    _basis(tmp_path / "all.safetensors", q)
+    circ = tmp_path / "all.circ"
+    circ.write_text('model toy-ioi\ntask ioi\nsamples 24\nsubspace all = "all.safetensors" at resid 1\n'
+                    "patch subspace all at END\npatch resid 1 at END\n")
+    sub, whole = circuitlang.run(circ)
+    np.testing.assert_allclose(sub.per_prompt, whole.per_prompt, atol=1e-3)
+
+
+def test_a_subspace_claim_is_refused_at_lowering(tmp_path):
+    _basis(tmp_path / "s.safetensors", torch.eye(D)[:, :2])
+    circ = tmp_path / "claim.circ"
+    circ.write_text('model toy-ioi\ntask ioi\nsamples 8\nsubspace s = "s.safetensors" at resid 2\n'
+                    "subspace s at END depends on IO\n")
+    with pytest.raises(LowerError, match="subspace s cannot take part in a causal scrubbing graph"):
+        circuitlang.check(circ)
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda p: _basis(p, torch.eye(D)[:, :1], key="weights"), "has no tensor 'basis'"),
+    (lambda p: _basis(p, 2 * torch.eye(D)[:, :1]), "not orthonormal"),
+    (lambda p: _basis(p, torch.eye(D + 1)[:, :1]), "65 wide, the model's states are 64"),
+    (lambda p: p.write_bytes(b"\x80\x04K\x01."), "is a pickle"),
+])
+def test_fixed_basis_problems_are_resolve_errors(tmp_path, write, message):
+    write(tmp_path / "b.safetensors")
+    circ = tmp_path / "bad.circ"
+    circ.write_text('model toy-ioi\ntask ioi\nsubspace b = "b.safetensors" at resid 1\npatch subspace b at END\n')
+    with pytest.raises(ResolveError, match=message) as info:
+        circuitlang.check(circ)
+    assert "bad.circ:3:1" in info.value.render()
+
+
+def test_a_probe_file_is_a_subspace(tmp_path):
+    """`probe ... save` then `subspace ... = that file at resid L` reads `layer{L}.basis`."""
+    circ = tmp_path / "p.circ"
+    circ.write_text('model toy-ioi\ntask ioi\nsamples 60\nprobe resid * at END for IO save "io.safetensors"\n')
+    circuitlang.run(circ)
+    circ.write_text('model toy-ioi\ntask ioi\nsamples 16\nsubspace io = "io.safetensors" at resid 2\n'
+                    "patch subspace io at END\n")
+    (patch,) = circuitlang.run(circ)
+    assert np.isfinite(patch.normalized).all()
