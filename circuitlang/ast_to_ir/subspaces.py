@@ -75,7 +75,10 @@ class SubspaceResolver:
             self.refused_subspaces.add(stmt.name)  # its uses are not reported again as unknown
 
     def _declare_subspace(self, stmt: ast.SubspaceDecl) -> sites.Basis | None:
-        from circuitlang.models.subspace import basis_key, read_basis  # torch: only for subspace files
+        from circuitlang.models.subspace import (  # torch: only for subspace files
+            basis_key,
+            read_basis,
+        )
 
         try:
             real = confined_path(stmt.path, self.filename)

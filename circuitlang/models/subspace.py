@@ -188,7 +188,6 @@ def _stream_hook(site: Subspace, b: torch.Tensor, plan, name: str):
 def _stash_z(z: dict):
     def hook(module, args, kwargs):
         z["z"] = _first(args, kwargs, "input")
-        return None
     return hook
 
 
