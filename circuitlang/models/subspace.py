@@ -156,7 +156,8 @@ def subspace_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
     """(hooks to register before the engine's own, hooks after), as (module, hook,
     'pre'|'fwd') triples, for the `Subspace` sites `plan` captures or patches."""
     adapter, n = lm.adapter, lm.shape.n_layers
-    touched = sorted({s for s in set(plan.capture) | set(plan.patches) if isinstance(s, Subspace)})
+    touched = sorted({s for s in set(plan.capture) | set(plan.patches) if isinstance(s, Subspace)},
+                     key=str)
     first: list = []
     last: list = []
     for site in touched:
