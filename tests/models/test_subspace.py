@@ -117,9 +117,9 @@ def test_das_recovers_the_planted_direction(model, tmp_path):
     ones = torch.ones(len(base), dtype=torch.long)
     torch.set_num_threads(1)
     found = learn_alignment(lm, Basis("io", "", "resid", 1), base, source, target, ones, ones,
-                            dims=1, steps=200, seed=0)
+                            dims=1, steps=400, seed=0)
     cos = float((found.basis[:, 0] @ u).abs())
-    assert cos > 0.95, cos
+    assert cos > 0.98, cos  # 0.993 measured
     assert found.iia > 0.95 and found.n_heldout == 40
     # saved, it reads back as a fixed subspace that does the same interchange
     path = save_basis(found, tmp_path / "io.safetensors", Basis("io", "", "resid", 1))
