@@ -24,6 +24,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 
 from circuitlang import stats, topology
@@ -98,6 +99,7 @@ class RandomCircuits:
     hypotheses: list[Hypothesis]
     total: int | None
     exact: bool
+    head_by_head: bool = False  # some were drawn slot by slot among the heads that keep every edge
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,7 @@ class Null:
     p_value: float
     total: int | None
     exact: bool
+    head_by_head: bool = False  # some circuits were drawn head by head (`random_circuits`)
 
 
 def _heads(hypothesis: Hypothesis) -> list[tuple[int, int]]:
@@ -176,6 +179,69 @@ class _Template:
                 return False
         return True
 
+    def allows(self, pool, picks, slot: int, candidate: int, shape: ModelShape) -> bool:
+        """Whether giving `slot` the pool head `candidate` keeps every edge that joins it to
+        a fixed site or to a slot already given (`picks[i]` None: not given yet)."""
+        trial = list(picks)
+        trial[slot] = candidate
+        for sender, receiver in self.edges:
+            ends = [e for e in (sender, receiver) if isinstance(e, tuple)]
+            if not any(e[0] == slot for e in ends) or any(trial[e[0]] is None for e in ends):
+                continue
+            r = self._site(receiver, pool, trial)
+            if isinstance(r, Head) and not r.channel.is_input:
+                r = r.with_channel(Channel.Q)
+            if not topology.edge_exists(shape, self._site(sender, pool, trial), r):
+                return False
+        return True
+
+    def slot_graph(self, n_slots: int) -> nx.DiGraph:
+        """Which slot sends to which (a DAG in any valid circuit)."""
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(n_slots))
+        graph.add_edges_from((s[0], r[0]) for s, r in self.edges
+                             if isinstance(s, tuple) and isinstance(r, tuple) and s[0] != r[0])
+        return graph
+
+    def draw(self, pool, n_slots: int, shape: ModelShape, rng) -> tuple[int, ...] | None:
+        """One map drawn slot by slot, senders first, each slot uniform among the unused heads
+        that keep its edges to the slots before it and leave a layer above for every chain
+        of slots it sends to; None when some slot has no such head."""
+        graph = self.slot_graph(n_slots)
+        try:
+            order = list(nx.lexicographical_topological_sort(graph))
+        except nx.NetworkXUnfeasible:  # a cycle: no valid circuit, the checks below refuse it
+            order = list(range(n_slots))
+        # For each slot, how many slots it reaches by a chain of at least d edges: each of
+        # those needs a free head at least d layers above it (a head reads earlier layers).
+        reach = {slot: nx.single_source_shortest_path_length(graph, slot) for slot in order}
+        depth = {}
+        for slot in reversed(order):
+            depth[slot] = {r: 0 for r in reach[slot]}
+            for r in graph.successors(slot):
+                for t, d in depth[r].items():
+                    depth[slot][t] = max(depth[slot].get(t, 0), d + 1)
+        need = {slot: [sum(1 for t, d in depth[slot].items() if d >= k) for k in range(shape.n_layers + 1)]
+                for slot in order}
+        picks: list[int | None] = [None] * n_slots
+        used: set[int] = set()
+        for slot in order:
+            free = [0] * (shape.n_layers + 1)  # free[l]: unused heads in layers >= l
+            for i, (layer, _) in enumerate(pool):
+                if i not in used:
+                    free[layer] += 1
+            for layer in range(shape.n_layers - 1, -1, -1):
+                free[layer] += free[layer + 1]
+            room = [all(need[slot][k] <= free[min(layer + k, shape.n_layers)] for k in range(1, shape.n_layers + 1))
+                    for layer in range(shape.n_layers)]
+            options = [i for i in range(len(pool)) if i not in used and room[pool[i][0]]
+                       and self.allows(pool, picks, slot, i, shape)]
+            if not options:
+                return None
+            picks[slot] = int(options[int(rng.integers(len(options)))])
+            used.add(picks[slot])
+        return tuple(picks)
+
     def key(self, pool, picks) -> frozenset:
         """What makes two circuits the same circuit: their set of claims."""
         return frozenset((kind, tuple(self._site(e, pool, picks) for e in ends), position, features)
@@ -214,17 +280,27 @@ def random_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int
             return RandomCircuits([template.build(heads, pool, p) for p in every], len(every), True)
         chosen = sorted(rng.choice(len(every), size=k, replace=False))
         return RandomCircuits([template.build(heads, pool, every[i]) for i in chosen], len(every), False)
+    # Uniform draws, kept when every edge exists. A large circuit (IOI's 28 heads and their
+    # edges) almost never draws a map that keeps layer order, so once uniform draws stall
+    # the rest are drawn head by head among the heads that keep each edge (not exactly
+    # uniform over valid maps; the report says so).
     drawn: dict[frozenset, tuple[int, ...]] = {}
-    tries = 0
+    tries, head_by_head = 0, False
     while len(drawn) < k and tries < 50 * k:
         tries += 1
-        picks = tuple(int(i) for i in rng.choice(len(pool), size=len(heads), replace=False))
-        if not template.valid(pool, picks, shape):
-            continue
+        if tries <= 10 * k:
+            picks = tuple(int(i) for i in rng.choice(len(pool), size=len(heads), replace=False))
+            if not template.valid(pool, picks, shape):
+                continue
+        else:
+            picks = template.draw(pool, len(heads), shape, rng)
+            if picks is None or not template.valid(pool, picks, shape):
+                continue
         key = template.key(pool, picks)
-        if key != own:
-            drawn.setdefault(key, picks)
-    return RandomCircuits([template.build(heads, pool, p) for p in drawn.values()], None, False)
+        if key != own and key not in drawn:
+            drawn[key] = picks
+            head_by_head = head_by_head or tries > 10 * k
+    return RandomCircuits([template.build(heads, pool, p) for p in drawn.values()], None, False, head_by_head)
 
 
 def permutation_null(hypothesis: Hypothesis, scrubber, clean: np.ndarray, random: np.ndarray,
@@ -239,4 +315,5 @@ def permutation_null(hypothesis: Hypothesis, scrubber, clean: np.ndarray, random
             continue
     results = scrubber.scrub_many(graphs, seed=seed, progress=progress) if graphs else []
     scores = np.array([stats.recovered(clean, r.scrubbed, random) for r in results])
-    return Null(scores, stats.permutation_p_value(observed, scores), circuits.total, circuits.exact)
+    return Null(scores, stats.permutation_p_value(observed, scores), circuits.total, circuits.exact,
+                circuits.head_by_head)

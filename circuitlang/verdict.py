@@ -132,9 +132,18 @@ def judge(hypothesis, graph, setup, scores: Scores, *, experiments=(), permutati
         result.p_value = null.p_value
         result.null_exact = null.exact
         result.null_total = null.total
-        if len(null.scores) == 0:
+        if len(null.scores) == 0 and null.exact:
             result.notes.append("permutation test: this model has no other circuit of the same size and "
                                 "shape, so there is nothing to compare against")
+        elif len(null.scores) == 0:
+            result.notes.append("permutation test: no random circuit of the same size and shape was found "
+                                "(every map drawn broke an edge's layer order), so there is nothing to "
+                                "compare against")
+        elif null.head_by_head:
+            result.notes.append("permutation test: uniform draws of the circuit's heads rarely keep every edge "
+                                "in layer order, so random circuits were drawn head by head, each head uniform "
+                                "among those that keep its edges (close to, not exactly, uniform over valid "
+                                "circuits)")
         elif null.exact and len(null.scores) < permutations:
             result.notes.append(f"permutation test: all {len(null.scores)} other circuits of the same size "
                                 "and shape were scored, so the p-value is exact")

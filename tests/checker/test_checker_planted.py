@@ -126,3 +126,28 @@ def test_the_report_lists_what_each_claimed_node_left_to_the_remainder(planted, 
                      planted, induction_task, breakdown=False, max_examples=2)
     assert channels.recovered.value > 0.95  # the explicit option reads q and v on 1.0's own prompt
     assert dict(channels.remainder)["head 1.0 at all"] == ["k: all but head 0.0 at all"]
+
+
+def test_the_ioi_circuit_has_random_circuits_that_keep_layer_order():
+    """stdlib/ioi.circ names 28 heads joined by edges in layer order: a uniform draw of 28
+    heads almost never keeps them, so the null once came back empty ("no other circuit").
+    The head-by-head draws give K distinct circuits whose every edge exists."""
+    from circuitlang import topology
+    from circuitlang.ast_to_ir import resolve_text
+    from circuitlang.ir import EdgeClaim
+    from circuitlang.resources import stdlib_dir
+    from circuitlang.sites import Channel, Head, ModelShape
+    from circuitlang.variants import random_circuits
+
+    shape = ModelShape(12, 12, 768, 64, vocab_size=50257, n_ctx=1024, architecture="gpt2", name="gpt2")
+    hypothesis = resolve_text((stdlib_dir() / "ioi.circ").read_text(), shape, filename="ioi.circ")
+    drawn = random_circuits(hypothesis, shape, 30, seed=0)
+    assert len(drawn.hypotheses) == 30 and drawn.head_by_head and not drawn.exact
+    assert len({tuple(c.claims) for c in drawn.hypotheses} | {tuple(hypothesis.claims)}) == 31
+    for circuit in drawn.hypotheses:
+        for claim in circuit.claims:
+            if isinstance(claim, EdgeClaim):
+                receiver = claim.receiver
+                if isinstance(receiver, Head) and not receiver.channel.is_input:
+                    receiver = receiver.with_channel(Channel.Q)
+                assert topology.edge_exists(shape, claim.sender, receiver), claim
