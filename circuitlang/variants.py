@@ -170,14 +170,14 @@ class _Template:
             return Head(layer, head, end[1])
         return end
 
+    def _edge_ok(self, sender, receiver, pool, picks, shape: ModelShape) -> bool:
+        r = self._site(receiver, pool, picks)
+        if isinstance(r, Head) and not r.channel.is_input:
+            r = r.with_channel(Channel.Q)
+        return topology.edge_exists(shape, self._site(sender, pool, picks), r)
+
     def valid(self, pool, picks, shape: ModelShape) -> bool:
-        for sender, receiver in self.edges:
-            r = self._site(receiver, pool, picks)
-            if isinstance(r, Head) and not r.channel.is_input:
-                r = r.with_channel(Channel.Q)
-            if not topology.edge_exists(shape, self._site(sender, pool, picks), r):
-                return False
-        return True
+        return all(self._edge_ok(s, r, pool, picks, shape) for s, r in self.edges)
 
     def allows(self, pool, picks, slot: int, candidate: int, shape: ModelShape) -> bool:
         """Whether giving `slot` the pool head `candidate` keeps every edge that joins it to
@@ -188,10 +188,7 @@ class _Template:
             ends = [e for e in (sender, receiver) if isinstance(e, tuple)]
             if not any(e[0] == slot for e in ends) or any(trial[e[0]] is None for e in ends):
                 continue
-            r = self._site(receiver, pool, trial)
-            if isinstance(r, Head) and not r.channel.is_input:
-                r = r.with_channel(Channel.Q)
-            if not topology.edge_exists(shape, self._site(sender, pool, trial), r):
+            if not self._edge_ok(sender, receiver, pool, trial, shape):
                 return False
         return True
 
