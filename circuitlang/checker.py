@@ -195,16 +195,7 @@ def check(
             `out` folder that exists and is not empty, `wandb` without wandb installed.
     """
     started = time.perf_counter()
-    call = _call_record(program_or_text, locals())
-    if out is not None:
-        from circuitlang.runs import check_out_dir
-
-        out = check_out_dir(out, "out=")                                            # before any weights load
-    tracked = None  # wandb.init arguments ({} for wandb=True) when tracking
-    if wandb:
-        from circuitlang.tracking import wandb_settings
-
-        tracked = wandb_settings(wandb)
+    recording = _Recording.start(program_or_text, locals(), out, wandb)           # before any weights load
     permutations = options.check_permutations(permutations, "permutations")
     max_examples = options.check_max_examples(max_examples, "max_examples")
     hypothesis, source = load_hypothesis(program_or_text, model=model, task=task)   # parse, resolve
@@ -222,14 +213,40 @@ def check(
         result = verdict.judge(hypothesis, graph, setup, scores, experiments=experiments,  # statistics, expect
                                permutations=permutations, breakdown=breakdown,
                                max_examples=max_examples, progress=progress, started=started)
-    if out is not None or tracked is not None:
-        _record(result, hypothesis, source, setup, call, out, tracked)             # the run directory
+    recording.save(result, hypothesis, source, setup)                             # the run directory
     return result
 
 
 #: check's arguments that say how it ran (recorded in a run directory's run.json)
 _RECORDED = ("model", "task", "n", "seed", "metric", "semantics", "permutations", "breakdown", "max_examples",
-             "batch_size", "device", "task_params", "tokenizer", "allow_pickle")
+             "batch_size", "device", "dtype", "device_map", "task_params", "tokenizer", "allow_pickle")
+
+
+@dataclasses.dataclass
+class _Recording:
+    """Where a check's run goes: a run directory (`out=`), a wandb run (`wandb=`), both
+    or neither; both are checked before any weights load."""
+
+    call: dict
+    out: Path | None
+    tracked: dict | None  # wandb.init arguments ({} for wandb=True) when tracking
+
+    @classmethod
+    def start(cls, program_or_text, arguments: dict, out, wandb) -> "_Recording":
+        if out is not None:
+            from circuitlang.runs import check_out_dir
+
+            out = check_out_dir(out, "out=")
+        tracked = None
+        if wandb:
+            from circuitlang.tracking import wandb_settings
+
+            tracked = wandb_settings(wandb)
+        return cls(_call_record(program_or_text, arguments), out, tracked)
+
+    def save(self, result, hypothesis, source, setup) -> None:
+        if self.out is not None or self.tracked is not None:
+            _record(result, hypothesis, source, setup, self.call, self.out, self.tracked)
 
 
 def _call_record(program_or_text, arguments: dict) -> dict:
