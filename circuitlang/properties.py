@@ -233,7 +233,7 @@ def _dataset_counterexample(e, scrubber, failing, lhs) -> Counterexample:
 def _search_counterexample(e, scrubber, graph, seed, max_examples) -> Counterexample | None:
     """Search the task's prompt distribution for a prompt breaking `e`; shrink it."""
     import hypothesis
-    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis import HealthCheck, Phase, Verbosity, settings
     from hypothesis.errors import NoSuchExample
 
     from circuitlang.execute import Scrubber
@@ -295,6 +295,7 @@ def _search_counterexample(e, scrubber, graph, seed, max_examples) -> Counterexa
                     database=None,
                     deadline=None,
                     suppress_health_check=list(HealthCheck),
+                    verbosity=Verbosity.quiet,  # its own notes (slow shrinking) are not the report's
                 ),
                 random=pyrandom.Random(seed),
             )
