@@ -340,7 +340,8 @@ class ModelShape:
         parallel_residual: True when each block's MLP reads the block's input (the
             same stream as its attention: GPT-NeoX/Pythia), so a head cannot feed the
             MLP of its own layer.
-        architecture: adapter name ("gpt2", "gpt_neox", "llama", ...).
+        architecture: the HF `config.model_type` ("gpt2", "gpt_neox", "llama", ...), which
+            names the adapter that knows the model's modules.
         name: what the user called the model (hub id, path or short name).
     """
 

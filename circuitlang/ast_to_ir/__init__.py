@@ -18,8 +18,11 @@ the same way.
 The stage is a package, one module per part of the language it resolves:
 `resolver` (the program: claims, verbs, groups, experiments), `header` (model, task,
 metric, ablation, settings), `imports` (`use` and the files a hypothesis may read),
-`names` (sites, positions, features), `expressions` (`expect`). They share one
-`_Resolver` object, which collects the diagnostics.
+`names` (sites, positions, features), `claims` (core claims and edges), `holes`
+(holes and their constraints: `?h in layers 9-11`, `?g has at most 4 heads`), `units`
+(neurons, SAE declarations, latents and error terms), `subspaces` (`subspace` and `align`),
+`expressions` (`expect`). They share one `_Resolver` object, which collects the
+diagnostics.
 """
 from __future__ import annotations
 
