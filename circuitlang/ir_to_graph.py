@@ -56,7 +56,8 @@ How claims become nodes
   position reads the sender's node claimed there if it has one, else its node claimed
   at `all`; an edge at `all` reads a node claimed at `all` everywhere and each node
   claimed at a named position at that position (claims at named positions refine one
-  at `all`). Statement order never matters. A sender or receiver with no claim of its
+  at `all`). An edge into a key or value at P is read by every node of its head. The
+  nodes edges need are made before any edge is linked, so statement order never matters. A sender or receiver with no claim of its
   own is added with `Feature("input")`: it sees exactly what its parent sees (ACDC's
   reading of an edge-only circuit).
 * A claimed sender that feeds nothing is a child of the root at its position.
@@ -377,16 +378,23 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
         elif kind == "EdgeClaim":
             edge_claims.append((i, claim))
 
-    # 2. edges: sender -> receiver channel
-    for i, claim in edge_claims:
+    # 2. edges: sender -> receiver channel. Every node the edges need is made first, in an
+    # order that does not depend on the statements' (edges at `all` before those at named
+    # positions, edges into keys and values last: they join whatever nodes the head has),
+    # and only then is each edge linked, to every node of its receiver it reaches: an edge
+    # into a key or value at P changes the head's output at every query, so a node of the
+    # head that a later statement made reads it too.
+    def place(i, claim, linking: bool) -> None:
         sender, receiver, pos = claim.sender, claim.receiver, claim.position
         if isinstance(sender, Head):
             sender = sender.with_channel(Channel.OUT)
         problem = topology.edge_problem(shape, sender, _as_receiver(receiver))
         if problem is not None:
+            if not linking:
+                return
             problems.append(Diagnostic("lower.not-an-edge", f"edge {sender} -> {receiver} is not in the model: "
                                        f"{problem}", getattr(claim, "span", None)))
-            continue
+            return
         # which node of the sender enters where (statement order never matters): an edge
         # at `all` reads each node claimed for the sender at its own position (claims at
         # named positions refine one at `all`); an edge at P reads the node claimed at P,
@@ -400,8 +408,9 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
         else:
             senders = [s for s in found if s.position == pos] or found or [add_sender(sender, pos, SAME_INPUT, None)]
             entries = [(s, pos) for s in senders]
-        for s in senders:
-            s.claims.append(i)
+        if linking:
+            for s in senders:
+                s.claims.append(i)
         if isinstance(receiver, Logits):
             parents, channel = [templates[root_key]], None
         elif isinstance(receiver, Head):
@@ -426,6 +435,8 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             if not parents:
                 parents = [add_sender(receiver, pos, SAME_INPUT, None)]
         else:
+            if not linking:
+                return
             problems.append(
                 Diagnostic(
                     "lower.unsupported-receiver",
@@ -434,11 +445,23 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
                     getattr(claim, "span", None),
                 )
             )
-            continue
+            return
+        if not linking:
+            return
         for p in parents:
             p.claims.append(i)
             for s, at in entries:
                 link(s, p, Transplant(channel, at))
+
+    def creation_order(item):
+        _, claim = item
+        kv = isinstance(claim.receiver, Head) and claim.receiver.channel in (Channel.K, Channel.V)
+        return (kv, not claim.position.is_all, str(claim.sender), str(claim.receiver), str(claim.position))
+
+    for i, claim in sorted(edge_claims, key=creation_order):
+        place(i, claim, linking=False)
+    for i, claim in edge_claims:
+        place(i, claim, linking=True)
 
     # 3. input-channel claims: leaves under their head (or the root)
     for i, claim, feats in channel_claims:

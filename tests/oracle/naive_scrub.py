@@ -467,7 +467,7 @@ def build_tree(hypothesis: Hypothesis) -> Node:
         t.features = t.features | frozenset(c.features)
         t.claimed = True
 
-    for e in edges:
+    def place(e, linking: bool) -> None:
         sender, receiver, at = out(e.sender), e.receiver, e.position
         found = find(sender, at)
         if at.is_all:  # the nodes claimed for the sender, else one edge-only node at `all`
@@ -494,9 +494,22 @@ def build_tree(hypothesis: Hypothesis) -> Node:
         else:  # the claim at P itself, else the one at `all`
             here = [t for t in from_nodes if t.position == at]
             entries = [(t, at) for t in (here or from_nodes)]
-        for p in parents:
-            for s, where in entries:
-                link(s, p, channel, where)
+        if linking:
+            for p in parents:
+                for s, where in entries:
+                    link(s, p, channel, where)
+
+    # docs/checker.md: the nodes edges need are made first, edges at `all` before those at
+    # named positions and edges into keys and values last (whatever the statement order);
+    # then every edge is linked to every node of its receiver it reaches
+    def made_first(e) -> tuple:
+        kv = isinstance(e.receiver, Head) and e.receiver.channel in (Channel.K, Channel.V)
+        return (kv, not e.position.is_all, str(e.sender), str(e.receiver), str(e.position))
+
+    for e in sorted(edges, key=made_first):
+        place(e, linking=False)
+    for e in edges:
+        place(e, linking=True)
 
     for c in channel_claims:
         site, pos = c.site, c.position
