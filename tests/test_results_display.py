@@ -169,7 +169,7 @@ def test_html_escapes_every_text(discovery):
 
 
 def test_html_inlines_a_figure_and_falls_back_to_the_table(result, monkeypatch):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the inline figure needs matplotlib (the [figures] extra)")
     import circuitlang.figures as figures
     from circuitlang.figures._mpl import new_figure
 

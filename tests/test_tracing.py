@@ -227,7 +227,7 @@ def test_trace_statement_end_to_end_json_and_figure(tmp_path):
     back = TraceResult.from_json(json.loads(json.dumps(resid.to_json())))
     assert back.grid == resid.grid and back.columns == resid.columns
     np.testing.assert_allclose(back.values, resid.values, equal_nan=True)
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the heatmap half needs matplotlib (the [figures] extra)")
     from circuitlang.figures import sweep_heatmap
 
     fig = sweep_heatmap(resid.as_sweeps())

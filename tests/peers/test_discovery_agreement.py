@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
 from circuitlang.discover.acdc import acdc  # noqa: E402
 from circuitlang.discover.attribution import eap  # noqa: E402
 from circuitlang.discover.problem import Problem  # noqa: E402
