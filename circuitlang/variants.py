@@ -192,34 +192,36 @@ class _Template:
                 return False
         return True
 
-    def slot_graph(self, n_slots: int) -> nx.DiGraph:
-        """Which slot sends to which (a DAG in any valid circuit)."""
-        graph = nx.DiGraph()
-        graph.add_nodes_from(range(n_slots))
-        graph.add_edges_from((s[0], r[0]) for s, r in self.edges
-                             if isinstance(s, tuple) and isinstance(r, tuple) and s[0] != r[0])
-        return graph
+    def _plan(self, n_slots: int) -> tuple[list[int], dict[int, list[int]]]:
+        """Slots senders first, and for each slot `need[d]`: how many slots it reaches by a
+        chain of at least d edges, each needing a free head at least d layers above it (a
+        head reads earlier layers). Computed once per template."""
+        if getattr(self, "_plan_cache", None) is None:
+            graph = nx.DiGraph()
+            graph.add_nodes_from(range(n_slots))
+            graph.add_edges_from((s[0], r[0]) for s, r in self.edges
+                                 if isinstance(s, tuple) and isinstance(r, tuple) and s[0] != r[0])
+            try:
+                order = list(nx.lexicographical_topological_sort(graph))
+            except nx.NetworkXUnfeasible:  # a cycle: no valid circuit, `allows` refuses it
+                order = list(range(n_slots))
+            chain: dict[int, dict[int, int]] = {}  # slot -> slot it reaches -> longest chain
+            for slot in reversed(order):
+                chain[slot] = {}
+                for r in graph.successors(slot):
+                    for t, d in [(r, 0), *chain[r].items()]:
+                        chain[slot][t] = max(chain[slot].get(t, 0), d + 1)
+            longest = max((d for c in chain.values() for d in c.values()), default=0)
+            need = {slot: [sum(1 for d in chain[slot].values() if d >= k) for k in range(longest + 1)]
+                    for slot in order}
+            self._plan_cache = (order, need)
+        return self._plan_cache
 
     def draw(self, pool, n_slots: int, shape: ModelShape, rng) -> tuple[int, ...] | None:
         """One map drawn slot by slot, senders first, each slot uniform among the unused heads
-        that keep its edges to the slots before it and leave a layer above for every chain
-        of slots it sends to; None when some slot has no such head."""
-        graph = self.slot_graph(n_slots)
-        try:
-            order = list(nx.lexicographical_topological_sort(graph))
-        except nx.NetworkXUnfeasible:  # a cycle: no valid circuit, the checks below refuse it
-            order = list(range(n_slots))
-        # For each slot, how many slots it reaches by a chain of at least d edges: each of
-        # those needs a free head at least d layers above it (a head reads earlier layers).
-        reach = {slot: nx.single_source_shortest_path_length(graph, slot) for slot in order}
-        depth = {}
-        for slot in reversed(order):
-            depth[slot] = {r: 0 for r in reach[slot]}
-            for r in graph.successors(slot):
-                for t, d in depth[r].items():
-                    depth[slot][t] = max(depth[slot].get(t, 0), d + 1)
-        need = {slot: [sum(1 for t, d in depth[slot].items() if d >= k) for k in range(shape.n_layers + 1)]
-                for slot in order}
+        that keep its edges to the slots before it and leave enough free heads above it for
+        the slots it feeds; None when some slot has no such head."""
+        order, need = self._plan(n_slots)
         picks: list[int | None] = [None] * n_slots
         used: set[int] = set()
         for slot in order:
@@ -229,7 +231,7 @@ class _Template:
                     free[layer] += 1
             for layer in range(shape.n_layers - 1, -1, -1):
                 free[layer] += free[layer + 1]
-            room = [all(need[slot][k] <= free[min(layer + k, shape.n_layers)] for k in range(1, shape.n_layers + 1))
+            room = [all(need[slot][k] <= free[min(layer + k, shape.n_layers)] for k in range(1, len(need[slot])))
                     for layer in range(shape.n_layers)]
             options = [i for i in range(len(pool)) if i not in used and room[pool[i][0]]
                        and self.allows(pool, picks, slot, i, shape)]
