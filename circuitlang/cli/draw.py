@@ -19,20 +19,14 @@ missing, a file with holes, a JSON without a curve), before any model loads.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
 from circuitlang.errors import CircuitlangError
 
-#: The run options of `circuitlang check` that `draw --check` takes, as `check` defines them
-#: (the model options are the shared ones: `circuitlang.cli.lang.add_model_options`).
-CHECK_OPTIONS = ("task", "task_params", "samples", "seed", "metric", "semantics", "batch_size",
-                 "max_examples")
-
 
 def register(subparsers) -> None:
-    """Add `draw` to the `circuitlang` command (after `check`, whose run options it borrows)."""
+    """Add `draw` to the `circuitlang` command (with `check`'s model and run options)."""
     draw = subparsers.add_parser(
         "draw",
         help="draw a circuit diagram (or faithfulness curves) as SVG, PNG or PDF",
@@ -54,18 +48,13 @@ def register(subparsers) -> None:
     draw.add_argument("--label", action="append", default=[], metavar="NAME",
                       help="a legend label per --curve (default: each result's method)")
     draw.add_argument("--title", help="the figure's title")
-    from circuitlang.cli.lang import add_model_options
+    from circuitlang.cli.lang import add_model_options, add_run_options
 
-    check = subparsers.choices.get("check")
     run = draw.add_argument_group("check options (as for `circuitlang check`; --model and --task also "
                                   "choose the shape the file resolves against, the others need --check)")
     defaults = add_model_options(run, model_help="model name, hub id or local path (overrides the file's "
                                  "`model`)")
-    if check is not None:
-        for action in check._actions:
-            if action.dest in CHECK_OPTIONS:
-                run._add_action(copy.copy(action))
-                defaults[action.dest] = action.default
+    defaults.update(add_run_options(run))
     draw.set_defaults(func=draw_command, run_defaults=defaults)
 
 

@@ -62,29 +62,12 @@ def register(subparsers) -> None:
     )
     check.add_argument("file", metavar="FILE", help="a .circ file")
     add_model_options(check, model_help="model name, hub id or local path (overrides the file's `model`)")
-    check.add_argument("--task", metavar="T", help="task name (overrides the file's `task`)")
-    check.add_argument("--task-param", action="append", default=[], metavar="NAME=VALUE",
-                       dest="task_params",
-                       help="a task parameter, written as in a file's `task` line "
-                       "(length=20, template_set=ABBA, tokens=[a, b]); beats the file's; "
-                       "repeatable; `circuitlang tasks NAME` lists them")
-    check.add_argument("-n", "--samples", type=int, metavar="N",
-                       help="number of prompts (default: the file's `samples`, else 64)")
-    check.add_argument("--seed", type=int, help="seed for prompts, resampling, bootstrap, search")
-    check.add_argument("--metric", help="metric to score in (default: the file's, else the task's)")
-    check.add_argument("--semantics", choices=("paths", "channels"),
-                       help="how a claimed node's inputs that no claimed child covers are read: "
-                       "paths (default, Chan et al.: scrubbed) or channels (see docs/checker.md)")
+    add_run_options(check)
     check.add_argument("--permutations", type=int, default=200, metavar="K",
                        help="random circuits of the same size for the permutation test (default 200; "
                        "all of them, for an exact p, when the model has fewer; 0: skip)")
     check.add_argument("--no-breakdown", action="store_true",
                        help="skip measuring what each claim costs when removed")
-    check.add_argument("--max-examples", type=int, default=25, metavar="K",
-                       help="prompts `hypothesis` tries per per-prompt expectation")
-    check.add_argument("--batch-size", type=int, metavar="B",
-                       help="prompts per forward pass (default: as many as the free memory holds, "
-                       "at most 64)")
     check.add_argument("--json", metavar="FILE", dest="json_out",
                        help="also write the full result as JSON to FILE (atomically)")
     check.add_argument("--out", metavar="RUN_DIR",
@@ -99,6 +82,32 @@ def register(subparsers) -> None:
     check.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bar (there is none anyway when stderr is not a terminal)")
     check.set_defaults(func=check_command)
+
+
+def add_run_options(parser) -> dict:
+    """Add what a check runs on and how (task, task parameters, prompts, seed, metric,
+    semantics, search and batch sizes), as `check` and `draw --check` take them; the
+    defaults by destination."""
+    parser.add_argument("--task", metavar="T", help="task name (overrides the file's `task`)")
+    parser.add_argument("--task-param", action="append", default=[], metavar="NAME=VALUE",
+                        dest="task_params",
+                        help="a task parameter, written as in a file's `task` line "
+                        "(length=20, template_set=ABBA, tokens=[a, b]); beats the file's; "
+                        "repeatable; `circuitlang tasks NAME` lists them")
+    parser.add_argument("-n", "--samples", type=int, metavar="N",
+                        help="number of prompts (default: the file's `samples`, else 64)")
+    parser.add_argument("--seed", type=int, help="seed for prompts, resampling, bootstrap, search")
+    parser.add_argument("--metric", help="metric to score in (default: the file's, else the task's)")
+    parser.add_argument("--semantics", choices=("paths", "channels"),
+                        help="how a claimed node's inputs that no claimed child covers are read: "
+                        "paths (default, Chan et al.: scrubbed) or channels (see docs/checker.md)")
+    parser.add_argument("--max-examples", type=int, default=25, metavar="K",
+                        help="prompts `hypothesis` tries per per-prompt expectation")
+    parser.add_argument("--batch-size", type=int, metavar="B",
+                        help="prompts per forward pass (default: as many as the free memory holds, "
+                        "at most 64)")
+    return {dest: parser.get_default(dest) for dest in
+            ("task", "task_params", "samples", "seed", "metric", "semantics", "max_examples", "batch_size")}
 
 
 #: The dtypes `--dtype` offers (metrics and their means are fp32 whichever).
