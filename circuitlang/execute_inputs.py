@@ -4,8 +4,8 @@ Takes a loaded model, a task and its `PromptSet`; gives the pieces `execute.Scru
 builds rows from: `PlainCache` (the plain activations of every prompt, captured in
 batched passes), `Sampler` (resamples agreeing with a prompt on features),
 `position_index` (where a named position sits in each prompt), `metric_reads` /
-`metric_positions` / `claimed_positions` (which logits the metric reads, where the
-claims reach the output), and `run_batched` (a forward pass that halves its batch on
+`metric_columns` / `metric_positions` / `claimed_positions` (which logits the metric
+reads, where the claims reach the output), and `run_batched` (a forward pass that halves its batch on
 CUDA out-of-memory). `circuitlang.execute` re-exports them.
 """
 from __future__ import annotations
@@ -40,6 +40,36 @@ def metric_reads(task, metric: str, prompts, vocab: int) -> torch.Tensor:
         logits[:, pos] = kept
         reads[:, pos] = (value - base).abs() > 1e-6
     return reads & prompts.attention_mask.bool()
+
+
+def metric_columns(task, metric: str, prompts, vocab: int) -> torch.Tensor | None:
+    """The vocabulary ids the metric reads at END, over all `prompts` (LongTensor, sorted),
+    or None when it reads half the vocabulary or more (a softmax reads all of it).
+
+    Found as `metric_reads` finds positions, by asking the metric on random END logits:
+    the columns with a gradient are the candidates, and the values must not move when
+    every other column is drawn again. A pass whose metric reads a few columns then
+    needs only those of the unembedding (`LoadedModel.run(logit_columns=...)`).
+    """
+    if metric == "kl":  # reads the whole distribution, and a reference run
+        return None
+    n = len(prompts.input_ids)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, vocab, generator=g, requires_grad=True)
+    with torch.enable_grad():
+        value = task.metric(metric, logits, prompts).double()
+        if not value.requires_grad:  # a metric of argmaxes or counts: no gradient to read
+            return None
+        (grad,) = torch.autograd.grad(value.sum(), logits)
+    columns = torch.nonzero(grad.abs().sum(0) > 0).ravel()
+    if len(columns) == 0 or len(columns) > vocab // 2:
+        return None
+    redrawn = torch.randn(n, vocab, generator=g) * 3
+    redrawn[:, columns] = logits.detach()[:, columns]
+    again = task.metric(metric, redrawn, prompts).double()
+    if not torch.allclose(again, value.detach(), rtol=0, atol=1e-6):
+        return None
+    return columns
 
 
 def metric_positions(task, metric: str, prompts=None, vocab: int | None = None) -> str:
@@ -129,10 +159,12 @@ class PlainCache:
         return self.values[key]
 
 
-def run_batched(model, input_ids, attention_mask, *, capture=(), patches=()):
-    """`model.run` that halves the batch and retries when CUDA runs out of memory."""
+def run_batched(model, input_ids, attention_mask, *, capture=(), patches=(), logit_columns=None):
+    """`model.run` that halves the batch and retries when CUDA runs out of memory
+    (`logit_columns`: as in `LoadedModel.run`; an empty one computes no logits)."""
     try:
-        return model.run(input_ids, attention_mask, capture=capture, patches=patches)
+        return model.run(input_ids, attention_mask, capture=capture, patches=patches,
+                         logit_columns=logit_columns)
     except torch.cuda.OutOfMemoryError:
         n = input_ids.shape[0]
         if n <= 1:
@@ -149,7 +181,8 @@ def run_batched(model, input_ids, attention_mask, *, capture=(), patches=()):
         def part(sl):
             cut = [Patch(p.site, p.value[sl], None if p.positions is None else p.positions[sl],
                          None if p.rows is None else p.rows[sl]) for p in patches]
-            return run_batched(model, input_ids[sl], attention_mask[sl], capture=capture, patches=cut)
+            return run_batched(model, input_ids[sl], attention_mask[sl], capture=capture, patches=cut,
+                               logit_columns=logit_columns)
 
         a, b = part(slice(0, n // 2)), part(slice(n // 2, n))
         return Run(torch.cat([a.logits, b.logits]), {k: torch.cat([a.cache[k], b.cache[k]]) for k in a.cache})

@@ -41,6 +41,21 @@ from circuitlang.sites import (Channel, Embed, Head, Latent, LatentIn, Logits, M
                                Position, Resid, TokenEmbed)
 
 
+_NO_LOGITS = torch.zeros(0, dtype=torch.long)  # a capture pass computes no logits
+
+
+def _chunks_by(items: list[tuple], size: int):
+    """(key, chunk) for runs of `items` sharing their first element, cut to `size`."""
+    i = 0
+    while i < len(items):
+        key = items[i][0]
+        j = i
+        while j < len(items) and j - i < size and items[j][0] == key:
+            j += 1
+        yield key, items[i:j]
+        i = j
+
+
 @dataclass
 class ExperimentResult:
     """The numbers of one experiment statement.
@@ -333,34 +348,48 @@ class Experiments:
         return self.prompts.input_ids if which == "clean" else self.prompts.corrupt_input_ids
 
     def capture(self, which: str, sites) -> dict:
-        """Plain values of `sites` on the clean or corrupt prompts (cached)."""
+        """Plain values of `sites` on the clean or corrupt prompts (cached).
+
+        When the metric reads only the END logits, the same pass gives `baseline(which)`
+        too (it computes just the logit columns the metric reads)."""
         missing = [s for s in dict.fromkeys(sites) if (which, s) not in self._cache]
         if missing:
-            parts = {s: [] for s in missing}
-            ids = self._ids(which)
-            for start in range(0, len(ids), self.batch_size):
-                sl = slice(start, start + self.batch_size)
-                run = run_batched(self.model, ids[sl], self.prompts.attention_mask[sl], capture=missing)
-                for s in missing:
-                    parts[s].append(run.cache[s].detach())
-            self.passes += 1
-            for s in missing:
-                self._cache[(which, s)] = torch.cat(parts[s])
+            self._plain_pass(which, missing)
         return {s: self._cache[(which, s)] for s in sites}
 
     def baseline(self, which: str) -> np.ndarray:
         """Per-prompt metric of the unpatched clean or corrupt run."""
-        key = ("metric", which)
-        if key not in self._cache:
-            vals = []
-            ids = self._ids(which)
-            for start in range(0, len(ids), self.batch_size):
-                sl = slice(start, start + self.batch_size)
-                run = run_batched(self.model, ids[sl], self.prompts.attention_mask[sl])
-                vals.append(self._metric(run.logits, range(sl.start, min(sl.stop, len(ids)))))
-            self.passes += 1
-            self._cache[key] = np.concatenate(vals)
-        return self._cache[key]
+        if ("metric", which) not in self._cache:
+            self._plain_pass(which, [])
+        return self._cache[("metric", which)]
+
+    def _plain_pass(self, which: str, sites: list) -> None:
+        """One batched plain pass: capture `sites`, and the metric where it is cheap or asked."""
+        ids = self._ids(which)
+        want_metric = ("metric", which) not in self._cache and (not sites or self._metric_at_end())
+        columns = self._metric_columns() if self._metric_at_end() else None
+        parts = {s: [] for s in sites}
+        vals = []
+        for start in range(0, len(ids), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            rows = range(sl.start, min(sl.stop, len(ids)))
+            if not want_metric:
+                run = run_batched(self.model, ids[sl], self.prompts.attention_mask[sl], capture=sites,
+                                  logit_columns=_NO_LOGITS)
+            elif self._metric_at_end():  # the END logits, and of them only the columns read
+                run = run_batched(self.model, ids[sl], self.prompts.attention_mask[sl], capture=sites,
+                                  logit_columns=columns)
+                vals.append(self._metric(self._full_logits(self._end_logits(run.logits, rows), columns), rows))
+            else:
+                run = run_batched(self.model, ids[sl], self.prompts.attention_mask[sl], capture=sites)
+                vals.append(self._metric(run.logits, rows))
+            for site in sites:
+                parts[site].append(run.cache[site].detach())
+        self.passes += 1
+        for site in sites:
+            self._cache[(which, site)] = torch.cat(parts[site])
+        if want_metric:
+            self._cache[("metric", which)] = np.concatenate(vals)
 
     def _metric(self, logits, rows) -> np.ndarray:
         sub = self.prompts.subset(list(rows))
@@ -401,31 +430,44 @@ class Experiments:
         return out
 
     def _sweep_suffix(self, base: str, patch_for, position: Position) -> np.ndarray:
-        """`_sweep` for patches at one named position P, recomputing only from P on.
+        """`_sweep` for patches at one named position P, recomputing only what can change.
 
-        A patch at P cannot change anything before P (attention is causal), so the
-        prompts are grouped by where P falls, each group's prefix runs once with the
-        model's key/value cache, and every (site, prompt) row runs only the tokens
-        from P on. For END (the last token) that is one token per row instead of the
-        whole prompt. The numbers equal `_sweep`'s up to float rounding.
+        A patch at P cannot change anything before P (attention is causal), nor any
+        layer below the one it acts in. So the prompts are grouped by where P falls;
+        each group's prefix runs once with the model's key/value cache, and once more
+        over the tokens from P on to keep every block's clean output there; every
+        (site, prompt) row then runs only the tokens from P on, and only the layers
+        from its site's up (the blocks below are the clean ones, `LoadedModel.run(...,
+        resume=)`). For END (the last token) that is one token per row. When the
+        metric reads a few tokens' logits at END, only those columns of the
+        unembedding are computed (`metric_columns`). The numbers equal `_sweep`'s up
+        to float rounding.
         """
-        import copy
-
         n = len(self.prompts.input_ids)
         n_sites = patch_for.n_sites
         out = np.zeros((n_sites, n))
         ids, mask = self._ids(base), self.prompts.attention_mask
         where = position_index(self.prompts, position)
         read_at_end = self._metric_at_end()
+        columns = self._metric_columns() if read_at_end else None
+        starts = [self._resume_layer(patch_for, k) for k in range(n_sites)]
+        base_vals = np.zeros(n)
         bar = Progress(n_sites * n, "patching", enabled=self.progress)
         for p in sorted(set(where.tolist())):
             members = torch.nonzero(where == p).ravel()
-            prefix_cache, prefix_logits = self._prefix(ids[members, :p], mask[members, :p])
-            pairs = [(k, j) for k in range(n_sites) for j in range(len(members))]
-            for start in range(0, len(pairs), self.batch_size):
-                chunk = pairs[start : start + self.batch_size]
-                ks = np.array([k for k, _ in chunk])
-                local = torch.tensor([j for _, j in chunk])
+            prefix_cache, prefix_logits = self._prefix(ids[members, :p], mask[members, :p],
+                                                       logits=not read_at_end)
+            suffix = None
+            if any(starts) or read_at_end:
+                suffix, suffix_logits = self._clean_suffix(ids[members, p:], mask[members], prefix_cache, columns)
+                if read_at_end:  # the unpatched run's metric, for free
+                    base_vals[members.numpy()] = self._metric(
+                        self._full_logits(self._end_logits(suffix_logits, members.tolist(), offset=p), columns),
+                        members.tolist())
+            pairs = sorted(((starts[k], k, j) for k in range(n_sites) for j in range(len(members))))
+            for start_layer, chunk in _chunks_by(pairs, self.batch_size):
+                ks = np.array([k for _, k, _ in chunk])
+                local = torch.tensor([j for _, _, j in chunk])
                 prompt_rows = members[local]
                 patches = []
                 zero = torch.zeros(len(chunk), dtype=torch.long)
@@ -433,15 +475,12 @@ class Experiments:
                     rows = torch.as_tensor(ks == k)
                     for patch in patch_for(int(k), prompt_rows, at=zero):
                         patches.append(type(patch)(patch.site, patch.value, patch.positions, rows))
-                cache = None
-                if prefix_cache is not None:
-                    cache = copy.deepcopy(prefix_cache)
-                    cache.reorder_cache(local.to(self.model.device))
+                cache = self._cache_rows(prefix_cache, local)
+                resume = (suffix.rows(local), start_layer) if start_layer else None
                 run = self.model.run(ids[prompt_rows, p:], mask[prompt_rows], patches=patches,
-                                     cache=cache)
+                                     cache=cache, resume=resume, logit_columns=columns)
                 if read_at_end:  # the metric reads END only: hand it those logits [B, V]
-                    end = self.prompts.positions["END"][prompt_rows] - p
-                    logits = run.logits[torch.arange(len(chunk)), end.to(run.logits.device)]
+                    logits = self._full_logits(self._end_logits(run.logits, prompt_rows, offset=p), columns)
                 elif prefix_logits is None:
                     logits = run.logits
                 else:
@@ -450,7 +489,68 @@ class Experiments:
                 bar.step_by(len(chunk), "(site, prompt) rows")
         bar.close()
         self.passes += 1
+        if read_at_end:
+            self._cache.setdefault(("metric", base), base_vals)
         return out
+
+    def _end_logits(self, logits: torch.Tensor, rows, offset: int = 0) -> torch.Tensor:
+        """logits [B, T, V] -> [B, V] at each row's END (`offset`: tokens not in `logits`)."""
+        end = torch.as_tensor(self.prompts.positions["END"])[torch.as_tensor(list(rows))] - offset
+        return logits[torch.arange(len(end)), end.to(logits.device)]
+
+    def _full_logits(self, logits: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        """END logits of only `columns` -> [B, V], the columns the metric does not read at 0."""
+        if columns is None:
+            return logits
+        full = logits.new_zeros(len(logits), self.model.shape.vocab_size)
+        full[:, columns.to(logits.device)] = logits
+        return full
+
+    @staticmethod
+    def _resume_layer(patch_for, k: int) -> int:
+        """The lowest block site k's patches act in (0 when unknown: computed whole)."""
+        from circuitlang.models.run import _block_of
+
+        sites_of = getattr(patch_for, "sites", None)
+        if sites_of is None:
+            return 0
+        layers = [_block_of(site) for site in sites_of(k)]
+        return 0 if not layers or None in layers else min(layers)
+
+    def _clean_suffix(self, ids: torch.Tensor, mask: torch.Tensor, prefix_cache, columns):
+        """The unpatched pass over the tokens after a cached prefix: every block's output
+        there (a `CleanPass`) and its logits (of `columns` only, when given)."""
+        from circuitlang.models.interventions import CleanPass
+        from circuitlang.models.run import run_model
+
+        blocks: list = []
+        with torch.no_grad():
+            run = run_model(self.model, ids, mask, cache=self._cache_rows(prefix_cache, None),
+                            record_blocks=blocks, logit_columns=columns)
+        return CleanPass(tuple(blocks), {}), run.logits
+
+    def _cache_rows(self, prefix_cache, local: torch.Tensor | None):
+        """A copy of the prefix cache (for batch rows `local`), which a pass may extend."""
+        import copy
+
+        if prefix_cache is None:
+            return None
+        cache = copy.deepcopy(prefix_cache)
+        if local is not None:
+            cache.reorder_cache(local.to(self.model.device))
+        return cache
+
+    def _metric_columns(self) -> torch.Tensor | None:
+        """The vocabulary ids the metric reads at END (None: it reads other positions too,
+        or too many columns to be worth it)."""
+        if not self._metric_at_end():
+            return None
+        if "columns" not in self._cache:
+            from circuitlang.execute_inputs import metric_columns
+
+            self._cache["columns"] = metric_columns(self.task, self.metric, self.prompts,
+                                                    self.model.shape.vocab_size)
+        return self._cache["columns"]
 
     def _metric_at_end(self) -> bool:
         """Whether the metric reads only the END logits (then a sweep hands it just those)."""
@@ -459,16 +559,21 @@ class Experiments:
             self._cache["at_end"] = where == "END" and self.metric != "kl"
         return self._cache["at_end"]
 
-    def _prefix(self, ids: torch.Tensor, mask: torch.Tensor):
-        """Run prompt prefixes once: (key/value cache, logits), or (None, None) if empty."""
+    def _prefix(self, ids: torch.Tensor, mask: torch.Tensor, *, logits: bool = True):
+        """Run prompt prefixes once: (key/value cache, logits or None), or (None, None) if
+        empty. Without `logits` the unembedding is not computed."""
         if ids.shape[1] == 0:
             return None, None
-        from circuitlang.models import compat
+        from contextlib import nullcontext
 
-        with torch.no_grad():
-            logits, cache = compat.forward(self.model.hf_model, ids.to(self.model.device),
-                                           mask.to(self.model.device), keep_cache=True)
-        return cache, logits
+        from circuitlang.models import compat
+        from circuitlang.models.run import only_logit_columns
+
+        unembed = nullcontext() if logits else only_logit_columns(self.model, _NO_LOGITS)
+        with torch.no_grad(), unembed:
+            out, cache = compat.forward(self.model.hf_model, ids.to(self.model.device),
+                                        mask.to(self.model.device), keep_cache=True)
+        return cache, (out if logits else None)
 
     def _positions(self, position: Position, rows: torch.Tensor):
         if position.is_all:
@@ -502,6 +607,7 @@ class Experiments:
             return [one(site, prompt_rows, at) for site in chosen]
 
         patch_for.n_sites = 1 if together else len(sites)
+        patch_for.sites = lambda k: sites if together else [sites[k]]
         if position.is_all:
             per_prompt = self._sweep(base, patch_for)
         else:

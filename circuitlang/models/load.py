@@ -108,6 +108,7 @@ class LoadedModel:
         grad: bool = False,
         cache: Any = None,
         resume: "tuple[CleanPass, int] | None" = None,
+        logit_columns: torch.Tensor | None = None,
     ) -> Run:
         """One forward pass: capture any sites, apply node and edge patches.
 
@@ -126,6 +127,9 @@ class LoadedModel:
                 them; for edge patches that ablate no edge into a receiver below
                 `start` (ACDC in reverse topological order). The result equals the full
                 pass up to floating-point rounding.
+            logit_columns: vocabulary ids: compute only these columns of the logits
+                (a metric that reads a few tokens' logits skips the rest of the
+                unembedding); `Run.logits` is then [B, T, len(logit_columns)].
 
         Returns:
             `Run` with logits [B, T, V] and the captured values.
@@ -137,7 +141,7 @@ class LoadedModel:
 
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return run_model(self, input_ids, attention_mask, capture=capture, patches=patches, edges=edges,
-                             cache=cache, resume=resume)
+                             cache=cache, resume=resume, logit_columns=logit_columns)
 
     def clean_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    senders: Iterable[Site] = ()) -> "CleanPass":

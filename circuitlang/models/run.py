@@ -19,7 +19,7 @@ each sender is computed and read the receivers' inputs from it.
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -30,7 +30,7 @@ from circuitlang.models import compat
 from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
 from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges
 from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
-from circuitlang.models.offload import execution_devices
+from circuitlang.models.offload import execution_devices, resident
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
 from circuitlang.models.subspace import check_basis, is_subspace_site, subspace_hooks
 from circuitlang.models.units import check_unit_site, is_unit_site, unit_hooks
@@ -88,12 +88,15 @@ def run_model(
     cache: Any = None,
     resume: "tuple[CleanPass, int] | None" = None,
     record_blocks: list | None = None,
+    logit_columns: torch.Tensor | None = None,
 ) -> Run:
     """One forward pass with captures and interventions; see `LoadedModel.run`.
 
     `resume=(clean, start)` takes blocks below `start` from `clean` instead of computing
     them (edge patches only; nothing they ablate may be read below `start`);
-    `record_blocks`, a list, receives what every block returns (for a `CleanPass`)."""
+    `record_blocks`, a list, receives what every block returns (for a `CleanPass`);
+    `logit_columns` (vocabulary ids) makes the unembedding compute only those columns:
+    the logits are then [B, T, len(logit_columns)]."""
     device = lm.device
     input_ids = torch.as_tensor(input_ids).to(device)
     if input_ids.dim() == 1:
@@ -116,11 +119,17 @@ def run_model(
         if not 0 <= start <= lm.shape.n_layers:
             raise ModelError(f"cannot resume at layer {start}", code="model.bad-resume",
                              hint=f"a layer 0..{lm.shape.n_layers}")
-        if start and (edges is None or plan.capture or plan.patches or cache is not None
-                      or torch.is_grad_enabled()):
-            raise ModelError("resuming from a clean pass takes edge patches only",
+        if start and (torch.is_grad_enabled() or (edges is not None and cache is not None)):
+            raise ModelError("resuming from a clean pass takes no gradients, and no cache with edges",
                              code="model.bad-resume",
-                             hint="no captures, node patches, cache or gradients with resume=")
+                             hint="run without grad=, and edge patches without cache=")
+        below = [s for s in list(plan.capture) + list(plan.patches)
+                 if _block_of(s) is None or _block_of(s) < start] if start else []
+        if below:
+            raise ModelError(f"{below[0]} is not computed when resuming at layer {start}",
+                             code="model.bad-resume",
+                             hint=f"resume at or below the first layer patched or captured (heads, MLPs, "
+                                  f"streams of layers >= {start})")
         if start and len(clean.blocks) != lm.shape.n_layers:
             raise ModelError("the clean pass has no blocks recorded", code="model.bad-resume",
                              hint="make it with LoadedModel.clean_pass")
@@ -131,12 +140,17 @@ def run_model(
                                     start=start, resumed=clean)
     if start:
         plan.skipped = clean.blocks
+    if logit_columns is not None and (Logits() in plan.patches or Logits() in plan.capture):
+        raise ModelError("logit_columns= computes only some logits: they cannot be patched or captured whole",
+                         code="model.bad-patch", hint="patch or capture the logits without logit_columns=")
 
     with ExitStack() as stack:
         if record_blocks is not None:
             for block in lm.adapter.blocks():
                 handle = block.register_forward_hook(lambda m, a, out: record_blocks.append(out))
                 stack.callback(handle.remove)
+        if logit_columns is not None:
+            stack.enter_context(only_logit_columns(lm, logit_columns))
         for module, hook, kind in _hooks(lm, plan):
             if kind == "replace":  # a block below the resume layer: its clean output, not computed
                 _swap_forward(stack, module, lambda *a, out=hook, **k: out)
@@ -155,6 +169,37 @@ def run_model(
     if Logits() in plan.capture:
         plan.cache[Logits()] = logits
     return Run(logits=logits, cache=plan.cache)
+
+
+def _block_of(site: Site) -> int | None:
+    """The block in which a patch or capture of `site` acts (Resid(n) is the final norm's
+    input: n); None for sites tied to no block's hooks (embeddings, neurons, latents)."""
+    if isinstance(site, (Head, Mlp, MlpIn, Resid)):
+        return site.layer
+    return None
+
+
+@contextmanager
+def only_logit_columns(lm: "LoadedModel", columns: torch.Tensor):
+    """Within the block, the model's unembedding computes only `columns` of the logits
+    (vocabulary ids; none at all for an empty tensor): [B, T, len(columns)]."""
+    with ExitStack() as stack:
+        _swap_forward(stack, lm.adapter.unembed(), _unembed_columns(lm, columns))
+        yield
+
+
+def _unembed_columns(lm: "LoadedModel", columns: torch.Tensor):
+    """A forward for the unembedding that computes only `columns` of the logits."""
+    module = lm.adapter.unembed()
+    weight = resident(module, "weight")
+    columns = torch.as_tensor(columns, dtype=torch.long, device=weight.device)
+    if isinstance(module, torch.nn.Linear):  # [vocab, d_model]: rows are the columns
+        w = weight.index_select(0, columns)
+    else:  # HF Conv1D: [d_model, vocab]
+        w = weight.index_select(1, columns).t()
+    bias = linear_bias(module)
+    b = None if bias is None else bias.index_select(0, columns)
+    return lambda x, *a, **k: torch.nn.functional.linear(x, w.to(x.device), None if b is None else b.to(x.device))
 
 
 def _check(lm: "LoadedModel", site: Site) -> None:

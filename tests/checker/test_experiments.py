@@ -86,3 +86,50 @@ def test_path_patching_sweep_leaves_senders_without_a_path_empty(planted, induct
     assert "      -" in sweep.render()
     with pytest.raises(CircuitlangError, match="is not in the model"):  # named: the resolver says so
         run("patch 1.1 -> 1.0.k at PREV+1\n", planted, induction_task)
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "prob_diff", "loss"])
+@pytest.mark.parametrize("where", ["END", "REPEAT"])
+def test_the_short_sweep_equals_full_patched_passes(planted, induction_task, metric, where):
+    """A sweep at a named position runs each row from that position and that site's
+    layer on, and computes only the logit columns the metric reads: the numbers
+    are those of whole patched passes (`_sweep`), and so are the unpatched baselines."""
+    from circuitlang.sites import Mlp, Resid
+
+    prompts = induction_task.prompts(4, 3)  # few: their answers are a few of the 16 tokens
+    shape = planted.shape
+    sites = [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
+    sites += [Resid(l) for l in range(shape.n_layers + 1)]
+    if shape.has_mlp:
+        sites += [Mlp(l) for l in range(shape.n_layers)]
+    position = Position(where)
+    short = Experiments(planted, induction_task, prompts, metric, batch_size=7)
+    result = short.activation_patching(sites, position)
+    assert (short._metric_columns() is not None) == (metric == "logit_diff")  # only its tokens
+    full = Experiments(planted, induction_task, prompts, metric, batch_size=7)
+    values = full.capture("corrupt", sites)
+    at = full._positions(position, torch.arange(len(prompts.input_ids)))
+
+    def patch_for(k, rows):
+        v = values[sites[k]][rows]
+        return [Patch(sites[k], v[torch.arange(len(rows)), at[rows]], at[rows])]
+
+    patch_for.n_sites = len(sites)
+    np.testing.assert_allclose(result.per_prompt, full._sweep("clean", patch_for), rtol=1e-5, atol=1e-5)
+    plain = planted.run(prompts.input_ids, prompts.attention_mask).logits
+    np.testing.assert_allclose(short.baseline("clean"),
+                               induction_task.metric(metric, plain, prompts).numpy(), rtol=1e-5, atol=1e-5)
+    if not (metric == "loss" and where == "END"):  # the loss is of the tokens before END
+        assert np.abs(result.per_prompt - short.baseline("clean")[None]).max() > 1e-3  # patches that move it
+
+
+def test_metric_columns_are_the_tokens_a_metric_reads(planted, induction_task):
+    from circuitlang.execute_inputs import metric_columns
+
+    prompts = induction_task.prompts(4, 3)
+    vocab = planted.shape.vocab_size
+    columns = metric_columns(induction_task, "logit_diff", prompts, vocab)
+    read = set(prompts.answers[:, 0].tolist()) | set(prompts.wrong_answers[:, 0].tolist())
+    assert set(columns.tolist()) == read
+    assert metric_columns(induction_task, "prob_diff", prompts, vocab) is None  # a softmax reads them all
+    assert metric_columns(induction_task, "kl", prompts, vocab) is None

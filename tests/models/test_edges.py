@@ -226,5 +226,5 @@ def test_resuming_below_an_ablated_receiver_is_refused(tiny, tokens):
     kept = lm.clean_pass(clean, senders=es.senders)
     with pytest.raises(ModelError, match="cannot resume at layer 1"):
         lm.run(clean, edges=EdgePatch.from_set(es, abl, mask), resume=(kept, 1))
-    with pytest.raises(ModelError, match="edge patches only"):
+    with pytest.raises(ModelError, match="resid 0 is not computed when resuming at layer 1"):
         lm.run(clean, capture=[Resid(0)], edges=EdgePatch.from_set(es, abl, mask * 0), resume=(kept, 1))
