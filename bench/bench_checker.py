@@ -3,10 +3,14 @@
 Runs, on one model and one prompt set, side by side:
 
 1. **Sweep**: activation patching of every head's output at END (the layer x head
-   grid of `patch head * at END`) with circuitlang, and the same sweep with
+   grid of `patch head * at END`), and at every position (`patch head * at all`),
+   with circuitlang, beside its limit (below) and one plain pass, and the same sweeps with
    TransformerLens 4 (`transformer_lens.patching`, run by bench/peers/tl_patching.py
    in its own venv, .peers/tl; set up with bench/peers/setup.sh). Both results are
-   compared, and the ratio of wall times recorded.
+   compared, and the ratio of wall times recorded. The limit (issue 11) is what the
+   END sweep must compute: each (head, prompt) row the layers from the head's up, at
+   END only, timed as that share of a plain pass's token-layers (without the
+   unembedding, which a logit difference needs two columns of).
 2. **Scrubbing**: a causal-scrubbing check of a multi-level hypothesis, as a
    multiple of the plain forward passes of the same prompts it needs.
 
@@ -105,11 +109,28 @@ def sweep(model, task, prompts, repeats: int) -> dict:
         exp = Experiments(model, task, prompts, "logit_diff", batch_size=256)
         result["grid"] = exp.activation_patching(heads, end, grid=(shape.n_layers, shape.n_heads))
 
+    def ours_all():  # every head's output patched at every position
+        exp = Experiments(model, task, prompts, "logit_diff", batch_size=256)
+        result["grid_all"] = exp.activation_patching(heads, Position("all"), grid=(shape.n_layers, shape.n_heads))
+
     def plain():
         model.run(prompts.input_ids, prompts.attention_mask)
 
-    out = {"circuitlang_sweep_s": best_of(ours, repeats), "plain_forward_s": best_of(plain, repeats)}
-    out["n_prompts"], out["n_heads"] = len(prompts.input_ids), len(heads)
+    def blocks_only():  # the same pass without the unembedding
+        model.run(prompts.input_ids, prompts.attention_mask, logit_columns=torch.zeros(0, dtype=torch.long))
+
+    out = {"circuitlang_sweep_s": best_of(ours, repeats), "plain_forward_s": best_of(plain, repeats),
+           "plain_blocks_s": best_of(blocks_only, repeats)}
+    n, t = prompts.input_ids.shape
+    out["n_prompts"], out["n_heads"], out["tokens"] = n, len(heads), t
+    # The limit (issue 11): each (head, prompt) row recomputes only the layers from the
+    # head's up, at END (the last token) only; in token-layers, against a plain pass's.
+    row_token_layers = n * sum(shape.n_layers - hd.layer for hd in heads)
+    out["limit_s"] = row_token_layers / (n * t * shape.n_layers) * out["plain_blocks_s"]
+    out["sweep_over_limit"] = out["circuitlang_sweep_s"] / out["limit_s"]
+    out["sweep_over_plain_pass"] = out["circuitlang_sweep_s"] / out["plain_forward_s"]
+    out["circuitlang_sweep_all_s"] = best_of(ours_all, repeats)
+    out["circuitlang_values_all"] = result["grid_all"].values.tolist()
     out["circuitlang_values"] = result["grid"].values.tolist()
     return out
 
@@ -181,6 +202,12 @@ def main(argv=None) -> int:
             tl_time = tl["timing"]["head_sweep_pos"]
             ours = np.array(report["sweep"]["circuitlang_values"])
             theirs = np.array(tl["results"]["head_out_pos"])
+            theirs_all = np.array(tl["results"]["head_out_all"])
+            ours_all = np.array(report["sweep"]["circuitlang_values_all"])
+            tl_all = tl["timing"]["head_sweep_all"]
+            report["transformer_lens_all_positions"] = {
+                "sweep_s": tl_all, "max_abs_diff": float(np.abs(ours_all - theirs_all).max()),
+                "speedup": tl_all / report["sweep"]["circuitlang_sweep_all_s"]}
             report["transformer_lens"] = {
                 "sweep_s": tl_time,
                 "plain_forward_s": tl["timing"].get("plain_forward"),
@@ -190,6 +217,7 @@ def main(argv=None) -> int:
             }
         report["scrubbing"] = scrubbing(model, task, args.n, args.repeats)
     report["sweep"].pop("circuitlang_values")
+    report["sweep"].pop("circuitlang_values_all")
     write_json_atomic(args.out, report)
     print(json.dumps(report, indent=2))
     return 0

@@ -53,6 +53,7 @@ from circuitlang.execute_inputs import (  # noqa: F401
     Sampler,
     _chunks,
     claimed_positions,
+    metric_columns,
     metric_positions,
     metric_reads,
     position_index,
@@ -116,13 +117,18 @@ LOGITS_BUDGET = 2**24
 _MASK = (1 << 64) - 1
 
 
+_GOLDEN, _MUL1, _MUL2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_LANE_SALT = np.array([1, 2], dtype=np.uint64)[:, None, None]  # lane 0 adds 1 to a column, lane 1 adds 2
+
+
 def _mix(x):
-    """splitmix64's finaliser on uint64 (arrays wrap around, as the hash wants)."""
-    with np.errstate(over="ignore"):
-        x = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    """splitmix64's finaliser on uint64 arrays (at least 1-d: array arithmetic wraps
+    around silently, as the hash wants; numpy warns only on scalars)."""
+    x = np.atleast_1d(np.asarray(x, dtype=np.uint64)) + _GOLDEN
+    x = (x ^ (x >> _S30)) * _MUL1
+    x = (x ^ (x >> _S27)) * _MUL2
+    return x ^ (x >> _S31)
 
 
 class Scrubber:
@@ -155,6 +161,8 @@ class Scrubber:
         self._memo: dict = {}
         self._memo_floats = 0
         self._reads: torch.Tensor | None = None
+        self._positions: dict = {}  # Position -> its token index in every prompt
+        self._columns: torch.Tensor | None
 
     # -- metrics ---------------------------------------------------------------
 
@@ -182,10 +190,13 @@ class Scrubber:
         """Token indices of `position` in the given prompts ([N]); None for `all`."""
         if position.is_all:
             return None
-        return position_index(self.prompts, position)[torch.as_tensor(rows)]
+        where = self._positions.get(position)
+        if where is None:
+            where = self._positions[position] = position_index(self.prompts, position)
+        return where.index_select(0, torch.as_tensor(rows))
 
     def _plain(self, site, rows: np.ndarray) -> torch.Tensor:
-        return self.cache.get(site)[torch.as_tensor(rows)]
+        return self.cache.get(site).index_select(0, torch.as_tensor(rows))
 
     def _remainder(self, site, rows: np.ndarray, mode: str) -> torch.Tensor:
         """What unclaimed paths give a site, by ablation: its plain value on `rows`
@@ -512,13 +523,13 @@ class Scrubber:
                 if insts[c].keys is None:
                     insts[c].keys = self._row_keys(graph, c, insts)
                 cols += list(insts[c].keys)
-        lanes = []
-        for lane in (0, 1):
-            h = np.full(len(inst.rows), _mix(np.uint64(hash((static, lane)) & _MASK)), dtype=np.uint64)
-            for col in cols:
-                h = _mix(h ^ _mix(col.astype(np.uint64) + np.uint64(lane + 1)))
-            lanes.append(h)
-        return tuple(lanes)
+        # both lanes at once: lane L hashes each column as mix(col + L + 1), then chains
+        mixed = _mix(np.stack([c.astype(np.uint64) for c in cols])[None] + _LANE_SALT)  # [2, cols, N]
+        seeds = [int(_mix(np.uint64(hash((static, lane)) & _MASK))[0]) for lane in (0, 1)]
+        h = np.repeat(np.array(seeds, dtype=np.uint64)[:, None], len(inst.rows), axis=1)  # [2, N]
+        for j in range(len(cols)):
+            h = _mix(h ^ mixed[:, j])
+        return h[0], h[1]
 
     def _level(self, items: list[tuple[InterventionGraph, int, dict]]) -> int:
         """Compute every (graph, node) of one height for every reference prompt; gives the
@@ -527,7 +538,8 @@ class Scrubber:
             if not graph.input_channels(v):
                 raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs and logits can")
         direct = [it for it in items if self._direct("head" if isinstance(it[0].node(it[1]).site, Head) else "mlp")]
-        forward = [it for it in items if not any(it is d for d in direct)]
+        chosen = {id(it) for it in direct}
+        forward = [it for it in items if id(it) not in chosen]
         if forward:
             self._forward_level(forward)
         if not direct:
@@ -621,6 +633,21 @@ class Scrubber:
             self._reads = torch.cat(parts)
         return self._reads
 
+    def _metric_columns(self) -> torch.Tensor | None:
+        """The vocabulary ids the metric reads, when it reads the logits at END only and
+        few of them (`metric_columns`); else None."""
+        if not hasattr(self, "_columns"):
+            self._columns = None
+            end = self.prompts.positions.get("END")
+            reads = self._metric_reads()
+            if end is not None:
+                only_end = torch.zeros_like(reads)
+                only_end[torch.arange(len(end)), end] = True
+                if torch.equal(reads, only_end):
+                    self._columns = metric_columns(self.task, self.metric, self.prompts,
+                                                   self.model.shape.vocab_size)
+        return self._columns
+
     def _root_pass(self, items: list[tuple[InterventionGraph, dict]]) -> list[np.ndarray]:
         """Rebuild the final residual stream of every reference prompt, for every graph,
         unembed it where the metric reads, and read the metric."""
@@ -629,7 +656,8 @@ class Scrubber:
         n, t = self.prompts.input_ids.shape
         vocab = self.model.shape.vocab_size
         reads = self._metric_reads()
-        size = max(1, min(self.batch_size, LOGITS_BUDGET // max(1, t * vocab)))
+        columns = self._metric_columns()  # the metric reads END only, and few tokens there
+        size = max(1, min(self.batch_size, LOGITS_BUDGET // max(1, (1 if columns is not None else t) * vocab)))
         per_graph: list[list[np.ndarray]] = [[] for _ in items]
         for k, (graph, insts) in enumerate(items):
             for sl in _chunks(n, size):
@@ -638,8 +666,12 @@ class Scrubber:
                 if stream is None:
                     stream = self._remainder(self.final, insts[graph.root].remainder[sel], graph.ablation)
                 where = reads[sl]
-                logits = torch.zeros(len(sel), t, vocab, dtype=stream.dtype)
-                logits[where] = self.kernels.logits(stream[where]).detach().to("cpu", stream.dtype)
+                if columns is not None:  # [rows, V] at END, only the columns read computed
+                    logits = torch.zeros(len(sel), vocab, dtype=stream.dtype)
+                    logits[:, columns] = self.kernels.logits(stream[where], columns).detach().to("cpu", stream.dtype)
+                else:
+                    logits = torch.zeros(len(sel), t, vocab, dtype=stream.dtype)
+                    logits[where] = self.kernels.logits(stream[where]).detach().to("cpu", stream.dtype)
                 self.work.root_rows += len(sel)
                 self.work.logit_positions += int(where.sum())
                 per_graph[k].append(self._metric_rows(logits, sel))

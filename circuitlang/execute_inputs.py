@@ -159,12 +159,13 @@ class PlainCache:
         return self.values[key]
 
 
-def run_batched(model, input_ids, attention_mask, *, capture=(), patches=(), logit_columns=None):
+def run_batched(model, input_ids, attention_mask, *, capture=(), patches=(), logit_columns=None, resume=None):
     """`model.run` that halves the batch and retries when CUDA runs out of memory
-    (`logit_columns`: as in `LoadedModel.run`; an empty one computes no logits)."""
+    (`logit_columns`, `resume`: as in `LoadedModel.run`; an empty `logit_columns`
+    computes no logits)."""
     try:
         return model.run(input_ids, attention_mask, capture=capture, patches=patches,
-                         logit_columns=logit_columns)
+                         logit_columns=logit_columns, resume=resume)
     except torch.cuda.OutOfMemoryError:
         n = input_ids.shape[0]
         if n <= 1:
@@ -181,8 +182,9 @@ def run_batched(model, input_ids, attention_mask, *, capture=(), patches=(), log
         def part(sl):
             cut = [Patch(p.site, p.value[sl], None if p.positions is None else p.positions[sl],
                          None if p.rows is None else p.rows[sl]) for p in patches]
+            part_resume = None if resume is None else (resume[0].rows(torch.arange(n)[sl]), resume[1])
             return run_batched(model, input_ids[sl], attention_mask[sl], capture=capture, patches=cut,
-                               logit_columns=logit_columns)
+                               logit_columns=logit_columns, resume=part_resume)
 
         a, b = part(slice(0, n // 2)), part(slice(n // 2, n))
         return Run(torch.cat([a.logits, b.logits]), {k: torch.cat([a.cache[k], b.cache[k]]) for k in a.cache})

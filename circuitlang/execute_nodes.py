@@ -151,10 +151,18 @@ class NodeKernels:
         x = x.to(self.device)
         return self.adapter.mlp(site.layer)(self.adapter.mlp_norm(site.layer)(x))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from final residual streams at the positions given ([P, D] -> [P, V])."""
-        x = x.to(self.device)
-        return self.adapter.unembed()(self.adapter.final_norm()(x))
+    def logits(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from final residual streams at the positions given ([P, D] -> [P, V]),
+        or only vocabulary `columns` of them ([P, len(columns)])."""
+        x = self.adapter.final_norm()(x.to(self.device))
+        if columns is None:
+            return self.adapter.unembed()(x)
+        key = tuple(columns.tolist())
+        if getattr(self, "_unembed_key", None) != key:
+            from circuitlang.models.run import unembed_columns
+
+            self._unembed_key, self._unembed_part = key, unembed_columns(self.model, columns)
+        return self._unembed_part(x)
 
     # -- when they may be used -------------------------------------------------------------
 

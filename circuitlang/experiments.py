@@ -43,6 +43,20 @@ from circuitlang.sites import (Channel, Embed, Head, Latent, LatentIn, Logits, M
 
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)  # a capture pass computes no logits
 
+#: A sweep keeps an unpatched pass's blocks (so rows resume above them) up to this size.
+KEPT_PASS_BYTES = 2**30
+
+
+def _cat_blocks(outputs: list):
+    """Concatenate what one block returned for consecutive batches (tensors or tuples)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, tuple):
+        return tuple(_cat_blocks([o[i] for o in outputs]) if isinstance(first[i], torch.Tensor) else first[i]
+                     for i in range(len(first)))
+    return first
+
 
 def _chunks_by(items: list[tuple], size: int):
     """(key, chunk) for runs of `items` sharing their first element, cut to `size`."""
@@ -403,31 +417,70 @@ class Experiments:
 
     def _sweep(self, base: str, patch_for) -> np.ndarray:
         """Run one patched pass per (site, prompt) row; `patch_for(k, prompt_rows)` gives
-        the patches for site k at those prompts. Returns [n_sites, n_prompts]."""
+        the patches for site k at those prompts. Returns [n_sites, n_prompts].
+
+        Where `patch_for.sites(k)` names the sites, a row runs only the layers from its
+        lowest site's up: the blocks below are those of one unpatched pass of the
+        prompts, kept (`LoadedModel.run(..., resume=)`), which gives `baseline(base)`
+        too. A metric that reads a few tokens' logits at END gets only those columns.
+        """
         from circuitlang.models import Patch
 
         n = len(self.prompts.input_ids)
         n_sites = patch_for.n_sites
         out = np.zeros((n_sites, n))
         ids, mask = self._ids(base), self.prompts.attention_mask
-        pairs = [(k, i) for k in range(n_sites) for i in range(n)]
+        columns = self._metric_columns()
+        starts = [self._resume_layer(patch_for, k) for k in range(n_sites)]
+        clean = self._kept_pass(base) if any(starts) else None
+        pairs = sorted((starts[k] if clean is not None else 0, k, i) for k in range(n_sites) for i in range(n))
         bar = Progress(len(pairs), "patching", enabled=self.progress)
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            ks = np.array([k for k, _ in chunk])
-            prompt_rows = torch.tensor([i for _, i in chunk])
+        for start_layer, chunk in _chunks_by(pairs, self.batch_size):
+            ks = np.array([k for _, k, _ in chunk])
+            prompt_rows = torch.tensor([i for _, _, i in chunk])
             patches = []
             for k in np.unique(ks):
                 rows = torch.as_tensor(ks == k)
                 for p in patch_for(int(k), prompt_rows):
                     patches.append(Patch(p.site, p.value, p.positions, rows))
-            run = run_batched(self.model, ids[prompt_rows], mask[prompt_rows], patches=patches)
-            vals = self._metric(run.logits, prompt_rows.tolist())
-            out[ks, prompt_rows.numpy()] = vals
-            bar.set(start + len(chunk), "(site, prompt) rows")
+            resume = (clean.rows(prompt_rows), start_layer) if start_layer else None
+            run = run_batched(self.model, ids[prompt_rows], mask[prompt_rows], patches=patches,
+                              logit_columns=columns, resume=resume)
+            logits = run.logits
+            if columns is not None:
+                logits = self._full_logits(self._end_logits(logits, prompt_rows.tolist()), columns)
+            out[ks, prompt_rows.numpy()] = self._metric(logits, prompt_rows.tolist())
+            bar.step_by(len(chunk), "(site, prompt) rows")
         bar.close()
         self.passes += 1
         return out
+
+    def _kept_pass(self, which: str):
+        """An unpatched pass of every prompt, its blocks kept for resumed rows (a
+        `CleanPass`), or None if they would take more than `KEPT_PASS_BYTES`; the pass's
+        metric is `baseline(which)`."""
+        from circuitlang.models.interventions import CleanPass
+        from circuitlang.models.run import run_model
+
+        shape, (n, t) = self.model.shape, self._ids(which).shape
+        if shape.n_layers * n * t * shape.d_model * self.model.dtype.itemsize > KEPT_PASS_BYTES:
+            return None
+        ids, mask = self._ids(which), self.prompts.attention_mask
+        columns = self._metric_columns()
+        parts, vals = [], []
+        with torch.no_grad():
+            for begin in range(0, n, self.batch_size):
+                rows = range(begin, min(n, begin + self.batch_size))
+                blocks: list = []
+                run = run_model(self.model, ids[begin:rows.stop], mask[begin:rows.stop], record_blocks=blocks,
+                                logit_columns=columns)
+                parts.append(blocks)
+                logits = run.logits if columns is None else self._full_logits(self._end_logits(run.logits, rows),
+                                                                              columns)
+                vals.append(self._metric(logits, rows))
+        self.passes += 1
+        self._cache.setdefault(("metric", which), np.concatenate(vals))
+        return CleanPass(tuple(_cat_blocks([p[layer] for p in parts]) for layer in range(shape.n_layers)), {})
 
     def _sweep_suffix(self, base: str, patch_for, position: Position) -> np.ndarray:
         """`_sweep` for patches at one named position P, recomputing only what can change.
@@ -659,6 +712,7 @@ class Experiments:
             return [Patch(target, v, pos)]
 
         patch_for.n_sites = len(keep)
+        patch_for.sites = lambda j: [target]
         per_prompt = np.full((len(outs), len(self.prompts.input_ids)), np.nan)
         per_prompt[keep] = self._sweep("clean", patch_for)
         return self._result("path_patch", text, [f"{s} -> {receiver}" for s in senders], per_prompt, grid)
@@ -741,6 +795,7 @@ class Experiments:
             return patches
 
         patch_for.n_sites = 1
+        patch_for.sites = lambda k: sites
         per_prompt = self._sweep("clean", patch_for)
         return self._result("ablate", text, [", ".join(str(s) for s in sites)], per_prompt, None)
 

@@ -184,13 +184,22 @@ class _Template:
         a fixed site or to a slot already given (`picks[i]` None: not given yet)."""
         trial = list(picks)
         trial[slot] = candidate
-        for sender, receiver in self.edges:
-            ends = [e for e in (sender, receiver) if isinstance(e, tuple)]
-            if not any(e[0] == slot for e in ends) or any(trial[e[0]] is None for e in ends):
+        for sender, receiver, ends in self._edges_of(slot):
+            if any(trial[e] is None for e in ends):
                 continue
             if not self._edge_ok(sender, receiver, pool, trial, shape):
                 return False
         return True
+
+    def _edges_of(self, slot: int) -> list:
+        """The edges with an end at `slot`: (sender, receiver, the slots of their ends)."""
+        if getattr(self, "_by_slot", None) is None:
+            self._by_slot = {}
+            for sender, receiver in self.edges:
+                ends = tuple(e[0] for e in (sender, receiver) if isinstance(e, tuple))
+                for end in set(ends):
+                    self._by_slot.setdefault(end, []).append((sender, receiver, ends))
+        return self._by_slot.get(slot, [])
 
     def _plan(self, n_slots: int) -> tuple[list[int], dict[int, list[int]]]:
         """Slots senders first, and for each slot `need[d]`: how many slots it reaches by a

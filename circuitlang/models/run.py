@@ -184,11 +184,11 @@ def only_logit_columns(lm: "LoadedModel", columns: torch.Tensor):
     """Within the block, the model's unembedding computes only `columns` of the logits
     (vocabulary ids; none at all for an empty tensor): [B, T, len(columns)]."""
     with ExitStack() as stack:
-        _swap_forward(stack, lm.adapter.unembed(), _unembed_columns(lm, columns))
+        _swap_forward(stack, lm.adapter.unembed(), unembed_columns(lm, columns))
         yield
 
 
-def _unembed_columns(lm: "LoadedModel", columns: torch.Tensor):
+def unembed_columns(lm: "LoadedModel", columns: torch.Tensor):
     """A forward for the unembedding that computes only `columns` of the logits."""
     module = lm.adapter.unembed()
     weight = resident(module, "weight")

@@ -89,11 +89,12 @@ def test_path_patching_sweep_leaves_senders_without_a_path_empty(planted, induct
 
 
 @pytest.mark.parametrize("metric", ["logit_diff", "prob_diff", "loss"])
-@pytest.mark.parametrize("where", ["END", "REPEAT"])
-def test_the_short_sweep_equals_full_patched_passes(planted, induction_task, metric, where):
-    """A sweep at a named position runs each row from that position and that site's
-    layer on, and computes only the logit columns the metric reads: the numbers
-    are those of whole patched passes (`_sweep`), and so are the unpatched baselines."""
+@pytest.mark.parametrize("where", ["END", "REPEAT", "all"])
+def test_a_sweep_equals_whole_patched_passes(planted, induction_task, metric, where):
+    """A sweep runs each row only from its site's layer up (and, at a named position,
+    only from that position on), and computes only the logit columns the metric
+    reads: the numbers are those of whole patched passes, one site at a time, and
+    so are the unpatched baselines."""
     from circuitlang.sites import Mlp, Resid
 
     prompts = induction_task.prompts(4, 3)  # few: their answers are a few of the 16 tokens
@@ -106,16 +107,18 @@ def test_the_short_sweep_equals_full_patched_passes(planted, induction_task, met
     short = Experiments(planted, induction_task, prompts, metric, batch_size=7)
     result = short.activation_patching(sites, position)
     assert (short._metric_columns() is not None) == (metric == "logit_diff")  # only its tokens
-    full = Experiments(planted, induction_task, prompts, metric, batch_size=7)
-    values = full.capture("corrupt", sites)
-    at = full._positions(position, torch.arange(len(prompts.input_ids)))
-
-    def patch_for(k, rows):
-        v = values[sites[k]][rows]
-        return [Patch(sites[k], v[torch.arange(len(rows)), at[rows]], at[rows])]
-
-    patch_for.n_sites = len(sites)
-    np.testing.assert_allclose(result.per_prompt, full._sweep("clean", patch_for), rtol=1e-5, atol=1e-5)
+    corrupt = planted.run(prompts.corrupt_input_ids, prompts.attention_mask, capture=sites).cache
+    rows = torch.arange(len(prompts.input_ids))
+    by_hand = np.zeros_like(result.per_prompt)
+    for k, site in enumerate(sites):
+        if where == "all":
+            patch = Patch(site, corrupt[site])
+        else:
+            at = prompts.positions[where]
+            patch = Patch(site, corrupt[site][rows, at], at)
+        logits = planted.run(prompts.input_ids, prompts.attention_mask, patches=[patch]).logits
+        by_hand[k] = induction_task.metric(metric, logits, prompts).numpy()
+    np.testing.assert_allclose(result.per_prompt, by_hand, rtol=1e-5, atol=1e-5)
     plain = planted.run(prompts.input_ids, prompts.attention_mask).logits
     np.testing.assert_allclose(short.baseline("clean"),
                                induction_task.metric(metric, plain, prompts).numpy(), rtol=1e-5, atol=1e-5)
@@ -133,3 +136,22 @@ def test_metric_columns_are_the_tokens_a_metric_reads(planted, induction_task):
     assert set(columns.tolist()) == read
     assert metric_columns(induction_task, "prob_diff", prompts, vocab) is None  # a softmax reads them all
     assert metric_columns(induction_task, "kl", prompts, vocab) is None
+
+
+@pytest.mark.parametrize("where", ["END", "all"])
+def test_a_sweep_of_the_top_layer_does_not_run_the_layers_below(planted, induction_task, where):
+    prompts = induction_task.prompts(4, 3)
+    top = planted.shape.n_layers - 1
+    sites = [Head(top, h) for h in range(planted.shape.n_heads)]
+    calls = [0] * planted.shape.n_layers
+    attns = [planted.adapter.attn(i) for i in range(planted.shape.n_layers)]  # inside a block: runs if it does
+    handles = [attn.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, attn in enumerate(attns)]
+    try:
+        Experiments(planted, induction_task, prompts, "logit_diff", batch_size=1).activation_patching(
+            sites, Position(where))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = len(sites) * len(prompts.input_ids)  # one pass per row at batch size 1
+    assert calls[top] == calls[0] + rows  # every row ran the top block, and none the ones below
