@@ -179,6 +179,30 @@ def test_the_command_runs_a_sweep_and_exits_0_when_it_holds(tmp_path, capsys):
     assert record["status"] == "ok" and record["result"]["method"] == "eap" and record["result"]["n"] == 4
 
 
+def test_a_dtype_axis_loads_each_model_in_each_dtype(tmp_path):
+    """`dtypes` is an axis: one item per dtype, the model loaded in it (the worker holds
+    one (model, dtype) at a time), numbers within the dtype's tolerance of float32's;
+    items without it keep the keys they had before dtypes existed."""
+    text = ("n = 4\ndtypes = ['float32', 'float64']\n[discover]\nmodels = 'toy-ioi'\ntasks = 'ioi'\n"
+            "method = 'eap'\nedges = 3\ncurve = false\ncheck = false\n")
+    spec = parse_spec(text)
+    assert [i.dtype for i in spec.items] == ["float32", "float64"] and spec.axes == ("dtype",)
+    assert len({i.loads for i in spec.items}) == 2
+    plain = parse_spec(text.replace("dtypes = ['float32', 'float64']\n", ""))
+    assert "dtype" not in plain.items[0].settings and plain.items[0].dtype is None
+    path = tmp_path / "dtypes.toml"
+    path.write_text(text)
+    sweep(path, tmp_path / "out", threads=1, progress=False)
+    records = {r["settings"]["dtype"]: r for r in _items(tmp_path / "out").values()}
+    assert {d: r["status"] for d, r in records.items()} == {"float32": "ok", "float64": "ok"}
+    assert {d: r["environment"]["model"]["dtype"] for d, r in records.items()} == {"float32": "float32",
+                                                                                     "float64": "float64"}
+    a, b = (records[d]["result"]["edges"] for d in ("float32", "float64"))
+    assert [e[:2] for e in a] == [e[:2] for e in b]  # the same top edges
+    with pytest.raises(SweepError, match="dtypes"):
+        parse_spec(text.replace("'float64'", "'int8'"))
+
+
 def test_an_item_that_raises_is_recorded_and_redone_on_resume(tmp_path, monkeypatch):
     from circuitlang.sweeps import worker
 

@@ -27,11 +27,12 @@ __all__ = ["RETRIES", "by_model", "run_local", "run_ray"]
 RETRIES = 2
 
 
-def by_model(items) -> dict[str, deque]:
-    """The items grouped by model, each group in grid order, models in order of first use."""
-    groups: dict[str, deque] = {}
+def by_model(items) -> dict[tuple, deque]:
+    """The items grouped by the model they load (and its dtype), each group in grid
+    order, models in order of first use."""
+    groups: dict[tuple, deque] = {}
     for item in items:
-        groups.setdefault(item.model, deque()).append(item)
+        groups.setdefault(item.loads, deque()).append(item)
     return groups
 
 
@@ -116,7 +117,7 @@ def _schedule(ray, items, sweepdir, on_record, *, workers, threads: int) -> int:
         return actor_class.remote(device=device, threads=threads, backend="ray")
 
     actors = [start() for _ in range(count)]
-    holding: list[str | None] = [None] * count
+    holding: list[tuple | None] = [None] * count
     pending = by_model(items)
     order = {m: i for i, m in enumerate(pending)}
     tries: dict[str, int] = {}
@@ -152,7 +153,7 @@ def _schedule(ray, items, sweepdir, on_record, *, workers, threads: int) -> int:
                 actors[idx], holding[idx] = start(), None
                 tries[item.key] = tries.get(item.key, 0) + 1
                 if tries[item.key] <= RETRIES:
-                    pending[item.model].appendleft(item)
+                    pending[item.loads].appendleft(item)
                     submit(idx)
                     continue
                 record = {"key": item.key, "kind": item.kind, "settings": item.settings, "status": "error",

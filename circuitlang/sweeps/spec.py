@@ -43,11 +43,11 @@ from circuitlang.errors import CircuitlangError
 __all__ = ["Item", "Spec", "SweepError", "item_key", "load_spec", "parse_spec"]
 
 #: the spec's top-level keys: shared by check and discovery items
-TOP_KEYS = ("name", "models", "tasks", "seeds", "n", "batch_size", "task_params", "check", "discover")
+TOP_KEYS = ("name", "models", "dtypes", "tasks", "seeds", "n", "batch_size", "task_params", "check", "discover")
 #: keys of [check]
-CHECK_KEYS = ("files", "models", "tasks", "seeds", "n", "permutations", "breakdown", "ablation", "metric", "semantics", "max_examples")
+CHECK_KEYS = ("files", "models", "dtypes", "tasks", "seeds", "n", "permutations", "breakdown", "ablation", "metric", "semantics", "max_examples")
 #: keys of [discover]
-DISCOVER_KEYS = ("models", "tasks", "seeds", "n", "method", "edges", "threshold", "target", "ablation", "metric", "positions", "ig", "steps",
+DISCOVER_KEYS = ("models", "dtypes", "tasks", "seeds", "n", "method", "edges", "threshold", "target", "ablation", "metric", "positions", "ig", "steps",
                  "curve", "check", "permutations")
 
 # the solver's and the checker's choices, named here so a spec is checked without torch
@@ -56,6 +56,8 @@ METHODS = ("acdc", "eap", "eap-ig", "prune")
 ABLATIONS = ("resample", "corrupt", "mean", "zero")
 IG_VARIANTS = ("inputs", "activations", "clean-corrupt")
 SEMANTICS = ("paths", "channels")
+#: the weights' dtypes a sweep may load a model in (`load_model(dtype=)`; metrics stay fp32)
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 class SweepError(CircuitlangError):
@@ -87,6 +89,16 @@ class Item:
     @property
     def model(self) -> str:
         return self.settings["model"]
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the model is loaded in (None: its own)."""
+        return self.settings.get("dtype")
+
+    @property
+    def loads(self) -> tuple[str, str | None]:
+        """What a worker must hold to run the item: the model, in its dtype."""
+        return self.model, self.dtype
 
 
 @dataclass(frozen=True)
@@ -257,6 +269,8 @@ def _grid_axes(table: dict, where: _Where, name: str | None = None, defaults: di
 
     checks = {
         "models": (lambda v: isinstance(v, str) and bool(v), "model names or folders, e.g. models = [\"toy-ioi\"]"),
+        "dtypes": (_one_of(DTYPES), "dtypes of the weights: " + ", ".join(DTYPES)
+                   + " (e.g. dtypes = [\"float32\", \"bfloat16\"]; absent: the model's own)"),
         "tasks": (lambda v: isinstance(v, str) and bool(v), "task names, e.g. tasks = [\"ioi\"]"),
         "seeds": (lambda v: _is_int(v) and options.check_seed(v, "seeds") is not None,
                   "whole numbers 0 .. 2**32-1, e.g. seeds = [0, 1, 2]"),
@@ -337,7 +351,8 @@ def _check_items(table: Any, shared: dict, base: Path, where: _Where, varying: d
                                where, "whole numbers >= 1", "check")),
     ]
     sources = {f: _read_circ(f, base, where) for f in files}  # the options first: they need no file
-    grid = [("file", files), ("model", shared["models"]), ("task", shared["tasks"]), ("n", shared["n"]),
+    grid = [("file", files), ("model", shared["models"]), ("dtype", shared["dtypes"]), ("task", shared["tasks"]),
+            ("n", shared["n"]),
             *_params_axes(shared), *axes, ("seed", shared["seeds"])]
     _varying(grid, varying)
     resolved: dict = {}
@@ -364,9 +379,15 @@ def _check_items(table: Any, shared: dict, base: Path, where: _Where, varying: d
                     "model": model, "task": cell["task"], "seed": cell["seed"], "n": cell["n"],
                     "batch_size": shared["batch_size"],
                     "task_params": {k.split(".", 1)[1]: v for k, v in cell.items() if k.startswith("task_params.")},
-                    **{name: cell[name] for name, _ in axes}}
+                    **{name: cell[name] for name, _ in axes}, **_dtype(cell)}
         items.append(Item("check", settings, item_key(settings), text, str(path)))
     return items
+
+
+def _dtype(cell: dict) -> dict:
+    """The cell's dtype as a setting, only where the spec gives one (so that the keys of
+    items without one, and the sweep directories made before dtypes, stay the same)."""
+    return {} if cell["dtype"] is None else {"dtype": cell["dtype"]}
 
 
 def _read_circ(file: str, base: Path, where: _Where) -> tuple[str, Path]:
@@ -473,7 +494,8 @@ def _discover_items(table: Any, shared: dict, where: _Where, varying: dict) -> l
                                lambda v: _is_int(v) and options.check_permutations(v, "permutations") is not None,
                                where, "whole numbers 0 .. 10000", "discover")),
     ]
-    grid = [("model", shared["models"]), ("task", shared["tasks"]), ("n", shared["n"]), *_params_axes(shared),
+    grid = [("model", shared["models"]), ("dtype", shared["dtypes"]), ("task", shared["tasks"]), ("n", shared["n"]),
+            *_params_axes(shared),
             *axes, ("seed", shared["seeds"])]
     _varying(grid, varying)
     items = []
@@ -487,6 +509,6 @@ def _discover_items(table: Any, shared: dict, where: _Where, varying: dict) -> l
                     "n": cell["n"], "batch_size": shared["batch_size"], "positions": positions,
                     "task_params": {k.split(".", 1)[1]: v for k, v in cell.items() if k.startswith("task_params.")},
                     "edges": None, "threshold": None, "target": None,
-                    **{name: cell[name] for name, _ in axes}}
+                    **{name: cell[name] for name, _ in axes}, **_dtype(cell)}
         items.append(Item("discover", settings, item_key(settings)))
     return items

@@ -41,23 +41,24 @@ class Worker:
         self.threads = threads
         self.backend = backend
         self._model = None
-        self._loaded: str | None = None  # the name it was loaded by (a path stays a path)
+        self._loaded: tuple | None = None  # (name it was loaded by, dtype): a path stays a path
         self._environment: dict | None = None
         if threads is not None:
             import torch
 
             torch.set_num_threads(int(threads))
 
-    def model(self, name: str):
-        """The loaded model `name`, loading it (and dropping the last one) when it is not."""
-        if self._model is None or self._loaded != name:
+    def model(self, name: str, dtype: str | None = None):
+        """The loaded model `name` (in `dtype`; None: its own), loading it (and dropping
+        the last one) when it is not."""
+        if self._model is None or self._loaded != (name, dtype):
             import circuitlang
             from circuitlang.runs import environment
 
             self._model = self._loaded = self._environment = None  # free the last model first
-            self._model = circuitlang.load_model(name, device=self.device)
+            self._model = circuitlang.load_model(name, device=self.device, dtype=dtype)
             self._environment = environment(self._model)  # the weights hash, once per model
-            self._loaded = name
+            self._loaded = (name, dtype)
         return self._model
 
     def run(self, item) -> dict:
@@ -68,7 +69,7 @@ class Worker:
         record = {"key": item.key, "kind": item.kind, "settings": item.settings, "status": "ok", "result": None,
                   "error": None}
         try:
-            model = self.model(item.model)
+            model = self.model(item.model, item.dtype)
             result = run_check(item, model) if item.kind == "check" else run_discover(item, model)
             record["result"] = result.to_json()
         except CircuitlangError as exc:
