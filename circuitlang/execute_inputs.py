@@ -49,15 +49,21 @@ def metric_columns(task, metric: str, prompts, vocab: int) -> torch.Tensor | Non
     Found as `metric_reads` finds positions, by asking the metric on random END logits:
     the columns with a gradient are the candidates, and the values must not move when
     every other column is drawn again. A pass whose metric reads a few columns then
-    needs only those of the unembedding (`LoadedModel.run(logit_columns=...)`).
+    needs only those of the unembedding (`LoadedModel.run(logit_columns=...)`). A
+    metric that refuses END-only logits [N, V] (a loss over the sequence) gives None.
     """
     if metric == "kl":  # reads the whole distribution, and a reference run
         return None
+    from circuitlang.errors import TaskError
+
     n = len(prompts.input_ids)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(n, vocab, generator=g, requires_grad=True)
     with torch.enable_grad():
-        value = task.metric(metric, logits, prompts).double()
+        try:
+            value = task.metric(metric, logits, prompts).double()
+        except TaskError:  # it takes no END-only logits: it reads other positions too
+            return None
         if not value.requires_grad:  # a metric of argmaxes or counts: no gradient to read
             return None
         (grad,) = torch.autograd.grad(value.sum(), logits)

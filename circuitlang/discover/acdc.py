@@ -274,10 +274,8 @@ class _Faith:
                 abl = self._tiled(ci, ablated, len(cs))
                 with torch.no_grad():
                     resume = self._resume(ci, index, masks, len(cs))
-                    run = p.model.run(p.prompts.input_ids[rows], p.prompts.attention_mask[rows],
-                                      edges=EdgePatch.from_set(es, abl, masks), resume=resume)
-                    p.passes += 1
-                    out[circuit.numpy(), rows.numpy()] = p.metric_of(run.logits, rows).double().cpu().numpy()
+                    logits = p.forward(rows, edges=EdgePatch.from_set(es, abl, masks), resume=resume)
+                    out[circuit.numpy(), rows.numpy()] = p.metric_of(logits, rows).double().cpu().numpy()
         return out
 
     def __call__(self, kept: torch.Tensor) -> np.ndarray:

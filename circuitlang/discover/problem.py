@@ -39,6 +39,8 @@ __all__ = ["ABLATIONS", "EdgeSpace", "Problem"]
 ABLATIONS = ("corrupt", "resample", "mean", "zero")
 
 
+_NONE = torch.zeros(0, dtype=torch.long)  # a capture pass computes no logits
+
 @dataclass(frozen=True, eq=False)
 class EdgeSpace:
     """The candidate edges: every valid (receiver, sender) pair of an `EdgeSet`, once per
@@ -151,6 +153,7 @@ class Problem:
     _ablated: dict = field(default_factory=dict, repr=False)
     _reference: torch.Tensor | None = field(default=None, repr=False)
     _donors: np.ndarray | None = field(default=None, repr=False)
+    _metric_columns: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -182,7 +185,7 @@ class Problem:
             return self._ablated["all"]
         ids = self.prompts.corrupt_input_ids if self.ablation == "corrupt" else self.prompts.input_ids
         rows = index if self.ablation == "corrupt" else torch.as_tensor(self.donors())[index]
-        run = self.model.run(ids[rows], self.prompts.attention_mask[rows], capture=es.senders)
+        run = self.model.run(ids[rows], self.prompts.attention_mask[rows], capture=es.senders, logit_columns=_NONE)
         self.passes += 1
         return torch.stack([run.cache[s] for s in es.senders], 1).detach()
 
@@ -205,7 +208,7 @@ class Problem:
         total, count = None, None
         for start in range(0, self.n, self.batch_size):
             sl = slice(start, start + self.batch_size)
-            run = self.model.run(ids[sl], mask[sl], capture=es.senders)
+            run = self.model.run(ids[sl], mask[sl], capture=es.senders, logit_columns=_NONE)
             self.passes += 1
             vals = torch.stack([run.cache[s] for s in es.senders], 1).detach()  # [b, S, T, D]
             m = mask[sl].to(vals.dtype).to(vals.device)[:, None, :, None]
@@ -229,6 +232,33 @@ class Problem:
                 parts.append(logits[torch.arange(logits.shape[0]), end[sl].to(logits.device)].detach())
             self._reference = torch.cat(parts)
         return self._reference[index.to(self._reference.device)]
+
+    def forward(self, rows: torch.Tensor, *, edges=None, patches=(), grad: bool = False, resume=None) -> torch.Tensor:
+        """One pass of the prompts at `rows` (one batch row each): the logits `metric_of`
+        reads. When the metric reads a few tokens' logits at END (a logit difference),
+        only those columns of the unembedding are computed (`metric_columns`), at END
+        only, laid into [B, V] with the others 0; else the whole [B, T, V]."""
+        columns = self._columns()
+        run = self.model.run(self.prompts.input_ids[rows], self.prompts.attention_mask[rows], edges=edges,
+                             patches=patches, grad=grad, resume=resume, logit_columns=columns)
+        self.passes += 1
+        if columns is None:
+            return run.logits
+        end = self.prompts.positions["END"][rows].to(run.logits.device)
+        part = run.logits[torch.arange(len(end), device=end.device), end]  # [B, len(columns)]
+        full = part.new_zeros(len(end), self.model.shape.vocab_size)
+        return full.index_copy(1, columns.to(part.device), part)
+
+    def _columns(self) -> torch.Tensor | None:
+        """The vocabulary ids the current metric reads at END (None: not END-only, or many)."""
+        if self.metric not in self._metric_columns:
+            from circuitlang.execute_inputs import metric_columns
+
+            found = None
+            if self.metric != "kl" and "END" in self.prompts.positions:
+                found = metric_columns(self.task, self.metric, self.prompts, self.model.shape.vocab_size)
+            self._metric_columns[self.metric] = found
+        return self._metric_columns[self.metric]
 
     def metric_of(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The metric per row [B] for logits of the prompts at `index` (differentiable)."""
@@ -273,10 +303,8 @@ class Problem:
                 masks = self.space.masks(kept[circuit], self.prompts, rows)
                 abl = ablated if ablated.shape[0] == 1 else ablated.repeat(len(cs), 1, 1, 1)
                 with torch.no_grad():
-                    run = self.model.run(self.prompts.input_ids[rows], self.prompts.attention_mask[rows],
-                                         edges=EdgePatch.from_set(es, abl, masks))
-                    self.passes += 1
-                    vals = self.metric_of(run.logits, rows).double().cpu().numpy()
+                    logits = self.forward(rows, edges=EdgePatch.from_set(es, abl, masks))
+                    vals = self.metric_of(logits, rows).double().cpu().numpy()
                 out[circuit.numpy(), rows.numpy()] = vals
                 rows_done += len(rows)
                 if progress is not None:
@@ -302,9 +330,7 @@ class Problem:
             for start in range(0, self.n, max(1, self.batch_size)):
                 index = torch.arange(start, min(self.n, start + max(1, self.batch_size)))
                 with torch.no_grad():
-                    run = self.model.run(self.prompts.input_ids[index], self.prompts.attention_mask[index])
-                    self.passes += 1
-                    out[index.numpy()] = self.metric_of(run.logits, index).double().cpu().numpy()
+                    out[index.numpy()] = self.metric_of(self.forward(index), index).double().cpu().numpy()
             return out
         finally:
             self.metric = previous
@@ -346,10 +372,8 @@ class Problem:
             kept = (torch.ones(1, len(self.space)) * value).requires_grad_(True)
             masks = self.space.masks(kept.expand(len(index), -1), self.prompts, index)
             with torch.enable_grad():
-                run = self.model.run(self.prompts.input_ids[index], self.prompts.attention_mask[index],
-                                     edges=EdgePatch.from_set(es, ablated, masks), patches=patches, grad=True)
-                self.passes += 1
-                loss = self.metric_of(run.logits, index).sum()
+                logits = self.forward(index, edges=EdgePatch.from_set(es, ablated, masks), patches=patches, grad=True)
+                loss = self.metric_of(logits, index).sum()
                 (grad,) = torch.autograd.grad(loss, kept)
             # d/d(ablate) = -d/d(kept)
             total -= grad[0].double().cpu()
@@ -361,10 +385,12 @@ class Problem:
         es = self.space.edge_set
         ids, mask = self.prompts.input_ids[index], self.prompts.attention_mask[index]
         with torch.no_grad():
-            clean = self.model.run(ids, mask, capture=list(es.senders) + [Embed()]).cache
-            corrupt_embed = self.model.run(self.prompts.corrupt_input_ids[index], mask, capture=[Embed()]).cache[Embed()]
+            clean = self.model.run(ids, mask, capture=list(es.senders) + [Embed()], logit_columns=_NONE).cache
+            corrupt_embed = self.model.run(self.prompts.corrupt_input_ids[index], mask, capture=[Embed()],
+                                           logit_columns=_NONE).cache[Embed()]
             embed = corrupt_embed + alpha * (clean[Embed()] - corrupt_embed)
-            here = self.model.run(ids, mask, capture=es.senders, patches=[Patch(Embed(), embed)]).cache
+            here = self.model.run(ids, mask, capture=es.senders, patches=[Patch(Embed(), embed)],
+                                  logit_columns=_NONE).cache
             self.passes += 3
             clean_v = torch.stack([clean[s] for s in es.senders], 1)
             here_v = torch.stack([here[s] for s in es.senders], 1)

@@ -290,10 +290,8 @@ def step_loss(problem: Problem, log_alpha: torch.Tensor, u: torch.Tensor, index:
             kept = z[None].expand(len(sub), -1) if space.per_position else z[None]
             masks = space.masks(kept, problem.prompts, sub)
             ablated = data.ablated(sub)
-            run = problem.model.run(problem.prompts.input_ids[sub], problem.prompts.attention_mask[sub],
-                                    edges=EdgePatch.from_set(es, ablated, masks), grad=True)
-            problem.passes += 1
-            m = problem.metric_of(run.logits, sub).to(la.dtype)
+            logits = problem.forward(sub, edges=EdgePatch.from_set(es, ablated, masks), grad=True)
+            m = problem.metric_of(logits, sub).to(la.dtype)
             if problem.metric == "kl":
                 faith = m.sum() / rows
             else:
