@@ -134,6 +134,8 @@ def run_model(
             raise ModelError("the clean pass has no blocks recorded", code="model.bad-resume",
                              hint="make it with LoadedModel.clean_pass")
     plan.start = start
+    if plan.capture or plan.patches or edges is not None or start or record_blocks is not None:
+        _refuse_compiled(lm)
     if edges is not None:
         _one_device_for_edges(lm)
         plan.edges = _prepare_edges(lm, edges, tuple(input_ids.shape), lm.dtype, device,
@@ -169,6 +171,19 @@ def run_model(
     if Logits() in plan.capture:
         plan.cache[Logits()] = logits
     return Run(logits=logits, cache=plan.cache)
+
+
+def _refuse_compiled(lm: "LoadedModel") -> None:
+    """A module compiled in place (`module.compile()`) runs the graph it traced, without
+    the hooks added to it or its children since: a patch or capture would be silently
+    skipped (bench/bench_compile.py found it), so such a model is refused."""
+    for name, module in lm.hf_model.named_modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            raise ModelError(f"module {name or 'the model'} is compiled (torch.compile): compiled code skips "
+                             "the hooks circuitlang's interventions and captures run through",
+                             code="model.compiled",
+                             hint="load the model again without compiling it; plain passes of a compiled "
+                                  "model are fine outside circuitlang")
 
 
 def _block_of(site: Site) -> int | None:

@@ -76,3 +76,16 @@ def test_logit_columns_are_those_columns_of_the_full_logits(tiny, tokens):
     assert lm.run(clean, logit_columns=torch.zeros(0, dtype=torch.long)).logits.shape[-1] == 0
     with pytest.raises(ModelError, match="cannot be patched or captured whole"):
         lm.run(clean, capture=[Logits()], logit_columns=columns)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's dynamo import warns of torch.jit
+def test_a_compiled_block_is_refused_not_silently_unhooked(build_tiny, tokens):
+    """Compiled code skips hooks added since it was traced, so a patch would be dropped
+    without a word (bench/bench_compile.py): circuitlang refuses the model instead."""
+    from circuitlang.models import LoadedModel
+
+    lm = LoadedModel.from_hf(build_tiny("gpt2"), name="compiled")
+    clean, _ = tokens
+    lm.adapter.blocks()[0].compile()  # sets the compiled call; nothing compiles until called
+    with pytest.raises(ModelError, match="is compiled"):
+        lm.run(clean, capture=[Resid(1)])
