@@ -48,9 +48,10 @@ def metric_columns(task, metric: str, prompts, vocab: int) -> torch.Tensor | Non
 
     Found as `metric_reads` finds positions, by asking the metric on random END logits:
     the columns with a gradient are the candidates, and the values must not move when
-    every other column is drawn again. A pass whose metric reads a few columns then
-    needs only those of the unembedding (`LoadedModel.run(logit_columns=...)`). A
-    metric that refuses END-only logits [N, V] (a loss over the sequence) gives None.
+    every other column is drawn again, or set far above or below them. A pass whose
+    metric reads a few columns then needs only those of the unembedding
+    (`LoadedModel.run(logit_columns=...)`). A metric that refuses END-only logits
+    [N, V] (a loss over the sequence) gives None.
     """
     if metric == "kl":  # reads the whole distribution, and a reference run
         return None
@@ -70,11 +71,15 @@ def metric_columns(task, metric: str, prompts, vocab: int) -> torch.Tensor | Non
     columns = torch.nonzero(grad.abs().sum(0) > 0).ravel()
     if len(columns) == 0 or len(columns) > vocab // 2:
         return None
-    redrawn = torch.randn(n, vocab, generator=g) * 3
-    redrawn[:, columns] = logits.detach()[:, columns]
-    again = task.metric(metric, redrawn, prompts).double()
-    if not torch.allclose(again, value.detach(), rtol=0, atol=1e-6):
-        return None
+    # the others drawn again, then all far above and far below the rest (a metric that
+    # takes a max or a min over tokens reads more than its gradient at one point shows)
+    kept = logits.detach()[:, columns]
+    for other in (torch.randn(n, vocab, generator=g) * 3, torch.full((n, vocab), 50.0),
+                  torch.full((n, vocab), -50.0)):
+        other[:, columns] = kept
+        again = task.metric(metric, other, prompts).double()
+        if not torch.allclose(again, value.detach(), rtol=0, atol=1e-6):
+            return None
     return columns
 
 

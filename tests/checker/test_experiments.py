@@ -155,3 +155,18 @@ def test_a_sweep_of_the_top_layer_does_not_run_the_layers_below(planted, inducti
             h.remove()
     rows = len(sites) * len(prompts.input_ids)  # one pass per row at batch size 1
     assert calls[top] == calls[0] + rows  # every row ran the top block, and none the ones below
+
+
+def test_a_metric_that_takes_a_max_over_tokens_reads_them_all(planted, induction_task):
+    """The gradient at one point names only the largest of a max's tokens: the redraws
+    (others far above the rest) catch that the others are read too."""
+    from circuitlang.execute_inputs import metric_columns
+
+    class BestOf:
+        SIGNATURE = induction_task.SIGNATURE
+
+        def metric(self, name, logits, prompts, reference_logits=None):
+            return logits[:, :8].max(-1).values - logits[:, 8]
+
+    prompts = induction_task.prompts(4, 3)
+    assert metric_columns(BestOf(), "logit_diff", prompts, planted.shape.vocab_size) is None
