@@ -237,17 +237,40 @@ class Problem:
         """One pass of the prompts at `rows` (one batch row each): the logits `metric_of`
         reads. When the metric reads a few tokens' logits at END (a logit difference),
         only those columns of the unembedding are computed (`metric_columns`), at END
-        only, laid into [B, V] with the others 0; else the whole [B, T, V]."""
+        only, laid into [B, V] with the others 0; for any other metric of END alone (kl,
+        a probability) the whole vocabulary at END only, [B, V]; else [B, T, V]."""
         columns = self._columns()
+        at_end = columns is not None or self._end_only()
+        end = self.prompts.positions["END"][rows] if at_end else None
         run = self.model.run(self.prompts.input_ids[rows], self.prompts.attention_mask[rows], edges=edges,
-                             patches=patches, grad=grad, resume=resume, logit_columns=columns)
+                             patches=patches, grad=grad, resume=resume, logit_columns=columns, logits_at=end)
         self.passes += 1
-        if columns is None:
+        if not at_end:
             return run.logits
-        end = self.prompts.positions["END"][rows].to(run.logits.device)
-        part = run.logits[torch.arange(len(end), device=end.device), end]  # [B, len(columns)]
-        full = part.new_zeros(len(end), self.model.shape.vocab_size)
+        part = run.logits[:, 0]  # [B, V], or [B, len(columns)]
+        if columns is None:
+            return part
+        full = part.new_zeros(len(part), self.model.shape.vocab_size)
         return full.index_copy(1, columns.to(part.device), part)
+
+    def _end_only(self) -> bool:
+        """Whether the current metric reads the logits at END only: kl (the distributions
+        there), or a metric that takes END logits [N, V] (a task's metric refuses them
+        when it reads other positions, as induction's loss does)."""
+        key = ("end only", self.metric)
+        if key not in self._metric_columns:
+            from circuitlang.errors import TaskError
+
+            found = self.metric == "kl"
+            if not found and "END" in self.prompts.positions:
+                sub = self.prompts.subset(torch.arange(min(2, self.n)))
+                try:
+                    self.task.metric(self.metric, torch.zeros(len(sub.input_ids), self.model.shape.vocab_size), sub)
+                    found = True
+                except TaskError:
+                    found = False
+            self._metric_columns[key] = found
+        return self._metric_columns[key]
 
     def _columns(self) -> torch.Tensor | None:
         """The vocabulary ids the current metric reads at END (None: not END-only, or many)."""

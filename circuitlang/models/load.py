@@ -109,6 +109,7 @@ class LoadedModel:
         cache: Any = None,
         resume: "tuple[CleanPass, int] | None" = None,
         logit_columns: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> Run:
         """One forward pass: capture any sites, apply node and edge patches.
 
@@ -130,6 +131,8 @@ class LoadedModel:
             logit_columns: vocabulary ids: compute only these columns of the logits
                 (a metric that reads a few tokens' logits skips the rest of the
                 unembedding); `Run.logits` is then [B, T, len(logit_columns)].
+            logits_at: LongTensor [B], a token index per row: unembed only there
+                (`Run.logits` [B, 1, ...]), for a metric that reads one position.
 
         Returns:
             `Run` with logits [B, T, V] and the captured values.
@@ -141,7 +144,7 @@ class LoadedModel:
 
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return run_model(self, input_ids, attention_mask, capture=capture, patches=patches, edges=edges,
-                             cache=cache, resume=resume, logit_columns=logit_columns)
+                             cache=cache, resume=resume, logit_columns=logit_columns, logits_at=logits_at)
 
     def clean_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    senders: Iterable[Site] = ()) -> "CleanPass":

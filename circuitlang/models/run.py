@@ -89,6 +89,7 @@ def run_model(
     resume: "tuple[CleanPass, int] | None" = None,
     record_blocks: list | None = None,
     logit_columns: torch.Tensor | None = None,
+    logits_at: torch.Tensor | None = None,
 ) -> Run:
     """One forward pass with captures and interventions; see `LoadedModel.run`.
 
@@ -96,7 +97,8 @@ def run_model(
     them (edge patches only; nothing they ablate may be read below `start`);
     `record_blocks`, a list, receives what every block returns (for a `CleanPass`);
     `logit_columns` (vocabulary ids) makes the unembedding compute only those columns:
-    the logits are then [B, T, len(logit_columns)]."""
+    the logits are then [B, T, len(logit_columns)]; `logits_at` (a token index per row,
+    [B]) unembeds only there: [B, 1, V] (or [B, 1, len(logit_columns)])."""
     device = lm.device
     input_ids = torch.as_tensor(input_ids).to(device)
     if input_ids.dim() == 1:
@@ -142,17 +144,19 @@ def run_model(
                                     start=start, resumed=clean)
     if start:
         plan.skipped = clean.blocks
-    if logit_columns is not None and (Logits() in plan.patches or Logits() in plan.capture):
-        raise ModelError("logit_columns= computes only some logits: they cannot be patched or captured whole",
-                         code="model.bad-patch", hint="patch or capture the logits without logit_columns=")
+    partial = logit_columns is not None or logits_at is not None
+    if partial and (Logits() in plan.patches or Logits() in plan.capture):
+        raise ModelError("logit_columns= / logits_at= compute only some logits: they cannot be patched or "
+                         "captured whole", code="model.bad-patch",
+                         hint="patch or capture the logits without logit_columns= or logits_at=")
 
     with ExitStack() as stack:
         if record_blocks is not None:
             for block in lm.adapter.blocks():
                 handle = block.register_forward_hook(lambda m, a, out: record_blocks.append(out))
                 stack.callback(handle.remove)
-        if logit_columns is not None:
-            stack.enter_context(only_logit_columns(lm, logit_columns))
+        if partial:
+            stack.enter_context(only_logit_columns(lm, logit_columns, at=logits_at))
         for module, hook, kind in _hooks(lm, plan):
             if kind == "replace":  # a block below the resume layer: its clean output, not computed
                 _swap_forward(stack, module, lambda *a, out=hook, **k: out)
@@ -195,11 +199,20 @@ def _block_of(site: Site) -> int | None:
 
 
 @contextmanager
-def only_logit_columns(lm: "LoadedModel", columns: torch.Tensor):
+def only_logit_columns(lm: "LoadedModel", columns: torch.Tensor | None, *, at: torch.Tensor | None = None):
     """Within the block, the model's unembedding computes only `columns` of the logits
-    (vocabulary ids; none at all for an empty tensor): [B, T, len(columns)]."""
+    (vocabulary ids; none at all for an empty tensor; None: all): [B, T, len(columns)];
+    with `at` (a token index per row, [B]) only there: [B, 1, ...]."""
+    module = lm.adapter.unembed()
+    unembed = module.forward if columns is None else unembed_columns(lm, columns)
+    if at is not None:
+        def forward(x, *a, _unembed=unembed, **k):
+            where = at.to(x.device)
+            return _unembed(x[torch.arange(len(where), device=x.device), where][:, None])
+    else:
+        forward = unembed
     with ExitStack() as stack:
-        _swap_forward(stack, lm.adapter.unembed(), unembed_columns(lm, columns))
+        _swap_forward(stack, module, forward)
         yield
 
 

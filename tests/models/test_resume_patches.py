@@ -89,3 +89,15 @@ def test_a_compiled_block_is_refused_not_silently_unhooked(build_tiny, tokens):
     lm.adapter.blocks()[0].compile()  # sets the compiled call; nothing compiles until called
     with pytest.raises(ModelError, match="is compiled"):
         lm.run(clean, capture=[Resid(1)])
+
+
+def test_logits_at_one_token_per_row_are_those_of_the_full_logits(tiny, tokens):
+    _, lm = tiny
+    clean, _ = tokens
+    at = torch.tensor([8, 3, 5])
+    full = lm.run(clean).logits
+    rows = torch.arange(len(at))
+    torch.testing.assert_close(lm.run(clean, logits_at=at).logits[:, 0], full[rows, at], atol=1e-5, rtol=1e-5)
+    columns = torch.tensor([2, 7])
+    torch.testing.assert_close(lm.run(clean, logits_at=at, logit_columns=columns).logits[:, 0],
+                               full[rows, at][:, columns], atol=1e-5, rtol=1e-5)

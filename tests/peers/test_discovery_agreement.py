@@ -38,7 +38,9 @@ REPO = Path(__file__).resolve().parents[2]
 PEERS_SRC = REPO / "bench" / "peers"
 AC_PYTHON = REPO / ".peers" / "ac" / "bin" / "python"
 TOL = 1e-4
-TAUS = (0.003, 0.01, 0.03)
+# taus with no ACDC step within 1e-5 of them on this model (0.003 had one, 4e-6 away,
+# once the logits were unembedded at END only: float rounding, not a disagreement)
+TAUS = (0.004, 0.01, 0.03)
 IG_SAMPLES = 3
 PEER_TIMEOUT_S = 900
 
