@@ -58,6 +58,7 @@ from circuitlang.execute_inputs import (  # noqa: F401
     metric_reads,
     position_index,
     run_batched,
+    spread_columns,
 )
 from circuitlang.execute_nodes import NodeKernels, Work
 from circuitlang.ir import ABLATION_MODES
@@ -162,7 +163,8 @@ class Scrubber:
         self._memo_floats = 0
         self._reads: torch.Tensor | None = None
         self._positions: dict = {}  # Position -> its token index in every prompt
-        self._columns: torch.Tensor | None
+        self._columns: torch.Tensor | None = None
+        self._columns_known = False  # whether _columns has been asked of the metric
 
     # -- metrics ---------------------------------------------------------------
 
@@ -636,8 +638,8 @@ class Scrubber:
     def _metric_columns(self) -> torch.Tensor | None:
         """The vocabulary ids the metric reads, when it reads the logits at END only and
         few of them (`metric_columns`); else None."""
-        if not hasattr(self, "_columns"):
-            self._columns = None
+        if not self._columns_known:
+            self._columns_known = True
             end = self.prompts.positions.get("END")
             reads = self._metric_reads()
             if end is not None:
@@ -667,8 +669,8 @@ class Scrubber:
                     stream = self._remainder(self.final, insts[graph.root].remainder[sel], graph.ablation)
                 where = reads[sl]
                 if columns is not None:  # [rows, V] at END, only the columns read computed
-                    logits = torch.zeros(len(sel), vocab, dtype=stream.dtype)
-                    logits[:, columns] = self.kernels.logits(stream[where], columns).detach().to("cpu", stream.dtype)
+                    part = self.kernels.logits(stream[where], columns).detach().to("cpu", stream.dtype)
+                    logits = spread_columns(part, columns, vocab)
                 else:
                     logits = torch.zeros(len(sel), t, vocab, dtype=stream.dtype)
                     logits[where] = self.kernels.logits(stream[where]).detach().to("cpu", stream.dtype)

@@ -5,7 +5,8 @@ builds rows from: `PlainCache` (the plain activations of every prompt, captured 
 batched passes), `Sampler` (resamples agreeing with a prompt on features),
 `position_index` (where a named position sits in each prompt), `metric_reads` /
 `metric_columns` / `metric_positions` / `claimed_positions` (which logits the metric
-reads, where the claims reach the output), and `run_batched` (a forward pass that halves its batch on
+reads, where the claims reach the output; `spread_columns` lays the columns read into
+whole logits), and `run_batched` (a forward pass that halves its batch on
 CUDA out-of-memory). `circuitlang.execute` re-exports them.
 """
 from __future__ import annotations
@@ -81,6 +82,13 @@ def metric_columns(task, metric: str, prompts, vocab: int) -> torch.Tensor | Non
         if not torch.allclose(again, value.detach(), rtol=0, atol=1e-6):
             return None
     return columns
+
+
+def spread_columns(part: torch.Tensor, columns: torch.Tensor, vocab: int) -> torch.Tensor:
+    """END logits of only `columns` ([B, len(columns)]) laid into [B, vocab], the columns
+    the metric does not read at 0 (differentiable: gradients reach `part`)."""
+    full = part.new_zeros(len(part), vocab)
+    return full.index_copy(1, columns.to(part.device), part)
 
 
 def metric_positions(task, metric: str, prompts=None, vocab: int | None = None) -> str:

@@ -95,6 +95,7 @@ class NodeKernels:
         self.adapter = model.adapter
         self.device = model.device
         self._verified: dict[str, bool] = {}
+        self._unembed: tuple | None = None  # (columns, the unembedding of only those)
 
     # -- the kernels -------------------------------------------------------------------
 
@@ -158,11 +159,11 @@ class NodeKernels:
         if columns is None:
             return self.adapter.unembed()(x)
         key = tuple(columns.tolist())
-        if getattr(self, "_unembed_key", None) != key:
+        if self._unembed is None or self._unembed[0] != key:
             from circuitlang.models.run import unembed_columns
 
-            self._unembed_key, self._unembed_part = key, unembed_columns(self.model, columns)
-        return self._unembed_part(x)
+            self._unembed = (key, unembed_columns(self.model, columns))
+        return self._unembed[1](x)
 
     # -- when they may be used -------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import torch
 
 from circuitlang.ast import PATCH_DIRECTIONS
 from circuitlang.errors import ExecutionError
-from circuitlang.execute import metric_positions, position_index, run_batched
+from circuitlang.execute import metric_positions, position_index, run_batched, spread_columns
 from circuitlang.progress import Progress
 from circuitlang.sites import (Channel, Embed, Head, Latent, LatentIn, Logits, Mlp, MlpIn, Neuron, PosEmbed,
                                Position, Resid, TokenEmbed)
@@ -555,9 +555,7 @@ class Experiments:
         """END logits of only `columns` -> [B, V], the columns the metric does not read at 0."""
         if columns is None:
             return logits
-        full = logits.new_zeros(len(logits), self.model.shape.vocab_size)
-        full[:, columns.to(logits.device)] = logits
-        return full
+        return spread_columns(logits, columns, self.model.shape.vocab_size)
 
     @staticmethod
     def _resume_layer(patch_for, k: int) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from circuitlang.errors import DiscoveryError
-from circuitlang.execute import position_index
+from circuitlang.execute import position_index, spread_columns
 from circuitlang.models import EdgePatch, EdgeSet, Patch
 from circuitlang.sites import ALL, Embed, Position, Site
 
@@ -250,8 +250,7 @@ class Problem:
         part = run.logits[:, 0]  # [B, V], or [B, len(columns)]
         if columns is None:
             return part
-        full = part.new_zeros(len(part), self.model.shape.vocab_size)
-        return full.index_copy(1, columns.to(part.device), part)
+        return spread_columns(part, columns, self.model.shape.vocab_size)
 
     def _end_only(self) -> bool:
         """Whether the current metric reads the logits at END only: kl (the distributions
