@@ -52,6 +52,25 @@ def check_site(lm: "LoadedModel", site: Site) -> None:
                          hint="sites are Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits")
 
 
+def check_place(shape, what, hook: str, layer: int, hooks: tuple[str, ...], *, noun: str, reads: str,
+                elsewhere: str) -> None:
+    """Raise ModelError unless `hook` at `layer` is a place of this model that `what` (an
+    SAE dictionary, a subspace) can sit at: one of `hooks`, a layer in range (`resid`
+    takes n_layers too, the final stream), and an MLP only where the model has one.
+    `noun` names the place in messages, `reads` the hint's verb, `elsewhere` where an
+    attention-only model lets it sit."""
+    if hook not in hooks:
+        raise ModelError(f"{what}: unknown {noun} {hook!r}", code="model.bad-site",
+                         hint=f"{reads} " + ", ".join(hooks))
+    top = shape.n_layers if hook == "resid" else shape.n_layers - 1
+    if not 0 <= layer <= top:
+        raise ModelError(f"{what}: layer {layer} out of range", code="model.bad-site",
+                         hint=f"{hook} takes layers 0-{top}")
+    if hook == "mlp" and not shape.has_mlp:
+        raise ModelError(f"{what}: model {shape.name!r} is attention-only", code="model.bad-site",
+                         hint=elsewhere)
+
+
 def apply_patch(current: torch.Tensor, patch: Patch) -> torch.Tensor:
     """The site's new value: `current` [B, T, ...] with `patch` applied (never in place)."""
     value = patch.value.to(device=current.device, dtype=current.dtype)

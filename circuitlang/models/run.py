@@ -71,6 +71,15 @@ class _Plan:
     def wants(self, site: Site) -> bool:
         return site in self.capture
 
+    def through(self, site, value: torch.Tensor) -> torch.Tensor:
+        """`value` after the site's patches, in order (itself when it has none), kept in
+        the cache when the site is captured."""
+        for p in self.patches.get(site, ()):
+            value = apply_patch(value, p)
+        if site in self.capture:
+            self.cache[site] = value
+        return value
+
     def layer_heads(self, layer: int, channels: Iterable[Channel]) -> bool:
         chans = set(channels)
         return any(isinstance(s, Head) and s.layer == layer and s.channel in chans
@@ -291,11 +300,7 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
 
     def simple_output_hook(site: Site):
         def hook(module, args, output):
-            for p in plan.patches.get(site, ()):
-                output = apply_patch(output, p)
-            if site in plan.capture:
-                plan.cache[site] = output
-            return output
+            return plan.through(site, output)
         return hook
 
     if TokenEmbed() in touched:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuitlang.errors import ModelError
-from circuitlang.models.patches import _first, _replace_first, apply_patch
+from circuitlang.models.patches import _first, _replace_first, check_place
 from circuitlang.sites import SUBSPACE_HOOKS, Basis, Subspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,16 +125,8 @@ def basis_for(lm: "LoadedModel", basis: Basis) -> torch.Tensor:
 def check_basis(lm: "LoadedModel", basis: Basis) -> None:
     """Raise ModelError unless the subspace's place exists in this model."""
     shape = lm.shape
-    if basis.hook not in SUBSPACE_HOOKS:
-        raise ModelError(f"{basis}: unknown place {basis.hook!r}", code="model.bad-site",
-                         hint="a subspace lies at " + ", ".join(SUBSPACE_HOOKS))
-    top = shape.n_layers if basis.hook == "resid" else shape.n_layers - 1
-    if not 0 <= basis.layer <= top:
-        raise ModelError(f"{basis}: layer {basis.layer} out of range", code="model.bad-site",
-                         hint=f"{basis.hook} takes layers 0-{top}")
-    if basis.hook == "mlp" and not shape.has_mlp:
-        raise ModelError(f"{basis}: model {shape.name!r} is attention-only", code="model.bad-site",
-                         hint="declare the subspace at resid L or head L.H.out")
+    check_place(shape, basis, basis.hook, basis.layer, SUBSPACE_HOOKS, noun="place", reads="a subspace lies at",
+                elsewhere="declare the subspace at resid L or head L.H.out")
     if basis.hook == "head" and not (basis.head is not None and 0 <= basis.head < shape.n_heads):
         raise ModelError(f"{basis}: head {basis.head} out of range", code="model.bad-site",
                          hint=f"model has heads 0-{shape.n_heads - 1} per layer")
@@ -144,11 +136,7 @@ def _moved(x: torch.Tensor, b: torch.Tensor, site: Subspace, plan) -> torch.Tens
     """The change of the state `x` [B, T, D] the site's patches make (None: none), and the
     captured coordinates."""
     c = x @ b
-    new = c
-    for p in plan.patches.get(site, ()):
-        new = apply_patch(new, p)
-    if site in plan.capture:
-        plan.cache[site] = new
+    new = plan.through(site, c)
     return None if new is c else (new - c) @ b.T
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuitlang.errors import ModelError
-from circuitlang.models.patches import _first, _replace_first, apply_patch
+from circuitlang.models.patches import _first, _replace_first, check_place
 from circuitlang.models.sae import sae_for
 from circuitlang.sites import SAE_HOOKS, AllLatents, AllNeurons, Dictionary, Latent, LatentIn, Neuron, SaeError
 
@@ -69,16 +69,8 @@ def check_unit_site(lm: "LoadedModel", site) -> None:
 def check_dictionary(lm: "LoadedModel", d: Dictionary):
     """The loaded SAE of a dictionary, checked against the model (hook point, width)."""
     shape = lm.shape
-    if d.hook not in SAE_HOOKS:
-        raise ModelError(f"{d}: unknown hook point {d.hook!r}", code="model.bad-site",
-                         hint="an SAE reads " + ", ".join(SAE_HOOKS))
-    top = shape.n_layers if d.hook == "resid" else shape.n_layers - 1
-    if not 0 <= d.layer <= top:
-        raise ModelError(f"{d}: layer {d.layer} out of range", code="model.bad-site",
-                         hint=f"{d.hook} takes layers 0-{top}")
-    if d.hook == "mlp" and not shape.has_mlp:
-        raise ModelError(f"{d}: model {shape.name!r} is attention-only", code="model.bad-site",
-                         hint="declare the SAE at resid L or attn L")
+    check_place(shape, d, d.hook, d.layer, SAE_HOOKS, noun="hook point", reads="an SAE reads",
+                elsewhere="declare the SAE at resid L or attn L")
     sae = sae_for(d.path, lm.device, lm.dtype)
     if sae.d_in != shape.d_model:
         raise ModelError(f"{d}: the SAE reads width {sae.d_in}, the model's stream is {shape.d_model}",
@@ -128,17 +120,10 @@ def _neuron_hook(found: list[Neuron], plan):
         new_h = h
         for site in found:
             if isinstance(site, AllNeurons):  # after the single units: it sees their patches
-                for p in plan.patches.get(site, ()):
-                    new_h = apply_patch(new_h, p)
-                if site in plan.capture:  # under grad, the tensor the projection reads
-                    plan.cache[site] = new_h
+                new_h = plan.through(site, new_h)  # under grad, the tensor the projection reads
                 continue
             cur = h[..., site.index]
-            new = cur
-            for p in plan.patches.get(site, ()):
-                new = apply_patch(new, p)
-            if site in plan.capture:
-                plan.cache[site] = new
+            new = plan.through(site, cur)
             if new is not cur:
                 if new_h is h:
                     new_h = h.clone()
@@ -168,11 +153,7 @@ def _splice(sae, found: list, plan, x: torch.Tensor) -> torch.Tensor:
             err = x - sae.decode(f, x)
             if grad and site in plan.capture:
                 err = err.detach().requires_grad_(True)
-            new = err
-            for p in plan.patches.get(site, ()):
-                new = apply_patch(new, p)
-            if site in plan.capture:
-                plan.cache[site] = new
+            new = plan.through(site, err)
             if new is not err or err.requires_grad:
                 step = new - err.detach()
                 delta = step if delta is None else delta + step
@@ -181,31 +162,19 @@ def _splice(sae, found: list, plan, x: torch.Tensor) -> torch.Tensor:
             base = f if df is None else f + df
             if grad and site in plan.capture:
                 base = base.detach().requires_grad_(True)
-            new_f = base
-            for p in plan.patches.get(site, ()):
-                new_f = apply_patch(new_f, p)
-            if site in plan.capture:
-                plan.cache[site] = new_f
+            new_f = plan.through(site, base)
             if new_f is not base or base.requires_grad:
                 df = new_f - f.detach() if base.requires_grad else new_f - f
             continue
         if isinstance(site, LatentIn):  # the latent re-encoded from its own input
-            inp = x
-            for p in plan.patches.get(site, ()):
-                inp = apply_patch(inp, p)
-            if site in plan.capture:
-                plan.cache[site] = inp
+            inp = plan.through(site, x)
             if inp is not x:
                 if df is None:
                     df = torch.zeros_like(f)
                 df[..., site.index] = sae.encode(inp)[..., site.index] - f[..., site.index]
             continue
         cur = f[..., site.index] if df is None else f[..., site.index] + df[..., site.index]
-        new = cur
-        for p in plan.patches.get(site, ()):
-            new = apply_patch(new, p)
-        if site in plan.capture:
-            plan.cache[site] = new
+        new = plan.through(site, cur)
         if new is not cur:
             if df is None:
                 df = torch.zeros_like(f)
