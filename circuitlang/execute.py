@@ -63,7 +63,21 @@ from circuitlang.execute_inputs import (  # noqa: F401
 from circuitlang.execute_nodes import NodeKernels, Work
 from circuitlang.ir import ABLATION_MODES
 from circuitlang.ir_to_graph import InterventionGraph, enters
-from circuitlang.sites import ALL, Channel, Head, Logits, Mlp, MlpIn, Position, Resid
+from circuitlang.sites import (
+    ALL,
+    Channel,
+    Head,
+    Latent,
+    LatentIn,
+    Logits,
+    Mlp,
+    MlpIn,
+    Neuron,
+    Position,
+    Resid,
+    Subspace,
+    Written,
+)
 
 # --------------------------------------------------------------------------- scrubbing
 
@@ -130,6 +144,11 @@ def _mix(x):
     x = (x ^ (x >> _S30)) * _MUL1
     x = (x ^ (x >> _S27)) * _MUL2
     return x ^ (x >> _S31)
+
+
+def _kernel(site) -> str | None:
+    """The `NodeKernels` kernel that computes a node at `site`, if any."""
+    return "head" if isinstance(site, Head) else "mlp" if isinstance(site, Mlp) else None
 
 
 class Scrubber:
@@ -229,6 +248,9 @@ class Scrubber:
             layers = range(site.layer + (0 if self.model.shape.parallel_residual else 1))
         elif isinstance(site, Resid):
             layers = range(site.layer)
+        elif isinstance(site, LatentIn):  # its dictionary's hook point
+            sae = site.sae
+            layers = range(sae.layer) if sae.hook == "resid" else [sae.layer] if sae.hook == "attn" else ()
         else:
             return None
         total = None
@@ -269,10 +291,17 @@ class Scrubber:
             return site.with_channel(channel)
         if isinstance(site, Mlp):
             return MlpIn(site.layer)
+        if isinstance(site, Latent):
+            return LatentIn(site.sae, site.index)
         return self.final
 
     def _sender_site(self, site):
-        return site.with_channel(Channel.OUT) if isinstance(site, Head) else site
+        """What a sender adds into the stream: a head's output, a unit's write, else itself."""
+        if isinstance(site, Head):
+            return site.with_channel(Channel.OUT)
+        if isinstance(site, (Neuron, Latent, Subspace)):
+            return Written(site)
+        return site
 
     # -- the work ------------------------------------------------------------------
 
@@ -503,9 +532,10 @@ class Scrubber:
         parent = graph.parent(v)
         return ALL if parent is None else graph.graph.edges[v, parent]["transplant"].position
 
-    def _direct(self, kind: str) -> bool:
-        """Whether `kind`'s kernel ("head", "mlp", "logits") is used for this model."""
-        return self.use_kernels and self.kernels.verify(kind, self.prompts)
+    def _direct(self, kind: str | None) -> bool:
+        """Whether `kind`'s kernel ("head", "mlp", "logits") is used for this model (None:
+        a node no kernel computes, such as a latent, runs as patched forward passes)."""
+        return kind is not None and self.use_kernels and self.kernels.verify(kind, self.prompts)
 
     def _row_keys(self, graph: InterventionGraph, v: int, insts: dict) -> tuple:
         """What each row of node `v` is, as two 64-bit hash lanes [N] (2^-128 odds of two
@@ -538,8 +568,9 @@ class Scrubber:
         number of forward passes it took (0 when the kernels cover every node)."""
         for graph, v, _ in items:
             if not graph.input_channels(v):
-                raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs and logits can")
-        direct = [it for it in items if self._direct("head" if isinstance(it[0].node(it[1]).site, Head) else "mlp")]
+                raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs, SAE latents "
+                                     "and logits can")
+        direct = [it for it in items if self._direct(_kernel(it[0].node(it[1]).site))]
         chosen = {id(it) for it in direct}
         forward = [it for it in items if id(it) not in chosen]
         if forward:
@@ -690,7 +721,8 @@ class Scrubber:
         n = len(self.prompts.input_ids)
         for graph, v, _ in items:
             if not graph.input_channels(v):
-                raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs and logits can")
+                raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs, SAE latents "
+                                     "and logits can")
         capture = list(dict.fromkeys(self._sender_site(g.node(v).site) for g, v, _ in items))
         outs: list[list[torch.Tensor]] = [[] for _ in items]
         pairs = [(k, r) for k in range(len(items)) for r in range(n)]

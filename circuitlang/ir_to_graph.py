@@ -13,14 +13,15 @@ with a `Transplant` payload under the key ``"transplant"``.
 * The **root** is the model's output: `ScrubNode(site=Logits())`. It is evaluated
   on the reference prompt's answer; its input is the final residual stream.
 * Every other node is a **claimed sender**: a head output (`Head(l, h, OUT)`), an
-  MLP output or the embedding, at a position, with the features its input must
-  agree on, or an **input leaf**: one input channel of a head (`Head(l, h, Q)` ...),
+  MLP output, the embedding, a neuron, an SAE latent or an SAE's error term (a unit's
+  value is what it writes into the stream: `sites.Written`), at a position, with the
+  features its input must agree on, or an **input leaf**: one input channel of a head (`Head(l, h, Q)` ...),
   a head's attention pattern (`Head(l, h, PATTERN)`: its query at the position and
   its keys everywhere, taken together from one sample), or the root's stream
   (`Logits()`), claimed to depend only on some features.
 * An edge child -> parent with `Transplant(channel, position)` says: in the
   parent's `channel` input (q/k/v of a head, or PATTERN for a pattern leaf; `None`
-  for an MLP's input or the root's residual stream), at `position`, the child's
+  for an MLP's or a latent's input or the root's residual stream), at `position`, the child's
   output replaces what the child contributes there in the parent's own run.
 
 Semantics (Chan et al. 2022, causal scrubbing), as `execute.py` implements it:
@@ -76,7 +77,7 @@ import networkx as nx
 from circuitlang import topology
 from circuitlang.errors import Diagnostic, LowerError
 from circuitlang.ir import DEFAULT_SEMANTICS, Feature
-from circuitlang.sites import ALL, Channel, Head, Logits, Mlp, Position, Site
+from circuitlang.sites import ALL, Channel, Head, Latent, Logits, Mlp, Position, Site
 
 INPUT = "input"  # the feature "the whole prompt": agree on it = same prompt
 
@@ -191,7 +192,7 @@ class InterventionGraph:
             return ()
         if isinstance(node.site, Head):
             return (Channel.Q, Channel.K, Channel.V)
-        if isinstance(node.site, (Mlp, Logits)):
+        if isinstance(node.site, (Mlp, Logits, Latent)):
             return (None,)
         return ()
 
@@ -283,7 +284,8 @@ def _order(site: Site) -> float:
         return topology.site_order(site)
     except ValueError:
         raise LowerError(f"{site} cannot take part in a causal scrubbing graph",
-                         hint="claim embed, heads, MLPs or logits") from None
+                         hint="claim embed, heads, MLPs, neurons, SAE latents or errors, subspaces, "
+                              "or logits") from None
 
 
 @dataclass
@@ -425,7 +427,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             ]
             if not parents:
                 parents = [add_sender(out, pos if channel is Channel.Q else ALL, SAME_INPUT, None)]
-        elif isinstance(receiver, Mlp):
+        elif isinstance(receiver, (Mlp, Latent)):
             channel = None
             parents = [
                 t
@@ -440,8 +442,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             problems.append(
                 Diagnostic(
                     "lower.unsupported-receiver",
-                    f"{receiver} cannot receive an edge: a receiver is a head's q, k or v "
-                    "input, an MLP, or the logits",
+                    f"{receiver} cannot receive an edge: {topology.RECEIVERS_HINT}",
                     getattr(claim, "span", None),
                 )
             )

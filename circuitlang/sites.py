@@ -29,6 +29,10 @@ Conventions (the same for every architecture):
   nonlinearity; `SaeError(sae)` is what the dictionary misses there (`x - x_hat`,
   Marks et al. 2024), [B, T, D]. `AllNeurons(layer)` and `AllLatents(sae)` are every
   unit of one MLP or one dictionary as one value (the last axis indexes the unit).
+* `Written(unit)` is what a neuron or a latent writes into the residual stream,
+  [B, T, D]: `activation * W_out[N]`, or the latent's decoder row times its activation
+  (scaled as the dictionary un-normalises). It is how the scrubber reads a unit as a
+  sender: its value adds into the stream the way a head's output does.
 
 Positions are names a task defines (`Position("S1", 1)` is `S1+1`); `ALL` is every
 position. The model layer receives concrete per-row token indices, never names.
@@ -234,6 +238,18 @@ class AllLatents:
         return f"feature {self.sae.name}.*"
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Written:
+    """What a neuron or an SAE latent writes into the residual stream, or the part of a
+    subspace's state that lies in it (`c B^T`), [B, T, D]. Captured only; to change it,
+    patch the unit or the subspace itself."""
+
+    unit: "Neuron | Latent | Subspace"
+
+    def __str__(self) -> str:
+        return f"{self.unit}.written"
+
+
 #: Where a subspace lies: the stream entering a block, one head's output, an MLP's output.
 SUBSPACE_HOOKS = ("resid", "head", "mlp")
 
@@ -279,7 +295,7 @@ class Subspace:
 
 
 Site = Union[Embed, TokenEmbed, PosEmbed, Head, Mlp, MlpIn, Resid, Logits, Neuron, Latent, SaeError,
-             AllNeurons, AllLatents, LatentIn, Subspace]
+             AllNeurons, AllLatents, LatentIn, Subspace, Written]
 
 
 @dataclass(frozen=True, slots=True, order=True)

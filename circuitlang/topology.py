@@ -35,20 +35,20 @@ instead of scrubbing them with a component's semantics.
 """
 from __future__ import annotations
 
-from circuitlang.sites import Channel, Embed, Head, Latent, Logits, Mlp, ModelShape, Neuron, SaeError, Site
+from circuitlang.sites import Channel, Embed, Head, Latent, Logits, Mlp, ModelShape, Neuron, SaeError, Site, Subspace
 
 __all__ = ["canonical", "edge_exists", "edge_problem", "edges", "is_receiver", "is_sender",
            "receivers", "sender_key", "senders", "site_order"]
 
-SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I "
-                "and error S")
+SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I, "
+                "error S and subspace S")
 RECEIVERS_HINT = ("receivers are head L.H.q / .k / .v, mlp L (its input), logits and feature S.I "
                   "(what the latent reads)")
 
 
 def is_sender(site: Site) -> bool:
     """True for sites whose output adds into the residual stream."""
-    return isinstance(site, (Embed, Mlp, Neuron, Latent, SaeError)) or (
+    return isinstance(site, (Embed, Mlp, Neuron, Latent, SaeError, Subspace)) or (
         isinstance(site, Head) and site.channel is Channel.OUT)
 
 
@@ -75,6 +75,11 @@ def sender_key(site: Site) -> tuple[int, int, int]:
         return (site.layer, 1, 1 + site.index)
     if isinstance(site, (Latent, SaeError)):
         return _unit_key(site)
+    if isinstance(site, Subspace):  # where its state is: a head's output is the head's place
+        basis = site.basis
+        if basis.hook == "head":
+            return (basis.layer, 0, basis.head)
+        return (basis.layer - 1, 2, _AFTER_HEADS) if basis.hook == "resid" else (basis.layer, 1, _AFTER_HEADS)
     raise ValueError(f"{site} is not a sender ({SENDERS_HINT})")
 
 
@@ -101,6 +106,14 @@ def site_order(site: Site) -> float:
         return float(2 * site.layer)
     if isinstance(site, Mlp):
         return 2 * site.layer + 1.0
+    if isinstance(site, Neuron):
+        return 2 * site.layer + 1.0
+    if isinstance(site, (Latent, SaeError)):  # where its dictionary's hook point is
+        offset = {"resid": -0.5, "attn": 0.5, "mlp": 1.0}[site.sae.hook]
+        return 2 * site.sae.layer + offset
+    if isinstance(site, Subspace):
+        offset = {"resid": -0.5, "head": 0.0, "mlp": 1.0}[site.basis.hook]
+        return 2 * site.basis.layer + offset
     if isinstance(site, Logits):
         return float("inf")
     raise ValueError(f"{site} is not a node of the computational graph ({SENDERS_HINT}; {RECEIVERS_HINT})")

@@ -56,12 +56,21 @@ def test_a_full_rank_subspace_patches_as_the_whole_stream(tmp_path):
     np.testing.assert_allclose(sub.per_prompt, whole.per_prompt, atol=1e-3)
 
 
-def test_a_subspace_claim_is_refused_at_lowering(tmp_path):
-    _basis(tmp_path / "s.safetensors", torch.eye(D)[:, :2])
+def test_subspace_claims_and_edges_are_checked(tmp_path):
+    """A subspace is a scrubbing node (tests/checker/test_unit_claims.py has the numbers):
+    claims on it and edges from it are checked; it does not receive edges."""
+    _basis(tmp_path / "s.safetensors", torch.linalg.qr(torch.randn(D, 8, generator=torch.Generator().manual_seed(0)))[0])
     circ = tmp_path / "claim.circ"
-    circ.write_text('model toy-ioi\ntask ioi\nsamples 8\nsubspace s = "s.safetensors" at resid 2\n'
-                    "subspace s at END depends on IO\n")
-    with pytest.raises(LowerError, match="subspace s cannot take part in a causal scrubbing graph"):
+    circ.write_text('model toy-ioi\ntask ioi\nsamples 16\nsubspace s = "s.safetensors" at resid 2\n'
+                    "subspace s at END depends on IO\nsubspace s -> head 2.1.q at END\n"
+                    "head 2.1 at END depends on IO\n")
+    result = circuitlang.check(circ)
+    assert dict(result.remainder)["head 2.1 at END"][0] == "q: all but subspace s at END"
+    assert dict(result.remainder)["logits"] == ["stream: all but head 2.1 at END"]  # it feeds 2.1 only
+    assert abs(result.claims[1].cost) > 1e-3  # what it gives 2.1.q matters
+    circ.write_text('model toy-ioi\ntask ioi\nsubspace s = "s.safetensors" at resid 2\n'
+                    "head 1.0 -> subspace s at END\n")
+    with pytest.raises(ResolveError, match="subspace s cannot receive an edge"):
         circuitlang.check(circ)
 
 

@@ -48,8 +48,6 @@ class ClaimResolver:
                 pos = self._position(position)
                 if senders is None or receivers is None or pos is None:
                     return []
-                if not self._edge_units_ok(senders + receivers, sender, receiver, stmt.span):
-                    return []
                 return [ir.EdgeClaim(s, r, pos, origin.text, origin.verb, span=origin.span)
                         for s, r in self._edges(senders, receivers, stmt.span)]
             case ast.VerbUse():
@@ -82,20 +80,6 @@ class ClaimResolver:
             candidates = forward
         return [(s, r) for s, r in candidates if self._edge_ok(s, r, span)]
 
-    def _edge_units_ok(self, found, sender, receiver, span) -> bool:
-        """Edge claims between components only, for now: the scrubber has no semantics for a
-        neuron or an SAE latent as a node (path patching measures such an edge)."""
-        unit = next((s for s in found if isinstance(s, (sites.Neuron, sites.Latent, sites.SaeError))), None)
-        if unit is None:
-            return True
-        from circuitlang.printer import format_target
-
-        self.report("resolve.edge_unit", f"{unit} cannot be part of an edge claim yet: causal scrubbing "
-                    "runs on components (embed, heads, MLPs, logits)", span,
-                    f"measure the edge with `patch {format_target(sender)} -> {format_target(receiver)} "
-                    "at P` (path patching), or claim the MLP or head it belongs to")
-        return False
-
     def _edge_count(self, senders, receivers) -> int:
         """How many claims an edge statement makes, counted (stopping just past the limit)
         before any is made: a hostile file stops before its claims exist."""
@@ -125,11 +109,11 @@ class ClaimResolver:
             return False
         if not topology.is_sender(s):
             self.report("resolve.edge", f"{s} cannot send along an edge", span,
-                        "senders are outputs: embed, a head (no channel), mlp L")
+                        topology.SENDERS_HINT)
             return False
         if not topology.is_receiver(r):
             self.report("resolve.edge", f"{r} cannot receive an edge", span,
-                        "receivers are inputs: a head's q, k or v, mlp L, logits")
+                        topology.RECEIVERS_HINT)
             return False
         problem = topology.edge_problem(self.shape, s, r)
         if problem is not None:

@@ -245,7 +245,7 @@ def _check(lm: "LoadedModel", site: Site) -> None:
     if is_unit_site(site):
         check_unit_site(lm, site)
     elif is_subspace_site(site):
-        check_basis(lm, site.basis)
+        check_basis(lm, getattr(site, "unit", site).basis)
     else:
         check_site(lm, site)
 

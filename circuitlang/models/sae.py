@@ -293,6 +293,15 @@ class Sae:
         _, scale, _ = self._norm(x)
         return y * scale
 
+    def write(self, index: int, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What latent `index` at activation `value` [...] adds to the reconstruction of
+        `x` [..., d_in]: its decoder row, scaled as the input was normalised."""
+        y = value[..., None] * self.W_dec[index]
+        if self.normalize == "none":
+            return y
+        _, scale, _ = self._norm(x)
+        return y * scale
+
     def error(self, x: torch.Tensor) -> torch.Tensor:
         """What the dictionary misses at `x`: `x - decode(encode(x), x)`."""
         return x - self.decode(self.encode(x), x)

@@ -24,7 +24,7 @@ import torch
 
 from circuitlang.errors import ModelError
 from circuitlang.models.patches import _first, _replace_first, check_place
-from circuitlang.sites import SUBSPACE_HOOKS, Basis, Subspace
+from circuitlang.sites import SUBSPACE_HOOKS, Basis, Subspace, Written
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
@@ -38,7 +38,8 @@ _cache: dict[tuple, torch.Tensor] = {}
 
 
 def is_subspace_site(site: Any) -> bool:
-    return isinstance(site, Subspace)
+    """A subspace's coordinates, or what lies of its state in it (`Written(subspace)`)."""
+    return isinstance(site, Subspace) or (isinstance(site, Written) and isinstance(site.unit, Subspace))
 
 
 def basis_key(path: str | Path, layer: int) -> str:
@@ -134,9 +135,12 @@ def check_basis(lm: "LoadedModel", basis: Basis) -> None:
 
 def _moved(x: torch.Tensor, b: torch.Tensor, site: Subspace, plan) -> torch.Tensor | None:
     """The change of the state `x` [B, T, D] the site's patches make (None: none), and the
-    captured coordinates."""
+    captured coordinates (and, for `Written(site)`, the state's part in the subspace)."""
     c = x @ b
     new = plan.through(site, c)
+    written = Written(site)
+    if written in plan.capture:
+        plan.cache[written] = new @ b.T
     return None if new is c else (new - c) @ b.T
 
 
@@ -144,8 +148,8 @@ def subspace_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
     """(hooks to register before the engine's own, hooks after), as (module, hook,
     'pre'|'fwd') triples, for the `Subspace` sites `plan` captures or patches."""
     adapter, n = lm.adapter, lm.shape.n_layers
-    touched = sorted({s for s in set(plan.capture) | set(plan.patches) if isinstance(s, Subspace)},
-                     key=str)
+    touched = sorted({s.unit if isinstance(s, Written) else s
+                      for s in set(plan.capture) | set(plan.patches) if is_subspace_site(s)}, key=str)
     first: list = []
     last: list = []
     for site in touched:

@@ -15,6 +15,8 @@ them, on the modules the adapter names (`Adapter.mlp_out_proj`, `blocks`, `attn`
   patch adds exact zeros, so splicing the SAE in with its error term is the plain
   forward pass bit for bit, and a latent patched alone leaves the error as it was
   (Marks et al. 2024).
+* `Written(unit)` is captured after the unit's patches: `activation * W_out[n]` for a
+  neuron, `Sae.write` for a latent (what the scrubber adds into a stream for a unit).
 
 Nothing is hooked for a layer or dictionary no site of the run touches.
 """
@@ -28,15 +30,27 @@ import torch
 from circuitlang.errors import ModelError
 from circuitlang.models.patches import _first, _replace_first, check_place
 from circuitlang.models.sae import sae_for
-from circuitlang.sites import SAE_HOOKS, AllLatents, AllNeurons, Dictionary, Latent, LatentIn, Neuron, SaeError
+from circuitlang.sites import (
+    SAE_HOOKS,
+    AllLatents,
+    AllNeurons,
+    Dictionary,
+    Latent,
+    LatentIn,
+    Neuron,
+    SaeError,
+    Written,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
 
-UNIT_SITES = (Neuron, Latent, SaeError, AllNeurons, AllLatents, LatentIn)
+UNIT_SITES = (Neuron, Latent, SaeError, AllNeurons, AllLatents, LatentIn, Written)
 
 
 def is_unit_site(site: Any) -> bool:
+    if isinstance(site, Written):
+        return isinstance(site.unit, (Neuron, Latent))
     return isinstance(site, UNIT_SITES)
 
 
@@ -48,6 +62,8 @@ def d_mlp(lm: "LoadedModel", layer: int) -> int:
 def check_unit_site(lm: "LoadedModel", site) -> None:
     """Raise ModelError unless a neuron / latent / error site exists in this model."""
     shape = lm.shape
+    if isinstance(site, Written):
+        site = site.unit
     if isinstance(site, (Neuron, AllNeurons)):
         if not shape.has_mlp:
             raise ModelError(f"{site}: model {shape.name!r} is attention-only", code="model.bad-site",
@@ -88,19 +104,21 @@ def unit_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
     neurons: dict[int, list[Neuron]] = defaultdict(list)
     saes: dict[Dictionary, list] = defaultdict(list)
     for site in touched:
-        if isinstance(site, (Neuron, AllNeurons)):
-            neurons[site.layer].append(site)
+        unit = site.unit if isinstance(site, Written) else site
+        if isinstance(unit, (Neuron, AllNeurons)):
+            neurons[unit.layer].append(site)
         else:
-            saes[site.sae].append(site)
+            saes[unit.sae].append(site)
     for layer, found in sorted(neurons.items()):
-        found = sorted(found, key=lambda s: (isinstance(s, AllNeurons), getattr(s, "index", 0)))
-        last.append((adapter.mlp_out_proj(layer), _neuron_hook(found, plan), "pre"))
+        # single units, every unit (it sees their patches), then what units write
+        found = sorted(found, key=lambda s: (isinstance(s, Written), isinstance(s, AllNeurons), _index(s)))
+        last.append((adapter.mlp_out_proj(layer), _neuron_hook(found, plan, adapter, layer), "pre"))
     for d, found in sorted(saes.items()):
         sae = check_dictionary(lm, d)
         # what single latents read, single latents, every latent (it sees their patches),
         # then the error term
-        order = {LatentIn: 0, Latent: 1, AllLatents: 2, SaeError: 3}
-        found = sorted(found, key=lambda s: (order[type(s)], getattr(s, "index", 0)))
+        order = {LatentIn: 0, Latent: 1, AllLatents: 2, SaeError: 3, Written: 4}
+        found = sorted(found, key=lambda s: (order[type(s)], _index(s)))
         if d.hook == "resid":
             # before the engine's block / final-norm hook, so Resid(l) and q/k/v patches
             # see the spliced stream
@@ -114,11 +132,20 @@ def unit_hooks(lm: "LoadedModel", plan) -> tuple[list, list]:
     return first, last
 
 
-def _neuron_hook(found: list[Neuron], plan):
+def _index(site) -> int:
+    unit = site.unit if isinstance(site, Written) else site
+    return getattr(unit, "index", 0)
+
+
+def _neuron_hook(found: list, plan, adapter, layer: int):
     def hook(module, args, kwargs):
         h = args[0] if args else next(iter(kwargs.values()))
         new_h = h
         for site in found:
+            if isinstance(site, Written):  # last: the unit as patched, times its row of W_out
+                row = adapter.neuron_out_weight(layer)[site.unit.index].to(h.device, h.dtype)
+                plan.cache[site] = new_h[..., site.unit.index, None] * row
+                continue
             if isinstance(site, AllNeurons):  # after the single units: it sees their patches
                 new_h = plan.through(site, new_h)  # under grad, the tensor the projection reads
                 continue
@@ -149,6 +176,11 @@ def _splice(sae, found: list, plan, x: torch.Tensor) -> torch.Tensor:
     delta = None
     new_f = f
     for site in found:
+        if isinstance(site, Written):  # last: the latent as patched, decoded alone
+            i = site.unit.index
+            value = f[..., i] if df is None else f[..., i] + df[..., i]
+            plan.cache[site] = sae.write(i, value, x)
+            continue
         if isinstance(site, SaeError):
             err = x - sae.decode(f, x)
             if grad and site in plan.capture:

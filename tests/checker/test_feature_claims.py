@@ -1,6 +1,6 @@
 """Neurons and SAE latents in the checker's statements: path patching from a neuron or a
 latent (each equal to a hand-written oracle), node attribution with its top-k checked
-exactly, and the claims the scrubber cannot run yet refused with a clear message."""
+exactly, and a site the scrubber has no node for refused with a clear message."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import circuitlang
-from circuitlang.errors import LowerError, ResolveError
+from circuitlang.errors import LowerError
 from circuitlang.sites import AllLatents, Dictionary, Latent, Position, SaeError
 
 
@@ -116,12 +116,12 @@ def test_attribution_over_latents_with_top_k_checked_exactly(toy, tmp_path):
         assert np.sign(entry["estimated"]) == np.sign(entry["measured"]) or abs(entry["measured"]) < 1e-3
 
 
-def test_claims_the_scrubber_cannot_run_yet_are_refused_clearly(tmp_path):
-    with pytest.raises(LowerError, match="neuron 1.3"):  # the lowering has no node for it
-        circuitlang.check("neuron 1.3 at END depends on IO\n", model="toy-ioi", task="ioi")
-    with pytest.raises(ResolveError, match="cannot be part of an edge claim yet") as info:
-        circuitlang.check("neuron 1.3 -> logits at END\n", model="toy-ioi", task="ioi")
-    assert "patch neuron 1.3 -> logits at P" in info.value.hint
+def test_a_site_the_scrubber_has_no_node_for_is_refused_clearly():
+    """Neurons, latents and errors are nodes now (tests/checker/test_unit_claims.py); a
+    residual stream is the sum of its senders, not one of them."""
+    with pytest.raises(LowerError, match="resid 1 cannot take part in a causal scrubbing graph") as info:
+        circuitlang.check("resid 1 at END depends on IO\n", model="toy-ioi", task="ioi")
+    assert "neurons" in info.value.hint
 
 
 def test_a_long_unit_sweep_renders_its_strongest_sites():

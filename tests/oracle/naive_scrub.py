@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from circuitlang.ir import DependsClaim, EdgeClaim, Feature, Hypothesis
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position
+from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Neuron, Position
 
 INPUT = Feature("input", "input")
 
@@ -80,6 +80,7 @@ class Arch:
             heads-major) or "neox" (per head: q, k, v of that head).
         out_proj: (in a block) the attention output projection; its input is z.
         final_norm, unembed: (in the model) the final norm and the unembedding.
+        mlp_out: (in a block) the MLP's output projection; its input holds the neurons.
     """
 
     blocks: str
@@ -92,6 +93,7 @@ class Arch:
     final_norm: str
     unembed: tuple[str, ...]  # first that exists
     parallel: str | None = None  # the config flag of parallel attention and MLP, if any
+    mlp_out: str = "mlp.down_proj"
 
 
 _LLAMA_LIKE = Arch("model.layers", "input_layernorm", "post_attention_layernorm", "mlp",
@@ -100,10 +102,11 @@ _LLAMA_LIKE = Arch("model.layers", "input_layernorm", "post_attention_layernorm"
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch("transformer.h", "ln_1", "ln_2", "mlp", ("attn.c_attn",), "gpt2", "attn.c_proj",
-                 "transformer.ln_f", ("lm_head",)),
+                 "transformer.ln_f", ("lm_head",), mlp_out="mlp.c_proj"),
     "gpt_neox": Arch("gpt_neox.layers", "input_layernorm", "post_attention_layernorm", "mlp",
                      ("attention.query_key_value",), "neox", "attention.dense",
-                     "gpt_neox.final_layer_norm", ("lm_head", "embed_out"), "use_parallel_residual"),
+                     "gpt_neox.final_layer_norm", ("lm_head", "embed_out"), "use_parallel_residual",
+                     mlp_out="mlp.dense_4h_to_h"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -186,8 +189,9 @@ class NaiveModel:
 
         Keys: ("resid", l) the pre-norm stream layer l's q/k/v read (("resid", 0) is the
         embedding), ("mlp_in", l) the pre-norm stream MLP l reads, ("z", l) the input of
-        layer l's output projection, ("mlp", l) MLP l's output, "final" the final
-        pre-norm stream, "logits".
+        layer l's output projection, ("mlp", l) MLP l's output, ("hidden", l) the input
+        of MLP l's output projection (its neurons), "final" the final pre-norm stream,
+        "logits".
         """
         cap: dict = {}
         hooks = []
@@ -205,6 +209,8 @@ class NaiveModel:
                     keep(("mlp_in", layer)), with_kwargs=True))
                 hooks.append(self.block(layer, self.arch.out_proj).register_forward_pre_hook(
                     keep(("z", layer)), with_kwargs=True))
+                hooks.append(self.block(layer, self.arch.mlp_out).register_forward_pre_hook(
+                    keep(("hidden", layer)), with_kwargs=True))
 
                 def mlp_hook(module, args, out, layer=layer):
                     cap[("mlp", layer)] = (out[0] if isinstance(out, tuple) else out).detach().clone()
@@ -225,6 +231,9 @@ class NaiveModel:
             return self.head_out(cap[("z", site.layer)], site.layer, site.head)
         if isinstance(site, Mlp):
             return cap[("mlp", site.layer)]
+        if isinstance(site, Neuron):  # its activation times its row of W_out
+            w, _ = _weight_in_out(self.block(site.layer, self.arch.mlp_out))
+            return cap[("hidden", site.layer)][..., site.index, None] * w[site.index].detach()
         raise ValueError(f"not a sender: {site}")
 
     def senders_of(self, key) -> list:

@@ -29,7 +29,7 @@ from circuitlang.ir import (
     Hypothesis,
 )
 from circuitlang.ir_to_graph import ir_to_graph
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Position
+from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Neuron, Position
 
 ARCHS = ("gpt2", "gpt_neox", "gpt_neox_seq", "llama", "mistral", "qwen2")
 
@@ -78,13 +78,16 @@ def make(lm, claims, mode="resample", given=(), semantics="paths", metric="logit
 # ------------------------------------------------------------------ random claim sets
 
 
-def claim_sets(shape, positions, features, max_claims=6):
+def claim_sets(shape, positions, features, max_claims=6, neurons=()):
     """Random claim lists over a model's real sites (edges only where the model has one):
     a chain of edges down to the logits (so trees are deep), with depends-claims on some
-    of its sites, plus random claims of every kind, in a random order."""
+    of its sites, plus random claims of every kind, in a random order. `neurons` join the
+    senders (claims on them, edges from them)."""
     heads = shape.heads()
     senders = [Embed()] + heads + ([Mlp(l) for l in range(shape.n_layers)] if shape.has_mlp else [])
     edges = topology.edges(shape)
+    senders += list(neurons)
+    edges += [(u, r) for u in neurons for r in topology.receivers(shape) if topology.edge_exists(shape, u, r)]
     where = st.sampled_from(positions + (ALL,))
     feats = st.lists(st.sampled_from(features), max_size=2, unique=True).map(tuple)
     depends_sender = st.builds(DependsClaim, st.sampled_from(senders), where, feats)
@@ -204,6 +207,30 @@ def test_random_hypotheses_more(arch, which, tiny_models, induction, varied):
     @given(cases())
     def check(case):
         _run_case(lm, task, prompts, case, "induction" if which == "induction" else "custom")
+
+    check()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_hypotheses_with_neurons(arch, tiny_models, induction):
+    """Neurons as senders (what they write, `activation * W_out[n]`, swapped into whatever
+    reads them) among heads and MLPs, every ablation and both semantics: the oracle reads
+    each neuron from the input of its MLP's output projection with a plain hook."""
+    lm = tiny_models(arch)
+    task, prompts = induction
+    units = tuple(Neuron(layer, i) for layer in range(lm.shape.n_layers) for i in (0, 5))
+
+    @st.composite
+    def cases(draw):
+        claims = draw(claim_sets(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, neurons=units))
+        assume(any(isinstance(getattr(c, "site", getattr(c, "sender", None)), Neuron) for c in claims))
+        rest = draw(scrub_cases(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, ("logit_diff", "kl")))
+        return (claims,) + rest[1:]
+
+    @settings(max_examples=10, **SETTINGS)
+    @given(cases())
+    def check(case):
+        _run_case(lm, task, prompts, case, "induction")
 
     check()
 

@@ -1,0 +1,226 @@
+"""Neurons, SAE latents and SAE error terms as nodes of the scrubbing graph.
+
+A unit's value is what it writes into the stream (`sites.Written`): swapped into whatever
+reads it exactly as a head's output is. Checked here against hand computations with
+plain torch hooks (the per-architecture oracle for neurons is in tests/oracle), and by
+exact identities: a dictionary's latents plus its error term, each on the prompt itself,
+are the stream itself; every sender into a latent, each on the latent's own prompt, is
+the latent on its own prompt."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import circuitlang
+from circuitlang.execute import Scrubber
+from circuitlang.ir import Ablation, DependsClaim, EdgeClaim, Feature, Hypothesis
+from circuitlang.ir_to_graph import SAME_INPUT, ir_to_graph
+from circuitlang.sites import Dictionary, Embed, Head, Latent, Logits, Mlp, Position, SaeError
+
+END = Position("END")
+N = 16
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from circuitlang.models import load_model
+    from circuitlang.models.known import model_task_params
+    from circuitlang.tasks import load_task
+
+    lm = load_model("toy-ioi")
+    task = load_task("ioi", lm.tokenizer, **model_task_params("toy-ioi"))
+    return lm, task, task.prompts(N, 0)
+
+
+def _sae(folder, d: int, d_sae: int, seed: int, bias: float = 0.0) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    save_file({"W_enc": torch.randn(d, d_sae, generator=g) / d ** 0.5, "b_enc": torch.full((d_sae,), bias),
+               "W_dec": torch.randn(d_sae, d, generator=g) * 0.5, "b_dec": torch.randn(d, generator=g) * 0.1},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": d_sae, "architecture": "standard",
+                                                 "apply_b_dec_to_input": False}))
+
+
+def _hypothesis(lm, claims, mode="resample") -> Hypothesis:
+    return Hypothesis(model=lm.name, task="ioi", metric="logit_diff", ablation=Ablation(mode, ()),
+                      claims=tuple(claims), shape=lm.shape)
+
+
+def _scrub(lm, task, prompts, claims, mode="resample", seed=0):
+    graph = ir_to_graph(_hypothesis(lm, claims, mode))
+    scrubber = Scrubber(lm, task, prompts, "logit_diff")
+    return graph, scrubber.scrub(graph, seed=seed), scrubber.clean()
+
+
+def test_every_latent_and_the_error_on_the_prompt_itself_is_the_model(toy, tmp_path):
+    """At the final stream, latents + error + b_dec are the stream: claiming each latent and
+    the error on the reference prompt rebuilds the clean logits from a random remainder.
+    Leave the error out and the hypothesis no longer does: what the dictionary misses is
+    never silently dropped."""
+    lm, task, prompts = toy
+    d_sae = 12
+    _sae(tmp_path / "final", lm.shape.d_model, d_sae, seed=1, bias=0.3)
+    sae = Dictionary("f", str(tmp_path / "final"), "resid", lm.shape.n_layers, d_sae)
+    latents = [DependsClaim(Latent(sae, i), END, SAME_INPUT) for i in range(d_sae)]
+    error = DependsClaim(SaeError(sae), END, SAME_INPUT)
+    _, whole, clean = _scrub(lm, task, prompts, latents + [error])
+    np.testing.assert_allclose(whole.scrubbed, clean, rtol=0, atol=1e-4)
+    _, without, _ = _scrub(lm, task, prompts, latents)
+    assert np.abs(without.scrubbed - clean).max() > 1e-2
+
+
+def test_latent_and_error_claims_equal_a_hand_computation(toy, tmp_path):
+    """`feature f.i at END depends on IO` under the root: the final stream at END is the
+    remainder's, with each claimed unit's write on the remainder replaced by its write on
+    the node's own prompt; computed here from plain captures of the hook point with the
+    SAE's arithmetic done by hand, then the final norm and unembedding of the HF model."""
+    from circuitlang.models.sae import load_sae
+    from circuitlang.sites import Resid
+
+    lm, task, prompts = toy
+    n_layers, d_sae = lm.shape.n_layers, 10
+    _sae(tmp_path / "final", lm.shape.d_model, d_sae, seed=2, bias=0.2)
+    sae_site = Dictionary("f", str(tmp_path / "final"), "resid", n_layers, d_sae)
+    io = (Feature("task", "IO"),)
+    claims = [DependsClaim(Latent(sae_site, 2), END, io), DependsClaim(Latent(sae_site, 7), END, ()),
+              DependsClaim(SaeError(sae_site), END, io)]
+    graph, result, _ = _scrub(lm, task, prompts, claims, seed=4)
+    sae = load_sae(tmp_path / "final")
+    stream = lm.run(prompts.input_ids, prompts.attention_mask, capture=[Resid(n_layers)]).cache[Resid(n_layers)]
+    end = prompts.positions["END"]
+
+    def at_end(rows):
+        x = stream[torch.as_tensor(rows), end[torch.as_tensor(rows)]]
+        f = sae.encode(x)
+        return x, f, x - (f @ sae.W_dec + sae.b_dec)
+
+    rem = result.remainders[graph.root]
+    x, f_rem, err_rem = at_end(rem)
+    final = x.clone()
+    for v in graph.graph.nodes:
+        node = graph.node(v)
+        if v == graph.root:
+            continue
+        _, f_own, err_own = at_end(result.rows[v])
+        if isinstance(node.site, SaeError):
+            final += err_own - err_rem
+        else:
+            i = node.site.index
+            final += (f_own[:, i] - f_rem[:, i])[:, None] * sae.W_dec[i]
+    hf = lm.hf_model
+    with torch.no_grad():
+        end_logits = hf.lm_head(hf.transformer.ln_f(final))
+    logits = torch.zeros(N, prompts.input_ids.shape[1], end_logits.shape[-1])
+    logits[torch.arange(N), end] = end_logits
+    oracle = task.metric("logit_diff", logits, prompts).numpy()
+    np.testing.assert_allclose(result.scrubbed, oracle, rtol=1e-4, atol=1e-4)
+    assert np.abs(oracle - Scrubber(lm, task, prompts, "logit_diff").clean()).max() > 1e-3
+
+
+def test_every_sender_into_a_latent_on_its_own_prompt_is_the_latent(toy, tmp_path):
+    """A latent with children reads its hook point rebuilt from the remainder: with an edge
+    from every sender before it, each on the latent's own prompt, the rebuilt stream is
+    the latent's own (the attention biases are the same on every prompt), so the latent
+    equals the latent as a leaf. The latent runs as patched forward passes."""
+    lm, task, prompts = toy
+    _sae(tmp_path / "res2", lm.shape.d_model, 8, seed=3, bias=0.5)
+    sae = Dictionary("s", str(tmp_path / "res2"), "resid", 2, 8)
+    latent = Latent(sae, 3)
+    senders = [Embed()] + [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
+    senders += [Mlp(0), Mlp(1)]
+    io = (Feature("task", "IO"),)
+    leaf = [DependsClaim(latent, END, io)]
+    edges = leaf + [EdgeClaim(s, latent, END) for s in senders] + [EdgeClaim(latent, Logits(), END)]
+    for mode in ("resample", "mean"):
+        _, a, clean = _scrub(lm, task, prompts, leaf, mode, seed=5)
+        graph, b, _ = _scrub(lm, task, prompts, edges, mode, seed=5)
+        assert graph.height(graph.root) == 2
+        np.testing.assert_allclose(b.scrubbed, a.scrubbed, rtol=0, atol=1e-4)
+        # a sender missing from the latent's input changes it (not the embedding: every
+        # prompt has the same token at END)
+        _, c, _ = _scrub(lm, task, prompts, [e for e in edges if getattr(e, "sender", None) != Mlp(1)], mode,
+                         seed=5)
+        assert np.abs(c.scrubbed - a.scrubbed).max() > 1e-3
+
+
+def test_unit_claims_run_from_the_language(toy, tmp_path):
+    """Neurons, latents and errors in claims and edges, written in a file and checked."""
+    _sae(tmp_path / "res2", toy[0].shape.d_model, 8, seed=3, bias=0.5)
+    (tmp_path / "h.circ").write_text(
+        'sae s = "res2" at resid 2\nsamples 16\nseed 0\n'
+        "neurons 1.3, 1.90 at END depends on IO\n"
+        "head 1.0 -> feature s.3 at END\nfeature s.3 at END depends on IO\nerror s at END depends on IO\n"
+        "neuron 0.5 -> head 1.0.q at END\n")
+    result = circuitlang.check(str(tmp_path / "h.circ"), model="toy-ioi", task="ioi")
+    assert [c.text for c in result.claims] == [
+        "neurons 1.3, 1.90 at END depends on IO", "head 1.0 -> feature s.3 at END",
+        "feature s.3 at END depends on IO", "error s at END depends on IO", "neuron 0.5 -> head 1.0.q at END"]
+    assert dict(result.remainder) == {
+        "logits": ["stream: all but neuron 1.3 at END, neuron 1.90 at END, feature s.3 at END, error s at END"],
+        "feature s.3 at END": ["input: all but head 1.0 at END"],
+        "head 1.0 at END": ["q: all but neuron 0.5 at END", "k: all of it", "v: all of it"]}
+    assert 0.0 < result.recovered.value < 1.0
+
+
+def _basis(path, b: torch.Tensor, hook: str, layer: int, head=None):
+    from safetensors.torch import save_file
+
+    from circuitlang.sites import Basis
+
+    save_file({"basis": b.contiguous()}, str(path))
+    return Basis(path.stem, str(path), hook, layer, head, b.shape[1])
+
+
+def test_a_subspace_of_a_whole_head_output_is_the_head(toy, tmp_path):
+    """A subspace node's value is its state's part in the subspace (`c B^T`): with a basis
+    of the whole space, `subspace h at END depends on IO` on head 1.0's output is exactly
+    `head 1.0 at END depends on IO` (the same tree, the same samples); with half of it,
+    it is not."""
+    from circuitlang.sites import Subspace
+
+    lm, task, prompts = toy
+    d = lm.shape.d_model
+    q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))[0]
+    io = (Feature("task", "IO"),)
+    _, head, _ = _scrub(lm, task, prompts, [DependsClaim(Head(1, 0), END, io)], seed=2)
+    whole = Subspace(_basis(tmp_path / "whole.safetensors", q, "head", 1, 0))
+    _, sub, _ = _scrub(lm, task, prompts, [DependsClaim(whole, END, io)], seed=2)
+    np.testing.assert_allclose(sub.scrubbed, head.scrubbed, rtol=0, atol=1e-4)
+    half = Subspace(_basis(tmp_path / "half.safetensors", q[:, : d // 2], "head", 1, 0))
+    _, part, _ = _scrub(lm, task, prompts, [DependsClaim(half, END, io)], seed=2)
+    assert np.abs(part.scrubbed - head.scrubbed).max() > 1e-3
+
+
+def test_a_final_stream_subspace_claim_equals_a_hand_computation(toy, tmp_path):
+    """`subspace s at END depends on IO` at the final stream: the remainder's stream with its
+    part in the subspace replaced by the node's prompt's, `x_r + (x_own - x_r) B B^T`."""
+    from circuitlang.sites import Resid, Subspace
+
+    lm, task, prompts = toy
+    n_layers, d = lm.shape.n_layers, lm.shape.d_model
+    b = torch.linalg.qr(torch.randn(d, 3, generator=torch.Generator().manual_seed(1)))[0]
+    site = Subspace(_basis(tmp_path / "s.safetensors", b, "resid", n_layers))
+    graph, result, clean = _scrub(lm, task, prompts, [DependsClaim(site, END, (Feature("task", "IO"),))], seed=6)
+    stream = lm.run(prompts.input_ids, prompts.attention_mask, capture=[Resid(n_layers)]).cache[Resid(n_layers)]
+    end = prompts.positions["END"]
+    (node,) = [v for v in graph.graph.nodes if v != graph.root]
+
+    def at_end(rows):
+        rows = torch.as_tensor(rows)
+        return stream[rows, end[rows]]
+
+    x_r = at_end(result.remainders[graph.root])
+    final = x_r + (at_end(result.rows[node]) - x_r) @ b @ b.T
+    hf = lm.hf_model
+    logits = torch.zeros(N, prompts.input_ids.shape[1], lm.shape.vocab_size)
+    with torch.no_grad():
+        logits[torch.arange(N), end] = hf.lm_head(hf.transformer.ln_f(final))
+    oracle = task.metric("logit_diff", logits, prompts).numpy()
+    np.testing.assert_allclose(result.scrubbed, oracle, rtol=1e-4, atol=1e-4)
+    assert np.abs(oracle - clean).max() > 1e-3
