@@ -10,9 +10,10 @@ beside its own score, computed with many circuits along the batch of each pass
   zero means the statement adds nothing the rest does not.
 * **the null** (`permutation_null`): random circuits of the same size and shape (Shi
   et al. 2024): every head the hypothesis names is mapped to a distinct head, keeping
-  positions, features, channels and which edges exist; the hypothesis itself is never
-  one of them. When there are no more such circuits than asked for, all of them are
-  scored and the p-value is exact.
+  positions, features, channels and which edges exist, and every neuron (SAE latent)
+  to a distinct neuron of the same MLP (latent of the same dictionary), which keeps
+  every edge; the hypothesis itself is never one of them. When there are no more such
+  circuits than asked for, all of them are scored and the p-value is exact.
 
 The checker reports both; the solver uses the same functions to explain a circuit it
 found.
@@ -31,7 +32,7 @@ from circuitlang import stats, topology
 from circuitlang.errors import CircuitlangError
 from circuitlang.ir import Hypothesis
 from circuitlang.ir_to_graph import ir_to_graph
-from circuitlang.sites import Channel, Head, ModelShape
+from circuitlang.sites import Channel, Head, Latent, ModelShape, Neuron
 
 __all__ = ["Null", "Statement", "claim_breakdown", "permutation_null", "random_circuits", "statements"]
 
@@ -259,15 +260,102 @@ class _Template:
         return _remap(self.hypothesis, {old: pool[i] for old, i in zip(heads, picks)})
 
 
+def _units(hypothesis: Hypothesis) -> dict:
+    """The neurons and latents the hypothesis names, by the pool each is drawn from:
+    ("neuron", layer) or ("latent", dictionary) -> the units, in order of appearance."""
+    found: dict = {}
+    for claim in hypothesis.claims:
+        for attr in ("site", "sender", "receiver"):
+            site = getattr(claim, attr, None)
+            if isinstance(site, Neuron):
+                found.setdefault(("neuron", site.layer), {}).setdefault(site, None)
+            elif isinstance(site, Latent):
+                found.setdefault(("latent", site.sae), {}).setdefault(site, None)
+    return {pool: list(units) for pool, units in found.items()}
+
+
+def _pool_size(pool, shape: ModelShape) -> int:
+    kind, where = pool
+    return shape.d_mlp if kind == "neuron" else where.d_sae
+
+
+def _remap_units(hypothesis: Hypothesis, mapping: dict) -> Hypothesis:
+    def fix(site):
+        return mapping.get(site, site)
+
+    claims = [dataclasses.replace(c, **{a: fix(getattr(c, a)) for a in ("site", "sender", "receiver")
+                                         if hasattr(c, a)}) for c in hypothesis.claims]
+    return dataclasses.replace(hypothesis, claims=tuple(claims))
+
+
+def _claims_key(hypothesis: Hypothesis) -> frozenset:
+    return frozenset((type(c).__name__, getattr(c, "site", None), getattr(c, "sender", None),
+                      getattr(c, "receiver", None), c.position, getattr(c, "features", None))
+                     for c in hypothesis.claims)
+
+
+def _with_random_units(hypothesis: Hypothesis, circuits: RandomCircuits, units: dict, shape: ModelShape,
+                       k: int, rng) -> RandomCircuits:
+    """Circuits whose neurons and latents are drawn too: each maps the units of one pool
+    (an MLP's neurons, a dictionary's latents) to distinct units of that pool, on top of a
+    head map (the head circuits in turn, or the hypothesis's own heads)."""
+    sizes = {pool: _pool_size(pool, shape) for pool in units}
+    if any(sizes[pool] < len(found) for pool, found in units.items()):
+        return RandomCircuits([], 0, True)
+    maps = math.prod(math.perm(sizes[pool], len(found)) for pool, found in units.items())
+    bases = [hypothesis] + list(circuits.hypotheses)
+    total = None if circuits.total is None else maps * (circuits.total + 1) - 1
+    own = _claims_key(hypothesis)
+    if total is not None and total <= min(k, ENUMERATE_UP_TO):  # every one there is
+        out = []
+        for base in bases:
+            for picks in itertools.product(*(itertools.permutations(range(sizes[pool]), len(found))
+                                             for pool, found in units.items())):
+                mapping = {u: _unit(u, i) for (pool, found), pick in zip(units.items(), picks)
+                           for u, i in zip(found, pick)}
+                h = _remap_units(base, mapping)
+                if _claims_key(h) != own:
+                    out.append(h)
+        return RandomCircuits(out, len(out), True, circuits.head_by_head)
+    drawn: dict = {}
+    tries = 0
+    while len(drawn) < k and tries < 50 * k:
+        tries += 1
+        base = bases[int(rng.integers(len(bases)))]
+        mapping = {}
+        for pool, found in units.items():
+            pick = rng.choice(sizes[pool], size=len(found), replace=False)
+            mapping.update({u: _unit(u, int(i)) for u, i in zip(found, pick)})
+        h = _remap_units(base, mapping)
+        key = _claims_key(h)
+        if key != own and key not in drawn:
+            drawn[key] = h
+    return RandomCircuits(list(drawn.values()), total, False, circuits.head_by_head)
+
+
+def _unit(unit, index: int):
+    return Neuron(unit.layer, index) if isinstance(unit, Neuron) else Latent(unit.sae, index)
+
+
 def random_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int) -> RandomCircuits:
     """Up to `k` distinct random circuits of the hypothesis's size and shape.
 
     Each maps every head the hypothesis names to a distinct head of the model, keeping
-    positions, features and channels, and keeping only circuits whose edges exist.
-    When the maps are few enough to enumerate, all valid circuits are listed and, if
-    there are at most `k`, returned (`exact`); otherwise `k` are drawn without
-    replacement.
+    positions, features and channels, and keeping only circuits whose edges exist; and
+    every neuron or latent to a distinct unit of its MLP or dictionary (any such map
+    keeps every edge). When the maps are few enough to enumerate, all valid circuits are
+    listed and, if there are at most `k`, returned (`exact`); otherwise `k` are drawn
+    without replacement.
     """
+    units = _units(hypothesis)
+    circuits = _random_head_circuits(hypothesis, shape, k, seed)
+    if not units:
+        return circuits
+    return _with_random_units(hypothesis, circuits, units, shape, k, np.random.default_rng(seed + 2))
+
+
+def _random_head_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int) -> RandomCircuits:
+    """`random_circuits` over the heads alone (every other site stays)."""
     heads = _heads(hypothesis)
     pool = [(layer, h) for layer in range(shape.n_layers) for h in range(shape.n_heads)]
     rng = np.random.default_rng(seed + 1)

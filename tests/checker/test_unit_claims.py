@@ -224,3 +224,39 @@ def test_a_final_stream_subspace_claim_equals_a_hand_computation(toy, tmp_path):
     oracle = task.metric("logit_diff", logits, prompts).numpy()
     np.testing.assert_allclose(result.scrubbed, oracle, rtol=1e-4, atol=1e-4)
     assert np.abs(oracle - clean).max() > 1e-3
+
+
+def test_random_circuits_draw_neurons_and_latents_from_their_pools(toy, tmp_path):
+    """The null maps each neuron to a distinct neuron of its MLP and each latent to a
+    distinct latent of its dictionary (on top of the head maps), never the hypothesis
+    itself; with one neuron of a 128-wide MLP there are exactly 127 other circuits."""
+    from circuitlang import topology
+    from circuitlang.sites import Neuron
+    from circuitlang.variants import random_circuits
+
+    lm = toy[0]
+    one = _hypothesis(lm, [DependsClaim(Neuron(1, 3), END, (Feature("task", "IO"),))])
+    every = random_circuits(one, lm.shape, 200, seed=0)
+    assert every.exact and every.total == lm.shape.d_mlp - 1 == len(every.hypotheses)
+    assert sorted(h.claims[0].site.index for h in every.hypotheses) == [i for i in range(128) if i != 3]
+
+    sae = Dictionary("s", str(tmp_path / "unused"), "resid", 2, 8)
+    claims = [DependsClaim(Neuron(1, 3), END, ()), DependsClaim(Neuron(1, 90), END, ()),
+              EdgeClaim(Head(1, 0), Latent(sae, 3), END), EdgeClaim(Latent(sae, 3), Logits(), END)]
+    mixed = _hypothesis(lm, claims)
+    drawn = random_circuits(mixed, lm.shape, 50, seed=1)
+    assert len(drawn.hypotheses) == 50 and not drawn.exact
+    keys = set()
+    for h in drawn.hypotheses:
+        n1, n2, into, out = h.claims
+        assert n1.site.layer == n2.site.layer == 1 and n1.site.index != n2.site.index
+        assert into.receiver == out.sender and into.receiver.sae == sae  # one latent, both edges
+        assert topology.edge_exists(lm.shape, into.sender, into.receiver)  # a head below block 2
+        keys.add(tuple(h.claims))
+    assert len(keys) == 50 and tuple(mixed.claims) not in keys
+
+
+def test_the_check_of_a_neuron_claim_has_a_null(toy):
+    result = circuitlang.check("samples 16\nseed 0\nneuron 1.3 at END depends on IO\n", model="toy-ioi",
+                               task="ioi", permutations=40)
+    assert len(result.null_scores) == 40 and result.p_value is not None
