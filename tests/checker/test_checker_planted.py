@@ -151,3 +151,50 @@ def test_the_ioi_circuit_has_random_circuits_that_keep_layer_order():
                 if isinstance(receiver, Head) and not receiver.channel.is_input:
                     receiver = receiver.with_channel(Channel.Q)
                 assert topology.edge_exists(shape, claim.sender, receiver), claim
+
+
+def _token_sae(folder, alive: range, dead: range) -> None:
+    """An SAE at attention block 1's output of the planted model: latent t (t in `alive`)
+    reads and writes token t's direction, which head 1.0 writes its copy along; latents in
+    `dead` read position directions, which attention block 1 never writes (always off)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from planted import D, V
+
+    n = len(alive) + len(dead)
+    w_enc, w_dec = torch.zeros(D, n), torch.zeros(n, D)
+    for i, t in enumerate(alive):
+        w_enc[t, i] = w_dec[i, t] = 1.0
+    for i, p in enumerate(dead, start=len(alive)):
+        w_enc[V + p, i] = w_dec[i, V + p] = 1.0
+    folder.mkdir()
+    save_file({"W_enc": w_enc, "b_enc": torch.zeros(n), "W_dec": w_dec, "b_dec": torch.zeros(D)},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": D, "d_sae": n, "architecture": "standard"}))
+
+
+def test_the_planted_circuit_at_latent_granularity(planted, induction_task, tmp_path):
+    """Head 1.0's copy, read through a dictionary whose latent t is token t's direction: the
+    circuit written over latents (1.0 -> every token latent -> logits) is the planted one
+    and holds; the same number of latents at the wrong indices (dead ones) recovers
+    nothing."""
+    from planted import V
+
+    _token_sae(tmp_path / "tok", range(V), range(V))
+    head = "0.0 -> 1.0.k at all\nembed -> 1.0.q at all\nembed -> 1.0.v at all\n"
+
+    def program(indices):
+        lines = "".join(f"1.0 -> feature a.{i} at all\nfeature a.{i} -> logits at all\n" for i in indices)
+        return f'task induction\nmetric loss\nsae a = "tok" at attn 1\n{head}{lines}'
+
+    def run(text):
+        (tmp_path / "h.circ").write_text(text)
+        return check(str(tmp_path / "h.circ"), planted, induction_task, breakdown=False)
+
+    true = run(program(range(V)))
+    assert true.recovered.value > 0.95
+    wrong = run(program(range(V, 2 * V)))
+    assert wrong.recovered.value < 0.05
