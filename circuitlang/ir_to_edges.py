@@ -12,7 +12,10 @@ An `EdgeClaim(sender, receiver, position)` is one kept edge; an edge into a head
 with no channel was already expanded into q, k and v by the resolver; under
 grouped-query attention a key/value receiver is named by the first query head of its
 group (`topology.canonical`). Claims that are not edges (depends-claims) have no
-edge reading and are returned in `EdgeCircuit.skipped`.
+edge reading and are returned in `EdgeCircuit.skipped`. Edges from a neuron, an SAE
+latent or error, or a subspace, and into a latent, are listed too: the default edge set
+is the model's components plus the units the hypothesis's edges name (the engine's
+masks cover components only; a diagram draws every edge).
 
 The checker and the edge engine agree on what an edge set means: with
 `ablation corrupt`, an edge-only hypothesis whose every sender other than the
@@ -31,7 +34,7 @@ from circuitlang import topology
 from circuitlang.errors import LowerError
 from circuitlang.ir import EdgeClaim, Hole
 from circuitlang.models.interventions import EdgeSet
-from circuitlang.sites import ALL, Channel, Head, Position, Site
+from circuitlang.sites import ALL, Channel, Head, Latent, Neuron, Position, SaeError, Site, Subspace
 
 __all__ = ["EdgeCircuit", "ir_to_edges"]
 
@@ -97,6 +100,27 @@ class EdgeCircuit:
         return out
 
 
+def _edge_set(hypothesis, shape) -> EdgeSet:
+    """The model's edge set, with the units (neurons, latents, errors, subspaces) the
+    hypothesis's edges name added where they sit in the order of computation."""
+    base = EdgeSet.build(shape)
+    senders, receivers = list(base.senders), list(base.receivers)
+    for claim in hypothesis.claims:
+        if not isinstance(claim, EdgeClaim):
+            continue
+        if _is_unit(claim.sender) and claim.sender not in senders:
+            senders.append(claim.sender)
+        if _is_unit(claim.receiver) and claim.receiver not in receivers:
+            receivers.insert(len(receivers) - 1, claim.receiver)  # before the logits
+    if len(senders) == len(base.senders) and len(receivers) == len(base.receivers):
+        return base
+    return EdgeSet(tuple(sorted(senders, key=topology.sender_key)), tuple(receivers), shape)
+
+
+def _is_unit(site) -> bool:
+    return isinstance(site, (Neuron, Latent, SaeError, Subspace))
+
+
 def ir_to_edges(hypothesis, edge_set: EdgeSet | None = None) -> EdgeCircuit:
     """The edges a hypothesis claims, as kept-edge masks over the model's edge set.
 
@@ -112,7 +136,7 @@ def ir_to_edges(hypothesis, edge_set: EdgeSet | None = None) -> EdgeCircuit:
         if shape is None:
             raise LowerError("this hypothesis carries no model shape, so its edges cannot be listed",
                              hint="resolve it against a model (or pass edge_set=...)")
-        edge_set = EdgeSet.build(shape)
+        edge_set = _edge_set(hypothesis, shape)
     n_r, n_s = len(edge_set.receivers), len(edge_set.senders)
     everywhere = torch.zeros(n_r, n_s, dtype=torch.bool)
     at: dict[Position, torch.Tensor] = {}

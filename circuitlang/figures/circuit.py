@@ -212,6 +212,9 @@ def _row(site, n_layers: int) -> tuple:
         return (-1,)
     if isinstance(site, Logits):
         return (n_layers + 1,)
+    place = getattr(site, "sae", None) or getattr(site, "basis", None)  # a latent's, a subspace's
+    if place is not None:
+        return (place.layer,) if place.layer < n_layers else (n_layers + 1,)
     return (getattr(site, "layer", 0),)
 
 

@@ -206,3 +206,33 @@ def test_draw_command_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert main(["draw", str(TOY_INDUCTION), "-o", str(tmp_path / "c.svg")]) == 2
     assert "pip install 'circuitlang[figures]'" in capsys.readouterr().err
     assert not (tmp_path / "c.svg").exists()
+
+
+def test_neurons_latents_and_subspaces_are_drawn_in_their_layers(tmp_path):
+    """Edges from units and into a latent are drawn (the diagram's edge set adds the units
+    the hypothesis's edges name); a latent sits in its dictionary's layer, a final-stream
+    one beside the logits."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "res2"
+    folder.mkdir()
+    save_file({"W_enc": torch.zeros(64, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, 64),
+               "b_dec": torch.zeros(64)}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": 64, "d_sae": 8}))
+    (tmp_path / "h.circ").write_text('model toy-ioi\ntask ioi\nsae s = "res2" at resid 2\n'
+                                     "neuron 0.5 -> head 1.0.q at END\nhead 1.0 -> feature s.3 at END\n"
+                                     "feature s.3 -> logits at END\n")
+    layout = circuit_layout(tmp_path / "h.circ")
+    assert [(a.sender.label, a.receiver.label, a.channel) for a in layout.arrows] == [
+        ("neuron 0.5", "1.0", "q"), ("1.0", "feature s.3", "other"), ("feature s.3", "logits", "other")]
+    rows = {n.label: layout.rows.index(_row_of(layout, n)) for n in layout.nodes}
+    assert rows["neuron 0.5"] < rows["1.0"] < rows["feature s.3"] < rows["logits"]
+
+
+def _row_of(layout, node):
+    from circuitlang.figures.circuit import _row
+
+    return _row(node.site, layout.n_layers)
