@@ -34,9 +34,13 @@ def planted_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def planted_model() -> GPT2LMHeadModel:
+def planted_model(neurons: bool = False) -> GPT2LMHeadModel:
+    """The planted induction model; with `neurons`, the copy reaches the logits only
+    through MLP 1 (see `planted_neuron_model`)."""
+    d = D_NEURONS if neurons else D
     cfg = GPT2Config(
-        vocab_size=V, n_positions=P, n_embd=D, n_layer=2, n_head=N_HEAD, n_inner=4,
+        vocab_size=V, n_positions=P, n_embd=d, n_layer=2, n_head=N_HEAD,
+        n_inner=V if neurons else 4,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=None,
     )
@@ -57,17 +61,38 @@ def planted_model() -> GPT2LMHeadModel:
         qkv = tr.h[0].attn.c_attn.weight
         for p in range(P - 1):
             qkv[V + p + 1, p] = SHARP  # query at p+1 ...
-            qkv[V + p, D + p] = SHARP  # ... matches the key at p
+            qkv[V + p, d + p] = SHARP  # ... matches the key at p
         for t in range(V):
-            qkv[t, 2 * D + t] = 1.0  # value: the token
+            qkv[t, 2 * d + t] = 1.0  # value: the token
             tr.h[0].attn.c_proj.weight[t, V + P + t] = 1.0  # write it as "previous token"
         qkv = tr.h[1].attn.c_attn.weight
         for t in range(V):
             qkv[t, t] = SHARP  # query: my token
-            qkv[V + P + t, D + t] = SHARP  # key: your previous token
-            qkv[t, 2 * D + t] = 1.0  # value: your token
+            qkv[V + P + t, d + t] = SHARP  # key: your previous token
+            qkv[t, 2 * d + t] = 1.0  # value: your token
             tr.h[1].attn.c_proj.weight[t, t] = COPY  # predict it
         for t in range(V):
-            model.lm_head.weight[t, t] = 1.0
+            model.lm_head.weight[t, OUT + t if neurons else t] = 1.0
+        if neurons:  # neuron t of MLP 1 fires on a copied token t and writes it to the output subspace
+            mlp = tr.h[1].mlp
+            for t in range(V):
+                mlp.c_fc.weight[t, t] = 1.0
+                mlp.c_fc.bias[t] = -FIRE
+                mlp.c_proj.weight[t, OUT + t] = NEURON_WRITE
     model.eval()
     return model
+
+
+#: The neuron variant's stream adds an output subspace [OUT, OUT + V) that only MLP 1's
+#: neurons write and the unembedding alone reads.
+OUT = 2 * V + P
+D_NEURONS = 3 * V + P
+FIRE = 4.0  # a neuron's threshold on its (normalised) token coordinate: the copy is ~8, the token ~0.5
+NEURON_WRITE = 3.0
+
+
+def planted_neuron_model() -> GPT2LMHeadModel:
+    """The planted induction circuit with one more step: head 1.0's copy of token t is read
+    by neuron t of MLP 1 (GELU over a threshold: it fires on the copy, not on the current
+    token), which alone writes the unembedding's direction for t."""
+    return planted_model(neurons=True)

@@ -198,3 +198,25 @@ def test_the_planted_circuit_at_latent_granularity(planted, induction_task, tmp_
     assert true.recovered.value > 0.95
     wrong = run(program(range(V, 2 * V)))
     assert wrong.recovered.value < 0.05
+
+
+def test_the_planted_circuit_at_neuron_granularity(induction_task):
+    """The neuron variant (planted.planted_neuron_model): head 1.0's copy of token t reaches
+    the logits only through neuron t of MLP 1. Claiming MLP 1's neurons on the prompt's own
+    sequence recovers the behaviour; the same claim on MLP 0's (dead) neurons recovers
+    nothing; half of MLP 1's neurons recover part of it."""
+    from circuitlang.models import LoadedModel
+
+    from planted import V, planted_neuron_model, planted_tokenizer
+
+    model = LoadedModel.from_hf(planted_neuron_model(), planted_tokenizer(), name="planted-neurons")
+    task = induction_task
+
+    def recovered(layer, indices):
+        units = ", ".join(f"{layer}.{i}" for i in indices)
+        text = f"task induction\nmetric loss\nneurons {units} at all depends on tokens\n"
+        return check(text, model, task, breakdown=False).recovered.value
+
+    assert recovered(1, range(V)) > 0.95
+    assert recovered(0, range(V)) < 0.05
+    assert 0.1 < recovered(1, range(V // 2)) < 0.9
