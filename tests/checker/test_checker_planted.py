@@ -220,3 +220,25 @@ def test_the_planted_circuit_at_neuron_granularity(induction_task):
     assert recovered(1, range(V)) > 0.95
     assert recovered(0, range(V)) < 0.05
     assert 0.1 < recovered(1, range(V // 2)) < 0.9
+
+
+def test_the_planted_circuit_through_a_subspace(planted, induction_task, tmp_path):
+    """Head 1.0 writes its copy along the token directions only: that subspace of its output,
+    claimed on the prompt's own sequence, recovers the behaviour; as many directions it
+    never writes (positions) recover nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from planted import D, V
+
+    eye = torch.eye(D)
+    save_file({"basis": eye[:, :V].contiguous()}, str(tmp_path / "tokens.safetensors"))
+    save_file({"basis": eye[:, V:2 * V].contiguous()}, str(tmp_path / "positions.safetensors"))
+
+    def recovered(name):
+        (tmp_path / "h.circ").write_text(f'task induction\nmetric loss\nsubspace s = "{name}.safetensors" at '
+                                         "head 1.0.out\nsubspace s at all depends on tokens\n")
+        return check(str(tmp_path / "h.circ"), planted, induction_task, breakdown=False).recovered.value
+
+    assert recovered("tokens") > 0.95
+    assert recovered("positions") < 0.05
