@@ -1,6 +1,8 @@
 """The resolver: one pass over a program, collecting every problem, giving a `Hypothesis`."""
 from __future__ import annotations
 
+import dataclasses
+
 from circuitlang import ast, ir, sites, topology, verbs
 from circuitlang.ast_to_ir.claims import ClaimResolver, _Origin
 from circuitlang.ast_to_ir.expressions import ExpressionResolver
@@ -14,6 +16,9 @@ from circuitlang.errors import Diagnostic, ResolveError, Span, diagnostic_order
 from circuitlang.printer import format_statement
 from circuitlang.tasks.signature import TaskSignature
 from circuitlang.text_to_ast import KEYWORDS, check_claim_count
+
+#: `patch ... at each`: one experiment per position the task names.
+EACH = "each"
 
 
 class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, ClaimResolver,
@@ -74,9 +79,10 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
                     self.report(too_many.code, too_many.message, too_many.span, too_many.hint)
                     break
             elif isinstance(stmt, (ast.Patch, ast.PathPatch, ast.Ablate)):
-                exp = self._experiment(stmt, text, header["ablation"].mode)
-                if exp is not None:
-                    experiments.append(exp)
+                for one, one_text in self._each_position(stmt, text):
+                    exp = self._experiment(one, one_text, header["ablation"].mode)
+                    if exp is not None:
+                        experiments.append(exp)
             elif isinstance(stmt, (ast.Trace, ast.Probe)):
                 exp = self._trace_or_probe(stmt, text)
                 if exp is not None:
@@ -147,6 +153,23 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
 
 
     # -- experiments
+    def _each_position(self, stmt, text: str) -> list[tuple]:
+        """`... at each`: the statement once per position the task names, in the task's
+        order (`patch resid * at each` is a layer x position grid, one sweep per
+        position); any other statement as it is."""
+        pos = getattr(stmt, "position", None)
+        if not isinstance(pos, ast.PositionRef) or pos.name != EACH or EACH in self.position_names:
+            return [(stmt, text)]
+        if pos.offset:
+            self.report("resolve.position", "`each` takes no offset", pos.span, "write `each`")
+            return []
+        out = []
+        for name in self.task.positions:
+            base, offset = _base_position(name)
+            one = dataclasses.replace(stmt, position=ast.PositionRef(base, offset, span=pos.span))
+            out.append((one, format_statement(one)))
+        return out
+
     def _experiment(self, stmt, text: str, default_mode: str) -> ir.Experiment | None:
         match stmt:
             case ast.Patch(target=target, position=position, direction=direction):

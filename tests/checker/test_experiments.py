@@ -170,3 +170,23 @@ def test_a_metric_that_takes_a_max_over_tokens_reads_them_all(planted, induction
 
     prompts = induction_task.prompts(4, 3)
     assert metric_columns(BestOf(), "logit_diff", prompts, planted.shape.vocab_size) is None
+
+
+def test_at_each_is_one_sweep_per_task_position_in_the_tasks_order():
+    """`patch resid * at each`: the layer x position grid, as one sweep per position the
+    task names, equal to writing each statement out; `each` takes no offset."""
+    from circuitlang.errors import ResolveError
+
+    each = circuitlang.check("samples 8\npatch resid * at each\nablate head 1.0 with mean at each\n",
+                             model="toy-ioi", task="ioi", permutations=0)
+    positions = ("IO", "S1", "S1+1", "S2", "END")
+    assert [e.text for e in each.experiments] == ([f"patch resid * at {p}" for p in positions]
+                                                  + [f"ablate head 1.0 with mean at {p}" for p in positions])
+    written = "".join(f"patch resid * at {p}\n" for p in positions)
+    one_by_one = circuitlang.check("samples 8\n" + written, model="toy-ioi", task="ioi", permutations=0)
+    for a, b in zip(each.experiments, one_by_one.experiments):
+        np.testing.assert_array_equal(a.to_numpy("values"), b.to_numpy("values"))
+    grid = np.stack([e.to_numpy("values") for e in each.experiments[:5]], axis=1)  # layers x positions
+    assert grid.shape == (4, 5) and np.ptp(grid) > 1.0
+    with pytest.raises(ResolveError, match="`each` takes no offset"):
+        circuitlang.check("patch resid * at each+1\n", model="toy-ioi", task="ioi")
