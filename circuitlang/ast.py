@@ -521,15 +521,17 @@ class VerbDef:
 
 
 #: The words that may end a `patch` line: which run is patched with which values.
-PATCH_DIRECTIONS = ("noise", "denoise")
+PATCH_DIRECTIONS = ("noise", "denoise", "attribution")
 
 
 @dataclass(frozen=True, slots=True)
 class Patch:
-    """`patch TARGET at POS [noise|denoise]`: activation patching; wildcards make a sweep.
+    """`patch TARGET at POS [noise|denoise|attribution]`: activation patching; wildcards
+    make a sweep.
 
     `direction` is the word as written: None when there is none (noising, the default),
-    "noise" or "denoise" (the parser refuses any other word).
+    "noise", "denoise" or "attribution" (noising estimated to first order, for units;
+    the parser refuses any other word).
     """
 
     target: Target

@@ -499,7 +499,10 @@ def run_experiments(hypothesis, setup: Setup, *, progress: bool | None = False) 
     out = []
     for exp in hypothesis.experiments:
         grid = getattr(exp, "grid", ()) or None
-        if isinstance(exp, ir.Patch):
+        if isinstance(exp, ir.Patch) and exp.direction == "attribution":
+            out.append(runner.attribution(list(exp.sites), exp.position, text=exp.text, grid=grid,
+                                          top_k=min(ir.ATTRIBUTION_TOP_K, len(exp.sites))))
+        elif isinstance(exp, ir.Patch):
             out.append(runner.activation_patching(list(exp.sites), exp.position, text=exp.text, grid=grid,
                                                   together=not exp.sweep, direction=exp.direction))
         elif isinstance(exp, ir.PathPatch):

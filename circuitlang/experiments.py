@@ -266,6 +266,11 @@ class ExperimentResult:
                     lines.append(f"  {str(s):<28} {'-':>9}   (no path)")
                 else:
                     lines.append(f"  {str(s):<28} {v:>9.4g}   normalized {nv:>7.3f}")
+        checked = self.extra.get("top_k") if self.kind == "attribution" else None
+        if checked:
+            lines.append(f"  the {len(checked)} strongest estimates, patched exactly (normalized):")
+            for site, pair in checked.items():
+                lines.append(f"  {site:<28} estimated {pair['estimated']:>7.3f}   measured {pair['measured']:>7.3f}")
         return "\n".join(lines)
 
 

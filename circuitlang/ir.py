@@ -42,6 +42,8 @@ from circuitlang.errors import Span
 #: counterfactual of the prompt (what ACDC, EAP and path patching call patching), the
 #: dataset mean, or zero (every unclaimed sender contributes nothing).
 ABLATION_MODES = ("resample", "corrupt", "mean", "zero")
+#: `patch ... attribution` also patches this many of its strongest units exactly.
+ATTRIBUTION_TOP_K = 10
 #: How the scrubber reads a claimed node's inputs that no claimed child covers:
 #: "paths" (Chan et al. 2022: every such input path is scrubbed, on every channel) or
 #: "channels" (a channel no claim mentions is read on the node's own sample).
@@ -161,8 +163,10 @@ class Patch:
         grid: the shape of the result grid for a sweep, e.g. (12, 12); () otherwise.
             `sites` lists the grid's cells in row-major order.
         axes: what each grid dimension indexes ("layer", "head").
-        direction: "noise" (the clean run, patched with corrupt values) or "denoise"
-            (the corrupt run, patched with clean values); `circuitlang.experiments`.
+        direction: "noise" (the clean run, patched with corrupt values), "denoise"
+            (the corrupt run, patched with clean values) or "attribution" (noising
+            estimated for every unit at once, `Experiments.attribution`, the strongest
+            `ATTRIBUTION_TOP_K` patched exactly); `circuitlang.experiments`.
     """
 
     sites: tuple[SiteOrHole, ...]

@@ -603,8 +603,9 @@ class _ToAst(Transformer):
                     f"unknown patching direction {direction!r}", code="parse.patch_direction",
                     span=_tok_span(word[0], self.filename),
                     hint=(f"did you mean {close[0]}? " if close else "")
-                    + "end the line with `denoise` (run the corrupt prompt, patch in clean values) or "
-                    "`noise` (the default: run the clean prompt, patch in corrupt values)")
+                    + "end the line with `denoise` (run the corrupt prompt, patch in clean values), "
+                    "`noise` (the default: run the clean prompt, patch in corrupt values) or "
+                    "`attribution` (noising estimated by attribution patching, for neurons and SAE latents)")
         return ast.Patch(target, position, direction, span=self._span(meta))
 
     def path_patch(self, meta, c):

@@ -170,6 +170,16 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
             out.append((one, format_statement(one)))
         return out
 
+    def _attributable(self, found, span) -> bool:
+        """Attribution patching estimates units: neurons, SAE latents, SAE error terms."""
+        other = next((s for s in found if not isinstance(s, (sites.Neuron, sites.Latent, sites.SaeError))), None)
+        if other is None:
+            return True
+        self.report("resolve.attribution", f"{other} cannot be patched by attribution", span,
+                    "`attribution` estimates neurons, SAE latents and error terms (`patch feature res5.* at "
+                    "END attribution`); patch heads and MLPs exactly (drop the word)")
+        return False
+
     def _experiment(self, stmt, text: str, default_mode: str) -> ir.Experiment | None:
         match stmt:
             case ast.Patch(target=target, position=position, direction=direction):
@@ -178,6 +188,8 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
                 if found is None or pos is None:
                     return None
                 grid, axes = self._grid(target)
+                if direction == "attribution" and not self._attributable(found, stmt.span):
+                    return None
                 return ir.Patch(tuple(found), pos, bool(axes), grid, axes, text,
                                 span=stmt.span, direction=direction or "noise")
             case ast.PathPatch(sender=sender, receiver=receiver, position=position):

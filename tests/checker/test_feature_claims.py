@@ -116,6 +116,35 @@ def test_attribution_over_latents_with_top_k_checked_exactly(toy, tmp_path):
         assert np.sign(entry["estimated"]) == np.sign(entry["measured"]) or abs(entry["measured"]) < 1e-3
 
 
+def test_patch_attribution_in_the_language_is_the_runners_attribution(toy, tmp_path):
+    """`patch feature s.* at END attribution` and `patch neuron 1.* at END attribution`: the
+    estimates of `Experiments.attribution`, the strongest ten patched exactly and shown;
+    heads are refused (attribution estimates units)."""
+    from circuitlang.errors import ResolveError
+    from circuitlang.experiments import Experiments
+    from circuitlang.sites import AllNeurons
+
+    lm, task, prompts = toy
+    d = lm.shape.d_model
+    g = torch.Generator().manual_seed(1)
+    _saelens(tmp_path / "res2", {"W_enc": torch.randn(d, 32, generator=g) / d ** 0.5,
+                                 "b_enc": torch.zeros(32), "W_dec": torch.randn(32, d, generator=g) * 0.2,
+                                 "b_dec": torch.zeros(d)})
+    (tmp_path / "h.circ").write_text('sae s = "res2" at resid 2\nsamples 8\nseed 0\n'
+                                     "patch feature s.* at END attribution\npatch neuron 1.* at END attribution\n")
+    latents, neurons = circuitlang.check(str(tmp_path / "h.circ"), model="toy-ioi", task="ioi").experiments
+    runner = Experiments(lm, task, prompts, "logit_diff")
+    sae = Dictionary("s", str(tmp_path / "res2"), "resid", 2, 32)
+    for found, sites in ((latents, [AllLatents(sae)]), (neurons, [AllNeurons(1)])):
+        direct = runner.attribution(sites, Position("END"))
+        assert found.kind == "attribution" and len(found.sites) == len(direct.sites)
+        np.testing.assert_allclose(found.to_numpy("values"), direct.to_numpy("values"), rtol=1e-5, atol=1e-5)
+        assert len(found.extra["top_k"]) == 10
+        assert "the 10 strongest estimates, patched exactly" in found.render()
+    with pytest.raises(ResolveError, match="head 1.0 cannot be patched by attribution"):
+        circuitlang.check("patch head 1.* at END attribution\n", model="toy-ioi", task="ioi")
+
+
 def test_a_site_the_scrubber_has_no_node_for_is_refused_clearly():
     """Neurons, latents and errors are nodes now (tests/checker/test_unit_claims.py); a
     residual stream is the sum of its senders, not one of them."""
