@@ -148,6 +148,8 @@ def _mix(x):
 
 def _kernel(site) -> str | None:
     """The `NodeKernels` kernel that computes a node at `site`, if any."""
+    if isinstance(site, Subspace):
+        return "subspace"
     return "head" if isinstance(site, Head) else "mlp" if isinstance(site, Mlp) else None
 
 
@@ -293,6 +295,8 @@ class Scrubber:
             return MlpIn(site.layer)
         if isinstance(site, Latent):
             return LatentIn(site.sae, site.index)
+        if isinstance(site, Subspace):  # a subspace of the stream entering a block
+            return Resid(site.basis.layer)
         return self.final
 
     def _sender_site(self, site):
@@ -535,6 +539,8 @@ class Scrubber:
     def _direct(self, kind: str | None) -> bool:
         """Whether `kind`'s kernel ("head", "mlp", "logits") is used for this model (None:
         a node no kernel computes, such as a latent, runs as patched forward passes)."""
+        if kind == "subspace":  # a projection of the rebuilt stream: no forward pass reproduces it
+            return True
         return kind is not None and self.use_kernels and self.kernels.verify(kind, self.prompts)
 
     def _row_keys(self, graph: InterventionGraph, v: int, insts: dict) -> tuple:
@@ -648,6 +654,9 @@ class Scrubber:
             self.work.head_rows += len(chunk)
             keys = mask.sum(1) if every else query + 1
             self.work.head_token_layers += int(keys.sum())
+        elif isinstance(site, Subspace):
+            stream = inputs[None]
+            out = self.kernels.subspace(site, stream if every else stream[ar, query])
         else:
             stream = inputs[None]
             out = self.kernels.mlp(site, stream if every else stream[ar, query])

@@ -152,6 +152,13 @@ class NodeKernels:
         x = x.to(self.device)
         return self.adapter.mlp(site.layer)(self.adapter.mlp_norm(site.layer)(x))
 
+    def subspace(self, site, x: torch.Tensor) -> torch.Tensor:
+        """A stream's part in a subspace, `x B B^T` (its value as a node)."""
+        from circuitlang.models.subspace import basis_for
+
+        b = basis_for(self.model, site.basis).to("cpu", x.dtype)
+        return (x @ b) @ b.T
+
     def logits(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from final residual streams at the positions given ([P, D] -> [P, V]),
         or only vocabulary `columns` of them ([P, len(columns)])."""

@@ -77,7 +77,7 @@ import networkx as nx
 from circuitlang import topology
 from circuitlang.errors import Diagnostic, LowerError
 from circuitlang.ir import DEFAULT_SEMANTICS, Feature
-from circuitlang.sites import ALL, Channel, Head, Latent, Logits, Mlp, Position, Site
+from circuitlang.sites import ALL, Channel, Head, Latent, Logits, Mlp, Position, Site, Subspace
 
 INPUT = "input"  # the feature "the whole prompt": agree on it = same prompt
 
@@ -192,7 +192,7 @@ class InterventionGraph:
             return ()
         if isinstance(node.site, Head):
             return (Channel.Q, Channel.K, Channel.V)
-        if isinstance(node.site, (Mlp, Logits, Latent)):
+        if isinstance(node.site, (Mlp, Logits, Latent)) or topology.is_receiver(node.site):
             return (None,)
         return ()
 
@@ -427,7 +427,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             ]
             if not parents:
                 parents = [add_sender(out, pos if channel is Channel.Q else ALL, SAME_INPUT, None)]
-        elif isinstance(receiver, (Mlp, Latent)):
+        elif isinstance(receiver, (Mlp, Latent, Subspace)):
             channel = None
             parents = [
                 t

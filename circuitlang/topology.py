@@ -42,8 +42,8 @@ __all__ = ["canonical", "edge_exists", "edge_problem", "edges", "is_receiver", "
 
 SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I, "
                 "error S and subspace S")
-RECEIVERS_HINT = ("receivers are head L.H.q / .k / .v, mlp L (its input), logits and feature S.I "
-                  "(what the latent reads)")
+RECEIVERS_HINT = ("receivers are head L.H.q / .k / .v, mlp L (its input), logits, feature S.I "
+                  "(what the latent reads) and a subspace of a stream (`at resid L`)")
 
 
 def is_sender(site: Site) -> bool:
@@ -54,7 +54,8 @@ def is_sender(site: Site) -> bool:
 
 def is_receiver(site: Site) -> bool:
     """True for sites that read the residual stream (an SAE latent reads its hook point)."""
-    return isinstance(site, (Mlp, Logits, Latent)) or (isinstance(site, Head) and site.channel.is_input)
+    return (isinstance(site, (Mlp, Logits, Latent)) or (isinstance(site, Head) and site.channel.is_input)
+            or (isinstance(site, Subspace) and site.basis.hook == "resid"))
 
 
 def sender_key(site: Site) -> tuple[int, int, int]:
@@ -144,6 +145,10 @@ def edge_problem(shape: ModelShape | None, sender: Site, receiver: Site) -> str 
         return None
     if isinstance(receiver, Latent):
         return _latent_reads(sender, receiver)
+    if isinstance(receiver, Subspace):  # of the stream entering block L: every sender before it
+        if sender_key(sender) < (receiver.basis.layer - 1, 2, -1):
+            return None
+        return f"{sender} is computed after the stream entering block {receiver.basis.layer}, which {receiver} lies in"
     s_layer, s_kind, _ = sender_key(sender)
     if isinstance(receiver, Head):
         if s_layer < receiver.layer:

@@ -58,7 +58,8 @@ def test_a_full_rank_subspace_patches_as_the_whole_stream(tmp_path):
 
 def test_subspace_claims_and_edges_are_checked(tmp_path):
     """A subspace is a scrubbing node (tests/checker/test_unit_claims.py has the numbers):
-    claims on it and edges from it are checked; it does not receive edges."""
+    claims on it and edges from it are checked; a subspace of a head's output does not
+    receive edges (one of a stream does)."""
     _basis(tmp_path / "s.safetensors", torch.linalg.qr(torch.randn(D, 8, generator=torch.Generator().manual_seed(0)))[0])
     circ = tmp_path / "claim.circ"
     circ.write_text('model toy-ioi\ntask ioi\nsamples 16\nsubspace s = "s.safetensors" at resid 2\n'
@@ -68,9 +69,9 @@ def test_subspace_claims_and_edges_are_checked(tmp_path):
     assert dict(result.remainder)["head 2.1 at END"][0] == "q: all but subspace s at END"
     assert dict(result.remainder)["logits"] == ["stream: all but head 2.1 at END"]  # it feeds 2.1 only
     assert abs(result.claims[1].cost) > 1e-3  # what it gives 2.1.q matters
-    circ.write_text('model toy-ioi\ntask ioi\nsubspace s = "s.safetensors" at resid 2\n'
+    circ.write_text('model toy-ioi\ntask ioi\nsubspace s = "s.safetensors" at head 2.0\n'
                     "head 1.0 -> subspace s at END\n")
-    with pytest.raises(ResolveError, match="subspace s cannot receive an edge"):
+    with pytest.raises(ResolveError, match="subspace s cannot receive an edge"):  # only a stream's can
         circuitlang.check(circ)
 
 

@@ -260,3 +260,29 @@ def test_the_check_of_a_neuron_claim_has_a_null(toy):
     result = circuitlang.check("samples 16\nseed 0\nneuron 1.3 at END depends on IO\n", model="toy-ioi",
                                task="ioi", permutations=40)
     assert len(result.null_scores) == 40 and result.p_value is not None
+
+
+def test_every_sender_into_a_stream_subspace_on_its_own_prompt_is_the_subspace(toy, tmp_path):
+    """A subspace of the stream entering block 2 receives edges: its value is the rebuilt
+    stream's part in it. With an edge from every sender before it, each on the subspace's
+    own prompt, that is its own part, so it equals the subspace as a leaf; leave MLP 1 out
+    and it does not."""
+    from circuitlang.sites import Subspace
+
+    lm, task, prompts = toy
+    d = lm.shape.d_model
+    b = torch.linalg.qr(torch.randn(d, 6, generator=torch.Generator().manual_seed(2)))[0]
+    site = Subspace(_basis(tmp_path / "s.safetensors", b, "resid", 2))
+    senders = [Embed()] + [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
+    senders += [Mlp(0), Mlp(1)]
+    io = (Feature("task", "IO"),)
+    leaf = [DependsClaim(site, END, io)]
+    edges = leaf + [EdgeClaim(s, site, END) for s in senders] + [EdgeClaim(site, Logits(), END)]
+    for mode in ("resample", "zero"):
+        _, a, _ = _scrub(lm, task, prompts, leaf, mode, seed=7)
+        graph, b_, _ = _scrub(lm, task, prompts, edges, mode, seed=7)
+        assert graph.height(graph.root) == 2
+        np.testing.assert_allclose(b_.scrubbed, a.scrubbed, rtol=0, atol=1e-4)
+        _, c, _ = _scrub(lm, task, prompts, [e for e in edges if getattr(e, "sender", None) != Mlp(1)], mode,
+                         seed=7)
+        assert np.abs(c.scrubbed - a.scrubbed).max() > 1e-3

@@ -39,8 +39,9 @@ Models:
   (`circuitlang.tasks.ioi`), trained as a language model on IOI sentences.
 
 Training fixes every seed, uses one CPU thread and deterministic algorithms, so a
-rerun on the same versions of torch and transformers (`trained_with` in
-`circuitlang.json`) reproduces the shipped weights bit for bit (the sha256 of each
+rerun on the same versions of torch and transformers and the same CPU kernels (torch's
+`cpu` capability, AVX2 or AVX512: its vector width changes the rounding of sums;
+`trained_with` in `circuitlang.json`) reproduces the shipped weights bit for bit (the sha256 of each
 `model.safetensors` is recorded there too). On other versions the float rounding of
 one step differs in the last bits and compounds over thousands of steps: the weights
 then differ, but the behaviour repeats (the same sharp heads, the measurements within
@@ -423,12 +424,20 @@ def train(name: str, steps: int | None = None, seed: int = 0, log: Callable[[str
 
 
 def trained_with() -> dict[str, str]:
-    """The versions whose arithmetic a training run's exact weights depend on."""
+    """The versions (and CPU kernels) whose arithmetic a training run's exact weights
+    depend on."""
     import tokenizers
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__}
+            "tokenizers": tokenizers.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+
+
+def reproduces_bit_for_bit(recorded: dict) -> bool:
+    """Whether retraining here must give the recorded weights exactly: the same versions and
+    CPU kernels. A record without the CPU kernels (written before they were recorded) does
+    not say which, so it promises only the behaviour."""
+    return "cpu" in recorded and recorded == trained_with()
 
 
 def save(model, tok, meta: dict, folder: Path) -> dict:
