@@ -657,6 +657,7 @@ class Scrubber:
         elif isinstance(site, Subspace):
             stream = inputs[None]
             out = self.kernels.subspace(site, stream if every else stream[ar, query])
+            self.work.subspace_rows += len(chunk)
         else:
             stream = inputs[None]
             out = self.kernels.mlp(site, stream if every else stream[ar, query])

@@ -38,8 +38,8 @@ class Work:
     """What scrubbing computed, counted exactly (the report prints it).
 
     Attributes:
-        head_rows, mlp_rows, root_rows: node rows computed by the kernels (one node on
-            one prompt), after memoisation.
+        head_rows, mlp_rows, subspace_rows, root_rows: node rows computed by the kernels
+            (one node on one prompt), after memoisation.
         forward_rows: rows computed by a patched forward pass (nodes the kernels do not
             cover on this model).
         reused: rows not computed because an identical row (same site, same sampled
@@ -52,6 +52,7 @@ class Work:
 
     head_rows: int = 0
     mlp_rows: int = 0
+    subspace_rows: int = 0
     root_rows: int = 0
     forward_rows: int = 0
     reused: int = 0
@@ -63,11 +64,12 @@ class Work:
 
     @property
     def rows(self) -> int:
-        return self.head_rows + self.mlp_rows + self.root_rows + self.forward_rows
+        return self.head_rows + self.mlp_rows + self.subspace_rows + self.root_rows + self.forward_rows
 
     def describe(self) -> str:
         """One line: rows computed and reused, and the token-layers behind them."""
-        parts = [(f"{self.rows:,} node rows ({self.head_rows:,} head, {self.mlp_rows:,} MLP, "
+        subspaces = f"{self.subspace_rows:,} subspace, " if self.subspace_rows else ""
+        parts = [(f"{self.rows:,} node rows ({self.head_rows:,} head, {self.mlp_rows:,} MLP, {subspaces}"
                  f"{self.root_rows:,} logits, {self.forward_rows:,} by forward passes), "
                   f"{self.reused:,} identical rows reused"),
                  (f"{self.head_token_layers:,} head-token-layers, {self.mlp_token_layers:,} MLP-token-layers, "
@@ -78,6 +80,7 @@ class Work:
 
     def as_dict(self) -> dict:
         return {"rows": self.rows, "head_rows": self.head_rows, "mlp_rows": self.mlp_rows,
+                "subspace_rows": self.subspace_rows,
                 "root_rows": self.root_rows, "forward_rows": self.forward_rows, "reused": self.reused,
                 "head_token_layers": self.head_token_layers, "mlp_token_layers": self.mlp_token_layers,
                 "logit_positions": self.logit_positions, "forward_token_layers": self.forward_token_layers}

@@ -35,6 +35,12 @@ def _saelens(folder, w):
                                                  "apply_b_dec_to_input": False}))
 
 
+def _random_sae(folder, d: int, d_sae: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    _saelens(folder, {"W_enc": torch.randn(d, d_sae, generator=g) / d ** 0.5, "b_enc": torch.zeros(d_sae),
+                      "W_dec": torch.randn(d_sae, d, generator=g) * 0.2, "b_dec": torch.zeros(d)})
+
+
 def test_path_patching_from_a_neuron_equals_a_hook_oracle(toy, tmp_path):
     """`patch neurons 1.3, 1.90 -> logits at END`: only the neuron's direct write reaches the
     logits; the oracle adds (corrupt - clean activation) * W_out[n] to the final stream at
@@ -99,11 +105,7 @@ def test_attribution_over_latents_with_top_k_checked_exactly(toy, tmp_path):
     from circuitlang.experiments import Experiments
 
     lm, task, prompts = toy
-    d = lm.shape.d_model
-    g = torch.Generator().manual_seed(1)
-    _saelens(tmp_path / "res2", {"W_enc": torch.randn(d, 32, generator=g) / d ** 0.5,
-                                 "b_enc": torch.zeros(32), "W_dec": torch.randn(32, d, generator=g) * 0.2,
-                                 "b_dec": torch.zeros(d)})
+    _random_sae(tmp_path / "res2", lm.shape.d_model, 32, seed=1)
     sae = Dictionary("s", str(tmp_path / "res2"), "resid", 2, 32)
     runner = Experiments(lm, task, prompts, "logit_diff")
     found = runner.attribution([AllLatents(sae), SaeError(sae)], Position("END"), top_k=3)
@@ -125,11 +127,7 @@ def test_patch_attribution_in_the_language_is_the_runners_attribution(toy, tmp_p
     from circuitlang.sites import AllNeurons
 
     lm, task, prompts = toy
-    d = lm.shape.d_model
-    g = torch.Generator().manual_seed(1)
-    _saelens(tmp_path / "res2", {"W_enc": torch.randn(d, 32, generator=g) / d ** 0.5,
-                                 "b_enc": torch.zeros(32), "W_dec": torch.randn(32, d, generator=g) * 0.2,
-                                 "b_dec": torch.zeros(d)})
+    _random_sae(tmp_path / "res2", lm.shape.d_model, 32, seed=1)
     (tmp_path / "h.circ").write_text('sae s = "res2" at resid 2\nsamples 8\nseed 0\n'
                                      "patch feature s.* at END attribution\npatch neuron 1.* at END attribution\n")
     latents, neurons = circuitlang.check(str(tmp_path / "h.circ"), model="toy-ioi", task="ioi").experiments

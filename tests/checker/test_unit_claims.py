@@ -128,25 +128,28 @@ def test_every_sender_into_a_latent_on_its_own_prompt_is_the_latent(toy, tmp_pat
     from every sender before it, each on the latent's own prompt, the rebuilt stream is
     the latent's own (the attention biases are the same on every prompt), so the latent
     equals the latent as a leaf. The latent runs as patched forward passes."""
-    lm, task, prompts = toy
-    _sae(tmp_path / "res2", lm.shape.d_model, 8, seed=3, bias=0.5)
+    _sae(tmp_path / "res2", toy[0].shape.d_model, 8, seed=3, bias=0.5)
     sae = Dictionary("s", str(tmp_path / "res2"), "resid", 2, 8)
-    latent = Latent(sae, 3)
+    _assert_rebuilt_from_every_sender(toy, Latent(sae, 3), ("resample", "mean"), seed=5)
+
+
+def _assert_rebuilt_from_every_sender(toy, receiver, modes, seed: int) -> None:
+    """`receiver` (reading the stream entering block 2) with an edge from every sender
+    before it, each on its own prompt, scrubs as `receiver` alone; without MLP 1's edge it
+    does not (not the embedding's: every prompt has the same token at END)."""
+    lm, task, prompts = toy
     senders = [Embed()] + [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
     senders += [Mlp(0), Mlp(1)]
-    io = (Feature("task", "IO"),)
-    leaf = [DependsClaim(latent, END, io)]
-    edges = leaf + [EdgeClaim(s, latent, END) for s in senders] + [EdgeClaim(latent, Logits(), END)]
-    for mode in ("resample", "mean"):
-        _, a, clean = _scrub(lm, task, prompts, leaf, mode, seed=5)
-        graph, b, _ = _scrub(lm, task, prompts, edges, mode, seed=5)
+    leaf = [DependsClaim(receiver, END, (Feature("task", "IO"),))]
+    edges = leaf + [EdgeClaim(s, receiver, END) for s in senders] + [EdgeClaim(receiver, Logits(), END)]
+    for mode in modes:
+        _, alone, _ = _scrub(lm, task, prompts, leaf, mode, seed=seed)
+        graph, rebuilt, _ = _scrub(lm, task, prompts, edges, mode, seed=seed)
         assert graph.height(graph.root) == 2
-        np.testing.assert_allclose(b.scrubbed, a.scrubbed, rtol=0, atol=1e-4)
-        # a sender missing from the latent's input changes it (not the embedding: every
-        # prompt has the same token at END)
-        _, c, _ = _scrub(lm, task, prompts, [e for e in edges if getattr(e, "sender", None) != Mlp(1)], mode,
-                         seed=5)
-        assert np.abs(c.scrubbed - a.scrubbed).max() > 1e-3
+        np.testing.assert_allclose(rebuilt.scrubbed, alone.scrubbed, rtol=0, atol=1e-4)
+        without = [e for e in edges if getattr(e, "sender", None) != Mlp(1)]
+        _, short, _ = _scrub(lm, task, prompts, without, mode, seed=seed)
+        assert np.abs(short.scrubbed - alone.scrubbed).max() > 1e-3
 
 
 def test_unit_claims_run_from_the_language(toy, tmp_path):
@@ -269,20 +272,7 @@ def test_every_sender_into_a_stream_subspace_on_its_own_prompt_is_the_subspace(t
     and it does not."""
     from circuitlang.sites import Subspace
 
-    lm, task, prompts = toy
-    d = lm.shape.d_model
+    d = toy[0].shape.d_model
     b = torch.linalg.qr(torch.randn(d, 6, generator=torch.Generator().manual_seed(2)))[0]
     site = Subspace(_basis(tmp_path / "s.safetensors", b, "resid", 2))
-    senders = [Embed()] + [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
-    senders += [Mlp(0), Mlp(1)]
-    io = (Feature("task", "IO"),)
-    leaf = [DependsClaim(site, END, io)]
-    edges = leaf + [EdgeClaim(s, site, END) for s in senders] + [EdgeClaim(site, Logits(), END)]
-    for mode in ("resample", "zero"):
-        _, a, _ = _scrub(lm, task, prompts, leaf, mode, seed=7)
-        graph, b_, _ = _scrub(lm, task, prompts, edges, mode, seed=7)
-        assert graph.height(graph.root) == 2
-        np.testing.assert_allclose(b_.scrubbed, a.scrubbed, rtol=0, atol=1e-4)
-        _, c, _ = _scrub(lm, task, prompts, [e for e in edges if getattr(e, "sender", None) != Mlp(1)], mode,
-                         seed=7)
-        assert np.abs(c.scrubbed - a.scrubbed).max() > 1e-3
+    _assert_rebuilt_from_every_sender(toy, site, ("resample", "zero"), seed=7)
