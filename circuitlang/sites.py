@@ -267,6 +267,8 @@ class Basis:
         head: the head, for `hook == "head"` (its output, `z_h @ W_O[h]`); else None.
         k: its dimension (0: not known until an `align` statement has run).
         key: the tensor the file holds it under (`basis`, or a probe file's `layer{L}.basis`).
+        seed: not None for a random subspace of the same place and dimension (the
+            permutation null's): its basis is drawn from this seed, not read from `path`.
     """
 
     name: str
@@ -276,6 +278,7 @@ class Basis:
     head: int | None = None
     k: int = 0
     key: str = "basis"
+    seed: int | None = None
 
     def __str__(self) -> str:
         at = f"head {self.layer}.{self.head}.out" if self.hook == "head" else f"{self.hook} {self.layer}"

@@ -10,9 +10,10 @@ beside its own score, computed with many circuits along the batch of each pass
   zero means the statement adds nothing the rest does not.
 * **the null** (`permutation_null`): random circuits of the same size and shape (Shi
   et al. 2024): every head the hypothesis names is mapped to a distinct head, keeping
-  positions, features, channels and which edges exist, and every neuron (SAE latent)
-  to a distinct neuron of the same MLP (latent of the same dictionary), which keeps
-  every edge; the hypothesis itself is never one of them. When there are no more such
+  positions, features, channels and which edges exist, every neuron (SAE latent) to a
+  distinct neuron of the same MLP (latent of the same dictionary), and every subspace
+  to a random subspace of the same place and dimension (the usual control for a DAS
+  direction); these keep every edge; the hypothesis itself is never one of them. When there are no more such
   circuits than asked for, all of them are scored and the p-value is exact.
 
 The checker reports both; the solver uses the same functions to explain a circuit it
@@ -32,7 +33,7 @@ from circuitlang import stats, topology
 from circuitlang.errors import CircuitlangError
 from circuitlang.ir import Hypothesis
 from circuitlang.ir_to_graph import ir_to_graph
-from circuitlang.sites import Channel, Head, Latent, ModelShape, Neuron
+from circuitlang.sites import Channel, Head, Latent, ModelShape, Neuron, Subspace
 
 __all__ = ["Null", "Statement", "claim_breakdown", "permutation_null", "random_circuits", "statements"]
 
@@ -349,9 +350,33 @@ def random_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int
     """
     units = _units(hypothesis)
     circuits = _random_head_circuits(hypothesis, shape, k, seed)
-    if not units:
-        return circuits
-    return _with_random_units(hypothesis, circuits, units, shape, k, np.random.default_rng(seed + 2))
+    if units:
+        circuits = _with_random_units(hypothesis, circuits, units, shape, k, np.random.default_rng(seed + 2))
+    if _subspaces(hypothesis):
+        circuits = _with_random_subspaces(hypothesis, circuits, k, np.random.default_rng(seed + 3))
+    return circuits
+
+
+def _subspaces(hypothesis: Hypothesis) -> list:
+    found: dict = {}
+    for claim in hypothesis.claims:
+        for attr in ("site", "sender", "receiver"):
+            site = getattr(claim, attr, None)
+            if isinstance(site, Subspace) and site.basis.k > 0:  # (a basis `align` has yet to learn: kept)
+                found.setdefault(site, None)
+    return list(found)
+
+
+def _with_random_subspaces(hypothesis: Hypothesis, circuits: RandomCircuits, k: int, rng) -> RandomCircuits:
+    """Circuits whose subspaces are random ones of the same place and dimension (on top of
+    the head and unit maps, taken in turn): there are infinitely many, so `k` are drawn."""
+    bases = [hypothesis] + list(circuits.hypotheses)
+    out = []
+    for i in range(k):
+        mapping = {s: Subspace(dataclasses.replace(s.basis, seed=int(rng.integers(2**31)))) for s in
+                   _subspaces(hypothesis)}
+        out.append(_remap_units(bases[i % len(bases)], mapping))
+    return RandomCircuits(out, None, False, circuits.head_by_head)
 
 
 def _random_head_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int) -> RandomCircuits:

@@ -115,12 +115,22 @@ def basis_for(lm: "LoadedModel", basis: Basis) -> torch.Tensor:
     """The basis of a declared subspace on the model's device and dtype (cached per file
     version), checked against the model."""
     check_basis(lm, basis)
+    if basis.seed is not None:
+        return random_basis(lm.shape.d_model, basis.k, basis.seed).to(lm.device, lm.dtype)
     path = Path(basis.path)
     stamp = path.stat().st_mtime_ns if path.exists() else 0
     key = (str(path), basis.key, stamp, str(lm.device), lm.dtype)
     if key not in _cache:
         _cache[key] = read_basis(path, basis.key, d_model=lm.shape.d_model).to(lm.device, lm.dtype)
     return _cache[key]
+
+
+def random_basis(d_model: int, k: int, seed: int) -> torch.Tensor:
+    """A uniformly random k-dimensional subspace of R^d_model, as an orthonormal [d_model, k]
+    basis (QR of a Gaussian matrix, signs fixed), the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d_model, k, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).to(torch.float32)
 
 
 def check_basis(lm: "LoadedModel", basis: Basis) -> None:

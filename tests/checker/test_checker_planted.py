@@ -242,3 +242,21 @@ def test_the_planted_circuit_through_a_subspace(planted, induction_task, tmp_pat
 
     assert recovered("tokens") > 0.95
     assert recovered("positions") < 0.05
+
+
+def test_random_subspaces_are_the_null_of_a_subspace_claim(planted, induction_task, tmp_path):
+    """The permutation null of a subspace claim is random subspaces of the same place and
+    dimension: the token subspace of head 1.0's output beats every one of 20 (p = 1/21),
+    while a random circuit's share of the copy stays well below it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from planted import D, V
+
+    save_file({"basis": torch.eye(D)[:, :V].contiguous()}, str(tmp_path / "tokens.safetensors"))
+    (tmp_path / "h.circ").write_text('task induction\nmetric loss\nsubspace s = "tokens.safetensors" at '
+                                     "head 1.0.out\nsubspace s at all depends on tokens\n")
+    result = check(str(tmp_path / "h.circ"), planted, induction_task, breakdown=False, permutations=20)
+    assert len(result.null_scores) == 20 and not result.null_exact
+    assert result.p_value == pytest.approx(1 / 21)
+    assert max(result.null_scores) < result.recovered.value - 0.2
