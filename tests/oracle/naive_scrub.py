@@ -23,7 +23,10 @@ obvious way from docs/checker.md ("The graph" and "Scrubbing"):
    each input channel from the remainder, input leaves replace the channel at their
    positions, and each claimed sender adds (its value - its contribution on the prompt
    whose value the channel holds there). A head's output is `z_h @ W_O[h]` without the
-   output bias. The remainder of a channel is its value on the resampled prompt
+   output bias; a neuron's, its activation (the input of its MLP's output projection)
+   times its row of W_out; an SAE latent's (a plain ReLU SAE at resid L, weights read
+   from its folder), its activation on the stream entering block L times its decoder
+   row. Neurons and latents are leaves here. The remainder of a channel is its value on the resampled prompt
    (`resample`), on the node's own prompts' counterfactuals (`corrupt`), its dataset
    mean per absolute position over real tokens (`mean`), or what is left of the stream
    when every sender contributes nothing (`zero`): the attention-output biases no
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 
 from circuitlang.ir import DependsClaim, EdgeClaim, Feature, Hypothesis
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Neuron, Position
+from circuitlang.sites import ALL, Channel, Embed, Head, Latent, Logits, Mlp, Neuron, Position
 
 INPUT = Feature("input", "input")
 
@@ -130,6 +133,20 @@ def _project(module, x: torch.Tensor) -> torch.Tensor:
     w, b = _weight_in_out(module)
     y = x @ w
     return y if b is None else y + b
+
+
+def _sae_weights(folder: str) -> dict:
+    """A SAELens folder's weights, read with safetensors alone (a standard ReLU SAE: no input
+    normalisation, `b_dec` not subtracted from the input; the tests write only such)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(folder) / "cfg.json").read_text())
+    if cfg.get("apply_b_dec_to_input") or cfg.get("normalize_activations", "none") != "none":
+        raise ValueError("the oracle reads plain ReLU SAEs only")
+    return load_file(str(Path(folder) / "sae_weights.safetensors"))
 
 
 def _first_arg(args, kwargs, name="hidden_states"):
@@ -234,6 +251,13 @@ class NaiveModel:
         if isinstance(site, Neuron):  # its activation times its row of W_out
             w, _ = _weight_in_out(self.block(site.layer, self.arch.mlp_out))
             return cap[("hidden", site.layer)][..., site.index, None] * w[site.index].detach()
+        if isinstance(site, Latent):  # a plain ReLU SAE on the stream entering its block
+            if site.sae.hook != "resid":
+                raise ValueError(f"the oracle reads SAEs at resid L only, not {site.sae}")
+            w = _sae_weights(site.sae.path)
+            x = cap["final"] if site.sae.layer == self.n_layers else cap[("resid", site.sae.layer)]
+            act = torch.relu(x @ w["W_enc"][:, site.index].to(x.dtype) + w["b_enc"][site.index].to(x.dtype))
+            return act[..., None] * w["W_dec"][site.index].to(x.dtype)
         raise ValueError(f"not a sender: {site}")
 
     def senders_of(self, key) -> list:

@@ -29,7 +29,7 @@ from circuitlang.ir import (
     Hypothesis,
 )
 from circuitlang.ir_to_graph import ir_to_graph
-from circuitlang.sites import ALL, Channel, Embed, Head, Logits, Mlp, Neuron, Position
+from circuitlang.sites import ALL, Channel, Dictionary, Embed, Head, Latent, Logits, Mlp, Neuron, Position
 
 ARCHS = ("gpt2", "gpt_neox", "gpt_neox_seq", "llama", "mistral", "qwen2")
 
@@ -81,8 +81,8 @@ def make(lm, claims, mode="resample", given=(), semantics="paths", metric="logit
 def claim_sets(shape, positions, features, max_claims=6, neurons=()):
     """Random claim lists over a model's real sites (edges only where the model has one):
     a chain of edges down to the logits (so trees are deep), with depends-claims on some
-    of its sites, plus random claims of every kind, in a random order. `neurons` join the
-    senders (claims on them, edges from them)."""
+    of its sites, plus random claims of every kind, in a random order. `neurons` (neurons
+    or SAE latents) join the senders (claims on them, edges from them)."""
     heads = shape.heads()
     senders = [Embed()] + heads + ([Mlp(l) for l in range(shape.n_layers)] if shape.has_mlp else [])
     edges = topology.edges(shape)
@@ -109,7 +109,8 @@ def claim_sets(shape, positions, features, max_claims=6, neurons=()):
         for a, b in zip(picked, picked[1:] + [Logits()]):
             channel = draw(st.sampled_from((Channel.Q, Channel.K, Channel.V)))
             receiver = b.with_channel(channel) if isinstance(b, Head) else b
-            if not topology.edge_exists(shape, a, receiver):
+            if isinstance(b, Latent) or not topology.edge_exists(shape, a, receiver):  # (the oracle
+                # reads a latent as a leaf only)
                 continue
             # a query or an MLP reads a at the position it is read at itself (else the
             # edge makes a node of its own); a key or value anywhere
@@ -212,18 +213,22 @@ def test_random_hypotheses_more(arch, which, tiny_models, induction, varied):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_random_hypotheses_with_neurons(arch, tiny_models, induction):
-    """Neurons as senders (what they write, `activation * W_out[n]`, swapped into whatever
-    reads them) among heads and MLPs, every ablation and both semantics: the oracle reads
-    each neuron from the input of its MLP's output projection with a plain hook."""
+def test_random_hypotheses_with_neurons(arch, tiny_models, induction, tmp_path_factory):
+    """Neurons and SAE latents as senders (what they write, `activation * W_out[n]` or the
+    latent's activation times its decoder row, swapped into whatever reads them) among
+    heads and MLPs, every ablation and both semantics: the oracle reads each neuron from
+    the input of its MLP's output projection with a plain hook, and does a ReLU SAE's
+    arithmetic by hand on the stream entering block 1, from the weights file."""
     lm = tiny_models(arch)
     task, prompts = induction
     units = tuple(Neuron(layer, i) for layer in range(lm.shape.n_layers) for i in (0, 5))
+    sae = _tiny_sae(tmp_path_factory, lm.shape.d_model, layer=1)
+    units += (Latent(sae, 0), Latent(sae, 3))
 
     @st.composite
     def cases(draw):
         claims = draw(claim_sets(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, neurons=units))
-        assume(any(isinstance(getattr(c, "site", getattr(c, "sender", None)), Neuron) for c in claims))
+        assume(any(isinstance(getattr(c, "site", getattr(c, "sender", None)), (Neuron, Latent)) for c in claims))
         rest = draw(scrub_cases(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, ("logit_diff", "kl")))
         return (claims,) + rest[1:]
 
@@ -233,6 +238,23 @@ def test_random_hypotheses_with_neurons(arch, tiny_models, induction):
         _run_case(lm, task, prompts, case, "induction")
 
     check()
+
+
+def _tiny_sae(tmp_path_factory, d: int, layer: int) -> Dictionary:
+    """A random ReLU SAE in SAELens's format (8 latents, biased on) at the stream entering
+    `layer`."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("sae")
+    g = torch.Generator().manual_seed(d)
+    save_file({"W_enc": torch.randn(d, 8, generator=g) / d ** 0.5, "b_enc": torch.full((8,), 0.3),
+               "W_dec": torch.randn(8, d, generator=g) * 0.3, "b_dec": torch.zeros(d)},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 8, "apply_b_dec_to_input": False}))
+    return Dictionary("s", str(folder), "resid", layer, 8)
 
 
 # ------------------------------------------------------------------ fixed hypotheses
