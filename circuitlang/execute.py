@@ -291,7 +291,7 @@ class Scrubber:
         """The input site of a node through a channel: a head's q/k/v, an MLP's input."""
         if isinstance(site, Head):
             return site.with_channel(channel)
-        if isinstance(site, Mlp):
+        if isinstance(site, (Mlp, Neuron)):  # a neuron reads its MLP's input
             return MlpIn(site.layer)
         if isinstance(site, Latent):
             return LatentIn(site.sae, site.index)

@@ -77,7 +77,7 @@ import networkx as nx
 from circuitlang import topology
 from circuitlang.errors import Diagnostic, LowerError
 from circuitlang.ir import DEFAULT_SEMANTICS, Feature
-from circuitlang.sites import ALL, Channel, Head, Latent, Logits, Mlp, Position, Site, Subspace
+from circuitlang.sites import ALL, Channel, Head, Latent, Logits, Mlp, Neuron, Position, Site, Subspace
 
 INPUT = "input"  # the feature "the whole prompt": agree on it = same prompt
 
@@ -427,7 +427,7 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             ]
             if not parents:
                 parents = [add_sender(out, pos if channel is Channel.Q else ALL, SAME_INPUT, None)]
-        elif isinstance(receiver, (Mlp, Latent, Subspace)):
+        elif isinstance(receiver, (Mlp, Neuron, Latent, Subspace)):
             channel = None
             parents = [
                 t

@@ -29,9 +29,11 @@ Below the component, a neuron `Neuron(l, n)` sends as part of MLP l (it writes
 where their dictionary is spliced in: a dictionary at `resid L` writes into the
 stream entering block L, one at `attn L` beside layer L's heads, one at `mlp L` as
 MLP L. A latent also receives: its hook point holds the senders before it (a
-dictionary at `attn L`: layer L's heads; at `mlp L`: MLP L). They are not yet nodes
-of a causal-scrubbing graph: `site_order` refuses them, so the lowering says so
-instead of scrubbing them with a component's semantics.
+dictionary at `attn L`: layer L's heads; at `mlp L`: MLP L); a neuron receives what
+its MLP reads; a subspace sends where its state is and, for a stream's (`resid L`),
+receives the senders before it. All of them are nodes of the causal-scrubbing graph
+(`site_order` places them); the edge engine's own lists (`senders`, `receivers`) are
+components only.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ __all__ = ["canonical", "edge_exists", "edge_problem", "edges", "is_receiver", "
 
 SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I, "
                 "error S and subspace S")
-RECEIVERS_HINT = ("receivers are head L.H.q / .k / .v, mlp L (its input), logits, feature S.I "
-                  "(what the latent reads) and a subspace of a stream (`at resid L`)")
+RECEIVERS_HINT = ("receivers are head L.H.q / .k / .v, mlp L and neuron L.N (the MLP's input), logits, "
+                  "feature S.I (what the latent reads) and a subspace of a stream (`at resid L`)")
 
 
 def is_sender(site: Site) -> bool:
@@ -54,7 +56,7 @@ def is_sender(site: Site) -> bool:
 
 def is_receiver(site: Site) -> bool:
     """True for sites that read the residual stream (an SAE latent reads its hook point)."""
-    return (isinstance(site, (Mlp, Logits, Latent)) or (isinstance(site, Head) and site.channel.is_input)
+    return (isinstance(site, (Mlp, Neuron, Logits, Latent)) or (isinstance(site, Head) and site.channel.is_input)
             or (isinstance(site, Subspace) and site.basis.hook == "resid"))
 
 

@@ -276,3 +276,27 @@ def test_every_sender_into_a_stream_subspace_on_its_own_prompt_is_the_subspace(t
     b = torch.linalg.qr(torch.randn(d, 6, generator=torch.Generator().manual_seed(2)))[0]
     site = Subspace(_basis(tmp_path / "s.safetensors", b, "resid", 2))
     _assert_rebuilt_from_every_sender(toy, site, ("resample", "zero"), seed=7)
+
+
+def test_every_sender_into_a_neuron_on_its_own_prompt_is_the_neuron(toy):
+    """A neuron receives what its MLP reads: MLP 1's input rebuilt from the remainder with the
+    claimed senders swapped in, run through MLP 1 by a patched forward pass, the neuron's
+    write read from it. With an edge from every sender into MLP 1 (the embedding, layer 0,
+    and layer 1's heads), each on the neuron's own prompt, it is the neuron as a leaf;
+    without MLP 0 it is not."""
+    from circuitlang.sites import Neuron
+
+    lm, task, prompts = toy
+    neuron = Neuron(1, 90)
+    heads = [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
+    senders = [Embed(), Mlp(0)] + heads
+    leaf = [DependsClaim(neuron, END, (Feature("task", "IO"),))]
+    edges = leaf + [EdgeClaim(s, neuron, END) for s in senders] + [EdgeClaim(neuron, Logits(), END)]
+    for mode in ("resample", "mean"):
+        _, alone, _ = _scrub(lm, task, prompts, leaf, mode, seed=3)
+        graph, rebuilt, _ = _scrub(lm, task, prompts, edges, mode, seed=3)
+        assert graph.height(graph.root) == 2
+        np.testing.assert_allclose(rebuilt.scrubbed, alone.scrubbed, rtol=0, atol=1e-4)
+        _, short, _ = _scrub(lm, task, prompts, [e for e in edges if getattr(e, "sender", None) != Mlp(0)],
+                             mode, seed=3)
+        assert np.abs(short.scrubbed - alone.scrubbed).max() > 1e-4

@@ -109,8 +109,8 @@ def claim_sets(shape, positions, features, max_claims=6, neurons=()):
         for a, b in zip(picked, picked[1:] + [Logits()]):
             channel = draw(st.sampled_from((Channel.Q, Channel.K, Channel.V)))
             receiver = b.with_channel(channel) if isinstance(b, Head) else b
-            if isinstance(b, Latent) or not topology.edge_exists(shape, a, receiver):  # (the oracle
-                # reads a latent as a leaf only)
+            if isinstance(b, (Latent, Neuron)) or not topology.edge_exists(shape, a, receiver):  # (the
+                # oracle reads units as leaves only)
                 continue
             # a query or an MLP reads a at the position it is read at itself (else the
             # edge makes a node of its own); a key or value anywhere
