@@ -13,8 +13,9 @@ beside its own score, computed with many circuits along the batch of each pass
   positions, features, channels and which edges exist, every neuron (SAE latent) to a
   distinct neuron of the same MLP (latent of the same dictionary), and every subspace
   to a random subspace of the same place and dimension (the usual control for a DAS
-  direction); these keep every edge; the hypothesis itself is never one of them. When there are no more such
-  circuits than asked for, all of them are scored and the p-value is exact.
+  direction); these keep every edge; the hypothesis itself is never one of them.
+  When there are no more such circuits than asked for, all of them are scored and
+  the p-value is exact.
 
 The checker reports both; the solver uses the same functions to explain a circuit it
 found.
@@ -122,14 +123,27 @@ class Null:
     head_by_head: bool = False  # some circuits were drawn head by head (`random_circuits`)
 
 
-def _heads(hypothesis: Hypothesis) -> list[tuple[int, int]]:
-    found: dict[tuple[int, int], None] = {}
+_ENDS = ("site", "sender", "receiver")  # where a claim names sites
+
+
+def _named(hypothesis: Hypothesis):
+    """Every site the claims name, in order (with repeats)."""
     for claim in hypothesis.claims:
-        for attr in ("site", "sender", "receiver"):
+        for attr in _ENDS:
             site = getattr(claim, attr, None)
-            if isinstance(site, Head):
-                found.setdefault((site.layer, site.head), None)
-    return list(found)
+            if site is not None:
+                yield site
+
+
+def _rewrite(hypothesis: Hypothesis, fix) -> Hypothesis:
+    """The hypothesis with every site its claims name replaced by `fix(site)`."""
+    claims = [dataclasses.replace(c, **{a: fix(getattr(c, a)) for a in _ENDS if hasattr(c, a)})
+              for c in hypothesis.claims]
+    return dataclasses.replace(hypothesis, claims=tuple(claims))
+
+
+def _heads(hypothesis: Hypothesis) -> list[tuple[int, int]]:
+    return list(dict.fromkeys((s.layer, s.head) for s in _named(hypothesis) if isinstance(s, Head)))
 
 
 def _remap(hypothesis: Hypothesis, mapping: dict) -> Hypothesis:
@@ -139,11 +153,7 @@ def _remap(hypothesis: Hypothesis, mapping: dict) -> Hypothesis:
             return Head(layer, head, site.channel)
         return site
 
-    claims = []
-    for claim in hypothesis.claims:
-        changes = {a: fix(getattr(claim, a)) for a in ("site", "sender", "receiver") if hasattr(claim, a)}
-        claims.append(dataclasses.replace(claim, **changes))
-    return dataclasses.replace(hypothesis, claims=tuple(claims))
+    return _rewrite(hypothesis, fix)
 
 
 class _Template:
@@ -155,7 +165,7 @@ class _Template:
         self.parts = []  # per claim: (kind, site-or-slot per attribute, position, features)
         for claim in hypothesis.claims:
             ends = []
-            for attr in ("site", "sender", "receiver"):
+            for attr in _ENDS:
                 site = getattr(claim, attr, None)
                 if isinstance(site, Head) and (site.layer, site.head) in slot:
                     ends.append((slot[(site.layer, site.head)], site.channel))
@@ -265,13 +275,11 @@ def _units(hypothesis: Hypothesis) -> dict:
     """The neurons and latents the hypothesis names, by the pool each is drawn from:
     ("neuron", layer) or ("latent", dictionary) -> the units, in order of appearance."""
     found: dict = {}
-    for claim in hypothesis.claims:
-        for attr in ("site", "sender", "receiver"):
-            site = getattr(claim, attr, None)
-            if isinstance(site, Neuron):
-                found.setdefault(("neuron", site.layer), {}).setdefault(site, None)
-            elif isinstance(site, Latent):
-                found.setdefault(("latent", site.sae), {}).setdefault(site, None)
+    for site in _named(hypothesis):
+        if isinstance(site, Neuron):
+            found.setdefault(("neuron", site.layer), {}).setdefault(site, None)
+        elif isinstance(site, Latent):
+            found.setdefault(("latent", site.sae), {}).setdefault(site, None)
     return {pool: list(units) for pool, units in found.items()}
 
 
@@ -281,12 +289,7 @@ def _pool_size(pool, shape: ModelShape) -> int:
 
 
 def _remap_units(hypothesis: Hypothesis, mapping: dict) -> Hypothesis:
-    def fix(site):
-        return mapping.get(site, site)
-
-    claims = [dataclasses.replace(c, **{a: fix(getattr(c, a)) for a in ("site", "sender", "receiver")
-                                         if hasattr(c, a)}) for c in hypothesis.claims]
-    return dataclasses.replace(hypothesis, claims=tuple(claims))
+    return _rewrite(hypothesis, lambda site: mapping.get(site, site))
 
 
 def _claims_key(hypothesis: Hypothesis) -> frozenset:
@@ -358,13 +361,8 @@ def random_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int
 
 
 def _subspaces(hypothesis: Hypothesis) -> list:
-    found: dict = {}
-    for claim in hypothesis.claims:
-        for attr in ("site", "sender", "receiver"):
-            site = getattr(claim, attr, None)
-            if isinstance(site, Subspace) and site.basis.k > 0:  # (a basis `align` has yet to learn: kept)
-                found.setdefault(site, None)
-    return list(found)
+    # (a basis `align` has yet to learn, k = 0, stays as it is)
+    return list(dict.fromkeys(s for s in _named(hypothesis) if isinstance(s, Subspace) and s.basis.k > 0))
 
 
 def _with_random_subspaces(hypothesis: Hypothesis, circuits: RandomCircuits, k: int, rng) -> RandomCircuits:
