@@ -126,6 +126,11 @@ VALUE_BUDGET = 2**26
 #: the per-claim breakdown, the permutation test) up to this many floats.
 MEMO_BUDGET = 2**27
 
+#: Many graphs scrubbed together capture every site they read in one pass while those
+#: values (one [prompts, tokens, d_model] tensor a site; a layer's head inputs share one)
+#: fit in this many floats.
+CAPTURE_BUDGET = 2**28
+
 #: Floats of logits one chunk of the root pass holds ([rows, tokens, vocab]).
 LOGITS_BUDGET = 2**24
 
@@ -352,6 +357,7 @@ class Scrubber:
         """
         results: list[ScrubResult | None] = [None] * len(graphs)
         done = 0
+        self._capture_up_front(graphs)
         for group in self._groups(graphs):
             sites: list = []
             for i in group:
@@ -391,6 +397,31 @@ class Scrubber:
             if progress is not None:
                 progress(done)
         return results
+
+    def _capture_up_front(self, graphs: list[InterventionGraph]) -> None:
+        """Capture what every graph reads in one pass (one per cache), when it fits
+        `CAPTURE_BUDGET`; else each group of graphs captures what it lacks. Many graphs
+        (the permutation test's random circuits) would otherwise cost a capture pass per
+        group, each for the few heads it adds."""
+        if len(graphs) < 2:
+            return
+        sites = list(dict.fromkeys(s for g in graphs for s in self.sites_needed(g) + self._own_channel_sites(g)))
+        missing = [s for s in sites if s not in self.cache.values]
+        streams = {self._capture_key(s) for s in missing}
+        n, t = self.prompts.input_ids.shape
+        if len(streams) * n * t * self.model.shape.d_model > CAPTURE_BUDGET:
+            return
+        self.cache.ensure(sites)
+        if any(g.ablation == "corrupt" for g in graphs):
+            self.corrupt_cache.ensure(sites)
+
+    @staticmethod
+    def _capture_key(site):
+        """Sites a plain pass captures as one tensor (`PlainCache.ensure`): a head's q, k
+        and v inputs are the stream entering its block."""
+        if isinstance(site, Head) and site.channel in (Channel.Q, Channel.K, Channel.V):
+            return Resid(site.layer)
+        return site
 
     def _own_channel_sites(self, graph: InterventionGraph) -> list:
         """Input sites the kernels read on a node's own prompt: channels of nodes with
@@ -529,6 +560,92 @@ class Scrubber:
         else:
             dest[ar, td] += piece
 
+    # -- one token per row: what a node read at a named position needs -----------------
+
+    def _assemble_at(self, graph, v: int, insts, channel, input_site, sel: np.ndarray,
+                     token: torch.Tensor) -> torch.Tensor | None:
+        """`_assemble` at one token of each row ([len(sel), D]): `token` [len(sel)] is the
+        index, in the node's own prompts, where the node is read (a head's query, an MLP
+        or a subspace read at a named position). It places exactly what `_assemble` places,
+        at that token only, and gathers nothing else."""
+        if not graph.reads_from_remainder(v, channel):
+            return None
+        kids = [(c, t) for c, t in graph.children(v) if enters(t, channel)]
+        inst, mode = insts[v], graph.ablation
+        rows, remainder = inst.rows[sel], inst.remainder[sel]
+
+        def hits(position: Position) -> torch.Tensor | None:  # rows where `position` is the token
+            return None if position.is_all else self._index(position, rows) == token
+
+        def there(position: Position, kid_rows: np.ndarray) -> torch.Tensor:  # the token in kid_rows
+            return token if position.is_all else self._index(position, kid_rows)
+
+        def put(dest, hit, src, add=False):
+            if hit is None:
+                dest.add_(src) if add else dest.copy_(src)
+            elif add:
+                dest[hit] += src[hit]
+            else:
+                dest[hit] = src[hit]
+
+        leaves = []  # (position, the leaf's prompts, its site), in order
+        for c, t in kids:
+            node = graph.node(c)
+            if node.role != "input":
+                continue
+            position = ALL if t.channel is Channel.PATTERN and channel is Channel.K else t.position
+            site = self._input_site(node.site)
+            if isinstance(site, Head) and site.channel is Channel.PATTERN:
+                site = site.with_channel(channel)
+            leaves.append((position, insts[c].rows[sel], site))
+        value = self._remainder_at(input_site, remainder, mode, token)
+        for position, kid_rows, site in leaves:
+            put(value, hits(position), self._plain_at(site, kid_rows, there(position, kid_rows)))
+        current: dict = {}  # site -> what it contributes to the channel at the token
+        senders = [(c, t) for c, t in kids if graph.node(c).role != "input"]
+        for c, t in sorted(senders, key=lambda item: not item[1].position.is_all):
+            site = self._sender_site(graph.node(c).site)
+            base = current.get(site)
+            if base is None:
+                base = current[site] = self._remainder_at(site, remainder, mode, token)
+                for position, kid_rows, _ in leaves:
+                    put(base, hits(position), self._plain_at(site, kid_rows, there(position, kid_rows)))
+            kid_rows = insts[c].rows[sel]
+            child = self._child_at(graph, c, insts, sel, there(t.position, kid_rows))
+            hit = hits(t.position)
+            put(value, hit, child - base, add=True)
+            put(base, hit, child)
+        return value
+
+    def _plain_at(self, site, rows: np.ndarray, token: torch.Tensor) -> torch.Tensor:
+        """A site's plain value on `rows` at one token each ([len(rows), D])."""
+        return self.cache.get(site)[torch.as_tensor(rows), token]
+
+    def _remainder_at(self, site, rows: np.ndarray, mode: str, token: torch.Tensor) -> torch.Tensor:
+        """`_remainder` at one token of each row ([len(rows), D])."""
+        if mode == "resample":
+            return self._plain_at(site, rows, token)
+        if mode == "corrupt":
+            return self.corrupt_cache.get(site)[torch.as_tensor(rows), token]
+        if mode == "mean":
+            return self.cache.mean(site)[token].clone()
+        if mode == "zero":
+            d = self.cache.get(site).shape[-1]
+            out = torch.zeros(len(rows), d, dtype=self.cache.get(site).dtype)
+            bias = self._bias_stream(site)
+            return out if bias is None else out + bias.to(out.dtype)
+        raise ExecutionError(f"unknown ablation {mode!r}", hint="use " + ", ".join(ABLATION_MODES))
+
+    def _child_at(self, graph: InterventionGraph, c: int, insts: dict, sel: np.ndarray,
+                  token: torch.Tensor) -> torch.Tensor:
+        """A sender child's value for the references `sel` at one token of its own prompts
+        ([len(sel), D]; a computed child read at a named position holds only that)."""
+        inst = insts[c]
+        if inst.value is not None:
+            value = inst.value[torch.as_tensor(sel)]
+            return value if value.dim() == 2 else value[torch.arange(len(sel)), token]
+        return self._plain_at(self._sender_site(graph.node(c).site), inst.rows[sel], token)
+
     # -- levels: identical rows once, each by its kernel ------------------------------
 
     def _out_position(self, graph: InterventionGraph, v: int) -> Position:
@@ -636,10 +753,19 @@ class Scrubber:
             sel = refs[here]
             rows = insts[v].rows[sel]
             prompt_rows[here] = rows
+            at = None
             if not every:
-                query[torch.as_tensor(here)] = self._index(self._out_position(graph, v), rows)
+                at = self._index(self._out_position(graph, v), rows)
+                query[torch.as_tensor(here)] = at
             for ch in graph.input_channels(v):
                 channel_site = self._channel_site(site, ch)
+                if at is not None and ch not in (Channel.K, Channel.V):  # read at the query alone
+                    val = self._assemble_at(graph, v, insts, ch, channel_site, sel, at)
+                    if val is None:
+                        val = self._plain_at(channel_site, rows, at)
+                    inputs.setdefault(ch, torch.empty(len(chunk), val.shape[-1], dtype=val.dtype))
+                    inputs[ch][torch.as_tensor(here)] = val
+                    continue
                 val = self._assemble(graph, v, insts, ch, channel_site, sel)
                 if val is None:  # read on the node's own prompt
                     val = self._plain(channel_site, rows)
@@ -647,20 +773,17 @@ class Scrubber:
                     inputs[ch] = torch.empty(len(chunk), *val.shape[1:], dtype=val.dtype)
                 inputs[ch][torch.as_tensor(here)] = val
         mask = self.prompts.attention_mask[torch.as_tensor(prompt_rows)]
-        ar = torch.arange(len(chunk))
         if isinstance(site, Head):
             out = self.kernels.head(site, inputs[Channel.Q], inputs[Channel.K], inputs[Channel.V], mask,
                                     None if every else query)
             self.work.head_rows += len(chunk)
             keys = mask.sum(1) if every else query + 1
             self.work.head_token_layers += int(keys.sum())
-        elif isinstance(site, Subspace):
-            stream = inputs[None]
-            out = self.kernels.subspace(site, stream if every else stream[ar, query])
+        elif isinstance(site, Subspace):  # (at a named position the stream is there already)
+            out = self.kernels.subspace(site, inputs[None])
             self.work.subspace_rows += len(chunk)
         else:
-            stream = inputs[None]
-            out = self.kernels.mlp(site, stream if every else stream[ar, query])
+            out = self.kernels.mlp(site, inputs[None])
             self.work.mlp_rows += len(chunk)
             self.work.mlp_token_layers += int(mask.sum()) if every else len(chunk)
         return out.detach().to("cpu")

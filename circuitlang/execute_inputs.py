@@ -147,10 +147,16 @@ class PlainCache:
         self.input_ids = prompts.input_ids if which == "clean" else prompts.corrupt_input_ids
 
     def ensure(self, sites) -> None:
+        """Capture the sites not yet held, in one batched pass over the prompts.
+
+        Sites whose captured values are one tensor in every batch of the pass (the q, k
+        and v inputs of a layer's heads are all the stream entering the block, in a
+        plain run) are held once and shared, so a layer's heads cost one stream."""
         missing = [s for s in dict.fromkeys(sites) if s not in self.values]
         if not missing:
             return
-        parts = {s: [] for s in missing}
+        ids: dict = {s: [] for s in missing}  # site -> which distinct tensor it was, per batch
+        parts: list[list[torch.Tensor]] = []     # the distinct tensors of each batch, on the CPU
         for sl in _chunks(len(self.prompts.input_ids), self.batch_size):
             run = run_batched(
                 self.model,
@@ -158,11 +164,22 @@ class PlainCache:
                 self.prompts.attention_mask[sl],
                 capture=missing,
             )
+            distinct: dict = {}  # id of a captured tensor -> its index in this batch
+            batch: list[torch.Tensor] = []
             for s in missing:
-                parts[s].append(run.cache[s].detach().to("cpu"))
+                value = run.cache[s]
+                if id(value) not in distinct:
+                    distinct[id(value)] = len(batch)
+                    batch.append(value.detach().to("cpu"))
+                ids[s].append(distinct[id(value)])
+            parts.append(batch)
         self.passes += 1
+        joined: dict = {}  # the same tensor in every batch -> one concatenation
         for s in missing:
-            self.values[s] = torch.cat(parts[s])
+            key = tuple(ids[s])
+            if key not in joined:
+                joined[key] = torch.cat([batch[i] for batch, i in zip(parts, key)])
+            self.values[s] = joined[key]
 
     def get(self, site) -> torch.Tensor:
         self.ensure([site])

@@ -107,6 +107,7 @@ class NodeKernels:
         """Head `site`'s output from its q/k/v input streams [B, T, D].
 
         Args:
+            q_in: [B, T, D], or [B, D] already at `query`.
             mask: the rows' attention masks [B, T] (1 for real tokens).
             query: the one query position per row [B], or None for every position.
 
@@ -125,7 +126,7 @@ class NodeKernels:
             query = query.to(dev)
             width = int(query.max()) + 1  # causal: no key after the last query is read
             k_in, v_in, mask = k_in[:, :width], v_in[:, :width], mask[:, :width]
-            q_in = q_in[ar, query].unsqueeze(1)  # [B, 1, D]
+            q_in = (q_in if q_in.dim() == 2 else q_in[ar, query]).unsqueeze(1)  # [B, 1, D]
         q = self._project(layer, Channel.Q, h, norm(q_in))
         k = self._project(layer, Channel.K, kv_unit, norm(k_in))
         v = self._project(layer, Channel.V, kv_unit, norm(v_in))
