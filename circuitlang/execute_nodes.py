@@ -114,30 +114,39 @@ class NodeKernels:
         Returns:
             [B, D] at `query`, or [B, T, D].
         """
-        layer, h = site.layer, site.head
-        adapter = self.adapter
-        norm = adapter.attn_norm(layer)
-        kv_unit = h // adapter.kv_group()
         dev = self.device
         q_in, k_in, v_in, mask = (x.to(dev) for x in (q_in, k_in, v_in, mask))
-        b = q_in.shape[0]
-        ar = torch.arange(b, device=dev)
         if query is not None:
             query = query.to(dev)
             width = int(query.max()) + 1  # causal: no key after the last query is read
-            k_in, v_in, mask = k_in[:, :width], v_in[:, :width], mask[:, :width]
-            q_in = (q_in if q_in.dim() == 2 else q_in[ar, query]).unsqueeze(1)  # [B, 1, D]
-        q = self._project(layer, Channel.Q, h, norm(q_in))
-        k = self._project(layer, Channel.K, kv_unit, norm(k_in))
-        v = self._project(layer, Channel.V, kv_unit, norm(v_in))
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self._scaling(layer, q.shape[-1])
-        t_k = k.shape[1]
-        keys = torch.arange(t_k, device=dev)
-        q_pos = query.unsqueeze(1) if query is not None else torch.arange(q.shape[1], device=dev).unsqueeze(0)
+            k_in, v_in = k_in[:, :width], v_in[:, :width]
+            if q_in.dim() == 3:
+                q_in = q_in[torch.arange(q_in.shape[0], device=dev), query]
+        q = self.project(site, Channel.Q, q_in if query is None else q_in.unsqueeze(1))
+        return self.attend(site, q, self.project(site, Channel.K, k_in), self.project(site, Channel.V, v_in),
+                           mask, query)
+
+    def project(self, site: Head, channel: Channel, stream: torch.Tensor) -> torch.Tensor:
+        """Head `site`'s query, key or value from an input stream ([..., D] -> [..., d_head];
+        a key or value is its key/value group's)."""
+        unit = site.head if channel is Channel.Q else site.head // self.adapter.kv_group()
+        norm = self.adapter.attn_norm(site.layer)
+        return self._project(site.layer, channel, unit, norm(stream.to(self.device)))
+
+    def attend(self, site: Head, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               query: torch.Tensor | None) -> torch.Tensor:
+        """Head `site`'s output from its queries [B, 1 or T, d_head] (one per row at
+        `query` [B], or every position), keys and values [B, T_k, d_head] (`T_k` may stop
+        after the last query) and the rows' attention masks [B, T]."""
+        dev = self.device
+        mask = mask.to(dev)[:, :k.shape[1]]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self._scaling(site.layer, q.shape[-1])
+        keys = torch.arange(k.shape[1], device=dev)
+        q_pos = query.to(dev).unsqueeze(1) if query is not None else torch.arange(q.shape[1], device=dev).unsqueeze(0)
         allowed = (keys.view(1, 1, -1) <= q_pos.unsqueeze(-1)) & mask.bool().unsqueeze(1)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(torch.matmul(weights, v), adapter.out_weight(layer)[h])
+        out = torch.matmul(torch.matmul(weights, v), self.adapter.out_weight(site.layer)[site.head])
         return out[:, 0] if query is not None else out
 
     def _project(self, layer: int, channel: Channel, unit: int, normed: torch.Tensor) -> torch.Tensor:
