@@ -131,6 +131,11 @@ MEMO_BUDGET = 2**27
 #: fit in this many floats.
 CAPTURE_BUDGET = 2**28
 
+#: Heads' keys and values projected from plain streams for every prompt (`_projection`)
+#: are kept up to this many floats; beyond it a head's keys and values are projected
+#: from each row's assembled stream.
+PROJECTION_BUDGET = 2**27
+
 #: Floats of logits one chunk of the root pass holds ([rows, tokens, vocab]).
 LOGITS_BUDGET = 2**24
 
@@ -187,6 +192,8 @@ class Scrubber:
         self.use_memo = True
         self._memo: dict = {}
         self._memo_floats = 0
+        self._projections: dict = {}  # (stream, layer, key/value group, channel) -> [N, T, d_head]
+        self._projection_floats = 0
         self._reads: torch.Tensor | None = None
         self._positions: dict = {}  # Position -> its token index in every prompt
         self._columns: torch.Tensor | None = None
@@ -741,12 +748,19 @@ class Scrubber:
 
     def _compute(self, items: list, site, every: bool, chunk: list) -> torch.Tensor:
         """Rows `chunk` ((key, item, reference) triples) of nodes at `site`, by the kernel:
-        [B, D] at the position each parent reads, or [B, T, D] when `every`."""
+        [B, D] at the position each parent reads, or [B, T, D] when `every`.
+
+        A channel read at the query alone (a head's query; an MLP's or a subspace's input
+        read at a named position) is assembled at that token only. A head's keys and
+        values come, where `_sparse_channel` finds the stream to be one plain stream
+        with a few tokens changed, from that stream's keys or values projected once for
+        every prompt (`_projection`), with only the changed tokens projected anew."""
         inputs: dict = {}
         prompt_rows = np.empty(len(chunk), dtype=np.int64)
         query = torch.empty(len(chunk), dtype=torch.long)
         ks = np.array([k for _, k, _ in chunk])
         refs = np.array([r for _, _, r in chunk])
+        head = isinstance(site, Head)
         for k in dict.fromkeys(ks.tolist()):
             graph, v, insts = items[k]
             here = np.flatnonzero(ks == k)
@@ -759,23 +773,29 @@ class Scrubber:
                 query[torch.as_tensor(here)] = at
             for ch in graph.input_channels(v):
                 channel_site = self._channel_site(site, ch)
-                if at is not None and ch not in (Channel.K, Channel.V):  # read at the query alone
+                if head and ch in (Channel.K, Channel.V):  # as keys or values [n, T, d_head]
+                    val = self._keys_or_values(graph, v, insts, ch, channel_site, sel)
+                elif at is not None:  # read at the query alone
                     val = self._assemble_at(graph, v, insts, ch, channel_site, sel, at)
                     if val is None:
                         val = self._plain_at(channel_site, rows, at)
-                    inputs.setdefault(ch, torch.empty(len(chunk), val.shape[-1], dtype=val.dtype))
-                    inputs[ch][torch.as_tensor(here)] = val
-                    continue
-                val = self._assemble(graph, v, insts, ch, channel_site, sel)
-                if val is None:  # read on the node's own prompt
-                    val = self._plain(channel_site, rows)
+                else:
+                    val = self._assemble(graph, v, insts, ch, channel_site, sel)
+                    if val is None:  # read on the node's own prompt
+                        val = self._plain(channel_site, rows)
                 if ch not in inputs:
                     inputs[ch] = torch.empty(len(chunk), *val.shape[1:], dtype=val.dtype)
                 inputs[ch][torch.as_tensor(here)] = val
         mask = self.prompts.attention_mask[torch.as_tensor(prompt_rows)]
-        if isinstance(site, Head):
-            out = self.kernels.head(site, inputs[Channel.Q], inputs[Channel.K], inputs[Channel.V], mask,
-                                    None if every else query)
+        if head:
+            q_in = inputs[Channel.Q]
+            keys_, values = inputs[Channel.K], inputs[Channel.V]
+            if not every:
+                width = int(query.max()) + 1  # causal: no key after the last query is read
+                keys_, values, q_in = keys_[:, :width], values[:, :width], q_in.unsqueeze(1)
+            q = self.kernels.project(site, Channel.Q, q_in)
+            out = self.kernels.attend(site, q, keys_.to(q.device), values.to(q.device), mask,
+                                      None if every else query)
             self.work.head_rows += len(chunk)
             keys = mask.sum(1) if every else query + 1
             self.work.head_token_layers += int(keys.sum())
@@ -787,6 +807,87 @@ class Scrubber:
             self.work.mlp_rows += len(chunk)
             self.work.mlp_token_layers += int(mask.sum()) if every else len(chunk)
         return out.detach().to("cpu")
+
+    # -- a head's keys and values: plain streams projected once -------------------------
+
+    def _keys_or_values(self, graph, v: int, insts, channel, input_site, sel: np.ndarray) -> torch.Tensor:
+        """Head node `v`'s keys or values (`channel` K or V) for the references `sel`
+        ([len(sel), T, d_head]): as `_assemble` builds the stream, projected."""
+        site = graph.node(v).site
+        sparse = self._sparse_channel(graph, v, insts, channel, input_site, sel)
+        if sparse is not None:
+            (cache, stream_site, stream_rows), tokens = sparse
+            projected = self._projection(cache, stream_site, site, channel)
+            if projected is not None:
+                out = projected.index_select(0, torch.as_tensor(stream_rows))
+                ar = torch.arange(len(sel))
+                for token in tokens:  # where a claim changes the stream, project it anew
+                    stream = self._assemble_at(graph, v, insts, channel, input_site, sel, token)
+                    out[ar, token] = self.kernels.project(site, channel, stream).to(out.device, out.dtype)
+                return out
+        stream = self._assemble(graph, v, insts, channel, input_site, sel)
+        if stream is None:
+            stream = self._plain(input_site, insts[v].rows[sel])
+        return self.kernels.project(site, channel, stream).to("cpu")
+
+    def _sparse_channel(self, graph, v: int, insts, channel, input_site, sel: np.ndarray):
+        """A channel that is one plain stream per row except at a few tokens, as
+        ((cache, site, prompts), tokens): the stream is `site`'s value in `cache` on
+        `prompts` (the node's own, its remainder's, or an input leaf's read at every
+        position) except at `tokens`, a list of [len(sel)] indices (one per named
+        position where a claim changes it). None where a claimed sender is read at every
+        position, or the remainder is a mean or zeros."""
+        inst = insts[v]
+        if not graph.reads_from_remainder(v, channel):
+            return (self.cache, input_site, inst.rows[sel]), []
+        if graph.ablation == "resample":
+            base = (self.cache, input_site, inst.remainder[sel])
+        elif graph.ablation == "corrupt":
+            base = (self.corrupt_cache, input_site, inst.remainder[sel])
+        else:
+            base = None
+        leaf_positions: list = []  # named positions leaves replace, after the last one at every position
+        sender_positions: list = []
+        for c, t in graph.children(v):
+            if not enters(t, channel):
+                continue
+            node = graph.node(c)
+            if node.role != "input":
+                if t.position.is_all:
+                    return None
+                sender_positions.append(t.position)
+                continue
+            position = ALL if t.channel is Channel.PATTERN and channel is Channel.K else t.position
+            if not position.is_all:
+                leaf_positions.append(position)
+                continue
+            leaf = self._input_site(node.site)
+            if isinstance(leaf, Head) and leaf.channel is Channel.PATTERN:
+                leaf = leaf.with_channel(channel)
+            base, leaf_positions = (self.cache, leaf, insts[c].rows[sel]), []
+        if base is None:
+            return None
+        rows = inst.rows[sel]
+        return base, [self._index(p, rows) for p in dict.fromkeys(leaf_positions + sender_positions)]
+
+    def _projection(self, cache, stream_site, head: Head, channel) -> torch.Tensor | None:
+        """Head `head`'s keys or values computed from `stream_site`'s plain value on every
+        prompt of `cache` ([N, T, d_head]), once per stream and key/value group; None
+        when no more fit `PROJECTION_BUDGET`."""
+        stream = cache.get(stream_site)
+        unit = head.head // self.model.adapter.kv_group()
+        key = (id(stream), head.layer, unit, channel)
+        got = self._projections.get(key)
+        if got is None:
+            d_head = self.kernels.project(head, channel, stream[:1, :1]).shape[-1]
+            size = stream.shape[0] * stream.shape[1] * d_head
+            if self._projection_floats + size > PROJECTION_BUDGET:
+                return None
+            got = torch.cat([self.kernels.project(head, channel, stream[sl]).to("cpu")
+                             for sl in _chunks(stream.shape[0], self.batch_size)])
+            self._projections[key] = got
+            self._projection_floats += size
+        return got
 
     def _metric_reads(self) -> torch.Tensor:
         """BoolTensor [N, T]: where the metric reads the logits (`metric_reads`, by chunks
