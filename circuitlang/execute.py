@@ -156,6 +156,13 @@ def _mix(x):
     return x ^ (x >> _S31)
 
 
+def _gather_at(values: torch.Tensor, rows: np.ndarray, token: torch.Tensor) -> torch.Tensor:
+    """values[rows[i], token[i]] for every i ([len(rows), D]), by one flat gather."""
+    n, t = values.shape[:2]
+    flat = torch.as_tensor(rows, dtype=torch.long) * t + token.to(torch.long)
+    return values.reshape(n * t, -1).index_select(0, flat)
+
+
 def _kernel(site) -> str | None:
     """The `NodeKernels` kernel that computes a node at `site`, if any."""
     if isinstance(site, Subspace):
@@ -587,13 +594,13 @@ class Scrubber:
         def there(position: Position, kid_rows: np.ndarray) -> torch.Tensor:  # the token in kid_rows
             return token if position.is_all else self._index(position, kid_rows)
 
-        def put(dest, hit, src, add=False):
+        def put(dest, hit, src, add=False):  # dest (+)= src on the rows hit (None: every row)
             if hit is None:
                 dest.add_(src) if add else dest.copy_(src)
             elif add:
-                dest[hit] += src[hit]
+                dest.add_(src * hit.unsqueeze(-1).to(src.dtype))
             else:
-                dest[hit] = src[hit]
+                dest.copy_(torch.where(hit.unsqueeze(-1), src, dest))
 
         leaves = []  # (position, the leaf's prompts, its site), in order
         for c, t in kids:
@@ -626,14 +633,14 @@ class Scrubber:
 
     def _plain_at(self, site, rows: np.ndarray, token: torch.Tensor) -> torch.Tensor:
         """A site's plain value on `rows` at one token each ([len(rows), D])."""
-        return self.cache.get(site)[torch.as_tensor(rows), token]
+        return _gather_at(self.cache.get(site), rows, token)
 
     def _remainder_at(self, site, rows: np.ndarray, mode: str, token: torch.Tensor) -> torch.Tensor:
         """`_remainder` at one token of each row ([len(rows), D])."""
         if mode == "resample":
             return self._plain_at(site, rows, token)
         if mode == "corrupt":
-            return self.corrupt_cache.get(site)[torch.as_tensor(rows), token]
+            return _gather_at(self.corrupt_cache.get(site), rows, token)
         if mode == "mean":
             return self.cache.mean(site)[token].clone()
         if mode == "zero":

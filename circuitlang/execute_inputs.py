@@ -16,7 +16,7 @@ import torch
 
 from circuitlang.errors import ExecutionError
 from circuitlang.ir_to_graph import INPUT, Feature, InterventionGraph
-from circuitlang.sites import Position
+from circuitlang.sites import Logits, Position
 
 DEFAULT_BATCH = 64
 
@@ -157,12 +157,16 @@ class PlainCache:
             return
         ids: dict = {s: [] for s in missing}  # site -> which distinct tensor it was, per batch
         parts: list[list[torch.Tensor]] = []     # the distinct tensors of each batch, on the CPU
+        # a capture pass computes no logits (the vocabulary's unembedding is most of a
+        # small model's pass) unless the logits are what it captures
+        no_logits = None if Logits() in missing else torch.empty(0, dtype=torch.long)
         for sl in _chunks(len(self.prompts.input_ids), self.batch_size):
             run = run_batched(
                 self.model,
                 self.input_ids[sl],
                 self.prompts.attention_mask[sl],
                 capture=missing,
+                logit_columns=no_logits,
             )
             distinct: dict = {}  # id of a captured tensor -> its index in this batch
             batch: list[torch.Tensor] = []
