@@ -21,7 +21,9 @@ How the work is laid out
    (each channel starts from the remainder; children's values replace what they
    contribute at their positions) and the node is computed from them alone by
    `execute_nodes.NodeKernels`: one head at the query its parent reads (keys up to
-   it), one MLP at the positions read. Rows with the same identity (site, sampled
+   it; the query's stream assembled at that token alone, the keys and values read
+   from the head's projection of a plain stream wherever claims change that stream
+   at a few tokens only: `_keys_or_values`), one MLP at the positions read. Rows with the same identity (site, sampled
    prompts, sub-tree: `Scrubber._row_keys`) are computed once and kept for later
    graphs. Where a kernel does not reproduce the model's forward pass (checked once
    per model), that kind of node runs as patched forward passes instead.
@@ -164,10 +166,20 @@ def _gather_at(values: torch.Tensor, rows: np.ndarray, token: torch.Tensor) -> t
 
 
 def _kernel(site) -> str | None:
-    """The `NodeKernels` kernel that computes a node at `site`, if any."""
+    """The `NodeKernels` kernel that computes a node at `site`, if any (a subspace of a
+    head's or an MLP's output: that head's or MLP's, then the projection)."""
     if isinstance(site, Subspace):
-        return "subspace"
+        return {"resid": "subspace", "head": "head", "mlp": "mlp"}[site.basis.hook]
     return "head" if isinstance(site, Head) else "mlp" if isinstance(site, Mlp) else None
+
+
+def _owner(site):
+    """The head or MLP whose kernel computes a node at `site` (a subspace of its output:
+    that head or MLP); else the site itself."""
+    if isinstance(site, Subspace) and site.basis.hook in ("head", "mlp"):
+        basis = site.basis
+        return Head(basis.layer, basis.head) if basis.hook == "head" else Mlp(basis.layer)
+    return site
 
 
 class Scrubber:
@@ -314,8 +326,10 @@ class Scrubber:
             return MlpIn(site.layer)
         if isinstance(site, Latent):
             return LatentIn(site.sae, site.index)
-        if isinstance(site, Subspace):  # a subspace of the stream entering a block
-            return Resid(site.basis.layer)
+        if isinstance(site, Subspace):  # what its stream is, or what its head or MLP reads
+            if site.basis.hook == "resid":
+                return Resid(site.basis.layer)
+            return self._channel_site(_owner(site), channel)
         return self.final
 
     def _sender_site(self, site):
@@ -672,6 +686,7 @@ class Scrubber:
         a node no kernel computes, such as a latent, runs as patched forward passes)."""
         if kind == "subspace":  # a projection of the rebuilt stream: no forward pass reproduces it
             return True
+        # (a subspace of a head's or an MLP's output: that kernel's, else a forward pass)
         return kind is not None and self.use_kernels and self.kernels.verify(kind, self.prompts)
 
     def _row_keys(self, graph: InterventionGraph, v: int, insts: dict) -> tuple:
@@ -767,7 +782,8 @@ class Scrubber:
         query = torch.empty(len(chunk), dtype=torch.long)
         ks = np.array([k for _, k, _ in chunk])
         refs = np.array([r for _, _, r in chunk])
-        head = isinstance(site, Head)
+        owner = _owner(site)  # the head or MLP that computes it (a subspace of its output: then projected)
+        head = isinstance(owner, Head)
         for k in dict.fromkeys(ks.tolist()):
             graph, v, insts = items[k]
             here = np.flatnonzero(ks == k)
@@ -800,19 +816,23 @@ class Scrubber:
             if not every:
                 width = int(query.max()) + 1  # causal: no key after the last query is read
                 keys_, values, q_in = keys_[:, :width], values[:, :width], q_in.unsqueeze(1)
-            q = self.kernels.project(site, Channel.Q, q_in)
-            out = self.kernels.attend(site, q, keys_.to(q.device), values.to(q.device), mask,
+            q = self.kernels.project(owner, Channel.Q, q_in)
+            out = self.kernels.attend(owner, q, keys_.to(q.device), values.to(q.device), mask,
                                       None if every else query)
-            self.work.head_rows += len(chunk)
             keys = mask.sum(1) if every else query + 1
             self.work.head_token_layers += int(keys.sum())
-        elif isinstance(site, Subspace):  # (at a named position the stream is there already)
-            out = self.kernels.subspace(site, inputs[None])
-            self.work.subspace_rows += len(chunk)
-        else:
-            out = self.kernels.mlp(site, inputs[None])
-            self.work.mlp_rows += len(chunk)
+        elif isinstance(owner, Mlp):  # (at a named position the stream is there already)
+            out = self.kernels.mlp(owner, inputs[None])
             self.work.mlp_token_layers += int(mask.sum()) if every else len(chunk)
+        else:  # a subspace of a stream
+            out = inputs[None]
+        if isinstance(site, Subspace):
+            out = self.kernels.subspace(site, out.to("cpu"))
+            self.work.subspace_rows += len(chunk)
+        elif head:
+            self.work.head_rows += len(chunk)
+        else:
+            self.work.mlp_rows += len(chunk)
         return out.detach().to("cpu")
 
     # -- a head's keys and values: plain streams projected once -------------------------
@@ -820,7 +840,7 @@ class Scrubber:
     def _keys_or_values(self, graph, v: int, insts, channel, input_site, sel: np.ndarray) -> torch.Tensor:
         """Head node `v`'s keys or values (`channel` K or V) for the references `sel`
         ([len(sel), T, d_head]): as `_assemble` builds the stream, projected."""
-        site = graph.node(v).site
+        site = _owner(graph.node(v).site)
         sparse = self._sparse_channel(graph, v, insts, channel, input_site, sel)
         if sparse is not None:
             (cache, stream_site, stream_rows), tokens = sparse

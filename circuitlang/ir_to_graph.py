@@ -190,8 +190,8 @@ class InterventionGraph:
         node = self.node(n)
         if node.role == "input":
             return ()
-        if isinstance(node.site, Head):
-            return (Channel.Q, Channel.K, Channel.V)
+        if isinstance(node.site, Head) or (isinstance(node.site, Subspace) and node.site.basis.hook == "head"):
+            return (Channel.Q, Channel.K, Channel.V)  # a head's, or a subspace of its output's
         if isinstance(node.site, (Mlp, Logits, Latent)) or topology.is_receiver(node.site):
             return (None,)
         return ()
@@ -427,6 +427,23 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
             ]
             if not parents:
                 parents = [add_sender(out, pos if channel is Channel.Q else ALL, SAME_INPUT, None)]
+        elif isinstance(receiver, Subspace) and receiver.basis.hook == "head":
+            # a subspace of a head's output reads what the head reads: the edge enters its
+            # q (at the edge's position), k and v (at every query), as `-> head L.H` does
+            nodes = [t for t in templates.values() if t.role == "sender" and t.site == receiver]
+            at_query = [t for t in nodes if _covers(t.position, pos) or pos.is_all]
+            if not at_query:
+                at_query = [add_sender(receiver, pos, SAME_INPUT, None)]
+                nodes.append(at_query[0])
+            if not linking:
+                return
+            for p in nodes:
+                p.claims.append(i)
+                for ch in (Channel.Q, Channel.K, Channel.V):
+                    if ch is not Channel.Q or any(p is t for t in at_query):
+                        for s, at in entries:
+                            link(s, p, Transplant(ch, at))
+            return
         elif isinstance(receiver, (Mlp, Neuron, Latent, Subspace)):
             channel = None
             parents = [

@@ -45,7 +45,8 @@ __all__ = ["canonical", "edge_exists", "edge_problem", "edges", "is_receiver", "
 SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I, "
                 "error S and subspace S")
 RECEIVERS_HINT = ("receivers are head L.H.q / .k / .v, mlp L and neuron L.N (the MLP's input), logits, "
-                  "feature S.I (what the latent reads) and a subspace of a stream (`at resid L`)")
+                  "feature S.I (what the latent reads) and subspace S (of a stream: that stream; of a "
+                  "head's or an MLP's output: what that head or MLP reads)")
 
 
 def is_sender(site: Site) -> bool:
@@ -56,8 +57,8 @@ def is_sender(site: Site) -> bool:
 
 def is_receiver(site: Site) -> bool:
     """True for sites that read the residual stream (an SAE latent reads its hook point)."""
-    return (isinstance(site, (Mlp, Neuron, Logits, Latent)) or (isinstance(site, Head) and site.channel.is_input)
-            or (isinstance(site, Subspace) and site.basis.hook == "resid"))
+    return (isinstance(site, (Mlp, Neuron, Logits, Latent, Subspace))
+            or (isinstance(site, Head) and site.channel.is_input))
 
 
 def sender_key(site: Site) -> tuple[int, int, int]:
@@ -147,10 +148,17 @@ def edge_problem(shape: ModelShape | None, sender: Site, receiver: Site) -> str 
         return None
     if isinstance(receiver, Latent):
         return _latent_reads(sender, receiver)
-    if isinstance(receiver, Subspace):  # of the stream entering block L: every sender before it
-        if sender_key(sender) < (receiver.basis.layer - 1, 2, -1):
-            return None
-        return f"{sender} is computed after the stream entering block {receiver.basis.layer}, which {receiver} lies in"
+    if isinstance(receiver, Subspace):
+        basis = receiver.basis
+        if basis.hook == "resid":  # of the stream entering block L: every sender before it
+            if sender_key(sender) < (basis.layer - 1, 2, -1):
+                return None
+            return f"{sender} is computed after the stream entering block {basis.layer}, which {receiver} lies in"
+        # of a head's or an MLP's output: it receives what that head or MLP reads
+        owner = Head(basis.layer, basis.head) if basis.hook == "head" else Mlp(basis.layer)
+        reader = owner.with_channel(Channel.Q) if isinstance(owner, Head) else owner
+        problem = edge_problem(shape, sender, reader)
+        return None if problem is None else f"{problem} ({receiver} is part of {owner}'s output)"
     s_layer, s_kind, _ = sender_key(sender)
     if isinstance(receiver, Head):
         if s_layer < receiver.layer:

@@ -58,8 +58,8 @@ def test_a_full_rank_subspace_patches_as_the_whole_stream(tmp_path):
 
 def test_subspace_claims_and_edges_are_checked(tmp_path):
     """A subspace is a scrubbing node (tests/checker/test_unit_claims.py has the numbers):
-    claims on it and edges from it are checked; a subspace of a head's output does not
-    receive edges (one of a stream does)."""
+    claims on it and edges from it are checked; a subspace of a head's output receives
+    what its head reads, so only from senders of earlier layers."""
     _basis(tmp_path / "s.safetensors", torch.linalg.qr(torch.randn(D, 8, generator=torch.Generator().manual_seed(0)))[0])
     circ = tmp_path / "claim.circ"
     circ.write_text('model toy-ioi\ntask ioi\nsamples 16\nsubspace s = "s.safetensors" at resid 2\n'
@@ -69,9 +69,15 @@ def test_subspace_claims_and_edges_are_checked(tmp_path):
     assert dict(result.remainder)["head 2.1 at END"][0] == "q: all but subspace s at END"
     assert dict(result.remainder)["logits"] == ["stream: all but head 2.1 at END"]  # it feeds 2.1 only
     assert abs(result.claims[1].cost) > 1e-3  # what it gives 2.1.q matters
+    circ.write_text('model toy-ioi\ntask ioi\nsamples 16\nsubspace s = "s.safetensors" at head 2.0\n'
+                    "head 1.0 -> subspace s at END\nsubspace s at END depends on IO\n")
+    result = circuitlang.check(circ)
+    assert dict(result.remainder)["subspace s at END"] == [
+        "q: all but head 1.0 at END", "k: all but head 1.0 at END", "v: all but head 1.0 at END"]
     circ.write_text('model toy-ioi\ntask ioi\nsubspace s = "s.safetensors" at head 2.0\n'
-                    "head 1.0 -> subspace s at END\n")
-    with pytest.raises(ResolveError, match="subspace s cannot receive an edge"):  # only a stream's can
+                    "head 2.1 -> subspace s at END\n")
+    with pytest.raises(ResolveError, match="a head reads only senders of earlier layers "
+                       r"\(subspace s is part of head 2.0's output\)"):
         circuitlang.check(circ)
 
 

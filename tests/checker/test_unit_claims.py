@@ -133,15 +133,15 @@ def test_every_sender_into_a_latent_on_its_own_prompt_is_the_latent(toy, tmp_pat
     _assert_rebuilt_from_every_sender(toy, Latent(sae, 3), ("resample", "mean"), seed=5)
 
 
-def _assert_rebuilt_from_every_sender(toy, receiver, modes, seed: int) -> None:
+def _assert_rebuilt_from_every_sender(toy, receiver, modes, seed: int, at: Position = END) -> None:
     """`receiver` (reading the stream entering block 2) with an edge from every sender
-    before it, each on its own prompt, scrubs as `receiver` alone; without MLP 1's edge it
-    does not (not the embedding's: every prompt has the same token at END)."""
+    before it at `at`, each on its own prompt, scrubs as `receiver` alone; without MLP 1's
+    edge it does not (not the embedding's: every prompt has the same token at END)."""
     lm, task, prompts = toy
     senders = [Embed()] + [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
     senders += [Mlp(0), Mlp(1)]
     leaf = [DependsClaim(receiver, END, (Feature("task", "IO"),))]
-    edges = leaf + [EdgeClaim(s, receiver, END) for s in senders] + [EdgeClaim(receiver, Logits(), END)]
+    edges = leaf + [EdgeClaim(s, receiver, at) for s in senders] + [EdgeClaim(receiver, Logits(), END)]
     for mode in modes:
         _, alone, _ = _scrub(lm, task, prompts, leaf, mode, seed=seed)
         graph, rebuilt, _ = _scrub(lm, task, prompts, edges, mode, seed=seed)
@@ -300,3 +300,87 @@ def test_every_sender_into_a_neuron_on_its_own_prompt_is_the_neuron(toy):
         _, short, _ = _scrub(lm, task, prompts, [e for e in edges if getattr(e, "sender", None) != Mlp(0)],
                              mode, seed=3)
         assert np.abs(short.scrubbed - alone.scrubbed).max() > 1e-4
+
+
+def test_a_whole_head_output_subspace_receives_what_its_head_reads(toy, tmp_path):
+    """A subspace of head 1.0's output receives edges into what head 1.0 reads: `head 0.h ->
+    subspace s` enters its q (at the edge's position), k and v, as `-> head 1.0` does. With
+    a basis of the whole output space the tree is the head's, sample for sample, so it scrubs
+    exactly as the head with the same edges; with half of it, it does not."""
+    from circuitlang.sites import Channel, Subspace
+
+    lm, task, prompts = toy
+    d = lm.shape.d_model
+    q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(4)))[0]
+    io = (Feature("task", "IO"),)
+    senders = [Head(0, h) for h in range(lm.shape.n_heads)] + [Mlp(0)]
+
+    def claims(receiver, channels):
+        edges = [EdgeClaim(s, r, END) for s in senders for r in channels]
+        return [DependsClaim(receiver, END, io)] + edges
+
+    head = Head(1, 0)
+    into_head = claims(head, [head.with_channel(c) for c in (Channel.Q, Channel.K, Channel.V)])
+    for mode in ("resample", "corrupt", "mean"):
+        graph, want, _ = _scrub(lm, task, prompts, into_head, mode, seed=5)
+        assert graph.height(graph.root) == 2
+        whole = Subspace(_basis(tmp_path / "whole.safetensors", q, "head", 1, 0))
+        sub_graph, got, _ = _scrub(lm, task, prompts, claims(whole, [whole]), mode, seed=5)
+        def ways_in(g):  # the channels and positions the claimed node's children enter by
+            return sorted((t.channel.value, str(t.position)) for _, t in g.children(g.children(g.root)[0][0]))
+
+        assert ways_in(sub_graph) == ways_in(graph) and len(ways_in(graph)) == 3 * len(senders)
+        np.testing.assert_allclose(got.scrubbed, want.scrubbed, rtol=0, atol=1e-4)
+        half = Subspace(_basis(tmp_path / "half.safetensors", q[:, : d // 2], "head", 1, 0))
+        _, part, _ = _scrub(lm, task, prompts, claims(half, [half]), mode, seed=5)
+        assert np.abs(part.scrubbed - want.scrubbed).max() > 1e-3
+
+
+def test_every_sender_into_an_output_subspace_on_its_own_prompt_is_the_subspace(toy, tmp_path):
+    """A subspace of MLP 1's output (or of head 2.0's) receives what MLP 1 (head 2.0) reads:
+    with an edge from every sender before it, each on the subspace's own prompt, it is the
+    subspace as a leaf; without MLP 1's edge (for the head) or MLP 0's it is not. The head's
+    edges are at every position: its keys and values read every token."""
+    from circuitlang.sites import Subspace
+
+    lm, task, prompts = toy
+    d = lm.shape.d_model
+    b = torch.linalg.qr(torch.randn(d, 5, generator=torch.Generator().manual_seed(6)))[0]
+    at_head = Subspace(_basis(tmp_path / "h.safetensors", b, "head", 2, 0))
+    _assert_rebuilt_from_every_sender(toy, at_head, ("resample", "zero"), seed=8, at=Position("all"))
+    at_mlp = Subspace(_basis(tmp_path / "m.safetensors", b, "mlp", 1))
+    senders = [Embed(), Mlp(0)] + [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
+    leaf = [DependsClaim(at_mlp, END, (Feature("task", "IO"),))]
+    edges = leaf + [EdgeClaim(s, at_mlp, END) for s in senders] + [EdgeClaim(at_mlp, Logits(), END)]
+    for mode in ("resample", "mean"):
+        _, alone, _ = _scrub(lm, task, prompts, leaf, mode, seed=9)
+        graph, rebuilt, _ = _scrub(lm, task, prompts, edges, mode, seed=9)
+        assert graph.height(graph.root) == 2
+        np.testing.assert_allclose(rebuilt.scrubbed, alone.scrubbed, rtol=0, atol=1e-4)
+        without = [e for e in edges if getattr(e, "sender", None) != Mlp(0)]
+        _, short, _ = _scrub(lm, task, prompts, without, mode, seed=9)
+        assert np.abs(short.scrubbed - alone.scrubbed).max() > 1e-3
+
+
+def test_output_subspaces_receive_edges_by_forward_passes_where_kernels_are_not_used(toy, tmp_path):
+    """Computed by patched forward passes instead of the kernels, a subspace of a head's and of
+    an MLP's output receiving edges scrubs to the same numbers."""
+    from circuitlang.sites import Subspace
+
+    lm, task, prompts = toy
+    d = lm.shape.d_model
+    b = torch.linalg.qr(torch.randn(d, 4, generator=torch.Generator().manual_seed(7)))[0]
+    io = (Feature("task", "IO"),)
+    for name, basis in (("h", _basis(tmp_path / "h.safetensors", b, "head", 1, 2)),
+                        ("m", _basis(tmp_path / "m.safetensors", b, "mlp", 1))):
+        site = Subspace(basis)
+        claims = [DependsClaim(site, END, io), EdgeClaim(Head(0, 1), site, END), EdgeClaim(Mlp(0), site, END),
+                  DependsClaim(Head(0, 1), END, io)]
+        graph = ir_to_graph(_hypothesis(lm, claims))
+        values = []
+        for kernels in (True, False):
+            scrubber = Scrubber(lm, task, prompts, "logit_diff")
+            scrubber.use_kernels = kernels
+            values.append(scrubber.scrub(graph, seed=11).scrubbed)
+            assert (scrubber.work.forward_rows == 0) == kernels, name
+        np.testing.assert_allclose(values[0], values[1], rtol=0, atol=1e-4)
