@@ -287,13 +287,20 @@ class Sampler:
             groups: dict = {}
             for i, k in enumerate(keys):
                 groups.setdefault(k, []).append(i)
-            self._groups[key] = (keys, {k: np.array(v) for k, v in groups.items()})
-        keys, groups = self._groups[key]
-        out = np.empty_like(parent_rows)
-        for j, row in enumerate(parent_rows):
-            members = groups[keys[row]]
-            out[j] = members[self.rng.integers(len(members))]
-        return out
+            members = list(groups.values())  # each prompt's group, flat: group g is flat[start[g]:][:size[g]]
+            of = np.empty(len(keys), dtype=np.int64)
+            for g, m in enumerate(members):
+                of[m] = g
+            size = np.array([len(m) for m in members], dtype=np.int64)
+            start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
+            self._groups[key] = (of, size, start, np.concatenate(members).astype(np.int64))
+        of, size, start, flat = self._groups[key]
+        group = of[np.asarray(parent_rows, dtype=np.int64)]
+        # one draw per parent, in order: numpy draws an array of bounds as it draws each
+        # bound in turn (tests/checker/test_execute_plan.py pins it), so the samples are
+        # those of one `integers(len(group))` call per row
+        pick = self.rng.integers(size[group]) if len(group) else np.zeros(0, dtype=np.int64)
+        return flat[start[group] + pick].astype(parent_rows.dtype, copy=False)
 
 
 def position_index(prompts, position: Position) -> torch.Tensor:

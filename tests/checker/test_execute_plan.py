@@ -176,3 +176,33 @@ def test_the_main_pass_shows_a_bar_per_tree_level(induction, capsys):
     assert "scrubbing" in err and "/40" in err  # two graphs (the empty one too): 8 x (3 + 1 + 1) rows
     score(graph, setup, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_the_sampler_draws_what_one_draw_per_row_would():
+    """`Sampler.agree` draws all rows at once; its samples (and the generator's state after)
+    are those of one `rng.integers(len(group))` per row in order, the way numbers were
+    drawn before, so reported numbers do not move with the speed-up."""
+    from circuitlang.execute_inputs import Sampler
+
+    model = load_model("toy-ioi")
+    from circuitlang.models.known import model_task_params
+
+    task = load_task("ioi", tokenizer=model.tokenizer, **model_task_params("toy-ioi"))
+    prompts = task.prompts(64, 0)
+    features_list = [(), (Feature("task", "IO"),), (Feature("task", "S"), Feature("task", "template"))]
+    for features in features_list:
+        fast = Sampler(prompts, np.random.default_rng(7), same_length=True)
+        slow = Sampler(prompts, np.random.default_rng(7), same_length=True)
+        keys = slow._group_keys(features)
+        groups: dict = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        parents = np.random.default_rng(1).integers(0, 64, size=200)
+        for _ in range(3):
+            got = fast.agree(parents, features)
+            want = np.array([groups[keys[p]][slow.rng.integers(len(groups[keys[p]]))] for p in parents])
+            np.testing.assert_array_equal(got, want)
+            assert all(keys[g] == keys[p] for g, p in zip(got, parents))
+            parents = got
+        assert fast.rng.integers(1 << 30) == slow.rng.integers(1 << 30)
+        assert len(set(got.tolist())) > 1
