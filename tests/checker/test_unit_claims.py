@@ -286,20 +286,26 @@ def test_every_sender_into_a_neuron_on_its_own_prompt_is_the_neuron(toy):
     without MLP 0 it is not."""
     from circuitlang.sites import Neuron
 
+    _assert_rebuilt_from_mlp1_readers(toy, Neuron(1, 90), seed=3, apart=1e-4)
+
+
+def _assert_rebuilt_from_mlp1_readers(toy, receiver, seed: int, apart: float) -> None:
+    """`receiver` (reading MLP 1's input) with an edge from every sender into MLP 1 (the
+    embedding, layer 0, and layer 1's heads), each on its own prompt, scrubs as `receiver`
+    alone; without MLP 0's edge it does not (by more than `apart`)."""
     lm, task, prompts = toy
-    neuron = Neuron(1, 90)
     heads = [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
     senders = [Embed(), Mlp(0)] + heads
-    leaf = [DependsClaim(neuron, END, (Feature("task", "IO"),))]
-    edges = leaf + [EdgeClaim(s, neuron, END) for s in senders] + [EdgeClaim(neuron, Logits(), END)]
+    leaf = [DependsClaim(receiver, END, (Feature("task", "IO"),))]
+    edges = leaf + [EdgeClaim(s, receiver, END) for s in senders] + [EdgeClaim(receiver, Logits(), END)]
     for mode in ("resample", "mean"):
-        _, alone, _ = _scrub(lm, task, prompts, leaf, mode, seed=3)
-        graph, rebuilt, _ = _scrub(lm, task, prompts, edges, mode, seed=3)
+        _, alone, _ = _scrub(lm, task, prompts, leaf, mode, seed=seed)
+        graph, rebuilt, _ = _scrub(lm, task, prompts, edges, mode, seed=seed)
         assert graph.height(graph.root) == 2
         np.testing.assert_allclose(rebuilt.scrubbed, alone.scrubbed, rtol=0, atol=1e-4)
-        _, short, _ = _scrub(lm, task, prompts, [e for e in edges if getattr(e, "sender", None) != Mlp(0)],
-                             mode, seed=3)
-        assert np.abs(short.scrubbed - alone.scrubbed).max() > 1e-4
+        without = [e for e in edges if getattr(e, "sender", None) != Mlp(0)]
+        _, short, _ = _scrub(lm, task, prompts, without, mode, seed=seed)
+        assert np.abs(short.scrubbed - alone.scrubbed).max() > apart
 
 
 def test_a_whole_head_output_subspace_receives_what_its_head_reads(toy, tmp_path):
@@ -349,17 +355,7 @@ def test_every_sender_into_an_output_subspace_on_its_own_prompt_is_the_subspace(
     at_head = Subspace(_basis(tmp_path / "h.safetensors", b, "head", 2, 0))
     _assert_rebuilt_from_every_sender(toy, at_head, ("resample", "zero"), seed=8, at=Position("all"))
     at_mlp = Subspace(_basis(tmp_path / "m.safetensors", b, "mlp", 1))
-    senders = [Embed(), Mlp(0)] + [Head(layer, h) for layer in range(2) for h in range(lm.shape.n_heads)]
-    leaf = [DependsClaim(at_mlp, END, (Feature("task", "IO"),))]
-    edges = leaf + [EdgeClaim(s, at_mlp, END) for s in senders] + [EdgeClaim(at_mlp, Logits(), END)]
-    for mode in ("resample", "mean"):
-        _, alone, _ = _scrub(lm, task, prompts, leaf, mode, seed=9)
-        graph, rebuilt, _ = _scrub(lm, task, prompts, edges, mode, seed=9)
-        assert graph.height(graph.root) == 2
-        np.testing.assert_allclose(rebuilt.scrubbed, alone.scrubbed, rtol=0, atol=1e-4)
-        without = [e for e in edges if getattr(e, "sender", None) != Mlp(0)]
-        _, short, _ = _scrub(lm, task, prompts, without, mode, seed=9)
-        assert np.abs(short.scrubbed - alone.scrubbed).max() > 1e-3
+    _assert_rebuilt_from_mlp1_readers(toy, at_mlp, seed=9, apart=1e-3)
 
 
 def test_output_subspaces_receive_edges_by_forward_passes_where_kernels_are_not_used(toy, tmp_path):
