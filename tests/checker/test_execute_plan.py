@@ -206,3 +206,33 @@ def test_the_sampler_draws_what_one_draw_per_row_would():
             parents = got
         assert fast.rng.integers(1 << 30) == slow.rng.integers(1 << 30)
         assert len(set(got.tolist())) > 1
+
+
+def test_a_sender_claimed_at_all_and_at_a_position_enters_a_query_once_there():
+    """Head 0.1 claimed at every position and at END, with an edge into head 1.0's query: at
+    END the query holds the END node's value (which refines the one at `all`), not both. The
+    kernels assemble that query at END alone, with each sender's contribution tracked as it is
+    replaced; they give what full patched forward passes over whole streams give, under every
+    ablation."""
+    from circuitlang.models.known import model_task_params
+
+    model = load_model("toy-ioi")
+    task = load_task("ioi", tokenizer=model.tokenizer, **model_task_params("toy-ioi"))
+    end, all_ = Position("END"), Position("all")
+    claims = (DependsClaim(Head(0, 1), all_, (Feature("task", "S"),)),
+              DependsClaim(Head(0, 1), end, (Feature("task", "IO"),)),
+              EdgeClaim(Head(0, 1), Head(1, 0, Channel.Q), all_),
+              DependsClaim(Head(1, 0), end, (Feature("task", "IO"),)))
+    for mode in ("resample", "corrupt", "mean", "zero"):
+        hypothesis = Hypothesis(model="toy-ioi", task="ioi", metric="logit_diff", ablation=Ablation(mode, ()),
+                                claims=claims, shape=model.shape)
+        graph = ir_to_graph(hypothesis)
+        node = graph.children(graph.root)[0][0]
+        assert sorted(str(t.position) for _, t in graph.children(node) if t.channel is Channel.Q) == ["END", "all"]
+        prompts = task.prompts(24, 0)
+        fast = Scrubber(model, task, prompts, "logit_diff", batch_size=16)
+        slow = Scrubber(model, task, prompts, "logit_diff", batch_size=16)
+        slow.use_kernels = slow.use_memo = False
+        a, b = fast.scrub(graph, seed=4).scrubbed, slow.scrub(graph, seed=4).scrubbed
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert fast.work.forward_rows == 0 and slow.work.forward_rows > 0
