@@ -23,7 +23,8 @@ How the work is laid out
    `execute_nodes.NodeKernels`: one head at the query its parent reads (keys up to
    it; the query's stream assembled at that token alone, the keys and values read
    from the head's projection of a plain stream wherever claims change that stream
-   at a few tokens only: `_keys_or_values`), one MLP at the positions read. Rows with the same identity (site, sampled
+   at a few tokens only: `_keys_or_values`), one MLP at the positions read. Rows
+   with the same identity (site, sampled
    prompts, sub-tree: `Scrubber._row_keys`) are computed once and kept for later
    graphs. Where a kernel does not reproduce the model's forward pass (checked once
    per model), that kind of node runs as patched forward passes instead.
@@ -812,15 +813,15 @@ class Scrubber:
         mask = self.prompts.attention_mask[torch.as_tensor(prompt_rows)]
         if head:
             q_in = inputs[Channel.Q]
-            keys_, values = inputs[Channel.K], inputs[Channel.V]
+            k_proj, v_proj = inputs[Channel.K], inputs[Channel.V]  # already projected: [B, T, d_head]
             if not every:
                 width = int(query.max()) + 1  # causal: no key after the last query is read
-                keys_, values, q_in = keys_[:, :width], values[:, :width], q_in.unsqueeze(1)
+                k_proj, v_proj, q_in = k_proj[:, :width], v_proj[:, :width], q_in.unsqueeze(1)
             q = self.kernels.project(owner, Channel.Q, q_in)
-            out = self.kernels.attend(owner, q, keys_.to(q.device), values.to(q.device), mask,
+            out = self.kernels.attend(owner, q, k_proj.to(q.device), v_proj.to(q.device), mask,
                                       None if every else query)
-            keys = mask.sum(1) if every else query + 1
-            self.work.head_token_layers += int(keys.sum())
+            read = mask.sum(1) if every else query + 1
+            self.work.head_token_layers += int(read.sum())
         elif isinstance(owner, Mlp):  # (at a named position the stream is there already)
             out = self.kernels.mlp(owner, inputs[None])
             self.work.mlp_token_layers += int(mask.sum()) if every else len(chunk)
