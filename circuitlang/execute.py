@@ -310,14 +310,27 @@ class Scrubber:
         if inst.value is not None:
             return inst.value[torch.as_tensor(sel)]
         if node.role == "input":
-            site = self._input_site(node.site)
-            if isinstance(site, Head) and site.channel is Channel.PATTERN:
-                site = site.with_channel(channel)
-            return self._plain(site, inst.rows[sel])
+            return self._plain(self._leaf_site(node.site, channel), inst.rows[sel])
         return self._plain(self._sender_site(node.site), inst.rows[sel])
 
     def _input_site(self, site):
         return self.final if isinstance(site, Logits) else site
+
+    def _leaf_site(self, site, channel):
+        """What an input leaf at `site` gives the channel it enters (a pattern leaf: the
+        query or the keys' stream, whichever `channel` is)."""
+        site = self._input_site(site)
+        if isinstance(site, Head) and site.channel is Channel.PATTERN:
+            return site.with_channel(channel)
+        return site
+
+    @staticmethod
+    def _leaf_position(transplant, channel) -> Position:
+        """Where an input leaf replaces `channel`: its position (a pattern leaf: the keys
+        at every position, its query at its own)."""
+        if transplant.channel is Channel.PATTERN and channel is Channel.K:
+            return ALL
+        return transplant.position
 
     def _channel_site(self, site, channel):
         """The input site of a node through a channel: a head's q/k/v, an MLP's input."""
@@ -523,8 +536,8 @@ class Scrubber:
         for c, t in kids:
             if graph.node(c).role != "input":
                 continue
-            position = ALL if t.channel is Channel.PATTERN and channel is Channel.K else t.position
-            leaves.append((position, insts[c].rows[sel], self._child_value(graph, c, insts, sel, channel)))
+            leaves.append((self._leaf_position(t, channel), insts[c].rows[sel],
+                           self._child_value(graph, c, insts, sel, channel)))
         covered = [(position, kid_rows) for position, kid_rows, _ in leaves]  # where leaves replaced it
         value = self._covered(leaves, lambda: self._remainder(input_site, remainder, mode), rows)
         # claimed senders, those read at every position first, so that a claim at a named
@@ -622,11 +635,7 @@ class Scrubber:
             node = graph.node(c)
             if node.role != "input":
                 continue
-            position = ALL if t.channel is Channel.PATTERN and channel is Channel.K else t.position
-            site = self._input_site(node.site)
-            if isinstance(site, Head) and site.channel is Channel.PATTERN:
-                site = site.with_channel(channel)
-            leaves.append((position, insts[c].rows[sel], site))
+            leaves.append((self._leaf_position(t, channel), insts[c].rows[sel], self._leaf_site(node.site, channel)))
         value = self._remainder_at(input_site, remainder, mode, token)
         for position, kid_rows, site in leaves:
             put(value, hits(position), self._plain_at(site, kid_rows, there(position, kid_rows)))
@@ -659,8 +668,8 @@ class Scrubber:
         if mode == "mean":
             return self.cache.mean(site)[token].clone()
         if mode == "zero":
-            d = self.cache.get(site).shape[-1]
-            out = torch.zeros(len(rows), d, dtype=self.cache.get(site).dtype)
+            full = self.cache.get(site)
+            out = torch.zeros(len(rows), full.shape[-1], dtype=full.dtype)
             bias = self._bias_stream(site)
             return out if bias is None else out + bias.to(out.dtype)
         raise ExecutionError(f"unknown ablation {mode!r}", hint="use " + ", ".join(ABLATION_MODES))
@@ -885,14 +894,11 @@ class Scrubber:
                     return None
                 sender_positions.append(t.position)
                 continue
-            position = ALL if t.channel is Channel.PATTERN and channel is Channel.K else t.position
+            position = self._leaf_position(t, channel)
             if not position.is_all:
                 leaf_positions.append(position)
                 continue
-            leaf = self._input_site(node.site)
-            if isinstance(leaf, Head) and leaf.channel is Channel.PATTERN:
-                leaf = leaf.with_channel(channel)
-            base, leaf_positions = (self.cache, leaf, insts[c].rows[sel]), []
+            base, leaf_positions = (self.cache, self._leaf_site(node.site, channel), insts[c].rows[sel]), []
         if base is None:
             return None
         rows = inst.rows[sel]
