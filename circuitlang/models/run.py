@@ -159,7 +159,13 @@ def run_model(
                          "captured whole", code="model.bad-patch",
                          hint="patch or capture the logits without logit_columns= or logits_at=")
 
+    last_mlp_at = logits_at if logits_at is not None and _only_read_at_logits(lm, plan, record_blocks) else None
+
     with ExitStack() as stack:
+        if last_mlp_at is not None:
+            handle = lm.adapter.mlp(lm.shape.n_layers - 1).register_forward_pre_hook(
+                _one_token_hook(last_mlp_at), with_kwargs=True)
+            stack.callback(handle.remove)
         if record_blocks is not None:
             for block in lm.adapter.blocks():
                 handle = block.register_forward_hook(lambda m, a, out: record_blocks.append(out))
@@ -197,6 +203,41 @@ def _refuse_compiled(lm: "LoadedModel") -> None:
                              code="model.compiled",
                              hint="load the model again without compiling it; plain passes of a compiled "
                                   "model are fine outside circuitlang")
+
+
+def _only_read_at_logits(lm: "LoadedModel", plan: _Plan, record_blocks) -> bool:
+    """Whether, with the logits unembedded at one token per row, nothing else this pass
+    reads is computed by the last block's MLP: then the MLP runs at that token alone.
+
+    Its output, [B, 1, D], broadcasts where the block adds it to the residual stream, so
+    every row's other tokens after it hold that token's MLP output: wrong there, right
+    at the one token the unembedding reads. Nothing may capture or patch the last MLP,
+    its input or the final stream (neurons, latents and subspaces included), and the
+    pass records no blocks (a `CleanPass` keeps them whole)."""
+    if record_blocks is not None or not lm.shape.has_mlp:
+        return False
+    last = lm.shape.n_layers - 1
+    for site in list(plan.capture) + list(plan.patches):
+        if isinstance(site, (Head, Embed, TokenEmbed, PosEmbed)):
+            continue
+        if isinstance(site, (Mlp, MlpIn)) and site.layer < last:
+            continue
+        if isinstance(site, Resid) and site.layer <= last:
+            continue
+        return False
+    return True
+
+
+def _one_token_hook(at: torch.Tensor):
+    """A pre-hook giving a module its input at token `at[b]` of each row b only: [B, 1, D]."""
+    def hook(module, args, kwargs):
+        x = _only_input(args, kwargs)
+        where = at.to(x.device)
+        one = x[torch.arange(len(where), device=x.device), where][:, None]
+        if args:
+            return (one, *args[1:]), kwargs
+        return args, {**kwargs, next(iter(kwargs)): one}
+    return hook
 
 
 def _block_of(site: Site) -> int | None:

@@ -101,3 +101,79 @@ def test_logits_at_one_token_per_row_are_those_of_the_full_logits(tiny, tokens):
     columns = torch.tensor([2, 7])
     torch.testing.assert_close(lm.run(clean, logits_at=at, logit_columns=columns).logits[:, 0],
                                full[rows, at][:, columns], atol=1e-5, rtol=1e-5)
+
+
+def _mlp_tokens(lm, **run):
+    """(logits, the number of tokens the last MLP was given) of one `lm.run(**run)`."""
+    seen = []
+    handle = lm.adapter.mlp(lm.shape.n_layers - 1).register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        logits = lm.run(**run).logits
+    finally:
+        handle.remove()
+    return logits, seen
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_logits_at_one_token_under_edge_patches_are_those_of_the_full_pass(tiny, tokens, per_position):
+    """With the logits read at one token per row, the last MLP runs at that token alone
+    (its output broadcasts over the row's other tokens, which nothing reads): edge
+    patches, with masks per row or per position, give the full pass's logits there."""
+    from circuitlang.models import EdgePatch
+
+    _, lm = tiny
+    clean, corrupt = tokens
+    es = lm.edge_set()
+    ablated = lm.run(corrupt, capture=es.senders).cache
+    g = torch.Generator().manual_seed(3)
+    b, t = clean.shape
+    shape = (b, t, len(es.receivers), len(es.senders)) if per_position else (b, len(es.receivers), len(es.senders))
+    mask = (torch.rand(*shape, generator=g) < 0.5).float() * es.valid()
+    at = torch.tensor([8, 3, 5])
+    rows = torch.arange(b)
+    full = lm.run(clean, edges=EdgePatch.from_set(es, ablated, mask)).logits[rows, at]
+    got, seen = _mlp_tokens(lm, input_ids=clean, edges=EdgePatch.from_set(es, ablated, mask), logits_at=at)
+    torch.testing.assert_close(got[:, 0], full, atol=1e-5, rtol=1e-5)
+    if lm.shape.has_mlp:
+        assert seen == [1]
+    assert (full - lm.run(clean).logits[rows, at]).abs().max() > 1e-3  # the mask moved the logits
+
+
+def test_mask_gradients_with_logits_at_one_token_are_the_full_passes(tiny, tokens):
+    from circuitlang.models import EdgePatch
+
+    _, lm = tiny
+    clean, corrupt = tokens
+    es = lm.edge_set()
+    ablated = lm.run(corrupt, capture=es.senders).cache
+    at = torch.tensor([8, 3, 5])
+    rows = torch.arange(len(at))
+    grads = []
+    for logits_at in (None, at):
+        mask = (es.valid().float() * 0.5)[None].expand(len(at), -1, -1).clone().requires_grad_(True)
+        logits = lm.run(clean, edges=EdgePatch.from_set(es, ablated, mask), grad=True, logits_at=logits_at).logits
+        picked = logits[:, 0] if logits_at is not None else logits[rows, at]
+        picked[:, 5].sum().backward()
+        grads.append(mask.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    assert grads[0].abs().max() > 1e-4
+
+
+def test_the_last_mlp_runs_whole_when_something_reads_it(tiny, tokens):
+    _, lm = tiny
+    clean, _ = tokens
+    if not lm.shape.has_mlp:
+        pytest.skip("this architecture has no MLPs")
+    at = torch.tensor([8, 3, 5])
+    top = lm.shape.n_layers - 1
+    for site in (Mlp(top), Resid(lm.shape.n_layers)):
+        run_seen = []
+        handle = lm.adapter.mlp(top).register_forward_hook(
+            lambda m, args, out: run_seen.append(args[0].shape[1]))
+        try:
+            run = lm.run(clean, capture=[site], logits_at=at)
+        finally:
+            handle.remove()
+        assert run_seen == [clean.shape[1]], site
+        torch.testing.assert_close(run.cache[site], lm.run(clean, capture=[site]).cache[site])
