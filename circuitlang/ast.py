@@ -176,10 +176,10 @@ class NeuronsTarget:
 @dataclass(frozen=True, slots=True)
 class FeatureTarget:
     """`feature res5.1234`: a latent of the SAE the file declares as `res5` (`res5.*`: every
-    latent, index None)."""
+    latent, index None; `res5.?f`: an unknown latent the solver fills in)."""
 
     sae: str
-    index: int | None
+    index: "int | Hole | None"
     span: Span | None = _span()
 
 

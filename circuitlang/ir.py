@@ -77,20 +77,26 @@ class Feature:
 
 @dataclass(frozen=True, slots=True)
 class Hole:
-    """An unknown component for the solver: `head ?h`, `head ?h.q`, `mlp ?m`, `heads ?g`.
+    """An unknown component for the solver: `head ?h`, `head ?h.q`, `mlp ?m`, `heads ?g`,
+    `feature res5.?f`.
 
     Attributes:
         name: the hole's name without `?`; one name is one unknown everywhere it occurs.
         kind: "head", "group" (`heads ?g`: a set of heads of unknown size; a claim about
-            it is a claim about each of its heads), "mlp" or "resid".
+            it is a claim about each of its heads), "mlp", "resid" or "latent" (one
+            latent of `sae`).
         channel: for head and group holes, the channel the claim is about.
+        sae: for a latent hole, the dictionary whose latent it is.
     """
 
     name: str
     kind: str
     channel: sites.Channel = sites.Channel.OUT
+    sae: "sites.Dictionary | None" = None
 
     def __str__(self) -> str:
+        if self.kind == "latent":
+            return f"feature {self.sae.name}.?{self.name}"
         base = f"{'heads' if self.kind == 'group' else self.kind} ?{self.name}"
         if self.kind in ("head", "group") and self.channel is not sites.Channel.OUT:
             return f"{base}.{self.channel.value}"

@@ -17,6 +17,7 @@ the same value (`0.85`, `0.5 * clean`, `abs(x - y)`).
 """
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 
 import sympy
@@ -27,8 +28,8 @@ from circuitlang.errors import CircuitlangError
 __all__ = ["claim_to_ast", "expr_to_ast", "ir_to_ast", "site_to_target", "claim_text"]
 
 
-def ir_to_ast(hypothesis: ir.Hypothesis, *, group_heads: bool = False, comments: tuple[str, ...] = ()
-              ) -> ast.Program:
+def ir_to_ast(hypothesis: ir.Hypothesis, *, group_heads: bool = False, comments: tuple[str, ...] = (),
+              base: "str | os.PathLike | None" = None) -> ast.Program:
     """A program that resolves back to `hypothesis`.
 
     Args:
@@ -36,6 +37,9 @@ def ir_to_ast(hypothesis: ir.Hypothesis, *, group_heads: bool = False, comments:
         group_heads: write claims that differ only in their head as one statement
             (`heads 1.0, 1.2 at END depends on IO`).
         comments: full-line comments to put above the first statement (a header).
+        base: the folder the program will be saved in: SAE folders and subspace files
+            are written relative to it (a file reads them only inside its own folder
+            tree); None: as resolved (absolute).
     """
     h = hypothesis
     out: list = []
@@ -56,6 +60,10 @@ def ir_to_ast(hypothesis: ir.Hypothesis, *, group_heads: bool = False, comments:
         out.append(ast.Setting("samples", h.samples))
     for r in h.reported:
         out.append(ast.Reported(r.name, Decimal(repr(r.value))))
+    for sae in h.saes:
+        out.append(ast.SaeDecl(sae.name, _path(sae.path, base), sae.hook, sae.layer))
+    for basis in _bases(h):
+        out.append(ast.SubspaceDecl(basis.name, _path(basis.path, base), basis.hook, basis.layer, basis.head))
     for name, heads in h.groups:
         out.append(ast.GroupDef(name, ast.HeadsTarget(tuple(_headref(x) for x in heads))))
     out += _claims(h.claims, group_heads)
@@ -165,6 +173,8 @@ def site_to_target(site) -> ast.Target:
             return ast.MlpTarget(ast.Hole(name))
         case ir.Hole(name=name, kind="resid"):
             return ast.ResidTarget(ast.Hole(name))
+        case ir.Hole(name=name, kind="latent", sae=sae):
+            return ast.FeatureTarget(sae.name, ast.Hole(name))
         case sites.Head():
             return ast.HeadTarget(_headref(site))
         case sites.Mlp(layer=layer):
@@ -177,8 +187,42 @@ def site_to_target(site) -> ast.Target:
             return ast.LogitsTarget()
         case sites.Subspace(basis=basis):
             return ast.SubspaceTarget(basis.name)
+        case sites.Neuron(layer=layer, index=index):
+            return ast.NeuronTarget(ast.HeadRef(layer, index))
+        case sites.Latent(sae=sae, index=index):
+            return ast.FeatureTarget(sae.name, index)
+        case sites.SaeError(sae=sae):
+            return ast.ErrorTarget(sae.name)
     raise CircuitlangError(f"{site} has no name in the language", code="print.unnamed-site",
-                           hint="sites are heads, MLPs, resid, embed and logits")
+                           hint="sites are heads, MLPs, resid, embed, logits, neurons, SAE latents and "
+                           "errors, and subspaces")
+
+
+def _path(path: str, base) -> str:
+    """`path` relative to `base` when it lies inside it (else as it is), with `/`."""
+    if base is None:
+        return path
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+    if rel.startswith(".."):
+        return path
+    return rel.replace(os.sep, "/")
+
+
+def _bases(h: ir.Hypothesis) -> list[sites.Basis]:
+    """The fixed subspaces the claims and experiments name, in order of appearance (a
+    basis `align` learns, or a random one, has no file to declare)."""
+    found: dict[str, sites.Basis] = {}
+    parts = [s for c in h.claims for s in ir._claim_sites(c)] + [s for e in h.experiments for s in ir._experiment_sites(e)]
+    for site in parts:
+        if isinstance(site, sites.Subspace):
+            found.setdefault(site.basis.name, site.basis)
+    for basis in found.values():
+        if basis.seed is not None or basis.key != "basis" or not basis.path:
+            raise CircuitlangError(f"subspace {basis.name} has no file to declare it from",
+                                   code="print.unnamed-site",
+                                   hint="save a learned basis with `align` and declare it with `subspace NAME = "
+                                   "\"FILE\" at ...`")
+    return list(found.values())
 
 
 def _position(position: sites.Position) -> ast.PositionRef:

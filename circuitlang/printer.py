@@ -231,7 +231,8 @@ def format_target(target: ast.Target) -> str:
         case ast.NeuronsTarget(items=items):
             return "neurons " + ", ".join(_headref(i) for i in items)
         case ast.FeatureTarget(sae=sae, index=index):
-            return f"feature {sae}.{'*' if index is None else index}"
+            shown = "*" if index is None else _hole(index) if isinstance(index, ast.Hole) else index
+            return f"feature {sae}.{shown}"
         case ast.ErrorTarget(sae=sae):
             return f"error {sae}"
         case ast.SubspaceTarget(name=name):

@@ -426,7 +426,10 @@ class _ToAst(Transformer):
 
     def feature_target(self, meta, c):
         name, index = c
-        value = None if index.type == "STAR" else _int(index, self.filename)
+        if index.type == "HOLE":
+            value = ast.Hole(str(index)[1:], span=_tok_span(index, self.filename))
+        else:
+            value = None if index.type == "STAR" else _int(index, self.filename)
         return ast.FeatureTarget(str(name), value, span=self._span(meta))
 
     def error_target(self, meta, c):

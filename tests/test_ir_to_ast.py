@@ -68,6 +68,35 @@ def test_holes_and_their_constraints_print_back():
     assert "heads ?g at END depends on IO" in circuitlang.format(ir_to_ast(h))
 
 
+def test_sites_below_the_head_print_back_with_their_declarations(tmp_path):
+    """Neurons, SAE latents (and a latent hole), error terms and a file subspace print with
+    the `sae` / `subspace` lines they need, their paths relative to where the program is
+    saved, and resolve to the same claims and dictionaries from there."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    shape = known_shape("toy-ioi")
+    d = shape.d_model
+    (tmp_path / "saes" / "a").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"W_enc": torch.randn(d, 8, generator=g), "b_enc": torch.zeros(8), "W_dec": torch.randn(8, d, generator=g),
+               "b_dec": torch.zeros(d)}, str(tmp_path / "saes" / "a" / "sae_weights.safetensors"))
+    (tmp_path / "saes" / "a" / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 8, "architecture": "standard"}))
+    q, _ = torch.linalg.qr(torch.randn(d, 2, generator=g))
+    save_file({"basis": q.contiguous()}, str(tmp_path / "io.safetensors"))
+    text = ('task ioi\nsae a = "saes/a" at resid 2\nsubspace s = "io.safetensors" at resid 1\n'
+            "feature a.3 at END depends on IO\nerror a at END depends on S\nneuron 1.5 at END depends on IO\n"
+            "subspace s at END depends on IO\nhead 0.1 -> feature a.?f at END\n")
+    h = resolve_text(text, shape, filename=str(tmp_path / "h.circ"))
+    printed = circuitlang.format(ir_to_ast(h, base=tmp_path))
+    assert 'sae a = "saes/a" at resid 2' in printed and 'subspace s = "io.safetensors" at resid 1' in printed
+    back = resolve_text(printed, shape, filename=str(tmp_path / "printed.circ"))
+    _same(back, h)
+    assert back.saes == h.saes
+
+
 def test_a_printed_program_is_formatted_and_names_core_claims():
     h = resolve_text("model toy-ioi\ntask ioi\nmetric logit_diff\nablation resample given template\n"
                      "head 1.0 moves name from IO to END\n5.5 -> 8.6 at END\nexpect recovered >= 0.85\n"

@@ -187,10 +187,11 @@ class ClaimResolver:
                 claim.sender, claim.receiver)
             for site in parts:
                 if isinstance(site, ir.Hole):
-                    seen = kinds.setdefault(site.name, site.kind)
-                    if seen != site.kind:
+                    kind = site.kind if site.sae is None else f"latent of SAE {site.sae.name}"
+                    seen = kinds.setdefault(site.name, kind)
+                    if seen != kind:
                         self.report("resolve.hole", f"hole ?{site.name} is used both as a "
-                                    f"{seen} and as a {site.kind}", claim.span,
+                                    f"{seen} and as a {kind}", claim.span,
                                     "use a different name for each unknown")
 
 

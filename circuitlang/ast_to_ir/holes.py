@@ -81,7 +81,8 @@ def _hole_kinds(claims, experiments) -> dict[str, str]:
 
 
 _KIND_WORDS = {"head": "one head (`head ?{0}`)", "group": "a group of heads (`heads ?{0}`)",
-               "mlp": "an MLP (`mlp ?{0}`)", "resid": "a residual stream (`resid ?{0}`)"}
+               "mlp": "an MLP (`mlp ?{0}`)", "resid": "a residual stream (`resid ?{0}`)",
+               "latent": "a latent of an SAE (`feature NAME.?{0}`)"}
 
 
 class HoleResolver:
@@ -133,6 +134,11 @@ class HoleResolver:
 
     def _hole_in(self, stmt: ast.HoleIn, kind: str) -> ir.HoleConstraint | None:
         name, text = stmt.hole.name, format_statement(stmt)
+        if kind == "latent":
+            self.report("resolve.hole_constraint", f"?{name} is {_KIND_WORDS[kind].format(name)}: its "
+                        "SAE says where it is, so it takes no `in` constraint", stmt.span,
+                        "drop this line; the solver ranks every latent of the SAE")
+            return None
         if stmt.heads:
             if kind not in ("head", "group"):
                 self.report("resolve.hole_constraint", f"?{name} is {_KIND_WORDS[kind].format(name)}, "

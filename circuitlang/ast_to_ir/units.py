@@ -87,6 +87,8 @@ class UnitResolver:
                 sae = self._dictionary(name, target.span)
                 if sae is None:
                     return None
+                if isinstance(index, ast.Hole):
+                    return [ir.Hole(index.name, "latent", sae=sae)]
                 if index is None:
                     if not wildcards:
                         self.report("resolve.wildcard", f"wildcard `feature {name}.*` in a claim",

@@ -12,6 +12,18 @@ from circuitlang.sites import Head, Position, Site
 __all__ = ["Candidate", "HoleFill", "HoleResult", "Verified"]
 
 
+def describe_ranking(method: str, ablation: str) -> str:
+    """How holes were ranked, in words: each method joined by `+` in `method` (edge
+    attribution under the file's ablation; latents against the task's counterfactual)."""
+    words = []
+    for m in method.split("+"):
+        if m == "latent-attribution":
+            words.append("attribution patching over latents (the task's counterfactual)")
+        else:
+            words.append(f"{m} ({ablation} ablation)")
+    return "; ".join(words)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A filling of one hole: its site(s), its attribution score and, when it was verified,
@@ -30,7 +42,7 @@ class HoleFill:
     """What filled one hole, and the evidence.
 
     Attributes:
-        name, kind: the hole (`h`, "head" / "group" / "mlp").
+        name, kind: the hole (`h`, "head" / "group" / "mlp" / "latent").
         chosen: the chosen candidate (a group: all its heads, best first).
         runners_up: the next candidates by attribution, with their checked recovered
             fraction where it was verified (a group: the next heads, each scored as one).
@@ -183,7 +195,7 @@ class HoleResult:
                     f"{c.text()} (attribution {c.score:.4g}" + (f", recovered {_fmt(c.recovered)})"
                                                                 if c.recovered is not None else ")")
                     for c in fill.runners_up))
-        lines.append(f"ranked by {self.method} ({self.ablation} ablation) at "
+        lines.append(f"ranked by {describe_ranking(self.method, self.ablation)} at "
                      f"{', '.join(str(p) for p in self.positions)}; {len(self.verified)} assignment(s) "
                      f"verified by causal scrubbing in {self.scrub_batches} batch(es); {self.passes} "
                      f"forward passes in all")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import torch
 
 from circuitlang import ir, sites, topology
@@ -29,12 +30,16 @@ from circuitlang.discover.attribution import Scores
 from circuitlang.discover.problem import EdgeSpace
 from circuitlang.errors import DiscoveryError
 from circuitlang.execute import position_index
-from circuitlang.sites import Channel, Head, Mlp, Site
+from circuitlang.sites import Channel, Head, Mlp, Position, Site
 
-__all__ = ["BEAM", "ClaimScores", "ClaimSpace", "HoleSearch", "candidates", "holes_of", "put"]
+__all__ = ["BEAM", "LATENT_CANDIDATES", "ClaimScores", "ClaimSpace", "HoleSearch", "candidates", "holes_of",
+           "latent_scores", "put", "shortlist_latents"]
 
 #: Joint assignments of head and MLP holes kept at each step of the search.
 BEAM = 512
+
+#: Candidates of a latent hole kept for the search, best node scores first.
+LATENT_CANDIDATES = 32
 
 
 # ----------------------------------------------------------------------------- the edge space
@@ -106,6 +111,18 @@ def candidates(hypothesis: ir.Hypothesis, shape: sites.ModelShape | None = None)
                                  code="discover.hole-unused",
                                  hint=f"claim something about it (`head ?{hole.name} moves IO to END`), or "
                                  "name the component")
+        if hole.kind == "latent":  # every latent of its SAE (an `in` line is refused earlier)
+            domain = [sites.Latent(hole.sae, i) for i in range(hole.sae.d_sae)]
+            for claim in mine:
+                if len({h.name for h in holes_of(claim)}) == 1:
+                    domain = [c for c in domain if _edge_ok(shape, claim, {hole.name: c})]
+            if not domain:
+                raise DiscoveryError(f"hole ?{hole.name} has no candidate: no latent of SAE {hole.sae.name} "
+                                     "makes its edge claims edges of the model", code="discover.no-candidate",
+                                     hint=f"SAE {hole.sae.name} reads {hole.sae.hook} {hole.sae.layer}: a latent "
+                                     "there receives from the layers below it and sends to the layers above")
+            out[hole.name] = tuple(domain)
+            continue
         if hole.kind == "resid":
             raise DiscoveryError(f"cannot fill `{hole}`: the residual stream is a sum of senders, not a "
                                  "component", code="discover.hole-kind",
@@ -136,9 +153,16 @@ def candidates(hypothesis: ir.Hypothesis, shape: sites.ModelShape | None = None)
 
 
 class ClaimScores:
-    """Scores shaped like each claim, read from the attribution grid [P, R, S]."""
+    """Scores shaped like each claim, read from the attribution grid [P, R, S] and, for
+    latents, from node attribution at each claim's position (`latent_scores`)."""
 
-    def __init__(self, scores: Scores, space: EdgeSpace, shape):
+    def __init__(self, scores: Scores | None, space: EdgeSpace | None, shape,
+                 latents: dict[tuple[sites.Dictionary, Position], "np.ndarray"] | None = None):
+        self.shape = shape
+        self.latents = latents or {}
+        if scores is None:  # latent holes only: no edge attribution was run
+            self.grid = None
+            return
         grid = space.as_grid(scores.edges.double()).numpy()
         self.grid = grid
         self.out_sum = grid.sum(1)  # [P, S]: a sender's outgoing edges at each position
@@ -148,18 +172,29 @@ class ClaimScores:
         self.r_index = {r: i for i, r in enumerate(es.receivers)}
         self.positions = {p: i for i, p in enumerate(space.positions)}
         self.all = not space.per_position
-        self.shape = shape
 
     def _p(self, position) -> int | None:
         if self.all:
             return 0
         return self.positions.get(position)
 
+    def _latent(self, site, position) -> float:
+        """|a latent's node score at the claim's position| (0 where none was computed)."""
+        table = self.latents.get((site.sae, position))
+        return 0.0 if table is None else abs(float(table[site.index]))
+
     def _r(self, site) -> int | None:
         return self.r_index.get(topology.canonical(self.shape, site))
 
     def value(self, claim, fill: dict[str, Site]) -> float:
-        """|the summed scores of the edges the claim names|, its holes filled by `fill`."""
+        """|the summed scores of the edges the claim names|, its holes filled by `fill`; a
+        claim naming a latent hole: that latent's node score at the claim's position (an
+        edge claim too: how much the latent matters there)."""
+        for hole in holes_of(claim):
+            if hole.kind == "latent":
+                return self._latent(fill[hole.name], claim.position)
+        if self.grid is None:
+            return 0.0
         p = self._p(claim.position)
         if p is None:
             return 0.0
@@ -188,6 +223,56 @@ class ClaimScores:
             if i is not None:
                 total += self.grid[p, i, s]
         return abs(float(total))
+
+
+def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, batch_size: int = 32
+                  ) -> tuple[dict[tuple[sites.Dictionary, Position], np.ndarray], int]:
+    """Node attribution of every latent of each SAE a latent hole names, at each position a
+    claim naming it is at: (SAE, position) -> [d_sae] mean estimated effect on the metric
+    of that latent alone taking its value on the task's counterfactual prompt (attribution
+    patching over latents, as Marks et al. 2024; `circuitlang.models.attribution`), and the
+    forward passes it ran (two per batch of prompts per entry)."""
+    from circuitlang.models.attribution import attribute_nodes
+    from circuitlang.execute import run_batched
+
+    wanted: dict[tuple[sites.Dictionary, Position], None] = {}
+    for claim in hypothesis.claims:
+        for hole in holes_of(claim):
+            if hole.kind == "latent":
+                wanted.setdefault((hole.sae, claim.position), None)
+    index = list(range(len(prompts.input_ids)))
+
+    def value(logits, rows):
+        sub = prompts.subset(index[rows])
+        reference = None
+        if metric == "kl":
+            with torch.no_grad():
+                reference = run_batched(lm, sub.input_ids, sub.attention_mask).logits
+        return task.metric(metric, logits, sub, reference_logits=reference)
+
+    out, passes = {}, 0
+    for sae, position in wanted:
+        at = None if position.is_all else position_index(prompts, position)
+        found = attribute_nodes(lm, prompts.input_ids, prompts.corrupt_input_ids, value, [sites.AllLatents(sae)],
+                                attention_mask=prompts.attention_mask, positions=at, batch_size=batch_size)
+        out[(sae, position)] = found.scores.double().numpy()
+        passes += found.passes
+    return out, passes
+
+
+def shortlist_latents(hypothesis: ir.Hypothesis, domains: dict[str, tuple[Site, ...]], shapes: "ClaimScores",
+                      shape, keep: int) -> dict[str, tuple[Site, ...]]:
+    """`domains` with each latent hole's candidates cut to the `keep` with the largest node
+    scores summed over the claims that name the hole (a dictionary has thousands of
+    latents; the joint search and the verification need a few)."""
+    out = dict(domains)
+    for hole in hypothesis.holes():
+        if hole.kind != "latent":
+            continue
+        where = [c.position for c in hypothesis.claims if any(h.name == hole.name for h in holes_of(c))]
+        total = {c: sum(shapes._latent(c, p) for p in where) for c in domains[hole.name]}
+        out[hole.name] = tuple(sorted(total, key=lambda c: (-total[c], c.index))[:keep])
+    return out
 
 
 # ----------------------------------------------------------------------------- the search
@@ -267,6 +352,9 @@ class HoleSearch:
             return False
         mlps = [s for n, s in fill.items() if isinstance(s, Mlp)]
         if len(mlps) != len(set(mlps)):
+            return False
+        latents = [s for s in fill.values() if isinstance(s, sites.Latent)]
+        if len(latents) != len(set(latents)):
             return False
         return all(_edge_ok(self.shape, c, fill) for c in self.claims if self._claim_names(c) <= set(fill))
 

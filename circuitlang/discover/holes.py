@@ -17,7 +17,8 @@ The candidates, the scores shaped like each claim and the search over assignment
 
 **Candidates.** A head hole (`head ?h`, `?h.q`) is one head; a group hole (`heads ?g`)
 a set of heads of unknown size (at least 1, `?g has at most N heads` and the like); an
-MLP hole (`mlp ?m`) one layer's MLP. A hole may be filled with what its `in`
+MLP hole (`mlp ?m`) one layer's MLP; a latent hole (`feature res5.?f`) one latent of
+that SAE, every latent a candidate. A hole may be filled with what its `in`
 constraints allow (`?s in layers 7-8`; `circuitlang.ast_to_ir.holes.hole_domain`) such
 that every edge claim naming it is an edge of the model (`circuitlang.topology`:
 `?s -> ?h.q` needs ?s below ?h). Distinct holes get distinct heads. A hole with no
@@ -36,7 +37,11 @@ scored in its own shape, as the magnitude of the summed scores of the edges it n
   outgoing edges at P; `?h.q at P depends on F`: the edges into ?h's query at P; a
   pattern: its query at P and its keys;
 * `?s -> ?h.q at P`: that edge's score (an edge into a head with no channel: q, k and v);
-* a claim about a group hole: the same, per head.
+* a claim about a group hole: the same, per head;
+* a claim naming a latent hole: that latent's node score at the claim's position, from
+  attribution patching over the whole dictionary against the task's counterfactual
+  (`hole_search.latent_scores`; no edge attribution runs when every hole is a latent);
+  the `LATENT_CANDIDATES` best latents go on to the search.
 
 An assignment's score is the sum over the claims with holes. Assignments of the head and
 MLP holes are searched jointly (a beam, exact for two holes); a group hole's heads are
@@ -78,8 +83,9 @@ import numpy as np
 
 from circuitlang import ast, ir, stats
 from circuitlang.discover.attribution import IG_VARIANTS, eap, eap_ig
-from circuitlang.discover.hole_result import Candidate, HoleFill, HoleResult, Verified, _fmt
-from circuitlang.discover.hole_search import ClaimScores, ClaimSpace, HoleSearch, candidates, holes_of
+from circuitlang.discover.hole_result import Candidate, HoleFill, HoleResult, Verified, _fmt, describe_ranking
+from circuitlang.discover.hole_search import (LATENT_CANDIDATES, ClaimScores, ClaimSpace, HoleSearch, candidates,
+                                              holes_of, latent_scores, shortlist_latents)
 from circuitlang.discover.problem import ABLATIONS, Problem
 from circuitlang.errors import CircuitlangError, DiscoveryError
 from circuitlang.execute import Scrubber
@@ -158,6 +164,8 @@ def _fill_target(target, fill):
             return dataclasses.replace(target, items=tuple(new))
         case ast.MlpTarget(layer=ast.Hole(name=name)) | ast.ResidTarget(layer=ast.Hole(name=name)) if name in fill:
             return dataclasses.replace(target, layer=fill[name][0].layer)
+        case ast.FeatureTarget(index=ast.Hole(name=name)) if name in fill:
+            return dataclasses.replace(target, index=fill[name][0].index)
     return target
 
 
@@ -398,15 +406,27 @@ def fill_holes(
     if hypothesis.ablation.given:
         notes.append("the ranking resamples unconditioned; the scrubbing conditions on "
                      + ", ".join(str(f) for f in hypothesis.ablation.given))
-    space = ClaimSpace.build(lm.edge_set(), positions)
-    problem = Problem(lm, the_task, prompts, setup.metric, ablation, space, seed=setup.seed, batch_size=batch_size)
-    if method == "eap":
-        scores, method_name = eap(problem), "eap"
-    else:
-        variant = ig or ("inputs" if ablation == "corrupt" else "activations")
-        scores = eap_ig(problem, variant, steps)
-        method_name = scores.method
-    search = HoleSearch(hypothesis, domains, ClaimScores(scores, space, shape), shape)
+    scores = space = None
+    rank_passes = 0
+    names = []
+    if any(h.kind != "latent" for h in holes):  # heads and MLPs: edge attribution
+        space = ClaimSpace.build(lm.edge_set(), positions)
+        problem = Problem(lm, the_task, prompts, setup.metric, ablation, space, seed=setup.seed,
+                          batch_size=batch_size)
+        if method == "eap":
+            scores = eap(problem)
+        else:
+            scores = eap_ig(problem, ig or ("inputs" if ablation == "corrupt" else "activations"), steps)
+        names.append(scores.method if method != "eap" else "eap")
+    latents = {}
+    if any(h.kind == "latent" for h in holes):  # latents: node attribution over each dictionary
+        latents, passes = latent_scores(lm, the_task, prompts, setup.metric, hypothesis, batch_size)
+        rank_passes += passes
+        names.append("latent-attribution")
+    method_name = "+".join(names)
+    shapes = ClaimScores(scores, space, shape, latents)
+    domains = shortlist_latents(hypothesis, domains, shapes, shape, LATENT_CANDIDATES)
+    search = HoleSearch(hypothesis, domains, shapes, shape)
     ranked = search.ranked()
 
     # verify: the best few, the runners-up around the best, every step of the groups' growth
@@ -433,8 +453,8 @@ def fill_holes(
     fill = dict(chosen.fill)
     where = ", ".join(str(p) for p in positions)
     header = (f"Holes filled by circuitlang discover (n={len(prompts.input_ids)}, seed {setup.seed}, metric "
-              f"{setup.metric}): ranked by {method_name}",
-              f"({ablation} ablation) at {where}; {len(graphs.done)} assignments checked by causal scrubbing,"
+              f"{setup.metric}): ranked by {describe_ranking(method_name, ablation)}",
+              f"at {where}; {len(graphs.done)} assignments checked by causal scrubbing ({ablation} ablation),"
               f" recovered {_fmt(chosen.recovered)}.")
     for name, f in fills.items():
         line = f"  ?{name} = {f.chosen.text()}"
@@ -454,7 +474,8 @@ def fill_holes(
         result_check = verdict.judge(filled_h, graph, setup, scored, experiments=run_experiments(filled_h, setup),
                                      permutations=permutations, breakdown=breakdown, max_examples=max_examples)
     verified = sorted(graphs.done.values(), key=lambda v: (v is not chosen, not v.meets, -_safe(v.recovered)))
-    passes = problem.passes + setup.scrubber.passes + setup.scrubber.cache.passes
+    passes = (problem.passes if scores is not None else 0) + rank_passes + setup.scrubber.passes \
+        + setup.scrubber.cache.passes
     return HoleResult(
         text=filled_text, program=filled, hypothesis=filled_h, holes=fills, verified=verified, check=result_check,
         method=method_name, ablation=ablation, positions=positions, model=lm.name,
