@@ -26,7 +26,8 @@ obvious way from docs/checker.md ("The graph" and "Scrubbing"):
    output bias; a neuron's, its activation (the input of its MLP's output projection)
    times its row of W_out; an SAE latent's (a plain ReLU SAE at resid L, weights read
    from its folder), its activation on the stream entering block L times its decoder
-   row. Neurons and latents are leaves here. The remainder of a channel is its value on the resampled prompt
+   row; a neuron or latent with claimed children computes it from its assembled stream
+   (its MLP's input; the stream entering the SAE's block). The remainder of a channel is its value on the resampled prompt
    (`resample`), on the node's own prompts' counterfactuals (`corrupt`), its dataset
    mean per absolute position over real tokens (`mean`), or what is left of the stream
    when every sender contributes nothing (`zero`): the attention-output biases no
@@ -252,13 +253,37 @@ class NaiveModel:
             w, _ = _weight_in_out(self.block(site.layer, self.arch.mlp_out))
             return cap[("hidden", site.layer)][..., site.index, None] * w[site.index].detach()
         if isinstance(site, Latent):  # a plain ReLU SAE on the stream entering its block
-            if site.sae.hook != "resid":
-                raise ValueError(f"the oracle reads SAEs at resid L only, not {site.sae}")
-            w = _sae_weights(site.sae.path)
-            x = cap["final"] if site.sae.layer == self.n_layers else cap[("resid", site.sae.layer)]
-            act = torch.relu(x @ w["W_enc"][:, site.index].to(x.dtype) + w["b_enc"][site.index].to(x.dtype))
-            return act[..., None] * w["W_dec"][site.index].to(x.dtype)
+            return self.latent_output(site, cap[self.latent_stream(site)])
         raise ValueError(f"not a sender: {site}")
+
+    def latent_stream(self, site: Latent):
+        """The key of the stream an SAE latent reads (the oracle knows SAEs at resid L)."""
+        if site.sae.hook != "resid":
+            raise ValueError(f"the oracle reads SAEs at resid L only, not {site.sae}")
+        return "final" if site.sae.layer == self.n_layers else ("resid", site.sae.layer)
+
+    def latent_output(self, site: Latent, x: torch.Tensor) -> torch.Tensor:
+        """A latent's write on the stream `x` it reads: ReLU(x W_enc[:, i] + b_enc[i]) W_dec[i]."""
+        w = _sae_weights(site.sae.path)
+        act = torch.relu(x @ w["W_enc"][:, site.index].to(x.dtype) + w["b_enc"][site.index].to(x.dtype))
+        return act[..., None] * w["W_dec"][site.index].to(x.dtype)
+
+    @torch.no_grad()
+    def neuron_output(self, site: Neuron, stream: torch.Tensor) -> torch.Tensor:
+        """A neuron's write when its MLP reads the pre-norm `stream`: the unit's entry of the
+        MLP's output projection's input, times its row of W_out."""
+        seen = {}
+
+        def keep(module, args, kwargs):
+            seen["hidden"] = _first_arg(args, kwargs).detach().clone()
+
+        handle = self.block(site.layer, self.arch.mlp_out).register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            self.block(site.layer, self.arch.mlp)(self.block(site.layer, self.arch.mlp_norm)(stream))
+        finally:
+            handle.remove()
+        w, _ = _weight_in_out(self.block(site.layer, self.arch.mlp_out))
+        return seen["hidden"][..., site.index, None] * w[site.index].detach()
 
     def senders_of(self, key) -> list:
         """The senders whose outputs are summed into a stream (the rest of it is biases)."""
@@ -517,7 +542,7 @@ def build_tree(hypothesis: Hypothesis) -> Node:
                 parents = find(head, at) or [new(head, at, [INPUT])]
             else:
                 parents = [t for t in senders if t.site == head] or [new(head, ALL, [INPUT])]
-        elif isinstance(receiver, Mlp):
+        elif isinstance(receiver, (Mlp, Neuron, Latent)):  # a stream read position by position
             channel = "stream"
             parents = find(receiver, at) or [new(receiver, at, [INPUT])]
         else:
@@ -710,8 +735,10 @@ def naive_scrub(hypothesis: Hypothesis, hf_model, prompts, metric_fn: Callable, 
     def stream_key(node: Node, channel: str):
         if node.role == "root":
             return "final"
-        if isinstance(node.site, Mlp):
+        if isinstance(node.site, (Mlp, Neuron)):
             return ("mlp_in", node.site.layer)
+        if isinstance(node.site, Latent):
+            return model.latent_stream(node.site)
         return ("resid", node.site.layer)
 
     def sender_value_in(cap: dict, site) -> torch.Tensor:
@@ -831,6 +858,10 @@ def naive_scrub(hypothesis: Hypothesis, hf_model, prompts, metric_fn: Callable, 
                                     node.site.layer, node.site.head, channels)
         elif isinstance(node.site, Mlp):
             out = model.mlp_output(node.site.layer, assemble(node, "stream"))
+        elif isinstance(node.site, Neuron):
+            out = model.neuron_output(node.site, assemble(node, "stream"))
+        elif isinstance(node.site, Latent):
+            out = model.latent_output(node.site, assemble(node, "stream"))
         else:
             raise ValueError(f"{node.site} cannot have children")
         values[path] = out

@@ -88,6 +88,7 @@ def claim_sets(shape, positions, features, max_claims=6, neurons=()):
     edges = topology.edges(shape)
     senders += list(neurons)
     edges += [(u, r) for u in neurons for r in topology.receivers(shape) if topology.edge_exists(shape, u, r)]
+    edges += [(s, u) for s in senders for u in neurons if topology.edge_exists(shape, s, u)]  # units receive
     where = st.sampled_from(positions + (ALL,))
     feats = st.lists(st.sampled_from(features), max_size=2, unique=True).map(tuple)
     depends_sender = st.builds(DependsClaim, st.sampled_from(senders), where, feats)
@@ -109,14 +110,13 @@ def claim_sets(shape, positions, features, max_claims=6, neurons=()):
         for a, b in zip(picked, picked[1:] + [Logits()]):
             channel = draw(st.sampled_from((Channel.Q, Channel.K, Channel.V)))
             receiver = b.with_channel(channel) if isinstance(b, Head) else b
-            if isinstance(b, (Latent, Neuron)) or not topology.edge_exists(shape, a, receiver):  # (the
-                # oracle reads units as leaves only)
+            if not topology.edge_exists(shape, a, receiver):
                 continue
             # a query or an MLP reads a at the position it is read at itself (else the
             # edge makes a node of its own); a key or value anywhere
             at = draw(where) if channel is not Channel.Q and isinstance(b, Head) else read_at[a]
             at = read_at[a] if isinstance(b, Logits) else at
-            if isinstance(b, (Mlp, Head)) and (channel is Channel.Q or isinstance(b, Mlp)):
+            if isinstance(b, (Mlp, Head, Neuron, Latent)) and (channel is Channel.Q or not isinstance(b, Head)):
                 at = read_at[b]
             out.append(EdgeClaim(a, receiver, at))
             if draw(st.booleans()):
@@ -238,6 +238,48 @@ def test_random_hypotheses_with_neurons(arch, tiny_models, induction, tmp_path_f
         _run_case(lm, task, prompts, case, "induction")
 
     check()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_hypotheses_where_neurons_and_latents_receive(arch, tiny_models, induction, tmp_path_factory):
+    """Neurons and SAE latents with claimed children: an edge into a neuron rebuilds its
+    MLP's input from the claimed senders and the remainder, an edge into a latent the
+    stream entering its SAE's block, and the unit's write is computed from that; the
+    oracle runs the MLP (or the SAE's arithmetic) on its own assembled stream."""
+    lm = tiny_models(arch)
+    task, prompts = induction
+    units = tuple(Neuron(layer, i) for layer in range(1, lm.shape.n_layers) for i in (0, 5))
+    sae = _tiny_sae(tmp_path_factory, lm.shape.d_model, layer=1)
+    units += (Latent(sae, 0), Latent(sae, 3))
+
+    @st.composite
+    def cases(draw):
+        claims = draw(claim_sets(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, neurons=units))
+        assume(any(isinstance(c, EdgeClaim) and isinstance(c.receiver, (Neuron, Latent)) for c in claims))
+        rest = draw(scrub_cases(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, ("logit_diff", "kl")))
+        return (claims,) + rest[1:]
+
+    @settings(max_examples=10, **SETTINGS)
+    @given(cases())
+    def check(case):
+        _run_case(lm, task, prompts, case, "induction")
+
+    check()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_neuron_and_a_latent_with_children_agree_with_the_oracle(tiny_models, induction, tmp_path_factory, mode):
+    """Fixed: head 0.0 into neuron 1.5, embed into latent 3 (SAE at resid 1), both into
+    the logits; and the same without their children, which must score otherwise."""
+    lm = tiny_models("gpt2")
+    task, prompts = induction
+    sae = _tiny_sae(tmp_path_factory, lm.shape.d_model, layer=1)
+    neuron, latent = Neuron(1, 5), Latent(sae, 3)
+    with_kids = [EdgeClaim(Head(0, 0), neuron, ALL), EdgeClaim(neuron, Logits(), ALL),
+                 EdgeClaim(Embed(), latent, ALL), EdgeClaim(latent, Logits(), ALL)]
+    a, _ = assert_agree(lm, task, prompts, make(lm, with_kids, mode), "logit_diff", 0)
+    b, _ = assert_agree(lm, task, prompts, make(lm, with_kids[1::2], mode), "logit_diff", 0)
+    assert np.abs(a - b).max() > 1e-3
 
 
 def _tiny_sae(tmp_path_factory, d: int, layer: int) -> Dictionary:
