@@ -361,7 +361,8 @@ def random_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int
 
 
 def _subspaces(hypothesis: Hypothesis) -> list:
-    # (a basis `align` has yet to learn, k = 0, stays as it is)
+    # (a basis of unknown dimension, k = 0, stays as it is: the resolver gives every basis its k,
+    # a file's width or an `align`'s dims, so the subspaces `align` learns are drawn too)
     return list(dict.fromkeys(s for s in _named(hypothesis) if isinstance(s, Subspace) and s.basis.k > 0))
 
 

@@ -105,3 +105,25 @@ def test_a_probe_file_is_a_subspace(tmp_path):
                     "patch subspace io at END\n")
     (patch,) = circuitlang.run(circ)
     assert np.isfinite(patch.normalized).all()
+
+
+def test_the_permutation_null_draws_random_subspaces_for_a_basis_align_learns():
+    """A claim on a subspace the same file's `align` learns is compared with random
+    subspaces of the same place and dimension (the `dims` the resolver already knows),
+    as a claim on a basis read from a file is: the null never reuses the learned basis."""
+    from circuitlang.ast_to_ir import resolve_text
+    from circuitlang.models import known_shape
+    from circuitlang.sites import Subspace
+    from circuitlang.variants import random_circuits
+
+    shape = known_shape("toy-ioi")
+    h = resolve_text("task ioi\nalign io at resid 2 at END with IO dims 2\nsubspace io at END depends on IO\n",
+                     shape, filename="/nowhere/h.circ")
+    drawn = random_circuits(h, shape, 5, seed=0)
+    assert len(drawn.hypotheses) == 5
+    seeds = set()
+    for circuit in drawn.hypotheses:
+        (site,) = [c.site for c in circuit.claims]
+        assert isinstance(site, Subspace) and site.basis.k == 2 and site.basis.layer == 2
+        seeds.add(site.basis.seed)
+    assert None not in seeds and len(seeds) == 5
