@@ -2,11 +2,12 @@
 # Create the peer-tool venvs used by the agreement tests and the benchmark:
 #   .peers/tl  TransformerLens 4.x (TransformerBridge over the HF model)
 #   .peers/ac  auto-circuit 1.0.1 + TransformerLens 2.x (HookedTransformer)
+#   .peers/sl  SAELens 6.x (its SAE classes, for the SAE agreement test)
 # Both are created with --system-site-packages so they reuse the system's CPU
 # torch 2.13.0; constraints.txt pins torch so pip can never replace it with a
 # CUDA build. Idempotent: an existing venv is reused and pip only fills gaps.
 #
-# Usage: bench/peers/setup.sh [tl|ac ...]      (default: both)
+# Usage: bench/peers/setup.sh [tl|ac|sl ...]   (default: tl and ac)
 # Env:   PYTHON (default: python3), PEERS_DIR (default: <repo>/.peers)
 set -euo pipefail
 
@@ -60,6 +61,7 @@ for target in "${targets[@]}"; do
                 "from transformer_lens.model_bridge import TransformerBridge; from transformer_lens import patching" ;;
         ac) make_venv ac "$here/requirements-ac.txt" \
                 "import auto_circuit.utils.graph_utils, datasets; from transformer_lens import HookedTransformer; from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights" ;;
-        *) echo "unknown peer '$target' (valid: tl, ac)" >&2; exit 2 ;;
+        sl) make_venv sl "$here/requirements-sl.txt" "from sae_lens import SAE" ;;
+        *) echo "unknown peer '$target' (valid: tl, ac, sl)" >&2; exit 2 ;;
     esac
 done
