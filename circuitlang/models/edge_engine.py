@@ -18,6 +18,7 @@ keeps every row in the GEMM so attribution gets d(metric)/d(mask) everywhere.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -329,7 +330,11 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
     widest = max([len(g.mixed) for g in attn.values()] + [1])
     delta = _Slots(n_s) if delta is None else delta.view(n_s, batch, tokens, d_model)
     if start:
-        _resume_below(start, attn, mlp, sorted_senders, keys, source, ablated, delta, resumed, device)
+        done = 0 if isinstance(delta, _Slots) else _clean_prefix(lm, delta, resumed, edges.ablated, sorted_senders,
+                                                                  source)
+        _resume_below(start, attn, mlp, sorted_senders, keys, source, ablated, delta, resumed, device, done)
+    if not isinstance(delta, _Slots):
+        _remember_clean_prefix(lm, delta, start, resumed, edges.ablated, sorted_senders, source, keys)
     return _Edges(
         ablated=ablated,
         delta=delta,
@@ -346,21 +351,63 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
     )
 
 
-def _resume_below(start, attn, mlp, senders, keys, source, ablated, delta, clean, device) -> None:
+def _resume_below(start, attn, mlp, senders, keys, source, ablated, delta, clean, device, done: int = 0) -> None:
     """Resuming a clean pass at layer `start`: no receiver below it may read an ablated
-    edge, and the deltas of the senders below it come from the clean pass's outputs."""
+    edge, and the deltas of the senders below it come from the clean pass's outputs
+    (the first `done` of them are in `delta` already: `_clean_prefix`)."""
     below = [f"mlp {l}" for l, g in mlp.items() if l < start and any(k != CLEAN for k in g.kinds)]
     below += [f"layer {l}'s q/k/v" for l, g in attn.items() if l < start and any(k != CLEAN for k in g.kinds)]
     if below:
         raise ModelError(f"cannot resume at layer {start}: edges into {', '.join(below)} are ablated",
                          code="model.bad-resume", hint="resume at the lowest layer whose receivers change")
     for i, (site, key) in enumerate(zip(senders, keys)):
-        if key[0] < start:
+        if key[0] < start and i >= done:
             value = clean.senders.get(site)
             if value is None:
                 raise ModelError(f"the clean pass has no output of {site}", code="model.bad-resume",
                                  hint="make it with LoadedModel.clean_pass over the edge set's senders")
             delta[i] = value.to(device) - ablated[:, source[i]]
+
+
+# What the reused delta buffer holds between runs: the clean deltas of the first senders,
+# written by a resumed run, are the same for the next run resumed from the same clean pass
+# with the same ablated values and senders (ACDC's passes, hundreds of them), so they are
+# not written again. Key: `_HOLDS` in `LoadedModel.buffers`.
+_HOLDS = "edge-delta-holds"
+
+
+def _holding(delta, clean, ablated, senders, source) -> tuple:
+    """(the clean pass, the ablated tensor, the buffer: by identity; the layout: by value).
+    The buffer is the tensor `_buffer` keeps (a new one when it grows), not this run's view."""
+    base = delta._base if delta._base is not None else delta
+    return (weakref.ref(clean), weakref.ref(ablated), weakref.ref(base), tuple(senders), tuple(source),
+            tuple(delta.shape), delta.data_ptr())
+
+
+def _clean_prefix(lm: "LoadedModel", delta, clean, ablated, senders, source) -> int:
+    """How many leading senders' clean deltas `delta` holds from the run before for this
+    clean pass, ablated tensor and senders (0: none; a dict of ablated values is stacked
+    anew each run, so it never matches). The values of a `CleanPass` and of an ablated
+    tensor are never changed in place."""
+    held = lm.buffers.get(_HOLDS)
+    if held is None or not isinstance(ablated, torch.Tensor):
+        return 0
+    (clean_ref, ablated_ref, base_ref, *layout), count = held
+    base = delta._base if delta._base is not None else delta
+    if clean_ref() is not clean or ablated_ref() is not ablated or base_ref() is not base:
+        return 0
+    return count if tuple(layout) == _holding(delta, clean, ablated, senders, source)[3:] else 0
+
+
+def _remember_clean_prefix(lm: "LoadedModel", delta, start, clean, ablated, senders, source, keys) -> None:
+    """After preparing a run on the reused buffer: the senders below `start` hold clean
+    deltas for the next run (the run's hooks write only the senders from `start` up);
+    a run from the embedding up leaves none."""
+    count = sum(k[0] < start for k in keys) if start else 0
+    if count and isinstance(ablated, torch.Tensor):
+        lm.buffers[_HOLDS] = (_holding(delta, clean, ablated, senders, source), count)
+    else:
+        lm.buffers.pop(_HOLDS, None)
 
 
 def _as_index(values: list[int], device) -> torch.Tensor | slice:

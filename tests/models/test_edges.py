@@ -228,3 +228,50 @@ def test_resuming_below_an_ablated_receiver_is_refused(tiny, tokens):
         lm.run(clean, edges=EdgePatch.from_set(es, abl, mask), resume=(kept, 1))
     with pytest.raises(ModelError, match="resid 0 is not computed when resuming at layer 1"):
         lm.run(clean, capture=[Resid(0)], edges=EdgePatch.from_set(es, abl, mask * 0), resume=(kept, 1))
+
+
+def test_runs_resumed_one_after_another_reuse_the_clean_deltas_they_may(tiny, tokens):
+    """ACDC's passes: many runs resumed from one clean pass with one ablated tensor, at
+    layers going up and down, with a run of another ablated tensor and a run from the
+    embedding up in between. The deltas of the senders below the resume layer that the
+    reused buffer still holds are not written again, those it does not are; every run
+    equals the whole pass."""
+    from circuitlang.models import edge_engine
+
+    arch, lm = tiny
+    clean, es, abl = _setup(lm, tokens)
+    n = lm.shape.n_layers
+    stacked = torch.stack([abl[s] for s in es.senders], 1)  # [B, S, T, D], one tensor for every run
+    other = stacked.flip(0).contiguous()  # another ablated tensor
+    kept = lm.clean_pass(clean, senders=es.senders)
+    g = torch.Generator().manual_seed(5)
+    logits_row = [i for i, r in enumerate(es.receivers) if isinstance(r, Logits)][0]
+    steps = [(2, stacked), (2, stacked), (1, stacked), (2, stacked), (n, stacked), (1, other), (2, stacked),
+             (0, stacked), (2, stacked)]
+    masks = []
+    for start, _ in steps:
+        above = torch.tensor([_receiver_layer(r, n) >= start for r in es.receivers])
+        mask = (torch.rand(1, len(es.receivers), len(es.senders), generator=g) < 0.5).float()
+        mask = mask * es.valid() * above[None, :, None]
+        mask[0, logits_row] = 1.0  # every sender ablated into the logits: the same senders every run
+        masks.append(mask)
+    wants = [lm.run(clean, edges=EdgePatch(v, m, es.senders, es.receivers)).logits for (_, v), m in zip(steps, masks)]
+    writes = []
+    real = edge_engine._resume_below
+
+    def counting(start, attn, mlp, senders, keys, *rest):
+        below = sum(k[0] < start for k in keys)
+        writes.append(max(0, below - rest[-1]))  # the senders written this run
+        return real(start, attn, mlp, senders, keys, *rest)
+
+    edge_engine._resume_below = counting
+    try:
+        for (start, values), mask, want in zip(steps, masks, wants):
+            got = lm.run(clean, edges=EdgePatch(values, mask, es.senders, es.receivers),
+                         resume=(kept, start) if start else None).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"resumed at {start}")
+    finally:
+        edge_engine._resume_below = real
+    keys = sorted(edge_engine.sender_key(s) for s in es.senders)
+    b = {layer: sum(k[0] < layer for k in keys) for layer in (1, 2, n)}
+    assert writes == [b[2], 0, 0, b[2] - b[1], b[n] - b[2], b[1], b[2], b[2]]
