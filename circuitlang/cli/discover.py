@@ -40,7 +40,9 @@ def register(subparsers) -> None:
         "program that `circuitlang check` re-measures. With FILE, fill its holes "
         "(`head ?h moves IO to END`) instead.",
     )
-    p.add_argument("file", nargs="?", metavar="FILE", help="a .circ file with holes to fill (optional)")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help="a .circ file with holes to fill (optional): heads, groups, MLPs, SAE latents "
+                   "(`feature res5.?f`)")
     from circuitlang.cli.lang import add_model_options
 
     add_model_options(p)
