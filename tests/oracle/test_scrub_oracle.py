@@ -212,13 +212,26 @@ def test_random_hypotheses_more(arch, which, tiny_models, induction, varied):
     check()
 
 
+def _send(claims) -> bool:
+    return any(isinstance(getattr(c, "site", getattr(c, "sender", None)), (Neuron, Latent)) for c in claims)
+
+
+def _receive(claims) -> bool:
+    return any(isinstance(c, EdgeClaim) and isinstance(c.receiver, (Neuron, Latent)) for c in claims)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_random_hypotheses_with_neurons(arch, tiny_models, induction, tmp_path_factory):
-    """Neurons and SAE latents as senders (what they write, `activation * W_out[n]` or the
-    latent's activation times its decoder row, swapped into whatever reads them) among
-    heads and MLPs, every ablation and both semantics: the oracle reads each neuron from
-    the input of its MLP's output projection with a plain hook, and does a ReLU SAE's
-    arithmetic by hand on the stream entering block 1, from the weights file."""
+@pytest.mark.parametrize("role", [_send, _receive], ids=["send", "receive"])
+def test_random_hypotheses_with_neurons(arch, role, tiny_models, induction, tmp_path_factory):
+    """Neurons and SAE latents among heads and MLPs, every ablation and both semantics.
+    As senders (`send`): what they write, `activation * W_out[n]` or the latent's
+    activation times its decoder row, swapped into whatever reads them; the oracle reads
+    each neuron from the input of its MLP's output projection with a plain hook, and does
+    a ReLU SAE's arithmetic by hand on the stream entering block 1, from the weights
+    file. As receivers (`receive`, claimed children): an edge into a neuron rebuilds its
+    MLP's input from the claimed senders and the remainder, an edge into a latent the
+    stream entering its SAE's block, and the unit's write is computed from that; the
+    oracle runs the MLP (or the SAE's arithmetic) on its own assembled stream."""
     lm = tiny_models(arch)
     task, prompts = induction
     units = tuple(Neuron(layer, i) for layer in range(lm.shape.n_layers) for i in (0, 5))
@@ -228,34 +241,7 @@ def test_random_hypotheses_with_neurons(arch, tiny_models, induction, tmp_path_f
     @st.composite
     def cases(draw):
         claims = draw(claim_sets(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, neurons=units))
-        assume(any(isinstance(getattr(c, "site", getattr(c, "sender", None)), (Neuron, Latent)) for c in claims))
-        rest = draw(scrub_cases(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, ("logit_diff", "kl")))
-        return (claims,) + rest[1:]
-
-    @settings(max_examples=10, **SETTINGS)
-    @given(cases())
-    def check(case):
-        _run_case(lm, task, prompts, case, "induction")
-
-    check()
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_random_hypotheses_where_neurons_and_latents_receive(arch, tiny_models, induction, tmp_path_factory):
-    """Neurons and SAE latents with claimed children: an edge into a neuron rebuilds its
-    MLP's input from the claimed senders and the remainder, an edge into a latent the
-    stream entering its SAE's block, and the unit's write is computed from that; the
-    oracle runs the MLP (or the SAE's arithmetic) on its own assembled stream."""
-    lm = tiny_models(arch)
-    task, prompts = induction
-    units = tuple(Neuron(layer, i) for layer in range(1, lm.shape.n_layers) for i in (0, 5))
-    sae = _tiny_sae(tmp_path_factory, lm.shape.d_model, layer=1)
-    units += (Latent(sae, 0), Latent(sae, 3))
-
-    @st.composite
-    def cases(draw):
-        claims = draw(claim_sets(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, neurons=units))
-        assume(any(isinstance(c, EdgeClaim) and isinstance(c.receiver, (Neuron, Latent)) for c in claims))
+        assume(role(claims))
         rest = draw(scrub_cases(lm.shape, INDUCTION_POSITIONS, INDUCTION_FEATURES, ("logit_diff", "kl")))
         return (claims,) + rest[1:]
 
