@@ -8,8 +8,10 @@ as each sender is computed (a layer's heads straight from `z @ W_O` into it); se
 sorted in computation order, so the ones a receiver can see are a prefix. The receivers
 that read one stream (a layer's q/k/v inputs, an MLP's input, the logits' stream) are
 grouped by their mask rows: a row with nothing ablated costs nothing, a fully ablated
-row is the stream minus a running sum of the deltas, and the remaining distinct rows
-are one GEMM `x - coef @ delta[:prefix]`. The attention norm reads the input most q/k/v
+row is the stream minus a running sum of the deltas, a row that differs from one of
+those in a few senders only reads just those senders' deltas (`_sparse_row`: ACDC's
+rows, most edges ablated and a few kept), and the remaining distinct rows are one GEMM
+`x - coef @ delta[:prefix]`. The attention norm reads the input most q/k/v
 units share; every other unit's columns are written from its own input, and a
 projection whose every unit has its own input does not run at all. Large buffers are
 reused between runs on CPU (`LoadedModel.free_buffers`). A mask that requires grad
@@ -17,6 +19,7 @@ keeps every row in the GEMM so attribution gets d(metric)/d(mask) everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from collections import defaultdict
@@ -50,13 +53,19 @@ class _Group:
     Receivers with identical mask rows (over the whole batch) share one input, computed
     once. A row is `clean` (no edge ablated: the stream itself), `ablated` (every edge
     in the prefix ablated: the stream minus the running sum of deltas) or `mixed` (one
-    matmul row of `coef @ delta`)."""
+    matmul row of `coef @ delta`). A mixed row that differs from clean or from ablated
+    in a few senders only is `sparse`: that stream (or the ablated one) corrected by those
+    senders' deltas alone, so the deltas of the others are not read (ACDC's rows: most
+    edges ablated, a few kept)."""
 
     prefix: int
     inverse: list[int]  # receiver (group order) -> distinct row
     kinds: list[str]  # per distinct row
-    coef: torch.Tensor | None  # the mixed rows' masks: [B|1, k, P] or [B, T, k, P]
+    coef: torch.Tensor | None  # the dense mixed rows' masks: [B|1, k, P] or [B, T, k, P]
     mixed: list[int]  # distinct row of each coef row
+    sparse: list[tuple[int, bool, list[int], torch.Tensor]] = dataclasses.field(default_factory=list)
+    # (distinct row, from the ablated stream, the senders it reads, their weights [B|1, n]):
+    # the row is base - sum_n weight_n * delta_n, base the stream or the ablated stream
 
     def counts(self) -> list[int]:
         out = [0] * len(self.kinds)
@@ -86,10 +95,37 @@ def _group(mask: torch.Tensor, rows: list[int], prefix: int, differentiable: boo
             kinds.append(MIXED)
     mixed = [j for j, k in enumerate(kinds) if k == MIXED]
     coef = None
+    sparse = []
     if mixed:
         first = [int((inverse == j).nonzero()[0]) for j in mixed]
         coef = sub[..., first, :].contiguous()
-    return _Group(prefix, inverse.tolist(), kinds, coef, mixed)
+        if coef.dim() == 3:
+            dense = []
+            for i, j in enumerate(mixed):
+                found = _sparse_row(coef[:, i], prefix)
+                if found is None:
+                    dense.append(i)
+                else:
+                    sparse.append((j, *found))
+            if len(dense) < len(mixed):
+                mixed = [mixed[i] for i in dense]
+                coef = coef[:, dense].contiguous() if dense else None
+    return _Group(prefix, inverse.tolist(), kinds, coef, mixed, sparse)
+
+
+def _sparse_row(row: torch.Tensor, prefix: int) -> tuple[bool, list[int], torch.Tensor] | None:
+    """A mixed mask row [B|1, P] as (from the ablated stream, senders, weights) when it
+    reads few enough senders to beat one GEMM over all P (each sender read costs about
+    three passes over a stream, the GEMM one per sender), else None."""
+    kept = (row != 0).any(0)
+    cut = (row != 1).any(0)
+    ablated = int(cut.sum()) < int(kept.sum())
+    which = (cut if ablated else kept).nonzero()[:, 0]
+    extra = 1 if ablated else 0  # the ablated stream: one more pass (its running sum is shared)
+    if 3 * (len(which) + extra) >= prefix:
+        return None
+    weights = row[:, which] - (1.0 if ablated else 0.0)
+    return ablated, which.tolist(), weights.contiguous()
 
 
 class _Slots:
@@ -144,9 +180,23 @@ class _Edges:
         for j, kind in enumerate(group.kinds):
             if kind == ABLATED:
                 out[j] = x - self.cum(group.prefix, x)
+        used = 0
         if group.coef is not None:
             for j, xs in zip(group.mixed, _mix(x, group.coef, self.delta[:group.prefix], self.scratch)):
                 out[j] = xs
+            used = len(group.mixed)
+        b, t, d = x.shape
+        n = b * t * d
+        for slot, (j, ablated, senders, weights) in enumerate(group.sparse, start=used):
+            base = x - self.cum(group.prefix, x) if ablated else x
+            if self.scratch is None:  # (grad enabled for other reasons: no reused buffer)
+                row = base.clone()
+            else:
+                row = self.scratch[slot * n:(slot + 1) * n].view(b, t, d)
+                row.copy_(base)
+            for i, p in enumerate(senders):  # row -= weight * delta_p, per batch row
+                row.addcmul_(self.delta[p], weights[:, i].view(-1, 1, 1), value=-1.0)
+            out[j] = row
         return out
 
 
@@ -327,7 +377,8 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
         if g.kinds[best] != CLEAN and votes[best] > clean and 4 * votes[best] >= units:
             attn_base[l] = best
     delta = _buffer(lm, "edge-delta", n_s * batch * tokens * d_model, dtype, device)
-    widest = max([len(g.mixed) for g in attn.values()] + [1])
+    widest = max([len(g.mixed) + len(g.sparse) for g in [*attn.values(), *mlp.values()]]
+                 + ([len(logits.mixed) + len(logits.sparse)] if logits is not None else []) + [1])
     delta = _Slots(n_s) if delta is None else delta.view(n_s, batch, tokens, d_model)
     if start:
         done = 0 if isinstance(delta, _Slots) else _clean_prefix(lm, delta, resumed, edges.ablated, sorted_senders,

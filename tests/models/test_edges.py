@@ -275,3 +275,32 @@ def test_runs_resumed_one_after_another_reuse_the_clean_deltas_they_may(tiny, to
     keys = sorted(edge_engine.sender_key(s) for s in es.senders)
     b = {layer: sum(k[0] < layer for k in keys) for layer in (1, 2, n)}
     assert writes == [b[2], 0, 0, b[2] - b[1], b[n] - b[2], b[1], b[2], b[2]]
+
+
+@pytest.mark.parametrize("form", ["few kept", "few ablated"])
+def test_rows_that_differ_from_ablated_or_clean_in_few_senders_equal_the_oracle(tiny, tokens, form):
+    """ACDC's rows: every edge into a receiver ablated but one or two (or kept but one or
+    two), differently per batch row. Such a row reads only those senders' deltas, from the
+    ablated stream (or the stream); the logits equal the oracle's."""
+    from circuitlang.models.edge_engine import _group
+
+    arch, lm = tiny
+    clean, es, abl = _setup(lm, tokens)
+    valid = es.valid().float()
+    g = torch.Generator().manual_seed(9)
+    b = clean.shape[0]
+    flip = torch.zeros(b, *valid.shape)
+    for r in range(valid.shape[0]):
+        columns = valid[r].nonzero()[:, 0]
+        for i in range(b):
+            picked = columns[torch.randperm(len(columns), generator=g)[: 1 + i % 2]]
+            flip[i, r, picked] = 1.0
+    mask = (valid - flip if form == "few kept" else flip) * valid
+    want, _ = oracle(lm, clean, abl, mask, es.senders, es.receivers)
+    got = lm.run(clean, edges=EdgePatch.from_set(es, abl, mask)).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the logits' row (every sender in its prefix) is one of them
+    logits = [i for i, r in enumerate(es.receivers) if isinstance(r, Logits)]
+    found = _group(mask, logits, len(es.senders))
+    (row,) = found.sparse
+    assert row[1] == (form == "few kept") and 1 <= len(row[2]) <= 2 * b and found.coef is None
