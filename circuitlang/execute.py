@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from circuitlang import topology
 from circuitlang.errors import ExecutionError
 
 # the inputs of scrubbing live in execute_inputs; these names are this module's too
@@ -177,9 +178,8 @@ def _kernel(site) -> str | None:
 def _owner(site):
     """The head or MLP whose kernel computes a node at `site` (a subspace of its output:
     that head or MLP); else the site itself."""
-    if isinstance(site, Subspace) and site.basis.hook in ("head", "mlp"):
-        basis = site.basis
-        return Head(basis.layer, basis.head) if basis.hook == "head" else Mlp(basis.layer)
+    if isinstance(site, Subspace):
+        return topology.subspace_owner(site) or site
     return site
 
 

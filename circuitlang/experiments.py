@@ -47,6 +47,23 @@ _NO_LOGITS = torch.zeros(0, dtype=torch.long)  # a capture pass computes no logi
 KEPT_PASS_BYTES = 2**30
 
 
+def rows_metric(model, task, prompts, metric: str):
+    """`metric(logits, rows)` -> the task's metric of the prompts at `rows` (a slice of
+    `prompts`), differentiable in the logits: what attribution over nodes takes
+    (`circuitlang.models.attribution.attribute_nodes`). For `kl` the reference logits are
+    a plain pass of those prompts."""
+    index = list(range(len(prompts.input_ids)))
+
+    def value(logits, rows):
+        sub = prompts.subset(index[rows])
+        reference = None
+        if metric == "kl":
+            with torch.no_grad():
+                reference = run_batched(model, sub.input_ids, sub.attention_mask).logits
+        return task.metric(metric, logits, sub, reference_logits=reference)
+    return value
+
+
 def _cat_blocks(outputs: list):
     """Concatenate what one block returned for consecutive batches (tensors or tuples)."""
     first = outputs[0]
@@ -815,17 +832,7 @@ class Experiments:
         """
         from circuitlang.models.attribution import attribute_nodes
 
-        n = len(self.prompts.input_ids)
-        index = list(range(n))
-
-        def metric(logits, rows):
-            sub = self.prompts.subset(index[rows])
-            reference = None
-            if self.metric == "kl":
-                with torch.no_grad():
-                    reference = run_batched(self.model, sub.input_ids, sub.attention_mask).logits
-            return self.task.metric(self.metric, logits, sub, reference_logits=reference)
-
+        metric = rows_metric(self.model, self.task, self.prompts, self.metric)
         at = None if position.is_all else position_index(self.prompts, position)
         found = attribute_nodes(self.model, self.prompts.input_ids, self.prompts.corrupt_input_ids, metric,
                                 sites, attention_mask=self.prompts.attention_mask, positions=at,

@@ -40,7 +40,7 @@ from __future__ import annotations
 from circuitlang.sites import Channel, Embed, Head, Latent, Logits, Mlp, ModelShape, Neuron, SaeError, Site, Subspace
 
 __all__ = ["canonical", "edge_exists", "edge_problem", "edges", "is_receiver", "is_sender",
-           "receivers", "sender_key", "senders", "site_order"]
+           "receivers", "sender_key", "senders", "site_order", "subspace_owner"]
 
 SENDERS_HINT = ("senders are embed, head L.H (its output), mlp L, neuron L.N, feature S.I, "
                 "error S and subspace S")
@@ -53,6 +53,16 @@ def is_sender(site: Site) -> bool:
     """True for sites whose output adds into the residual stream."""
     return isinstance(site, (Embed, Mlp, Neuron, Latent, SaeError, Subspace)) or (
         isinstance(site, Head) and site.channel is Channel.OUT)
+
+
+def subspace_owner(site: Subspace) -> Head | Mlp | None:
+    """The head or MLP whose output a subspace lies in (None: a subspace of a stream)."""
+    basis = site.basis
+    if basis.hook == "head":
+        return Head(basis.layer, basis.head)
+    if basis.hook == "mlp":
+        return Mlp(basis.layer)
+    return None
 
 
 def is_receiver(site: Site) -> bool:
@@ -155,7 +165,7 @@ def edge_problem(shape: ModelShape | None, sender: Site, receiver: Site) -> str 
                 return None
             return f"{sender} is computed after the stream entering block {basis.layer}, which {receiver} lies in"
         # of a head's or an MLP's output: it receives what that head or MLP reads
-        owner = Head(basis.layer, basis.head) if basis.hook == "head" else Mlp(basis.layer)
+        owner = subspace_owner(receiver)
         reader = owner.with_channel(Channel.Q) if isinstance(owner, Head) else owner
         problem = edge_problem(shape, sender, reader)
         return None if problem is None else f"{problem} ({receiver} is part of {owner}'s output)"

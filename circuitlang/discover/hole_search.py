@@ -112,16 +112,14 @@ def candidates(hypothesis: ir.Hypothesis, shape: sites.ModelShape | None = None)
                                  hint=f"claim something about it (`head ?{hole.name} moves IO to END`), or "
                                  "name the component")
         if hole.kind == "latent":  # every latent of its SAE (an `in` line is refused earlier)
-            domain = [sites.Latent(hole.sae, i) for i in range(hole.sae.d_sae)]
-            for claim in mine:
-                if len({h.name for h in holes_of(claim)}) == 1:
-                    domain = [c for c in domain if _edge_ok(shape, claim, {hole.name: c})]
-            if not domain:
+            # the latents of one dictionary read and write at one place: one is checked for all
+            first = {hole.name: sites.Latent(hole.sae, 0)}
+            if not all(_edge_ok(shape, c, first) for c in mine if len({h.name for h in holes_of(c)}) == 1):
                 raise DiscoveryError(f"hole ?{hole.name} has no candidate: no latent of SAE {hole.sae.name} "
                                      "makes its edge claims edges of the model", code="discover.no-candidate",
                                      hint=f"SAE {hole.sae.name} reads {hole.sae.hook} {hole.sae.layer}: a latent "
                                      "there receives from the layers below it and sends to the layers above")
-            out[hole.name] = tuple(domain)
+            out[hole.name] = tuple(sites.Latent(hole.sae, i) for i in range(hole.sae.d_sae))
             continue
         if hole.kind == "resid":
             raise DiscoveryError(f"cannot fill `{hole}`: the residual stream is a sum of senders, not a "
@@ -178,7 +176,7 @@ class ClaimScores:
             return 0
         return self.positions.get(position)
 
-    def _latent(self, site, position) -> float:
+    def latent(self, site, position) -> float:
         """|a latent's node score at the claim's position| (0 where none was computed)."""
         table = self.latents.get((site.sae, position))
         return 0.0 if table is None else abs(float(table[site.index]))
@@ -192,7 +190,7 @@ class ClaimScores:
         edge claim too: how much the latent matters there)."""
         for hole in holes_of(claim):
             if hole.kind == "latent":
-                return self._latent(fill[hole.name], claim.position)
+                return self.latent(fill[hole.name], claim.position)
         if self.grid is None:
             return 0.0
         p = self._p(claim.position)
@@ -232,24 +230,15 @@ def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, bat
     of that latent alone taking its value on the task's counterfactual prompt (attribution
     patching over latents, as Marks et al. 2024; `circuitlang.models.attribution`), and the
     forward passes it ran (two per batch of prompts per entry)."""
+    from circuitlang.experiments import rows_metric
     from circuitlang.models.attribution import attribute_nodes
-    from circuitlang.execute import run_batched
 
     wanted: dict[tuple[sites.Dictionary, Position], None] = {}
     for claim in hypothesis.claims:
         for hole in holes_of(claim):
             if hole.kind == "latent":
                 wanted.setdefault((hole.sae, claim.position), None)
-    index = list(range(len(prompts.input_ids)))
-
-    def value(logits, rows):
-        sub = prompts.subset(index[rows])
-        reference = None
-        if metric == "kl":
-            with torch.no_grad():
-                reference = run_batched(lm, sub.input_ids, sub.attention_mask).logits
-        return task.metric(metric, logits, sub, reference_logits=reference)
-
+    value = rows_metric(lm, task, prompts, metric)
     out, passes = {}, 0
     for sae, position in wanted:
         at = None if position.is_all else position_index(prompts, position)
@@ -261,7 +250,7 @@ def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, bat
 
 
 def shortlist_latents(hypothesis: ir.Hypothesis, domains: dict[str, tuple[Site, ...]], shapes: "ClaimScores",
-                      shape, keep: int) -> dict[str, tuple[Site, ...]]:
+                      keep: int) -> dict[str, tuple[Site, ...]]:
     """`domains` with each latent hole's candidates cut to the `keep` with the largest node
     scores summed over the claims that name the hole (a dictionary has thousands of
     latents; the joint search and the verification need a few)."""
@@ -270,7 +259,7 @@ def shortlist_latents(hypothesis: ir.Hypothesis, domains: dict[str, tuple[Site, 
         if hole.kind != "latent":
             continue
         where = [c.position for c in hypothesis.claims if any(h.name == hole.name for h in holes_of(c))]
-        total = {c: sum(shapes._latent(c, p) for p in where) for c in domains[hole.name]}
+        total = {c: sum(shapes.latent(c, p) for p in where) for c in domains[hole.name]}
         out[hole.name] = tuple(sorted(total, key=lambda c: (-total[c], c.index))[:keep])
     return out
 

@@ -425,7 +425,7 @@ def fill_holes(
         names.append("latent-attribution")
     method_name = "+".join(names)
     shapes = ClaimScores(scores, space, shape, latents)
-    domains = shortlist_latents(hypothesis, domains, shapes, shape, LATENT_CANDIDATES)
+    domains = shortlist_latents(hypothesis, domains, shapes, LATENT_CANDIDATES)
     search = HoleSearch(hypothesis, domains, shapes, shape)
     ranked = search.ranked()
 

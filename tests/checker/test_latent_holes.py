@@ -74,6 +74,7 @@ def test_two_latent_holes_get_two_latents(planted, induction_task, tmp_path):
     ("?f in layer 1\n", "takes no `in` constraint"),
     ("head ?f moves next to END\n", "used both as a latent of SAE a and as a head"),
     ('sae b = "tok" at attn 1\nfeature b.?f -> logits at all\n', "latent of SAE a and as a latent of SAE b"),
+    ("feature a.?f -> 0.0.q at all\n", "no latent of SAE a makes its edge claims edges of the model"),
 ])
 def test_bad_uses_of_a_latent_hole_are_clear_errors(planted, induction_task, tmp_path, extra, message):
     _one_live_latent(tmp_path / "tok")

@@ -135,8 +135,7 @@ def test_logits_at_one_token_under_edge_patches_are_those_of_the_full_pass(tiny,
     full = lm.run(clean, edges=EdgePatch.from_set(es, ablated, mask)).logits[rows, at]
     got, seen = _mlp_tokens(lm, input_ids=clean, edges=EdgePatch.from_set(es, ablated, mask), logits_at=at)
     torch.testing.assert_close(got[:, 0], full, atol=1e-5, rtol=1e-5)
-    if lm.shape.has_mlp:
-        assert seen == [1]
+    assert seen == [1]  # (every tiny architecture has MLPs)
     assert (full - lm.run(clean).logits[rows, at]).abs().max() > 1e-3  # the mask moved the logits
 
 
@@ -163,8 +162,7 @@ def test_mask_gradients_with_logits_at_one_token_are_the_full_passes(tiny, token
 def test_the_last_mlp_runs_whole_when_something_reads_it(tiny, tokens):
     _, lm = tiny
     clean, _ = tokens
-    if not lm.shape.has_mlp:
-        pytest.skip("this architecture has no MLPs")
+    assert lm.shape.has_mlp  # every tiny architecture has MLPs
     at = torch.tensor([8, 3, 5])
     top = lm.shape.n_layers - 1
     for site in (Mlp(top), Resid(lm.shape.n_layers)):
