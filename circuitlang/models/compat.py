@@ -11,6 +11,11 @@ silently.
   (5.x; `past_key_values=` is deprecated there and warns on every call) and
   `past_key_values=` before. The output carries it under the same name.
 * `from_pretrained` takes `dtype=` from 4.56 on (`torch_dtype=` before).
+* `from_pretrained` replaces layers' code with Hub kernels by default from 5.25 on
+  (`use_kernels=None` means on, and needs the `kernels` package); before, off. Hub
+  kernels can fuse the modules circuitlang's hooks read (an MLP's output projection,
+  a norm), and fetch code from the Hub at load time, so they are always turned off
+  (`no_hub_kernels`).
 """
 from __future__ import annotations
 
@@ -59,3 +64,11 @@ def dtype_keyword() -> str:
     from packaging.version import Version
 
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def no_hub_kernels() -> dict:
+    """`from_pretrained`'s keyword that keeps the model's own layer code (`use_kernels=False`)
+    on releases that have Hub kernels (`PreTrainedModel.set_use_kernels`); none before."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}

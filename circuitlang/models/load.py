@@ -485,6 +485,7 @@ def load_model(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=None if allow_pickle else True,
                 output_loading_info=True,
+                **compat.no_hub_kernels(),  # the model's own layers, which the hooks read
                 **placement,
             )
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError,

@@ -36,6 +36,29 @@ def test_load_local_folder_matches_the_saved_model(saved_gpt2):
     assert known_shape(str(folder)).n_heads == 4
 
 
+def test_hub_kernels_are_turned_off(saved_gpt2, monkeypatch):
+    """transformers 5.25 replaces layers with Hub kernels by default (fetched at load time,
+    possibly fusing the modules the hooks read): the loader asks for the model's own code
+    wherever the release has kernels, and the model it gives uses none."""
+    import transformers
+
+    folder, _ = saved_gpt2
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    lm = load_model(str(folder), device="cpu")
+    if hasattr(transformers.PreTrainedModel, "set_use_kernels"):
+        assert seen.get("use_kernels") is False
+        assert lm.hf_model.use_kernels is False
+    else:
+        assert "use_kernels" not in seen  # a release without Hub kernels would refuse the keyword
+
+
 def test_load_with_dtype(saved_gpt2):
     folder, _ = saved_gpt2
     lm = load_model(str(folder), device="cpu", dtype="bfloat16")
