@@ -14,13 +14,11 @@ __all__ = ["Candidate", "HoleFill", "HoleResult", "Verified"]
 
 def describe_ranking(method: str, ablation: str) -> str:
     """How holes were ranked, in words: each method joined by `+` in `method` (edge
-    attribution under the file's ablation; latents against the task's counterfactual)."""
+    attribution and latent attribution, both under the file's ablation)."""
     words = []
     for m in method.split("+"):
-        if m == "latent-attribution":
-            words.append("attribution patching over latents (the task's counterfactual)")
-        else:
-            words.append(f"{m} ({ablation} ablation)")
+        name = "attribution patching over latents" if m == "latent-attribution" else m
+        words.append(f"{name} ({ablation} ablation)")
     return "; ".join(words)
 
 

@@ -223,13 +223,19 @@ class ClaimScores:
         return abs(float(total))
 
 
-def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, batch_size: int = 32
+def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, ablation: str = "corrupt",
+                  seed: int = 0, batch_size: int = 32
                   ) -> tuple[dict[tuple[sites.Dictionary, Position], np.ndarray], int]:
     """Node attribution of every latent of each SAE a latent hole names, at each position a
     claim naming it is at: (SAE, position) -> [d_sae] mean estimated effect on the metric
-    of that latent alone taking its value on the task's counterfactual prompt (attribution
-    patching over latents, as Marks et al. 2024; `circuitlang.models.attribution`), and the
-    forward passes it ran (two per batch of prompts per entry)."""
+    of that latent alone taking its ablated value (attribution patching over latents, as
+    Marks et al. 2024; `circuitlang.models.attribution`), and the forward passes it ran.
+
+    The ablated value follows `ablation`, as the edge ranking's does
+    (`circuitlang.discover.problem`): the latent on the task's counterfactual prompt
+    (`corrupt`), on another prompt of the same length drawn from `seed` (`resample`), its
+    mean per position over the prompts (`mean`), or zero (`zero`)."""
+    from circuitlang.discover.problem import resample_donors
     from circuitlang.experiments import rows_metric
     from circuitlang.models.attribution import attribute_nodes
 
@@ -239,11 +245,19 @@ def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, bat
             if hole.kind == "latent":
                 wanted.setdefault((hole.sae, claim.position), None)
     value = rows_metric(lm, task, prompts, metric)
+    donors, baseline = None, "paired"
+    if ablation == "corrupt":
+        donors = prompts.corrupt_input_ids
+    elif ablation == "resample":
+        donors = prompts.input_ids[torch.as_tensor(resample_donors(prompts, seed))]
+    else:
+        baseline = ablation
     out, passes = {}, 0
     for sae, position in wanted:
         at = None if position.is_all else position_index(prompts, position)
-        found = attribute_nodes(lm, prompts.input_ids, prompts.corrupt_input_ids, value, [sites.AllLatents(sae)],
-                                attention_mask=prompts.attention_mask, positions=at, batch_size=batch_size)
+        found = attribute_nodes(lm, prompts.input_ids, donors, value, [sites.AllLatents(sae)],
+                                attention_mask=prompts.attention_mask, positions=at, batch_size=batch_size,
+                                baseline=baseline)
         out[(sae, position)] = found.scores.double().numpy()
         passes += found.passes
     return out, passes

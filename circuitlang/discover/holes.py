@@ -39,8 +39,9 @@ scored in its own shape, as the magnitude of the summed scores of the edges it n
 * `?s -> ?h.q at P`: that edge's score (an edge into a head with no channel: q, k and v);
 * a claim about a group hole: the same, per head;
 * a claim naming a latent hole: that latent's node score at the claim's position, from
-  attribution patching over the whole dictionary against the task's counterfactual
-  (`hole_search.latent_scores`; no edge attribution runs when every hole is a latent);
+  attribution patching over the whole dictionary, each latent moved to its value under
+  the same ablation (`hole_search.latent_scores`; no edge attribution runs when every
+  hole is a latent);
   the `LATENT_CANDIDATES` best latents go on to the search.
 
 An assignment's score is the sum over the claims with holes. Assignments of the head and
@@ -420,7 +421,8 @@ def fill_holes(
         names.append(scores.method if method != "eap" else "eap")
     latents = {}
     if any(h.kind == "latent" for h in holes):  # latents: node attribution over each dictionary
-        latents, passes = latent_scores(lm, the_task, prompts, setup.metric, hypothesis, batch_size)
+        latents, passes = latent_scores(lm, the_task, prompts, setup.metric, hypothesis, ablation,
+                                        setup.seed, batch_size)
         rank_passes += passes
         names.append("latent-attribution")
     method_name = "+".join(names)

@@ -34,12 +34,26 @@ from circuitlang.execute import position_index, spread_columns
 from circuitlang.models import EdgePatch, EdgeSet, Patch
 from circuitlang.sites import ALL, Embed, Position, Site
 
-__all__ = ["ABLATIONS", "EdgeSpace", "Problem"]
+__all__ = ["ABLATIONS", "EdgeSpace", "Problem", "resample_donors"]
 
 ABLATIONS = ("corrupt", "resample", "mean", "zero")
 
 
 _NONE = torch.zeros(0, dtype=torch.long)  # a capture pass computes no logits
+
+
+def resample_donors(prompts, seed: int) -> np.ndarray:
+    """Each prompt's donor under resample ablation: another prompt of the same length,
+    uniform, drawn from `seed` (itself where it has none)."""
+    rng = np.random.default_rng(seed)
+    lengths = prompts.attention_mask.sum(1).numpy()
+    donors = np.empty(len(lengths), dtype=np.int64)
+    for i in range(len(lengths)):
+        same = np.flatnonzero(lengths == lengths[i])
+        others = same[same != i]
+        donors[i] = rng.choice(others) if len(others) else i
+    return donors
+
 
 @dataclass(frozen=True, eq=False)
 class EdgeSpace:
@@ -192,14 +206,7 @@ class Problem:
     def donors(self) -> np.ndarray:
         """For resample ablation: each prompt's donor, another prompt of the same length."""
         if self._donors is None:
-            rng = np.random.default_rng(self.seed)
-            lengths = self.prompts.attention_mask.sum(1).numpy()
-            donors = np.empty(self.n, dtype=np.int64)
-            for i in range(self.n):
-                same = np.flatnonzero(lengths == lengths[i])
-                others = same[same != i]
-                donors[i] = rng.choice(others) if len(others) else i
-            self._donors = donors
+            self._donors = resample_donors(self.prompts, self.seed)
         return self._donors
 
     def _constant_values(self) -> torch.Tensor:

@@ -62,6 +62,35 @@ def test_a_latent_hole_is_filled_with_the_one_latent_the_copy_flows_through(plan
     assert again.recovered.value == pytest.approx(result.check.recovered.value, abs=1e-9)
 
 
+@pytest.mark.parametrize("ablation", ["corrupt", "resample", "mean", "zero"])
+def test_latent_holes_are_ranked_under_the_files_ablation(planted, induction_task, tmp_path, ablation):
+    """The ranking moves each latent to its value under the file's ablation, as scrubbing
+    does: the live latent is found under each, and its score is that ablation's estimate
+    (zero: the latent's whole value; the others: part of it)."""
+    from circuitlang.checker import load_hypothesis, prepare
+    from circuitlang.discover.hole_search import latent_scores
+    from circuitlang.sites import ALL
+    from circuitlang.text_to_ast import parse
+
+    _one_live_latent(tmp_path / "tok")
+    text = PROGRAM.replace("metric loss\n", f"metric loss\nablation {ablation}\n")
+    (tmp_path / "h.circ").write_text(text)
+    result = circuitlang.discover(str(tmp_path / "h.circ"), model=planted, task=induction_task)
+    assert result.holes["f"].chosen.sites[0].index == ALIVE
+    assert f"ablation {ablation}" in result.text
+    hypothesis, _ = load_hypothesis(parse(text, str(tmp_path / "h.circ")), model=planted, task=induction_task,
+                                   filename=str(tmp_path / "h.circ"))
+    setup = prepare(hypothesis, model=planted, task=induction_task)
+    scores = {a: latent_scores(setup.model, setup.task, setup.prompts, "loss", hypothesis, a, setup.seed)[0]
+              for a in ("corrupt", "resample", "mean", "zero")}
+    (sae, position), = scores[ablation]
+    assert position == ALL
+    mine = scores[ablation][(sae, position)]
+    assert mine[ALIVE] != 0 and (mine[[i for i in range(len(mine)) if i != ALIVE]] == 0).all()
+    others = [a for a in scores if a != ablation]
+    assert all(abs(scores[a][(sae, position)][ALIVE] - mine[ALIVE]) > 1e-6 for a in others)
+
+
 def test_two_latent_holes_get_two_latents(planted, induction_task, tmp_path):
     _one_live_latent(tmp_path / "tok")
     (tmp_path / "h.circ").write_text(PROGRAM + "1.0 -> feature a.?g at all\nfeature a.?g -> logits at all\n")
@@ -111,7 +140,7 @@ def test_a_latent_hole_on_the_command_line(tmp_path, capsys):
     assert main(["discover", str(tmp_path / "h.circ"), "-o", str(out), "--permutations", "0"]) in (0, 1)
     text = out.read_text()
     assert "?f" not in text.split("sae a")[1]
-    assert "ranked by attribution patching over latents (the task's counterfactual) at END" in capsys.readouterr().err
+    assert "ranked by attribution patching over latents (resample ablation) at END" in capsys.readouterr().err
     from circuitlang.checker import load_hypothesis
     from circuitlang.text_to_ast import parse
 

@@ -289,6 +289,51 @@ def test_latent_attribution_is_gradient_times_difference_in_two_passes(tmp_path,
     assert abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1])
 
 
+@pytest.mark.parametrize("baseline", ["mean", "zero"])
+def test_latent_attribution_moves_latents_to_their_mean_or_to_zero(tmp_path, build_tiny, baseline):
+    """Under `mean` each latent moves to its mean over the clean prompts at its position,
+    under `zero` to zero: the same oracle as above with that difference, and no donor
+    prompts (`zero`: one pass per batch)."""
+    from circuitlang.models.attribution import attribute_nodes
+    from circuitlang.sites import AllLatents
+
+    lm = LoadedModel.from_hf(build_tiny("gpt2"), name="tiny-gpt2")
+    d = Dictionary("s", save_saelens(tmp_path / "sae", _weights(5)), "resid", 2, N)
+    clean = torch.randint(0, 61, (6, 5), generator=torch.Generator().manual_seed(3))
+    end = torch.full((6,), 4)
+
+    def metric(logits, rows):
+        return logits[:, -1, 3] - logits[:, -1, 4]
+
+    found = attribute_nodes(lm, clean, None, metric, [AllLatents(d)], positions=end, batch_size=4,
+                            baseline=baseline)
+    assert found.passes == (4 if baseline == "mean" else 2)
+    sae = load_sae(d.path)
+    plain = lm.run(clean, capture=[Resid(2)], grad=True)
+    grad_x, = torch.autograd.grad(metric(plain.logits, None).sum(), [plain.cache[Resid(2)]])
+    f = sae.encode(plain.cache[Resid(2)].detach()[:, 4])  # [6, N]
+    target = f.mean(0, keepdim=True) if baseline == "mean" else torch.zeros_like(f)
+    oracle = (target - f) * (grad_x[:, 4] @ sae.W_dec.T)
+    assert oracle.abs().max() > 1e-3  # the check can fail
+    torch.testing.assert_close(found.per_prompt, oracle.T, rtol=1e-4, atol=1e-6)
+
+
+def test_attribution_baselines_are_checked(build_tiny):
+    from circuitlang.models.attribution import attribute_nodes
+    from circuitlang.sites import AllNeurons
+
+    lm = LoadedModel.from_hf(build_tiny("gpt2"), name="tiny-gpt2")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    metric = lambda logits, rows: logits[:, -1, 0]  # noqa: E731
+    with pytest.raises(ModelError, match="unknown attribution baseline 'median'") as info:
+        attribute_nodes(lm, ids, None, metric, [AllNeurons(0)], baseline="median")
+    assert "paired, mean, zero" in info.value.hint
+    with pytest.raises(ModelError, match="'paired' needs donor ids"):
+        attribute_nodes(lm, ids, None, metric, [AllNeurons(0)])
+    with pytest.raises(ModelError, match="'zero' takes no donor ids"):
+        attribute_nodes(lm, ids, ids, metric, [AllNeurons(0)], baseline="zero")
+
+
 def test_attribution_refuses_heads(build_tiny):
     from circuitlang.models.attribution import attribute_nodes
     from circuitlang.sites import Head
