@@ -140,6 +140,11 @@ CAPTURE_BUDGET = 2**28
 #: from each row's assembled stream.
 PROJECTION_BUDGET = 2**27
 
+#: Floats of streams one chunk of kernel rows assembles ([rows, tokens, d_model]); a
+#: chunk holds at least the batch size of rows. Rows read at one position are small, and
+#: many of them in one chunk share the chunk's fixed cost.
+KERNEL_BUDGET = 2**24
+
 #: Floats of logits one chunk of the root pass holds ([rows, tokens, vocab]).
 LOGITS_BUDGET = 2**24
 
@@ -755,9 +760,11 @@ class Scrubber:
         for key, (k, r) in todo.items():
             graph, v, _ = direct[k]
             by_site.setdefault((graph.node(v).site, self._out_position(graph, v).is_all), []).append((key, k, r))
+        t, d = self.prompts.input_ids.shape[1], self.model.shape.d_model
+        size = max(self.batch_size, KERNEL_BUDGET // (t * d))
         for (site, every), rows in by_site.items():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
+            for start in range(0, len(rows), size):
+                chunk = rows[start:start + size]
                 out = self._compute(direct, site, every, chunk)
                 for j, (key, _, _) in enumerate(chunk):
                     self._keep(key, out[j], local)

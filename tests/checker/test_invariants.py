@@ -70,7 +70,12 @@ def test_mean_and_zero_ablation_differ_from_resampling(scrubber, mode):
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
-def test_results_do_not_depend_on_batch_size(planted, induction_task, scrubber, batch_size):
+def test_results_do_not_depend_on_batch_size(planted, induction_task, scrubber, batch_size, monkeypatch):
+    """Nor on the kernels' chunks: with no `KERNEL_BUDGET` a chunk holds the batch size of
+    rows, so the rows of one node are split across chunks."""
+    import circuitlang.execute
+
+    monkeypatch.setattr(circuitlang.execute, "KERNEL_BUDGET", 0)
     h = hyp(EdgeClaim(Head(0, 0), Head(1, 0, Channel.K), ALL), EdgeClaim(Head(1, 0), Logits(), ALL))
     other = Scrubber(planted, induction_task, scrubber.prompts, "loss", batch_size=batch_size)
     a = scrubber.scrub(ir_to_graph(h), seed=3).scrubbed
