@@ -27,7 +27,7 @@ Every circuitlang time is one run (these are long), after a warm-up forward pass
 Prints a table and writes bench/results/discovery.json atomically.
 
     python bench/bench_discovery.py [--threads 1] [--tau 0.01] [--no-peers]
-                                    [--skip-attribution] [--skip-acdc]
+                                    [--skip-attribution] [--skip-acdc] [--out FILE]
 """
 from __future__ import annotations
 
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip auto-circuit")
     parser.add_argument("--skip-attribution", action="store_true")
     parser.add_argument("--skip-acdc", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON written (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peers = not args.no_peers and AC_PYTHON.exists()
@@ -226,12 +227,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # each part is written as soon as it is done
         if not args.skip_acdc:
             results["acdc"] = acdc_bench(Path(tmp), args.threads, args.tau, peers)
-            write_json_atomic(RESULTS, {**results, "load_average_after": list(os.getloadavg())})
+            write_json_atomic(args.out, {**results, "load_average_after": list(os.getloadavg())})
         if not args.skip_attribution:
             results["attribution"] = attribution(Path(tmp), args.threads, peers)
     results["load_average_after"] = list(os.getloadavg())
-    write_json_atomic(RESULTS, results)
-    print(f"wrote {RESULTS}")
+    write_json_atomic(args.out, results)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
