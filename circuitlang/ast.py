@@ -184,6 +184,16 @@ class FeatureTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class FeaturesTarget:
+    """`features res5.12, res5.99`: several latents as one subject (each a `FeatureTarget`
+    with an index). A hole in the list (`features res5.?g`) is a *latent group hole*: a
+    set of latents of that SAE of unknown size, for the solver to fill."""
+
+    items: tuple[FeatureTarget, ...]
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorTarget:
     """`error res5`: what SAE `res5` misses at its hook point (its reconstruction error)."""
 
@@ -202,7 +212,7 @@ class SubspaceTarget:
 
 Target = Union[
     HeadTarget, HeadsTarget, MlpTarget, ResidTarget, EmbedTarget, LogitsTarget,
-    GroupTarget, SlotTarget, NeuronTarget, NeuronsTarget, FeatureTarget, ErrorTarget,
+    GroupTarget, SlotTarget, NeuronTarget, NeuronsTarget, FeatureTarget, FeaturesTarget, ErrorTarget,
     SubspaceTarget,
 ]
 
@@ -656,15 +666,18 @@ SIZE_BOUNDS = ("at most", "at least", "exactly")
 
 @dataclass(frozen=True, slots=True)
 class HoleSize:
-    """`?g has at most 4 heads` (`at least`, `exactly`): how many heads a group hole holds.
+    """`?g has at most 4 heads` (`at least`, `exactly`): how many heads a group hole holds,
+    or latents a latent group hole (`?g has at most 8 features`).
 
-    `bound` is one of `SIZE_BOUNDS`. Whether `head` or `heads` was written is layout
-    (the printer writes `1 head`, `4 heads`).
+    `bound` is one of `SIZE_BOUNDS`; `unit` is "heads" or "features" (what is counted).
+    Whether the singular or the plural was written is layout (the printer writes
+    `1 head`, `4 heads`, `1 feature`, `8 features`).
     """
 
     hole: Hole
     bound: str
     count: int
+    unit: str = "heads"
     span: Span | None = _span()
     trivia: Trivia = _trivia()
 

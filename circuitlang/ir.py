@@ -83,10 +83,11 @@ class Hole:
     Attributes:
         name: the hole's name without `?`; one name is one unknown everywhere it occurs.
         kind: "head", "group" (`heads ?g`: a set of heads of unknown size; a claim about
-            it is a claim about each of its heads), "mlp", "resid" or "latent" (one
-            latent of `sae`).
+            it is a claim about each of its heads), "mlp", "resid", "latent" (one
+            latent of `sae`) or "latents" (`features res5.?g`: a set of latents of `sae`
+            of unknown size, claimed each).
         channel: for head and group holes, the channel the claim is about.
-        sae: for a latent hole, the dictionary whose latent it is.
+        sae: for a latent or latent group hole, the dictionary whose latents it holds.
     """
 
     name: str
@@ -97,23 +98,33 @@ class Hole:
     def __str__(self) -> str:
         if self.kind == "latent":
             return f"feature {self.sae.name}.?{self.name}"
+        if self.kind == "latents":
+            return f"features {self.sae.name}.?{self.name}"
         base = f"{'heads' if self.kind == 'group' else self.kind} ?{self.name}"
         if self.kind in ("head", "group") and self.channel is not sites.Channel.OUT:
             return f"{base}.{self.channel.value}"
         return base
 
 
+#: Hole kinds that hold a set of unknown size (a claim about one is a claim about each member).
+GROUP_HOLES = ("group", "latents")
+#: Hole kinds filled with SAE latents.
+LATENT_HOLES = ("latent", "latents")
+
+
 @dataclass(frozen=True, slots=True)
 class HoleConstraint:
     """A constraint on a hole: where it may be (`?s in layers 7-8`, `?s in heads 9.6, 9.9`)
-    or how many heads a group hole holds (`?g has at most 4 heads`).
+    or how many heads a group hole holds (`?g has at most 4 heads`; latents: `?g has at
+    most 8 features`).
 
     Attributes:
         hole: the hole's name, without `?`.
         allowed: for `in`: the sites the hole may be filled with (heads, channel `out`, for
             a head or group hole; `Mlp`s for an MLP hole), in model order; None for a size.
-        at_least, at_most: for a size: the bounds on a group hole's number of heads
-            (`exactly N` sets both); None where unbounded.
+        at_least, at_most: for a size: the bounds on a group hole's number of heads (or
+            latents; `exactly N` sets both); None where unbounded.
+        unit: what a size counts: "heads" (`heads ?g`) or "features" (`features res5.?g`).
         text: the source statement.
     """
 
@@ -121,6 +132,7 @@ class HoleConstraint:
     allowed: tuple[sites.Site, ...] | None = None
     at_least: int | None = None
     at_most: int | None = None
+    unit: str = "heads"
     text: str = field(default="", compare=False)
     span: Span | None = _span()
 
@@ -484,10 +496,10 @@ def site_to_json(site: SiteOrHole) -> dict[str, Any]:
 
 
 def hole_constraint_to_json(constraint: HoleConstraint) -> dict[str, Any]:
-    """A hole constraint as {hole, allowed (site texts or None), at_least, at_most, text, span}."""
+    """A hole constraint as {hole, allowed (site texts or None), at_least, at_most, unit, text, span}."""
     allowed = None if constraint.allowed is None else [str(s) for s in constraint.allowed]
     return {"hole": constraint.hole, "allowed": allowed, "at_least": constraint.at_least,
-            "at_most": constraint.at_most, "text": constraint.text,
+            "at_most": constraint.at_most, "unit": constraint.unit, "text": constraint.text,
             "span": span_to_json(constraint.span)}
 
 

@@ -9,7 +9,8 @@ resolved claims with it.
 
 Verbs are already expanded in the IR, so the program holds core claims: one
 `SITE at P depends on F` or `A -> B at P` per IR claim (`heads a, b` when claims
-differ only in their head, with `group_heads=True`). The header keeps the model,
+differ only in their head, `features a.1, a.5` in their latent of one SAE, with
+`group_heads=True`). The header keeps the model,
 the task and its parameters, the metric (when the file named one), the ablation,
 the semantics, seed, samples, citations and reported numbers; groups are kept as
 definitions. Expectations are sympy expressions and come back as expressions with
@@ -34,8 +35,9 @@ def ir_to_ast(hypothesis: ir.Hypothesis, *, group_heads: bool = False, comments:
 
     Args:
         hypothesis: the resolved hypothesis.
-        group_heads: write claims that differ only in their head as one statement
-            (`heads 1.0, 1.2 at END depends on IO`).
+        group_heads: write claims that differ only in their head (or their latent of one
+            SAE) as one statement (`heads 1.0, 1.2 at END depends on IO`, `features a.1, a.5
+            at END depends on IO`).
         comments: full-line comments to put above the first statement (a header).
         base: the folder the program will be saved in: SAE folders and subspace files
             are written relative to it (a file reads them only inside its own folder
@@ -132,15 +134,21 @@ def _claims(claims, group_heads: bool) -> list:
 
 
 def _group_key(claim):
-    """Claims with the same key differ only in the head they name (and may be merged)."""
+    """Claims with the same key differ only in the head (or the latent of one SAE) they name,
+    and may be merged."""
     if isinstance(claim, ir.DependsClaim) and isinstance(claim.site, sites.Head):
         return ("depends", claim.site.channel, claim.position, claim.features)
+    if isinstance(claim, ir.DependsClaim) and isinstance(claim.site, sites.Latent):
+        return ("latents", claim.site.sae, claim.position, claim.features)
     return None
 
 
 def _merge(stmt: ast.Depends, claim: ir.DependsClaim) -> ast.Depends:
     import dataclasses
 
+    if isinstance(claim.site, sites.Latent):
+        items = stmt.target.items if isinstance(stmt.target, ast.FeaturesTarget) else (stmt.target,)
+        return dataclasses.replace(stmt, target=ast.FeaturesTarget(items + (site_to_target(claim.site),)))
     items = stmt.target.items if isinstance(stmt.target, ast.HeadsTarget) else (stmt.target.ref,)
     return dataclasses.replace(stmt, target=ast.HeadsTarget(items + (_headref(claim.site),)))
 
@@ -175,6 +183,8 @@ def site_to_target(site) -> ast.Target:
             return ast.ResidTarget(ast.Hole(name))
         case ir.Hole(name=name, kind="latent", sae=sae):
             return ast.FeatureTarget(sae.name, ast.Hole(name))
+        case ir.Hole(name=name, kind="latents", sae=sae):
+            return ast.FeaturesTarget((ast.FeatureTarget(sae.name, ast.Hole(name)),))
         case sites.Head():
             return ast.HeadTarget(_headref(site))
         case sites.Mlp(layer=layer):
@@ -254,12 +264,12 @@ def _constraint(c: ir.HoleConstraint) -> list:
                     ranges.append((layer, layer))
             out.append(ast.HoleIn(hole, layers=tuple(ranges)))
     if c.at_least is not None and c.at_least == c.at_most:
-        out.append(ast.HoleSize(hole, "exactly", c.at_least))
+        out.append(ast.HoleSize(hole, "exactly", c.at_least, c.unit))
     else:
         if c.at_least is not None:
-            out.append(ast.HoleSize(hole, "at least", c.at_least))
+            out.append(ast.HoleSize(hole, "at least", c.at_least, c.unit))
         if c.at_most is not None:
-            out.append(ast.HoleSize(hole, "at most", c.at_most))
+            out.append(ast.HoleSize(hole, "at most", c.at_most, c.unit))
     return out
 
 

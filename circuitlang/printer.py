@@ -126,8 +126,9 @@ def format_statement(stmt: ast.Statement) -> str:
                 return f"?{hole.name} in layer {layers[0][0]}"
             ranges = (str(a) if a == b else f"{a}-{b}" for a, b in layers)
             return f"?{hole.name} in layers " + ", ".join(ranges)
-        case ast.HoleSize(hole=hole, bound=bound, count=count):
-            return f"?{hole.name} has {bound} {count} {'head' if count == 1 else 'heads'}"
+        case ast.HoleSize(hole=hole, bound=bound, count=count, unit=unit):
+            word = "feature" if unit == "features" else "head"
+            return f"?{hole.name} has {bound} {count} {word if count == 1 else word + 's'}"
         case ast.SaeDecl(name=name, path=path, hook=hook, layer=layer):
             return f"sae {name} = {_quote(path)} at {hook} {layer}"
         case ast.SubspaceDecl(name=name, path=path, hook=hook, layer=layer, head=head):
@@ -233,6 +234,8 @@ def format_target(target: ast.Target) -> str:
         case ast.FeatureTarget(sae=sae, index=index):
             shown = "*" if index is None else _hole(index) if isinstance(index, ast.Hole) else index
             return f"feature {sae}.{shown}"
+        case ast.FeaturesTarget(items=items):
+            return "features " + ", ".join(format_target(i).removeprefix("feature ") for i in items)
         case ast.ErrorTarget(sae=sae):
             return f"error {sae}"
         case ast.SubspaceTarget(name=name):

@@ -51,7 +51,7 @@ _STATEMENT_RULES = frozenset(
 KEYWORDS = frozenset(
     "cite model task use metric ablation semantics given reported seed samples group head heads "
     "mlp resid embed logits at depends on nothing patch ablate with expect each verb".split()
-) | frozenset("neuron neurons feature error sae attn".split()) \
+) | frozenset("neuron neurons feature features error sae attn".split()) \
     | frozenset("trace probe".split()) | frozenset("subspace align".split())
 
 
@@ -432,6 +432,12 @@ class _ToAst(Transformer):
             value = None if index.type == "STAR" else _int(index, self.filename)
         return ast.FeatureTarget(str(name), value, span=self._span(meta))
 
+    def feature_item(self, meta, c):
+        return self.feature_target(meta, c)
+
+    def features_target(self, meta, c):
+        return ast.FeaturesTarget(tuple(c), span=self._span(meta))
+
     def error_target(self, meta, c):
         return ast.ErrorTarget(str(c[0]), span=self._span(meta))
 
@@ -714,10 +720,13 @@ class _ToAst(Transformer):
         return ast.HoleIn(self._constraint_hole(c[0]), heads=heads, span=self._span(meta))
 
     def hole_size(self, meta, c):
-        hole, bound, count = c
+        hole, bound, count, unit = c
         words = {"MOST": "at most", "LEAST": "at least", "EXACTLY": "exactly"}
         return ast.HoleSize(self._constraint_hole(hole), words[bound.type],
-                            _int(count, self.filename), span=self._span(meta))
+                            _int(count, self.filename), unit, span=self._span(meta))
+
+    def size_unit(self, meta, c):
+        return "features" if str(c[0]).startswith("feature") else "heads"
 
     # -- expectations
     def expect(self, meta, c):

@@ -66,7 +66,7 @@ def test_the_ir_carries_the_constraints():
     assert mlp.allowed == (Mlp(3),)
     assert layer78.text == "?s in layers 7-8" and layer78.span.line == 3
     data = h.to_json()["hole_constraints"]
-    assert data[2] == {"hole": "g", "allowed": None, "at_least": 2, "at_most": 2,
+    assert data[2] == {"hole": "g", "allowed": None, "at_least": 2, "at_most": 2, "unit": "heads",
                        "text": "?g has exactly 2 heads", "span": data[2]["span"]}
     # equality ignores where a constraint was written
     assert hyp("head ?s at END depends on S\n\n?s in layers 7-8\n").hole_constraints == \

@@ -187,7 +187,8 @@ class ClaimResolver:
                 claim.sender, claim.receiver)
             for site in parts:
                 if isinstance(site, ir.Hole):
-                    kind = site.kind if site.sae is None else f"latent of SAE {site.sae.name}"
+                    kind = (site.kind if site.sae is None else f"latent of SAE {site.sae.name}"
+                            if site.kind == "latent" else f"group of latents of SAE {site.sae.name}")
                     seen = kinds.setdefault(site.name, kind)
                     if seen != kind:
                         self.report("resolve.hole", f"hole ?{site.name} is used both as a "

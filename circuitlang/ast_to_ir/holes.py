@@ -1,7 +1,8 @@
 """Holes: group holes (`heads ?g`) and the constraints on holes, checked against the model.
 
 Takes the program's `?s in layers 7-8`, `?s in layer 5`, `?s in heads 9.6, 9.9` and
-`?g has at most 4 heads` (`at least`, `exactly`) statements, the holes its claims and
+`?g has at most 4 heads` (`at least`, `exactly`; `?g has at most 8 features` for a latent
+group hole) statements, the holes its claims and
 experiments use, and the model's shape; gives one `ir.HoleConstraint` per statement
 (`Hypothesis.hole_constraints`). What is checked, each with a message that says what
 would have been valid:
@@ -9,7 +10,8 @@ would have been valid:
 * the hole is one some claim or experiment uses (a typo otherwise);
 * layers are in the model and ranges run forward; `in heads` names heads in range,
   without a channel; an MLP hole is constrained by layers, not heads;
-* a size constraint is about a group hole, and allows at least one head;
+* a size constraint is about a group hole and counts what it holds (heads for `heads ?g`,
+  features for `features res5.?g`), and allows at least one;
 * together, a hole's constraints leave at least one candidate, and a group hole's
   bounds fit the candidates there are.
 
@@ -17,7 +19,8 @@ Which edges a candidate makes (`?s -> ?h.q at END` needs ?s below ?h) is the sol
 business (`circuitlang.discover.holes`), with the same `hole_domain`.
 
 A hole in a `heads` list is a group hole: `heads ?g` is a set of heads of unknown
-size, and a claim about it is a claim about each of its heads.
+size, and a claim about it is a claim about each of its heads; a hole in a `features`
+list (`features res5.?g`) is a set of that SAE's latents, the same way.
 """
 from __future__ import annotations
 
@@ -80,9 +83,22 @@ def _hole_kinds(claims, experiments) -> dict[str, str]:
     return kinds
 
 
+def _hole_saes(claims) -> dict:
+    """Each latent (group) hole's dictionary."""
+    out: dict = {}
+    for claim in claims:
+        parts = (claim.site,) if isinstance(claim, ir.DependsClaim) else (claim.sender, claim.receiver)
+        for site in parts:
+            if isinstance(site, ir.Hole) and site.sae is not None:
+                out.setdefault(site.name, site.sae)
+    return out
+
+
 _KIND_WORDS = {"head": "one head (`head ?{0}`)", "group": "a group of heads (`heads ?{0}`)",
                "mlp": "an MLP (`mlp ?{0}`)", "resid": "a residual stream (`resid ?{0}`)",
-               "latent": "a latent of an SAE (`feature NAME.?{0}`)"}
+               "latent": "a latent of an SAE (`feature NAME.?{0}`)",
+               "latents": "a group of latents of an SAE (`features NAME.?{0}`)"}
+_UNITS = {"group": "heads", "latents": "features"}  # what a group hole's size counts
 
 
 class HoleResolver:
@@ -100,6 +116,7 @@ class HoleResolver:
                           ) -> tuple[ir.HoleConstraint, ...]:
         """Every hole constraint of the program, checked (problems are reported)."""
         kinds = _hole_kinds(claims, experiments)
+        self._hole_saes = _hole_saes(claims)
         out: list[ir.HoleConstraint] = []
         last_span: dict[str, object] = {}
         for stmt in program.statements:
@@ -134,7 +151,7 @@ class HoleResolver:
 
     def _hole_in(self, stmt: ast.HoleIn, kind: str) -> ir.HoleConstraint | None:
         name, text = stmt.hole.name, format_statement(stmt)
-        if kind == "latent":
+        if kind in ir.LATENT_HOLES:
             self.report("resolve.hole_constraint", f"?{name} is {_KIND_WORDS[kind].format(name)}: its "
                         "SAE says where it is, so it takes no `in` constraint", stmt.span,
                         "drop this line; the solver ranks every latent of the SAE")
@@ -188,22 +205,32 @@ class HoleResolver:
 
     def _hole_size(self, stmt: ast.HoleSize, kind: str) -> ir.HoleConstraint | None:
         name, count, text = stmt.hole.name, stmt.count, format_statement(stmt)
-        if kind != "group":
+        if kind not in ir.GROUP_HOLES:
             self.report("resolve.hole_constraint", f"?{name} is {_KIND_WORDS[kind].format(name)}: "
-                        "only a group hole has a number of heads", stmt.span,
-                        f"write `heads ?{name}` in its claims for a group of unknown size, or "
-                        "drop this line")
+                        f"only a group hole has a number of {stmt.unit}", stmt.span,
+                        f"write `{'heads ?' if stmt.unit == 'heads' else 'features NAME.?'}{name}` in its "
+                        "claims for a group of unknown size, or drop this line")
+            return None
+        unit = _UNITS[kind]
+        one = unit[:-1]
+        if stmt.unit != unit:
+            self.report("resolve.hole_size", f"?{name} is {_KIND_WORDS[kind].format(name)}, so its "
+                        f"size counts {unit}, not {stmt.unit}", stmt.span,
+                        f"write `?{name} has {stmt.bound} {count} {one if count == 1 else unit}`")
             return None
         if stmt.bound in ("at most", "exactly") and count < 1:
-            self.report("resolve.hole_size", f"a group hole holds at least one head; `{text}` "
-                        "allows none", stmt.span, f"write `?{name} has {stmt.bound} 1 head` or "
+            self.report("resolve.hole_size", f"a group hole holds at least one {one}; `{text}` "
+                        "allows none", stmt.span, f"write `?{name} has {stmt.bound} 1 {one}` or "
                         "more, or drop the claims about it")
             return None
         at_least = count if stmt.bound in ("at least", "exactly") else None
         at_most = count if stmt.bound in ("at most", "exactly") else None
-        return ir.HoleConstraint(name, None, at_least, at_most, text=text, span=stmt.span)
+        return ir.HoleConstraint(name, None, at_least, at_most, unit, text=text, span=stmt.span)
 
     def _check_domain(self, name: str, kind: str, constraints, span) -> None:
+        if kind == "latents":  # only sizes: its SAE's latents are its candidates
+            self._check_latent_group(name, constraints, span)
+            return
         domain = hole_domain(self.shape, kind, constraints)
         texts = "; ".join(f"`{c.text}`" for c in constraints)
         if not domain:
@@ -223,3 +250,14 @@ class HoleResolver:
             self.report("resolve.hole_size", f"?{name} must hold at least {lo} heads, but there "
                         f"are only {len(domain)} {where}", span,
                         f"ask for at most {len(domain)}, or widen where it may be")
+
+    def _check_latent_group(self, name: str, constraints, span) -> None:
+        sae = self._hole_saes.get(name)
+        lo, hi = hole_size(constraints)
+        texts = "; ".join(f"`{c.text}`" for c in constraints)
+        if hi is not None and lo > hi:
+            self.report("resolve.hole_size", f"?{name} must hold at least {lo} and at most {hi} "
+                        "features", span, f"its constraints: {texts}")
+        elif sae is not None and lo > sae.d_sae:
+            self.report("resolve.hole_size", f"?{name} must hold at least {lo} features, but SAE "
+                        f"{sae.name} has only {sae.d_sae} latents", span, f"ask for at most {sae.d_sae}")

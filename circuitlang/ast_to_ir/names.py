@@ -52,7 +52,7 @@ class NameResolver:
                             "only inside a verb definition", target.span,
                             "name a site instead, such as `head 9.6`")
                 return None
-            case ast.NeuronTarget() | ast.NeuronsTarget() | ast.FeatureTarget() | ast.ErrorTarget():
+            case ast.NeuronTarget() | ast.NeuronsTarget() | ast.FeatureTarget() | ast.FeaturesTarget() | ast.ErrorTarget():
                 return self._unit_sites(target, wildcards)  # ast_to_ir.units
             case ast.SubspaceTarget():
                 return self._subspace_sites(target)  # ast_to_ir.subspaces

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("file", nargs="?", metavar="FILE",
                    help="a .circ file with holes to fill (optional): heads, groups, MLPs, SAE latents "
-                   "(`feature res5.?f`)")
+                   "(`feature res5.?f`) and groups of latents (`features res5.?g`)")
     from circuitlang.cli.lang import add_model_options
 
     add_model_options(p)

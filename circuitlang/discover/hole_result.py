@@ -40,8 +40,8 @@ class HoleFill:
     """What filled one hole, and the evidence.
 
     Attributes:
-        name, kind: the hole (`h`, "head" / "group" / "mlp" / "latent").
-        chosen: the chosen candidate (a group: all its heads, best first).
+        name, kind: the hole (`h`, "head" / "group" / "mlp" / "latent" / "latents").
+        chosen: the chosen candidate (a group: all its heads or latents, best first).
         runners_up: the next candidates by attribution, with their checked recovered
             fraction where it was verified (a group: the next heads, each scored as one).
         ranking: every candidate with its attribution score (a group: per head), best first.
@@ -70,7 +70,7 @@ class HoleFill:
 @dataclass(frozen=True)
 class Verified:
     """One assignment scored by causal scrubbing: the fill, its attribution score, its
-    recovered fraction, its size (heads in group holes) and the expectations it fails."""
+    recovered fraction, its size (heads and latents in group holes) and the expectations it fails."""
 
     fill: tuple[tuple[str, tuple[Site, ...]], ...]
     score: float

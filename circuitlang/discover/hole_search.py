@@ -111,7 +111,7 @@ def candidates(hypothesis: ir.Hypothesis, shape: sites.ModelShape | None = None)
                                  code="discover.hole-unused",
                                  hint=f"claim something about it (`head ?{hole.name} moves IO to END`), or "
                                  "name the component")
-        if hole.kind == "latent":  # every latent of its SAE (an `in` line is refused earlier)
+        if hole.kind in ir.LATENT_HOLES:  # every latent of its SAE (an `in` line is refused earlier)
             # the latents of one dictionary read and write at one place: one is checked for all
             first = {hole.name: sites.Latent(hole.sae, 0)}
             if not all(_edge_ok(shape, c, first) for c in mine if len({h.name for h in holes_of(c)}) == 1):
@@ -189,7 +189,7 @@ class ClaimScores:
         claim naming a latent hole: that latent's node score at the claim's position (an
         edge claim too: how much the latent matters there)."""
         for hole in holes_of(claim):
-            if hole.kind == "latent":
+            if hole.kind in ir.LATENT_HOLES:
                 return self.latent(fill[hole.name], claim.position)
         if self.grid is None:
             return 0.0
@@ -242,7 +242,7 @@ def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, abl
     wanted: dict[tuple[sites.Dictionary, Position], None] = {}
     for claim in hypothesis.claims:
         for hole in holes_of(claim):
-            if hole.kind == "latent":
+            if hole.kind in ir.LATENT_HOLES:
                 wanted.setdefault((hole.sae, claim.position), None)
     value = rows_metric(lm, task, prompts, metric)
     donors, baseline = None, "paired"
@@ -270,7 +270,7 @@ def shortlist_latents(hypothesis: ir.Hypothesis, domains: dict[str, tuple[Site, 
     latents; the joint search and the verification need a few)."""
     out = dict(domains)
     for hole in hypothesis.holes():
-        if hole.kind != "latent":
+        if hole.kind not in ir.LATENT_HOLES:
             continue
         where = [c.position for c in hypothesis.claims if any(h.name == hole.name for h in holes_of(c))]
         total = {c: sum(shapes.latent(c, p) for p in where) for c in domains[hole.name]}
@@ -290,8 +290,8 @@ class HoleSearch:
         self.domains = domains
         holes = hypothesis.holes()
         self.kinds = {h.name: h.kind for h in holes}
-        self.singles = [h.name for h in holes if h.kind != "group"]
-        self.groups = [h.name for h in holes if h.kind == "group"]
+        self.singles = [h.name for h in holes if h.kind not in ir.GROUP_HOLES]
+        self.groups = [h.name for h in holes if h.kind in ir.GROUP_HOLES]
         self.claims = [c for c in hypothesis.claims if holes_of(c)]
         constraints = hypothesis.hole_constraints
         self.bounds = {g: hole_size(tuple(c for c in constraints if c.hole == g)) for g in self.groups}
@@ -417,6 +417,10 @@ class HoleSearch:
         return out
 
     # -- groups
+    def unit(self, g: str) -> str:
+        """What group hole `g` holds: "heads", or "features" (SAE latents)."""
+        return "features" if self.kinds[g] == "latents" else "heads"
+
     def group_domain(self, g: str, fill: dict[str, Site]) -> list[Site]:
         used = {s for n, s in fill.items() if n != g}
         return [c for c in self.domains[g] if c not in used
@@ -424,7 +428,7 @@ class HoleSearch:
                         if g in self._claim_names(claim) and self._claim_names(claim) <= set(fill) | {g})]
 
     def group_order(self, g: str, fill: dict[str, Site]) -> list[tuple[Site, float]]:
-        """The heads a group hole may hold, given the single holes' fill, best first."""
+        """The heads (or latents) a group hole may hold, given the single holes' fill, best first."""
         out = []
         for c in self.group_domain(g, fill):
             here = {**fill, g: c}
@@ -455,7 +459,7 @@ class HoleSearch:
             lo, hi = self.bounds[g]
             top = min(hi if hi is not None else max_group, len(orders[g]))
             if lo > len(orders[g]):
-                raise DiscoveryError(f"hole ?{g} needs at least {lo} heads, but only {len(orders[g])} fit "
+                raise DiscoveryError(f"hole ?{g} needs at least {lo} {self.unit(g)}, but only {len(orders[g])} fit "
                                      "beside the other holes", code="discover.no-candidate",
                                      hint="lower its bound or widen where it may be")
             sizes[g] = range(lo, max(lo, top) + 1)
@@ -482,7 +486,7 @@ class HoleSearch:
             while len(current[g]) < sizes[g].start:
                 nxt = following(g)
                 if not nxt:
-                    raise DiscoveryError(f"hole ?{g} needs at least {sizes[g].start} heads, but only "
+                    raise DiscoveryError(f"hole ?{g} needs at least {sizes[g].start} {self.unit(g)}, but only "
                                          f"{len(current[g])} fit beside the other holes",
                                          code="discover.no-candidate", hint="lower its bound")
                 current[g].append(nxt[0][0])

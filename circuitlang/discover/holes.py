@@ -18,7 +18,8 @@ The candidates, the scores shaped like each claim and the search over assignment
 **Candidates.** A head hole (`head ?h`, `?h.q`) is one head; a group hole (`heads ?g`)
 a set of heads of unknown size (at least 1, `?g has at most N heads` and the like); an
 MLP hole (`mlp ?m`) one layer's MLP; a latent hole (`feature res5.?f`) one latent of
-that SAE, every latent a candidate. A hole may be filled with what its `in`
+that SAE, every latent a candidate, and a latent group hole (`features res5.?g`) a set of
+them of unknown size, searched as a group of heads is. A hole may be filled with what its `in`
 constraints allow (`?s in layers 7-8`; `circuitlang.ast_to_ir.holes.hole_domain`) such
 that every edge claim naming it is an edge of the model (`circuitlang.topology`:
 `?s -> ?h.q` needs ?s below ?h). Distinct holes get distinct heads. A hole with no
@@ -167,6 +168,15 @@ def _fill_target(target, fill):
             return dataclasses.replace(target, layer=fill[name][0].layer)
         case ast.FeatureTarget(index=ast.Hole(name=name)) if name in fill:
             return dataclasses.replace(target, index=fill[name][0].index)
+        case ast.FeaturesTarget(items=items):
+            new = []
+            for item in items:
+                if isinstance(item.index, ast.Hole) and item.index.name in fill:
+                    new += [dataclasses.replace(item, index=latent.index)
+                            for latent in sorted(fill[item.index.name], key=lambda x: x.index)]
+                else:
+                    new.append(item)
+            return dataclasses.replace(target, items=tuple(new))
     return target
 
 
@@ -410,7 +420,7 @@ def fill_holes(
     scores = space = None
     rank_passes = 0
     names = []
-    if any(h.kind != "latent" for h in holes):  # heads and MLPs: edge attribution
+    if any(h.kind not in ir.LATENT_HOLES for h in holes):  # heads and MLPs: edge attribution
         space = ClaimSpace.build(lm.edge_set(), positions)
         problem = Problem(lm, the_task, prompts, setup.metric, ablation, space, seed=setup.seed,
                           batch_size=batch_size)
@@ -420,7 +430,7 @@ def fill_holes(
             scores = eap_ig(problem, ig or ("inputs" if ablation == "corrupt" else "activations"), steps)
         names.append(scores.method if method != "eap" else "eap")
     latents = {}
-    if any(h.kind == "latent" for h in holes):  # latents: node attribution over each dictionary
+    if any(h.kind in ir.LATENT_HOLES for h in holes):  # latents: node attribution over each dictionary
         latents, passes = latent_scores(lm, the_task, prompts, setup.metric, hypothesis, ablation,
                                         setup.seed, batch_size)
         rank_passes += passes
@@ -681,5 +691,5 @@ def _evidence(search: HoleSearch, graphs: _Verifier, chosen: Verified, single: d
                                                                            _safe(by_size[size].recovered)):
                     by_size[size] = v
         growth = [(size, v.recovered, v.meets) for size, v in sorted(by_size.items())]
-        out[name] = HoleFill(name, "group", mine, others, order, growth)
+        out[name] = HoleFill(name, search.kinds[name], mine, others, order, growth)
     return out
