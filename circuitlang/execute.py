@@ -42,6 +42,8 @@ departure from resampling over the whole distribution.
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,6 +147,10 @@ PROJECTION_BUDGET = 2**27
 #: many of them in one chunk share the chunk's fixed cost.
 KERNEL_BUDGET = 2**24
 
+#: A computed row's id is its chunk's place among the stored chunks times this, plus its
+#: index in the chunk.
+_STRIDE = 2**32
+
 #: Floats of logits one chunk of the root pass holds ([rows, tokens, vocab]).
 LOGITS_BUDGET = 2**24
 
@@ -215,8 +221,10 @@ class Scrubber:
         self.use_kernels = True
         #: compute identical rows once (False: every row, as a reference)
         self.use_memo = True
-        self._memo: dict = {}
+        self._memo: dict = {}  # row key -> row id (a place in _stores x _STRIDE + its index there)
         self._memo_floats = 0
+        self._stores: list[torch.Tensor | None] = []  # chunks of computed rows
+        self._levels_run = 0
         self._projections: dict = {}  # (stream, layer, key/value group, channel) -> [N, T, d_head]
         self._projection_floats = 0
         self._reads: torch.Tensor | None = None
@@ -621,11 +629,28 @@ class Scrubber:
         inst, mode = insts[v], graph.ablation
         rows, remainder = inst.rows[sel], inst.remainder[sel]
 
+        hit_at: dict = {}
+
         def hits(position: Position) -> torch.Tensor | None:  # rows where `position` is the token
-            return None if position.is_all else self._index(position, rows) == token
+            if position.is_all:
+                return None
+            if position not in hit_at:
+                hit_at[position] = self._index(position, rows) == token
+            return hit_at[position]
 
         def there(position: Position, kid_rows: np.ndarray) -> torch.Tensor:  # the token in kid_rows
             return token if position.is_all else self._index(position, kid_rows)
+
+        def covered(site, start) -> torch.Tensor:  # `start()` as the input leaves leave it at the token
+            last = max((i for i, (position, _, _) in enumerate(leaves) if position.is_all), default=None)
+            if last is None:
+                out, rest = start(), leaves
+            else:  # a leaf at every position replaces all before it
+                _, kid_rows, leaf_site = leaves[last]
+                out, rest = self._plain_at(site or leaf_site, kid_rows, token), leaves[last + 1:]
+            for position, kid_rows, leaf_site in rest:
+                put(out, hits(position), self._plain_at(site or leaf_site, kid_rows, there(position, kid_rows)))
+            return out
 
         def put(dest, hit, src, add=False):  # dest (+)= src on the rows hit (None: every row)
             if hit is None:
@@ -641,18 +666,14 @@ class Scrubber:
             if node.role != "input":
                 continue
             leaves.append((self._leaf_position(t, channel), insts[c].rows[sel], self._leaf_site(node.site, channel)))
-        value = self._remainder_at(input_site, remainder, mode, token)
-        for position, kid_rows, site in leaves:
-            put(value, hits(position), self._plain_at(site, kid_rows, there(position, kid_rows)))
+        value = covered(None, lambda: self._remainder_at(input_site, remainder, mode, token))
         current: dict = {}  # site -> what it contributes to the channel at the token
         senders = [(c, t) for c, t in kids if graph.node(c).role != "input"]
         for c, t in sorted(senders, key=lambda item: not item[1].position.is_all):
             site = self._sender_site(graph.node(c).site)
             base = current.get(site)
             if base is None:
-                base = current[site] = self._remainder_at(site, remainder, mode, token)
-                for position, kid_rows, _ in leaves:
-                    put(base, hits(position), self._plain_at(site, kid_rows, there(position, kid_rows)))
+                base = current[site] = covered(site, lambda site=site: self._remainder_at(site, remainder, mode, token))
             kid_rows = insts[c].rows[sel]
             child = self._child_at(graph, c, insts, sel, there(t.position, kid_rows))
             hit = hits(t.position)
@@ -732,7 +753,12 @@ class Scrubber:
 
     def _level(self, items: list[tuple[InterventionGraph, int, dict]]) -> int:
         """Compute every (graph, node) of one height for every reference prompt; gives the
-        number of forward passes it took (0 when the kernels cover every node)."""
+        number of forward passes it took (0 when the kernels cover every node).
+
+        The rows' bookkeeping runs over whole arrays, not row by row: each row's key
+        (`_row_keys`) is looked up in the memo, the rows neither there nor seen earlier in
+        this level are computed in chunks by site (in order of first appearance), and
+        every node's value is gathered from the chunks that hold its rows."""
         for graph, v, _ in items:
             if not graph.input_channels(v):
                 raise ExecutionError(f"{graph.node(v).site} cannot receive edges; heads, MLPs, SAE latents "
@@ -745,49 +771,103 @@ class Scrubber:
         if not direct:
             return int(bool(forward))
         n = len(self.prompts.input_ids)
-        local: dict = {}  # this level's rows the memo had no room for
-        todo: dict = {}   # key -> (item, reference) of the first row with that key
+        self._levels_run += 1
+        keys: list = []  # one key per row, item after item (row i: item i // n, reference i % n)
         for k, (graph, v, insts) in enumerate(direct):
             insts[v].keys = self._row_keys(graph, v, insts)
-            a, b = insts[v].keys
-            for r in range(n):
-                key = (int(a[r]), int(b[r])) if self.use_memo else (k, r)
-                if key in self._memo or key in todo:
-                    self.work.reused += 1
-                else:
-                    todo[key] = (k, r)
-        by_site: dict = {}
-        for key, (k, r) in todo.items():
-            graph, v, _ = direct[k]
-            by_site.setdefault((graph.node(v).site, self._out_position(graph, v).is_all), []).append((key, k, r))
+            if self.use_memo:
+                a, b = insts[v].keys
+                keys += zip(a.tolist(), b.tolist())
+            else:  # every row its own
+                keys += zip(itertools.repeat(self._levels_run), itertools.repeat(k), range(n))
+        memo = self._memo if self.use_memo else {}
+        found = np.fromiter(map(memo.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+        missing = np.flatnonzero(found < 0)
+        missed = [keys[i] for i in missing.tolist()]
+        first = dict(zip(reversed(missed), reversed(missing.tolist())))  # key -> its first row
+        todo = np.sort(np.fromiter(first.values(), dtype=np.int64, count=len(first)))
+        self.work.reused += len(keys) - len(todo)
+        # the rows to compute, by site and where the parent reads them (every position or
+        # one), in order of first appearance; within a site in row order
+        group_of: dict = {}
+        item_group = np.array([group_of.setdefault((g.node(v).site, self._out_position(g, v).is_all), len(group_of))
+                               for g, v, _ in direct], dtype=np.int64)
+        groups = list(group_of)
+        row_group = item_group[todo // n]
+        firsts = np.unique(row_group, return_index=True)[1]
+        rank = np.empty(len(groups), dtype=np.int64)
+        rank[row_group[np.sort(firsts)]] = np.arange(len(firsts))
+        todo = todo[np.argsort(rank[row_group], kind="stable")]
+        row_group = item_group[todo // n]
         t, d = self.prompts.input_ids.shape[1], self.model.shape.d_model
         size = max(self.batch_size, KERNEL_BUDGET // (t * d))
-        for (site, every), rows in by_site.items():
+        pending: dict = {}  # key -> where this level computed it
+        local: list[int] = []  # stores of this level the memo keeps nothing of
+        bounds = np.flatnonzero(np.diff(row_group)) + 1
+        for rows in np.split(todo, bounds) if len(todo) else []:
+            site, every = groups[int(item_group[rows[0] // n])]
             for start in range(0, len(rows), size):
                 chunk = rows[start:start + size]
-                out = self._compute(direct, site, every, chunk)
-                for j, (key, _, _) in enumerate(chunk):
-                    self._keep(key, out[j], local)
-        for k, (graph, v, insts) in enumerate(direct):
-            a, b = insts[v].keys
-            keys = [(int(a[r]), int(b[r])) if self.use_memo else (k, r) for r in range(n)]
-            insts[v].value = torch.stack([self._memo[key] if key in self._memo else local[key] for key in keys])
+                out = self._compute(direct, site, every, chunk // n, chunk % n)
+                where = self._store(out)
+                ids = (where * _STRIDE + np.arange(len(chunk), dtype=np.int64)).tolist()
+                chunk_keys = [keys[i] for i in chunk.tolist()]
+                pending.update(zip(chunk_keys, ids))
+                kept = self._remember(chunk_keys, ids, out) if self.use_memo else 0
+                if not kept:
+                    local.append(where)
+        if len(missing):
+            found[missing] = np.fromiter(map(pending.__getitem__, missed), dtype=np.int64, count=len(missed))
+        self._gather_values(direct, found, n)
+        for where in local:  # rows only this level reads
+            self._stores[where] = None
         for graph, v, insts in items:  # children's values are read: let them go
             for c, _ in graph.children(v):
                 insts[c].value = None
         return int(bool(forward))
 
-    def _keep(self, key, value: torch.Tensor, local: dict) -> None:
-        """Hold a computed row: in the memo while it has room, else for this level only."""
-        if self.use_memo and self._memo_floats + value.numel() <= MEMO_BUDGET:
-            self._memo[key] = value
-            self._memo_floats += value.numel()
-        else:
-            local[key] = value
+    def _store(self, out: torch.Tensor) -> int:
+        """Hold a chunk of computed rows; gives its place (a row's id is place x _STRIDE +
+        its index in the chunk)."""
+        if len(out) >= _STRIDE:  # pragma: no cover - KERNEL_BUDGET keeps chunks far smaller
+            raise ExecutionError(f"a chunk of {len(out)} kernel rows is more than {_STRIDE}")
+        self._stores.append(out)
+        return len(self._stores) - 1
 
-    def _compute(self, items: list, site, every: bool, chunk: list) -> torch.Tensor:
-        """Rows `chunk` ((key, item, reference) triples) of nodes at `site`, by the kernel:
-        [B, D] at the position each parent reads, or [B, T, D] when `every`.
+    def _remember(self, keys: list, ids: list, out: torch.Tensor) -> int:
+        """Put a chunk's rows in the memo while it has room (`MEMO_BUDGET`); gives how many."""
+        per_row = out[0].numel() if len(out) else 1
+        room = max(0, (MEMO_BUDGET - self._memo_floats) // per_row)
+        kept = min(room, len(keys))
+        self._memo.update(zip(keys[:kept], ids[:kept]))
+        self._memo_floats += kept * per_row
+        return kept
+
+    def _gather_values(self, direct: list, ids: np.ndarray, n: int) -> None:
+        """Each node's value [n, ...] from the stores holding its rows (`ids`, item after
+        item): one gather a store for the nodes whose values have one shape."""
+        shapes: dict = {}
+        for k, (graph, v, insts) in enumerate(direct):
+            shapes.setdefault(self._out_position(graph, v).is_all, []).append(k)
+        for ks in shapes.values():
+            ks_arr = np.asarray(ks, dtype=np.int64)
+            rows = (ks_arr[:, None] * n + np.arange(n)).reshape(-1)
+            mine = ids[rows]
+            place, index = mine // _STRIDE, mine % _STRIDE
+            sample = self._stores[int(place[0])]
+            out = torch.empty(len(rows), *sample.shape[1:], dtype=sample.dtype)
+            order = np.argsort(place, kind="stable")
+            bounds = np.flatnonzero(np.diff(place[order])) + 1
+            for part in np.split(order, bounds):
+                store = self._stores[int(place[part[0]])]
+                out[torch.as_tensor(part)] = store.index_select(0, torch.as_tensor(index[part]))
+            for j, k in enumerate(ks):
+                graph, v, insts = direct[k]
+                insts[v].value = out[j * n:(j + 1) * n]
+
+    def _compute(self, items: list, site, every: bool, ks: np.ndarray, refs: np.ndarray) -> torch.Tensor:
+        """Rows of nodes at `site` (row j: item `ks[j]` on reference `refs[j]`), by the
+        kernel: [B, D] at the position each parent reads, or [B, T, D] when `every`.
 
         A channel read at the query alone (a head's query; an MLP's or a subspace's input
         read at a named position) is assembled at that token only. A head's keys and
@@ -795,12 +875,12 @@ class Scrubber:
         with a few tokens changed, from that stream's keys or values projected once for
         every prompt (`_projection`), with only the changed tokens projected anew."""
         inputs: dict = {}
-        prompt_rows = np.empty(len(chunk), dtype=np.int64)
-        query = torch.empty(len(chunk), dtype=torch.long)
-        ks = np.array([k for _, k, _ in chunk])
-        refs = np.array([r for _, _, r in chunk])
+        rows_in = len(refs)
+        prompt_rows = np.empty(rows_in, dtype=np.int64)
+        query = torch.empty(rows_in, dtype=torch.long)
         owner = _owner(site)  # the head or MLP that computes it (a subspace of its output: then projected)
         head = isinstance(owner, Head)
+        changed: dict = {Channel.K: [], Channel.V: []}  # (chunk rows, token, stream) to project anew
         for k in dict.fromkeys(ks.tolist()):
             graph, v, insts = items[k]
             here = np.flatnonzero(ks == k)
@@ -814,7 +894,9 @@ class Scrubber:
             for ch in graph.input_channels(v):
                 channel_site = self._channel_site(site, ch)
                 if head and ch in (Channel.K, Channel.V):  # as keys or values [n, T, d_head]
-                    val = self._keys_or_values(graph, v, insts, ch, channel_site, sel)
+                    mine: list = []
+                    val = self._keys_or_values(graph, v, insts, ch, channel_site, sel, mine)
+                    changed[ch] += [(here, token, stream) for token, stream in mine]
                 elif at is not None:  # read at the query alone
                     val = self._assemble_at(graph, v, insts, ch, channel_site, sel, at)
                     if val is None:
@@ -824,9 +906,15 @@ class Scrubber:
                     if val is None:  # read on the node's own prompt
                         val = self._plain(channel_site, rows)
                 if ch not in inputs:
-                    inputs[ch] = torch.empty(len(chunk), *val.shape[1:], dtype=val.dtype)
+                    inputs[ch] = torch.empty(rows_in, *val.shape[1:], dtype=val.dtype)
                 inputs[ch][torch.as_tensor(here)] = val
         mask = self.prompts.attention_mask[torch.as_tensor(prompt_rows)]
+        for ch, parts in changed.items():  # the changed tokens' keys and values, in one projection
+            if parts:
+                where = torch.as_tensor(np.concatenate([here for here, _, _ in parts]))
+                tokens = torch.cat([token for _, token, _ in parts])
+                projected = self.kernels.project(owner, ch, torch.cat([stream for _, _, stream in parts]))
+                inputs[ch][where, tokens] = projected.to(inputs[ch].device, inputs[ch].dtype)
         if head:
             q_in = inputs[Channel.Q]
             k_proj, v_proj = inputs[Channel.K], inputs[Channel.V]  # already projected: [B, T, d_head]
@@ -840,23 +928,28 @@ class Scrubber:
             self.work.head_token_layers += int(read.sum())
         elif isinstance(owner, Mlp):  # (at a named position the stream is there already)
             out = self.kernels.mlp(owner, inputs[None])
-            self.work.mlp_token_layers += int(mask.sum()) if every else len(chunk)
+            self.work.mlp_token_layers += int(mask.sum()) if every else rows_in
         else:  # a subspace of a stream
             out = inputs[None]
         if isinstance(site, Subspace):
             out = self.kernels.subspace(site, out.to("cpu"))
-            self.work.subspace_rows += len(chunk)
+            self.work.subspace_rows += rows_in
         elif head:
-            self.work.head_rows += len(chunk)
+            self.work.head_rows += rows_in
         else:
-            self.work.mlp_rows += len(chunk)
+            self.work.mlp_rows += rows_in
         return out.detach().to("cpu")
 
     # -- a head's keys and values: plain streams projected once -------------------------
 
-    def _keys_or_values(self, graph, v: int, insts, channel, input_site, sel: np.ndarray) -> torch.Tensor:
+    def _keys_or_values(self, graph, v: int, insts, channel, input_site, sel: np.ndarray,
+                        changed: list | None = None) -> torch.Tensor:
         """Head node `v`'s keys or values (`channel` K or V) for the references `sel`
-        ([len(sel), T, d_head]): as `_assemble` builds the stream, projected."""
+        ([len(sel), T, d_head]): as `_assemble` builds the stream, projected.
+
+        With `changed` (a list), the streams at the tokens a claim changes are not
+        projected here: (token, stream [len(sel), D]) pairs are appended to it, for the
+        caller to project (one projection for many nodes) and write at those tokens."""
         site = _owner(graph.node(v).site)
         sparse = self._sparse_channel(graph, v, insts, channel, input_site, sel)
         if sparse is not None:
@@ -867,7 +960,10 @@ class Scrubber:
                 ar = torch.arange(len(sel))
                 for token in tokens:  # where a claim changes the stream, project it anew
                     stream = self._assemble_at(graph, v, insts, channel, input_site, sel, token)
-                    out[ar, token] = self.kernels.project(site, channel, stream).to(out.device, out.dtype)
+                    if changed is not None:
+                        changed.append((token, stream))
+                    else:
+                        out[ar, token] = self.kernels.project(site, channel, stream).to(out.device, out.dtype)
                 return out
         stream = self._assemble(graph, v, insts, channel, input_site, sel)
         if stream is None:
