@@ -221,6 +221,8 @@ class Scrubber:
         self.use_kernels = True
         #: compute identical rows once (False: every row, as a reference)
         self.use_memo = True
+        #: assemble a chunk's alike head nodes together (False: node by node, as a reference)
+        self.use_many = True
         self._memo: dict = {}  # row key -> row id (a place in _stores x _STRIDE + its index there)
         self._memo_floats = 0
         self._stores: list[torch.Tensor | None] = []  # chunks of computed rows
@@ -860,7 +862,7 @@ class Scrubber:
             bounds = np.flatnonzero(np.diff(place[order])) + 1
             for part in np.split(order, bounds):
                 store = self._stores[int(place[part[0]])]
-                out[torch.as_tensor(part)] = store.index_select(0, torch.as_tensor(index[part]))
+                out.index_copy_(0, torch.as_tensor(part), store.index_select(0, torch.as_tensor(index[part])))
             for j, k in enumerate(ks):
                 graph, v, insts = direct[k]
                 insts[v].value = out[j * n:(j + 1) * n]
@@ -881,12 +883,17 @@ class Scrubber:
         owner = _owner(site)  # the head or MLP that computes it (a subspace of its output: then projected)
         head = isinstance(owner, Head)
         changed: dict = {Channel.K: [], Channel.V: []}  # (chunk rows, token, stream) to project anew
+        together: dict = {}  # a head's nodes read at one position, by how they are assembled
         for k in dict.fromkeys(ks.tolist()):
             graph, v, insts = items[k]
             here = np.flatnonzero(ks == k)
             sel = refs[here]
             rows = insts[v].rows[sel]
             prompt_rows[here] = rows
+            plan = self._node_plan(graph, v, insts) if head and not every and self.use_many else None
+            if plan is not None:
+                together.setdefault(plan[0], []).append((k, here, sel, plan[1]))
+                continue
             at = None
             if not every:
                 at = self._index(self._out_position(graph, v), rows)
@@ -908,6 +915,8 @@ class Scrubber:
                 if ch not in inputs:
                     inputs[ch] = torch.empty(rows_in, *val.shape[1:], dtype=val.dtype)
                 inputs[ch][torch.as_tensor(here)] = val
+        for signature, group in together.items():
+            self._compute_many(items, site, signature, group, inputs, query, changed, rows_in)
         mask = self.prompts.attention_mask[torch.as_tensor(prompt_rows)]
         for ch, parts in changed.items():  # the changed tokens' keys and values, in one projection
             if parts:
@@ -939,6 +948,185 @@ class Scrubber:
         else:
             self.work.mlp_rows += rows_in
         return out.detach().to("cpu")
+
+    # -- many nodes at once: one set of tensor operations for a chunk's nodes alike ------
+
+    def _node_plan(self, graph, v: int, insts) -> tuple | None:
+        """How head node `v`, read at one position, is assembled, as (signature, parts): nodes
+        with one signature (where they are read, the ablation, and per channel q, k, v
+        `_channel_plan`'s signature) are assembled together by `_compute_many`; the parts
+        are each channel's children and senders' sites. None for an ablation whose
+        remainder is not a plain cache (mean, zero): those are assembled node by node."""
+        if graph.ablation not in ("resample", "corrupt"):
+            return None
+        signatures, parts = [], []
+        for channel in (Channel.Q, Channel.K, Channel.V):
+            plan = self._channel_plan(graph, v, insts, channel)
+            signatures.append(None if plan is None else plan[0])
+            parts.append(None if plan is None else plan[1])
+        return (self._out_position(graph, v), graph.ablation, tuple(signatures)), tuple(parts)
+
+    def _channel_plan(self, graph, v: int, insts, channel) -> tuple | None:
+        """Node `v`'s `channel` as `_assemble_at` builds it, as (signature, parts): the
+        signature is the input leaves' positions and sites and the claimed senders'
+        positions (those read at every position first), which of them share a site, and
+        whether each is computed (and its value's rank); the parts are the leaf children,
+        the sender children and the senders' sites. None when the channel is read on the
+        node's own prompt."""
+        if not graph.reads_from_remainder(v, channel):
+            return None
+        kids = [(c, t) for c, t in graph.children(v) if enters(t, channel)]
+        leaves, leaf_kids = [], []
+        for c, t in kids:
+            node = graph.node(c)
+            if node.role == "input":
+                leaves.append((self._leaf_position(t, channel), self._leaf_site(node.site, channel)))
+                leaf_kids.append(c)
+        senders = sorted(((c, t) for c, t in kids if graph.node(c).role != "input"),
+                         key=lambda item: not item[1].position.is_all)
+        first: dict = {}
+        shape, sender_kids, sites = [], [], []
+        for c, t in senders:
+            site = self._sender_site(graph.node(c).site)
+            value = insts[c].value
+            shape.append((t.position, first.setdefault(site, len(first)), None if value is None else value.dim()))
+            sender_kids.append(c)
+            sites.append(site)
+        return (tuple(leaves), tuple(shape)), (leaf_kids, sender_kids, sites)
+
+    def _compute_many(self, items, site, signature, group, inputs, query, changed, rows_in: int) -> None:
+        """Fill `inputs` (q at the query token; keys and values, with the changed tokens'
+        streams added to `changed`) and `query` for a chunk's head nodes that share one
+        `_node_plan` signature: each row where `_compute` would put it, with one set of
+        tensor operations for all of them (gathers from many sites read banked captures:
+        `PlainCache.gather_many`)."""
+        out_position, mode, plans = signature
+        here = np.concatenate([h for _, h, _, _ in group])
+        where = torch.as_tensor(here)
+        rows = np.concatenate([items[k][2][items[k][1]].rows[sel] for k, _, sel, _ in group])
+        at = self._index(out_position, rows)
+        query[where] = at
+        owner = _owner(site)
+        for i, (channel, plan) in enumerate(zip((Channel.Q, Channel.K, Channel.V), plans)):
+            channel_site = self._channel_site(site, channel)
+            entries = [(items[k][2], items[k][1], sel, parts[i]) for k, _, sel, parts in group]
+            if channel is Channel.Q:
+                val = (_gather_at(self.cache.get(channel_site), rows, at) if plan is None
+                       else self._assemble_at_many(entries, channel_site, plan, mode, at))
+            else:
+                val = self._keys_or_values_many(items, group, entries, channel, channel_site, plan, mode, rows,
+                                                here, changed)
+            if channel not in inputs:
+                inputs[channel] = torch.empty(rows_in, *val.shape[1:], dtype=val.dtype)
+            inputs[channel].index_copy_(0, where, val.to(inputs[channel].dtype))
+
+    def _keys_or_values_many(self, items, group, entries, channel, channel_site, plan, mode, rows, here,
+                             changed) -> torch.Tensor:
+        """`_keys_or_values` for a `_compute_many` group ([rows, T, d_head])."""
+        owner = _owner(items[group[0][0]][0].node(items[group[0][0]][1]).site)
+        plans = [self._sparse_plan(items[k][0], items[k][1], items[k][2], channel, channel_site, sel)
+                 for k, _, sel, _ in group]
+        projected = None
+        if plans[0] is not None:
+            (cache, stream_site, _), positions = plans[0]
+            projected = self._projection(cache, stream_site, owner, channel)
+        if projected is None:  # node by node (the whole stream assembled)
+            out = None
+            start = 0
+            for (k, h, sel, _), _plan in zip(group, plans):
+                graph, v, insts = items[k]
+                mine: list = []
+                val = self._keys_or_values(graph, v, insts, channel, channel_site, sel, mine)
+                changed[channel] += [(h, token, stream) for token, stream in mine]
+                if out is None:
+                    out = torch.empty(len(rows), *val.shape[1:], dtype=val.dtype)
+                out[start:start + len(sel)] = val
+                start += len(sel)
+            return out
+        stream_rows = np.concatenate([p[0][2] for p in plans])
+        out = projected.index_select(0, torch.as_tensor(stream_rows))
+        for position in positions:  # where a claim changes the stream, assembled anew
+            token = self._index(position, rows)
+            changed[channel].append((here, token, self._assemble_at_many(entries, channel_site, plan, mode, token)))
+        return out
+
+    def _assemble_at_many(self, entries: list, input_site, signature, mode: str, token: torch.Tensor) -> torch.Tensor:
+        """`_assemble_at` for nodes whose channel shares one `_channel_plan` signature, at one
+        token of each row ([rows, D]). `entries`: per node (insts, node, references, the
+        plan's parts), their rows in order; `token` [rows]."""
+        leaves, senders = signature
+        remainder_cache = self.cache if mode == "resample" else self.corrupt_cache
+        counts = np.array([len(sel) for _, _, sel, _ in entries], dtype=np.int64)
+        rows = np.concatenate([insts[v].rows[sel] for insts, v, sel, _ in entries])
+        remainder = np.concatenate([insts[v].remainder[sel] for insts, v, sel, _ in entries])
+
+        def kid_rows(which: int, j: int) -> np.ndarray:  # child j's prompts (0: leaves, 1: senders)
+            return np.concatenate([insts[parts[which][j]].rows[sel] for insts, _, sel, parts in entries])
+
+        hit_at: dict = {}
+
+        def hits(position: Position) -> torch.Tensor | None:
+            if position.is_all:
+                return None
+            if position not in hit_at:
+                hit_at[position] = self._index(position, rows) == token
+            return hit_at[position]
+
+        def there(position: Position, prompts: np.ndarray) -> torch.Tensor:
+            return token if position.is_all else self._index(position, prompts)
+
+        def put(dest, hit, src, add=False):
+            if hit is None:
+                dest.add_(src) if add else dest.copy_(src)
+            elif add:
+                dest.add_(src * hit.unsqueeze(-1).to(src.dtype))
+            else:
+                dest.copy_(torch.where(hit.unsqueeze(-1), src, dest))
+
+        def gather(cache, sites, prompts, tok):  # plain values (one site, or one per node)
+            if not isinstance(sites, list):
+                return _gather_at(cache.get(sites), prompts, tok)
+            distinct = list(dict.fromkeys(sites))
+            if len(distinct) == 1:
+                return _gather_at(cache.get(distinct[0]), prompts, tok)
+            cache.ensure(distinct)
+            return cache.gather_many(sites, counts, prompts, tok)
+
+        leaf_rows = [kid_rows(0, j) for j in range(len(leaves))]
+
+        def covered(sites, start) -> torch.Tensor:
+            last = max((i for i, (position, _) in enumerate(leaves) if position.is_all), default=None)
+            if last is None:
+                out, rest = start(), range(len(leaves))
+            else:
+                out = gather(self.cache, sites if sites is not None else leaves[last][1], leaf_rows[last], token)
+                rest = range(last + 1, len(leaves))
+            for i in rest:
+                position, leaf_site = leaves[i]
+                put(out, hits(position), gather(self.cache, sites if sites is not None else leaf_site, leaf_rows[i],
+                                                there(position, leaf_rows[i])))
+            return out
+
+        value = covered(None, lambda: gather(remainder_cache, input_site, remainder, token))
+        current: dict = {}
+        for j, (position, shared, rank) in enumerate(senders):
+            sites = [parts[2][j] for _, _, _, parts in entries]
+            base = current.get(shared)
+            if base is None:
+                base = current[shared] = covered(sites, lambda sites=sites: gather(remainder_cache, sites, remainder,
+                                                                                   token))
+            prompts = kid_rows(1, j)
+            tok = there(position, prompts)
+            if rank is None:
+                child = gather(self.cache, sites, prompts, tok)
+            else:
+                child = torch.cat([insts[parts[1][j]].value[torch.as_tensor(sel)] for insts, _, sel, parts in entries])
+                if rank == 3:
+                    child = child[torch.arange(len(child)), tok]
+            hit = hits(position)
+            put(value, hit, child - base, add=True)
+            put(base, hit, child)
+        return value
 
     # -- a head's keys and values: plain streams projected once -------------------------
 
@@ -977,6 +1165,15 @@ class Scrubber:
         position) except at `tokens`, a list of [len(sel)] indices (one per named
         position where a claim changes it). None where a claimed sender is read at every
         position, or the remainder is a mean or zeros."""
+        plan = self._sparse_plan(graph, v, insts, channel, input_site, sel)
+        if plan is None:
+            return None
+        base, positions = plan
+        rows = insts[v].rows[sel]
+        return base, [self._index(p, rows) for p in positions]
+
+    def _sparse_plan(self, graph, v: int, insts, channel, input_site, sel: np.ndarray):
+        """`_sparse_channel` with the named positions in place of their tokens."""
         inst = insts[v]
         if not graph.reads_from_remainder(v, channel):
             return (self.cache, input_site, inst.rows[sel]), []
@@ -1004,8 +1201,7 @@ class Scrubber:
             base, leaf_positions = (self.cache, self._leaf_site(node.site, channel), insts[c].rows[sel]), []
         if base is None:
             return None
-        rows = inst.rows[sel]
-        return base, [self._index(p, rows) for p in dict.fromkeys(leaf_positions + sender_positions)]
+        return base, list(dict.fromkeys(leaf_positions + sender_positions))
 
     def _projection(self, cache, stream_site, head: Head, channel) -> torch.Tensor | None:
         """Head `head`'s keys or values computed from `stream_site`'s plain value on every

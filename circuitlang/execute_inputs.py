@@ -143,6 +143,8 @@ class PlainCache:
         self.prompts = prompts
         self.batch_size = batch_size
         self.values: dict = {}
+        self._slots: dict = {}  # (a capture's tensor ids) -> (bank, slot)
+        self._bank_of: dict = {}  # site -> (bank [S, M, T, ...], its slot)
         self.passes = 0
         self.input_ids = prompts.input_ids if which == "clean" else prompts.corrupt_input_ids
 
@@ -178,16 +180,61 @@ class PlainCache:
                 ids[s].append(distinct[id(value)])
             parts.append(batch)
         self.passes += 1
-        joined: dict = {}  # the same tensor in every batch -> one concatenation
+        # the same tensor in every batch -> one concatenation; the concatenations of one
+        # shape and dtype are the slots of one bank tensor, so that a gather can read
+        # many sites at once (`gather_many`)
+        keys = list(dict.fromkeys(tuple(ids[s]) for s in missing))
+        shapes: dict = {}
+        for key in keys:
+            first = [batch[i] for batch, i in zip(parts, key)]
+            shape = (sum(x.shape[0] for x in first), *first[0].shape[1:])
+            shapes.setdefault((shape, first[0].dtype), []).append(key)
+        joined: dict = {}
+        for (shape, dtype), group in shapes.items():
+            bank = torch.empty(len(group), *shape, dtype=dtype)
+            for slot, key in enumerate(group):
+                torch.cat([batch[i] for batch, i in zip(parts, key)], out=bank[slot])
+                joined[key] = bank[slot]
+                self._slots[key] = (bank, slot)
         for s in missing:
             key = tuple(ids[s])
-            if key not in joined:
-                joined[key] = torch.cat([batch[i] for batch, i in zip(parts, key)])
             self.values[s] = joined[key]
+            self._bank_of[s] = self._slots[key]
 
     def get(self, site) -> torch.Tensor:
         self.ensure([site])
         return self.values[site]
+
+    def gather_many(self, sites: list, counts: np.ndarray, rows: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
+        """`get(sites[j])[rows[i], tokens[i]]` for the rows i of part j (part j is the
+        next `counts[j]` rows), [len(rows), D]: one gather per bank of captured sites.
+        Every site must have been captured (`ensure`)."""
+        banks: dict = {}
+        for j, site in enumerate(sites):
+            bank, slot = self._bank_of[site]
+            banks.setdefault(id(bank), (bank, []))[1].append((j, slot))
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        rows = np.asarray(rows, dtype=np.int64)
+        tokens = tokens.to(torch.long).numpy()
+        if len(banks) == 1:
+            (bank, parts), = banks.values()
+            slot_of = np.empty(len(sites), dtype=np.int64)
+            for j, slot in parts:
+                slot_of[j] = slot
+            m, t = bank.shape[1], bank.shape[2]
+            flat = (np.repeat(slot_of, counts) * m + rows) * t + tokens
+            return bank.reshape(-1, bank.shape[-1]).index_select(0, torch.as_tensor(flat))
+        out = None
+        for bank, parts in banks.values():
+            m, t = bank.shape[1], bank.shape[2]
+            where = np.concatenate([np.arange(starts[j], starts[j + 1]) for j, _ in parts])
+            slots = np.concatenate([np.full(counts[j], slot, dtype=np.int64) for j, slot in parts])
+            got = bank.reshape(-1, bank.shape[-1]).index_select(
+                0, torch.as_tensor((slots * m + rows[where]) * t + tokens[where]))
+            if out is None:
+                out = torch.empty(len(rows), got.shape[-1], dtype=got.dtype)
+            out[torch.as_tensor(where)] = got
+        return out
 
     def mean(self, site) -> torch.Tensor:
         """Mean over prompts at each absolute position (padding excluded): [T, D]."""

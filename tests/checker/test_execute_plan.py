@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from circuitlang.checker import load_hypothesis
@@ -236,3 +237,71 @@ def test_a_sender_claimed_at_all_and_at_a_position_enters_a_query_once_there():
         a, b = fast.scrub(graph, seed=4).scrubbed, slow.scrub(graph, seed=4).scrubbed
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
         assert fast.work.forward_rows == 0 and slow.work.forward_rows > 0
+
+
+ALIKE = """task ioi
+ablation {ablation}
+head 2.0 moves name from IO to END
+head 1.1 at END depends on S
+head 0.2 at S1+1 depends on token(S1)
+head 0.3 at S1+1 depends on token(S1)
+0.2 -> 1.1.k at S1+1
+0.3 -> 1.1.k at S1+1
+1.1 -> 2.0.q at END
+"""
+
+
+@pytest.mark.parametrize("ablation", ["resample", "corrupt"])
+@pytest.mark.parametrize("memo_floats", [None, 4096])
+def test_alike_nodes_assembled_together_give_the_numbers_of_node_by_node(ablation, memo_floats, monkeypatch):
+    """A chunk's head nodes that are assembled alike (the permutation test's random
+    circuits: one tree shape, other heads) are assembled with one set of tensor operations
+    (`Scrubber._compute_many`; senders of other sites read with one gather over banked
+    captures, `PlainCache.gather_many`); that gives, to the bit, what assembling each node
+    alone gives, with the memo full or with room for a few rows only (the rest kept for
+    one level)."""
+    from circuitlang import execute, execute_inputs
+    from circuitlang.variants import random_circuits
+
+    if memo_floats is not None:
+        monkeypatch.setattr(execute, "MEMO_BUDGET", memo_floats)
+    model = load_model("toy-ioi")
+    task = load_task("ioi", tokenizer=model.tokenizer)
+    hypothesis, _ = load_hypothesis(ALIKE.format(ablation=ablation), model=model)
+    graphs = [ir_to_graph(h) for h in random_circuits(hypothesis, model.shape, 12, 0).hypotheses]
+    assert len(graphs) == 12
+    many = Scrubber(model, task, task.prompts(24, 0), "logit_diff", batch_size=16)
+    alone = Scrubber(model, task, task.prompts(24, 0), "logit_diff", batch_size=16)
+    alone.use_many = False
+    calls = []
+    original = execute_inputs.PlainCache.gather_many
+    monkeypatch.setattr(execute_inputs.PlainCache, "gather_many",
+                        lambda self, sites, *a: calls.append(len(set(sites))) or original(self, sites, *a))
+    a = [r.scrubbed for r in many.scrub_many(graphs, seed=2)]
+    assert calls and max(calls) > 1, "no senders of different sites were gathered together"
+    b = [r.scrubbed for r in alone.scrub_many(graphs, seed=2)]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert many.work.as_dict() == alone.work.as_dict()
+
+
+def test_a_gather_over_many_sites_reads_each_sites_capture(induction):
+    """`PlainCache.gather_many` reads part j's rows from site j's capture, also when the
+    sites were captured by different passes (two banks) and one site repeats."""
+    from circuitlang.execute_inputs import PlainCache
+
+    model, task = induction
+    prompts = task.prompts(6, 0)
+    cache = PlainCache(model, prompts, batch_size=4)
+    first, second = [Head(0, 0), Head(0, 1)], [Head(1, 2), Head(1, 3)]
+    cache.ensure(first)
+    cache.ensure(second)  # another pass: another bank
+    sites = [Head(1, 2), Head(0, 1), Head(0, 0), Head(1, 2), Head(1, 3)]
+    counts = np.array([2, 3, 1, 2, 4])
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 6, counts.sum())
+    tokens = torch.as_tensor(rng.integers(0, prompts.input_ids.shape[1], counts.sum()))
+    got = cache.gather_many(sites, counts, rows, tokens)
+    owner = np.repeat(np.arange(len(sites)), counts)
+    want = torch.stack([cache.get(sites[owner[i]])[rows[i], tokens[i]] for i in range(len(rows))])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
