@@ -66,7 +66,8 @@ class HeadRef:
 @dataclass(frozen=True, slots=True)
 class Hole:
     """An unknown component the solver fills in: `?h` (optionally `?h.q`); after `heads`
-    (`heads ?g`) a group of heads of unknown size."""
+    (`heads ?g`) a group of heads of unknown size; in a `features` list (`features a.?g`)
+    a group of latents."""
 
     name: str
     channel: str | None = None

@@ -19,8 +19,8 @@ What the parts mean, in causal-scrubbing terms (Chan et al. 2022):
   (`Hypothesis.ablation`: resample, corrupt, mean or zero).
 * A `Hole` stands where a site would be; the solver fills it, the checker refuses
   to run a hypothesis that still has one (`Hypothesis.holes()`). `HoleConstraint`s
-  (`Hypothesis.hole_constraints`) say where a hole may be and how many heads a group
-  hole holds.
+  (`Hypothesis.hole_constraints`) say where a hole may be and how many heads (or
+  latents) a group hole holds.
 
 Experiments (`Patch`, `PathPatch`, `Ablate`) are the classic measurements, run with
 the same executor; `Expectation`s are the properties the checker tests.
@@ -124,7 +124,8 @@ class HoleConstraint:
             a head or group hole; `Mlp`s for an MLP hole), in model order; None for a size.
         at_least, at_most: for a size: the bounds on a group hole's number of heads (or
             latents; `exactly N` sets both); None where unbounded.
-        unit: what a size counts: "heads" (`heads ?g`) or "features" (`features res5.?g`).
+        unit: what a size counts: "heads" (`heads ?g`) or "features" (`features res5.?g`);
+            None for `in`.
         text: the source statement.
     """
 
@@ -132,7 +133,7 @@ class HoleConstraint:
     allowed: tuple[sites.Site, ...] | None = None
     at_least: int | None = None
     at_most: int | None = None
-    unit: str = "heads"
+    unit: str | None = None
     text: str = field(default="", compare=False)
     span: Span | None = _span()
 

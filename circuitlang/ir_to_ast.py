@@ -264,12 +264,12 @@ def _constraint(c: ir.HoleConstraint) -> list:
                     ranges.append((layer, layer))
             out.append(ast.HoleIn(hole, layers=tuple(ranges)))
     if c.at_least is not None and c.at_least == c.at_most:
-        out.append(ast.HoleSize(hole, "exactly", c.at_least, c.unit))
+        out.append(ast.HoleSize(hole, "exactly", c.at_least, c.unit or "heads"))
     else:
         if c.at_least is not None:
-            out.append(ast.HoleSize(hole, "at least", c.at_least, c.unit))
+            out.append(ast.HoleSize(hole, "at least", c.at_least, c.unit or "heads"))
         if c.at_most is not None:
-            out.append(ast.HoleSize(hole, "at most", c.at_most, c.unit))
+            out.append(ast.HoleSize(hole, "at most", c.at_most, c.unit or "heads"))
     return out
 
 

@@ -56,8 +56,8 @@ def _describe_expected(expected: set[str], previous: str | None) -> str:
 
     g = grammar()
     if previous == "HAS" and expected <= {"_AT", "EXACTLY"}:
-        return "expected at most, at least or exactly and a number of heads, such as " \
-            "`?g has at most 4 heads`"
+        return "expected at most, at least or exactly and a number of heads or features, such as " \
+            "`?g has at most 4 heads` or `?g has at most 8 features`"
     words: list[str] = []
     if "NUMBER" in expected:
         expected = expected - {"INT"}  # "a number" covers whole numbers too

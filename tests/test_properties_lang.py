@@ -69,6 +69,11 @@ def targets(slot_names=st.nothing(), wild=False):
         st.builds(ast.EmbedTarget),
         st.builds(ast.LogitsTarget),
         st.builds(ast.GroupTarget, names, channels),
+        st.builds(ast.FeatureTarget, names, small | st.builds(ast.Hole, names) | st.none()),
+        st.builds(ast.FeaturesTarget, st.lists(st.builds(ast.FeatureTarget, names, small | st.builds(ast.Hole, names)),
+                                               min_size=1, max_size=3).map(tuple)),
+        st.builds(ast.NeuronsTarget, st.lists(st.builds(ast.HeadRef, small, small), min_size=1, max_size=3)
+                  .map(tuple)),
     ]
     slot_targets = st.builds(ast.SlotTarget, slot_names,
                              st.none() | st.sampled_from(["q", "v"]) | slot_names.map(
@@ -155,7 +160,7 @@ statements = st.one_of(
     st.builds(ast.HoleIn, st.builds(ast.Hole, names), st.just(()),
               st.lists(wild_refs, min_size=1, max_size=3).map(tuple), trivia=trivia),
     st.builds(ast.HoleSize, st.builds(ast.Hole, names), st.sampled_from(ast.SIZE_BOUNDS), small,
-              trivia=trivia),
+              st.sampled_from(["heads", "features"]), trivia=trivia),
 )
 programs = st.builds(ast.Program, st.lists(statements, max_size=8).map(tuple),
                      st.lists(comment_text, max_size=2).map(tuple))

@@ -208,8 +208,8 @@ class HoleResolver:
         if kind not in ir.GROUP_HOLES:
             self.report("resolve.hole_constraint", f"?{name} is {_KIND_WORDS[kind].format(name)}: "
                         f"only a group hole has a number of {stmt.unit}", stmt.span,
-                        f"write `{'heads ?' if stmt.unit == 'heads' else 'features NAME.?'}{name}` in its "
-                        "claims for a group of unknown size, or drop this line")
+                        f"write `{self._group_form(name, stmt.unit)}` in its claims for a group of unknown "
+                        "size, or drop this line")
             return None
         unit = _UNITS[kind]
         one = unit[:-1]
@@ -250,6 +250,13 @@ class HoleResolver:
             self.report("resolve.hole_size", f"?{name} must hold at least {lo} heads, but there "
                         f"are only {len(domain)} {where}", span,
                         f"ask for at most {len(domain)}, or widen where it may be")
+
+    def _group_form(self, name: str, unit: str) -> str:
+        """How a group hole called `name` holding `unit` is written (with its SAE, when known)."""
+        if unit == "heads":
+            return f"heads ?{name}"
+        sae = self._hole_saes.get(name)
+        return f"features {sae.name if sae is not None else 'NAME'}.?{name}"
 
     def _check_latent_group(self, name: str, constraints, span) -> None:
         sae = self._hole_saes.get(name)

@@ -127,7 +127,8 @@ class _Resolver(HoleResolver, HeaderResolver, ImportResolver, NameResolver, Clai
     def _group(self, stmt: ast.GroupDef) -> None:
         if stmt.name in KEYWORDS:
             self.report("resolve.group_name", f"{stmt.name!r} is a keyword and cannot name a "
-                        "group", stmt.span, f"call it {stmt.name}s or my_{stmt.name}")
+                        "group", stmt.span, f"call it my_{stmt.name}" if stmt.name.endswith("s")
+                        else f"call it {stmt.name}s or my_{stmt.name}")
             return
         if stmt.name in self.local_groups:
             self.report("resolve.group_twice", f"group {stmt.name} is defined twice", stmt.span,

@@ -85,12 +85,14 @@ class UnitResolver:
                 return self._neurons(list(items), wildcards)
             case ast.FeaturesTarget(items=items):  # a hole in the list: a latent group hole
                 out: list[ir.SiteOrHole] = []
-                for item in items:
+                ok = True
+                for item in items:  # every bad item is reported
                     found = self._unit_sites(item, wildcards)
                     if found is None:
-                        return None
+                        ok = False
+                        continue
                     out += [ir.Hole(s.name, "latents", sae=s.sae) if isinstance(s, ir.Hole) else s for s in found]
-                return out
+                return out if ok else None
             case ast.FeatureTarget(sae=name, index=index):
                 sae = self._dictionary(name, target.span)
                 if sae is None:

@@ -32,6 +32,10 @@ class Candidate:
     recovered: float | None = None
 
     def text(self) -> str:
+        from circuitlang.sites import Latent
+
+        if len(self.sites) > 1 and all(isinstance(s, Latent) for s in self.sites):
+            return "features " + ", ".join(f"{s.sae.name}.{s.index}" for s in self.sites)
         return ", ".join(_site_text(s) for s in self.sites)
 
 

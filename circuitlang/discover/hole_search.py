@@ -14,7 +14,7 @@ Takes a resolved `Hypothesis` with holes (and, for ranking, attribution `Scores`
   scores (a beam of `BEAM`; distinct holes are distinct components, and edges between two
   holes must exist), each hole's candidates with the others fixed, and the fills of the
   group holes to verify beside an assignment (every choice within their bounds when there
-  are few, else grown best head first, with swaps).
+  are few, else grown best head (or latent) first, with swaps).
 """
 from __future__ import annotations
 
@@ -264,17 +264,23 @@ def latent_scores(lm, task, prompts, metric: str, hypothesis: ir.Hypothesis, abl
 
 
 def shortlist_latents(hypothesis: ir.Hypothesis, domains: dict[str, tuple[Site, ...]], shapes: "ClaimScores",
-                      keep: int) -> dict[str, tuple[Site, ...]]:
+                      keep: int, max_group: int = 16) -> dict[str, tuple[Site, ...]]:
     """`domains` with each latent hole's candidates cut to the `keep` with the largest node
     scores summed over the claims that name the hole (a dictionary has thousands of
-    latents; the joint search and the verification need a few)."""
+    latents; the joint search and the verification need a few). A latent group hole keeps
+    at least as many as it may hold (its upper bound, else `max_group`, and its lower
+    bound), so the cut never caps its size."""
     out = dict(domains)
     for hole in hypothesis.holes():
         if hole.kind not in ir.LATENT_HOLES:
             continue
+        mine = keep
+        if hole.kind == "latents":
+            lo, hi = hole_size(tuple(c for c in hypothesis.hole_constraints if c.hole == hole.name))
+            mine = max(keep, lo, hi if hi is not None else max_group)
         where = [c.position for c in hypothesis.claims if any(h.name == hole.name for h in holes_of(c))]
         total = {c: sum(shapes.latent(c, p) for p in where) for c in domains[hole.name]}
-        out[hole.name] = tuple(sorted(total, key=lambda c: (-total[c], c.index))[:keep])
+        out[hole.name] = tuple(sorted(total, key=lambda c: (-total[c], c.index))[:mine])
     return out
 
 
@@ -461,7 +467,8 @@ class HoleSearch:
             if lo > len(orders[g]):
                 raise DiscoveryError(f"hole ?{g} needs at least {lo} {self.unit(g)}, but only {len(orders[g])} fit "
                                      "beside the other holes", code="discover.no-candidate",
-                                     hint="lower its bound or widen where it may be")
+                                     hint="lower its bound" + (" or widen where it may be" if self.unit(g) == "heads"
+                                                               else ""))
             sizes[g] = range(lo, max(lo, top) + 1)
         count = math.prod(sum(math.comb(len(orders[g]), n) for n in sizes[g]) for g in self.groups)
         if count <= budget:

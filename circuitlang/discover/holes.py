@@ -60,7 +60,7 @@ upper one (`max_group` when there is none), with the head just added swapped for
 the next `runners_up` at every step. Every `expect` line of the file is a constraint:
 aggregate ones on the means (`p_value` is left to the final check), `expect each` on
 every prompt of the dataset. Among the assignments that meet them all, the smallest
-circuit wins (fewest heads in group holes), then the highest recovered fraction; when
+circuit wins (fewest heads and latents in group holes), then the highest recovered fraction; when
 none does, the highest recovered fraction, and the report says so. When the winner is not
 the best-ranked assignment, a second batch scores the groups and the runners-up around it.
 Holes are filled, as a whole, by two or three batches of scrubbing passes plus the
@@ -386,7 +386,8 @@ def fill_holes(
     holes = hypothesis.holes()
     if not holes:
         raise DiscoveryError("this program has no holes to fill", code="discover.no-holes",
-                             hint="write `head ?h` (or `heads ?g`, `mlp ?m`) where a component is unknown, "
+                             hint="write `head ?h` (or `heads ?g`, `mlp ?m`, `feature a.?f`, `features a.?g`) where a "
+                             "component is unknown, "
                              "or test the program with `circuitlang check`")
     shape = hypothesis.shape
     try:
@@ -437,7 +438,7 @@ def fill_holes(
         names.append("latent-attribution")
     method_name = "+".join(names)
     shapes = ClaimScores(scores, space, shape, latents)
-    domains = shortlist_latents(hypothesis, domains, shapes, LATENT_CANDIDATES)
+    domains = shortlist_latents(hypothesis, domains, shapes, LATENT_CANDIDATES, max_group)
     search = HoleSearch(hypothesis, domains, shapes, shape)
     ranked = search.ranked()
 

@@ -21,14 +21,13 @@ from planted import D, P, V
 LIVE = {V + 1: 3, V + 6: 5, V + 12: 7}  # latent -> the token direction it reads and writes
 
 
-def _three_live_latents(folder) -> None:
-    """An SAE at attention block 1's output of the planted model with 2V latents: the
+def _three_live_latents(folder, n: int = 2 * V) -> None:
+    """An SAE at attention block 1's output of the planted model with n latents: the
     latents in LIVE read and write one token's direction each, along which head 1.0 writes
     its copy of that token; every other latent reads a position direction, which attention
     block 1 never writes, so it is always off."""
     from safetensors.torch import save_file
 
-    n = 2 * V
     w_enc, w_dec = torch.zeros(D, n), torch.zeros(n, D)
     for i in range(n):
         row = LIVE.get(i, V + i % P)
@@ -114,6 +113,8 @@ def test_with_no_expectation_the_smallest_group_wins(planted, induction_task, tm
     ("?g has at least 3 features\n?g has at most 2 features\n", "at least 3 and at most 2 features"),
     ("?g has at least 40 features\n", "SAE a has only 32 latents"),
     ("?g has at most 0 features\n", "a group hole holds at least one feature"),
+    ("feature a.?f -> logits at all\n?f has at most 2 features\n",
+     r"only a group hole has a number of features[\s\S]*write `features a.?f`"),
 ])
 def test_bad_uses_of_a_latent_group_hole_are_clear_errors(planted, induction_task, tmp_path, extra, message):
     _three_live_latents(tmp_path / "tok")
@@ -143,3 +144,34 @@ def test_latent_lists_and_sizes_print_and_parse_back():
     assert circuitlang.format(program) == text
     sizes = [s for s in program.statements if type(s).__name__ == "HoleSize"]
     assert [s.unit for s in sizes] == ["features", "features", "heads"]
+
+
+def test_a_latent_group_may_hold_more_than_the_shortlist(planted, induction_task, tmp_path):
+    """A dictionary's latents are cut to the best 32 before the search, but a group that
+    must hold more keeps as many as it may hold."""
+    _three_live_latents(tmp_path / "tok", n=4 * V)
+    (tmp_path / "h.circ").write_text(_through("a.?g") + "?g has exactly 34 features\n")
+    fill = circuitlang.discover(str(tmp_path / "h.circ"), model=planted, task=induction_task,
+                                check=False).holes["g"]
+    assert len(fill.chosen.sites) == 34 and set(LIVE) <= {s.index for s in fill.chosen.sites}
+
+
+def test_every_bad_latent_of_a_list_is_reported(planted, induction_task, tmp_path):
+    _three_live_latents(tmp_path / "tok")
+    (tmp_path / "h.circ").write_text(BASE + "features a.40, a.3, a.99 at all depends on nothing\n")
+    with pytest.raises(CircuitlangError) as info:
+        circuitlang.check(str(tmp_path / "h.circ"), model=planted, task=induction_task)
+    text = str(info.value)
+    assert "feature a.40 out of range" in text and "feature a.99 out of range" in text
+
+
+def test_a_latent_group_hole_prints_back_from_the_ir(planted, induction_task, tmp_path):
+    _three_live_latents(tmp_path / "tok")
+    text = _through("a.?g") + "?g has at least 2 features\n?g has at most 5 features\n"
+    hypothesis, _ = load_hypothesis(text, model=planted, task=induction_task, filename=str(tmp_path / "h.circ"))
+    printed = circuitlang.format(ir_to_ast(hypothesis, base=tmp_path))
+    assert "1.0 -> features a.?g at all\n" in printed
+    assert "?g has at least 2 features\n?g has at most 5 features\n" in printed
+    again, _ = load_hypothesis(printed, model=planted, task=induction_task, filename=str(tmp_path / "p.circ"))
+    assert again.claims == hypothesis.claims and again.hole_constraints == hypothesis.hole_constraints
+    assert [c.unit for c in again.hole_constraints] == ["features", "features"]
