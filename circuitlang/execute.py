@@ -732,26 +732,46 @@ class Scrubber:
         different rows colliding): its site, where its parent reads it, the ablation,
         its prompt and remainder prompt, and each child's way in and key. Rows with equal
         keys have equal inputs, hence equal values."""
+        static, cols = self._key_parts(graph, v, insts)
+        return self._hash_rows([static], [cols])[0]
+
+    def _key_parts(self, graph: InterventionGraph, v: int, insts: dict) -> tuple:
+        """What `_row_keys` hashes for node `v`: (what is the same on every row, the
+        per-row columns), its children's keys computed first where they are missing."""
         node, inst = graph.node(v), insts[v]
         kids = graph.children(v)
         if not kids:  # a leaf is its plain value on its own prompt
-            static = ("leaf", node.site, node.role)
-            cols = [inst.rows]
-        else:
-            static = ("node", node.site, self._out_position(graph, v), graph.ablation, graph.semantics,
-                      tuple(graph.given), tuple(t for _, t in kids))
-            cols = [inst.rows, inst.remainder]
-            for c, _ in kids:
-                if insts[c].keys is None:
-                    insts[c].keys = self._row_keys(graph, c, insts)
-                cols += list(insts[c].keys)
-        # both lanes at once: lane L hashes each column as mix(col + L + 1), then chains
-        mixed = _mix(np.stack([c.astype(np.uint64) for c in cols])[None] + _LANE_SALT)  # [2, cols, N]
-        seeds = [int(_mix(np.uint64(hash((static, lane)) & _MASK))[0]) for lane in (0, 1)]
-        h = np.repeat(np.array(seeds, dtype=np.uint64)[:, None], len(inst.rows), axis=1)  # [2, N]
-        for j in range(len(cols)):
-            h = _mix(h ^ mixed[:, j])
-        return h[0], h[1]
+            return ("leaf", node.site, node.role), [inst.rows]
+        static = ("node", node.site, self._out_position(graph, v), graph.ablation, graph.semantics,
+                  tuple(graph.given), tuple(t for _, t in kids))
+        cols = [inst.rows, inst.remainder]
+        for c, _ in kids:
+            if insts[c].keys is None:
+                insts[c].keys = self._row_keys(graph, c, insts)
+            cols += list(insts[c].keys)
+        return static, cols
+
+    @staticmethod
+    def _hash_rows(statics: list, columns: list) -> list[tuple]:
+        """`_row_keys` of many nodes: each node's two lanes [N] from its static part and
+        its columns, the nodes with as many columns hashed together (one chain of mixes
+        for all of them)."""
+        out: list = [None] * len(statics)
+        by_width: dict = {}
+        for i, cols in enumerate(columns):
+            by_width.setdefault(len(cols), []).append(i)
+        for width, which in by_width.items():
+            stacked = np.stack([np.stack([c.astype(np.uint64) for c in columns[i]]) for i in which])  # [K, cols, N]
+            # both lanes at once: lane L hashes each column as mix(col + L + 1), then chains
+            mixed = _mix(stacked[None] + _LANE_SALT[:, None])  # [2, K, cols, N]
+            seeds = np.array([[int(_mix(np.uint64(hash((statics[i], lane)) & _MASK))[0]) for i in which]
+                              for lane in (0, 1)], dtype=np.uint64)  # [2, K]
+            h = np.repeat(seeds[:, :, None], stacked.shape[-1], axis=2)  # [2, K, N]
+            for j in range(width):
+                h = _mix(h ^ mixed[:, :, j])
+            for k, i in enumerate(which):
+                out[i] = (h[0, k], h[1, k])
+        return out
 
     def _level(self, items: list[tuple[InterventionGraph, int, dict]]) -> int:
         """Compute every (graph, node) of one height for every reference prompt; gives the
@@ -775,8 +795,10 @@ class Scrubber:
         n = len(self.prompts.input_ids)
         self._levels_run += 1
         keys: list = []  # one key per row, item after item (row i: item i // n, reference i % n)
+        parts = [self._key_parts(graph, v, insts) for graph, v, insts in direct]
+        hashed = self._hash_rows([p[0] for p in parts], [p[1] for p in parts])
         for k, (graph, v, insts) in enumerate(direct):
-            insts[v].keys = self._row_keys(graph, v, insts)
+            insts[v].keys = hashed[k]
             if self.use_memo:
                 a, b = insts[v].keys
                 keys += zip(a.tolist(), b.tolist())

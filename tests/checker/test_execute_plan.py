@@ -305,3 +305,19 @@ def test_a_gather_over_many_sites_reads_each_sites_capture(induction):
     owner = np.repeat(np.arange(len(sites)), counts)
     want = torch.stack([cache.get(sites[owner[i]])[rows[i], tokens[i]] for i in range(len(rows))])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_row_keys_hashed_together_equal_each_hashed_alone():
+    """A level's nodes are hashed together (`Scrubber._hash_rows`, grouped by their number
+    of columns); each node's two lanes are what hashing it alone gives, and different
+    columns or static parts give different keys."""
+    rng = np.random.default_rng(0)
+    statics = [("node", i % 3) for i in range(7)]
+    columns = [[rng.integers(0, 2**40, 9).astype(np.uint64) for _ in range(w)] for w in (1, 3, 3, 2, 5, 3, 1)]
+    together = Scrubber._hash_rows(statics, columns)
+    for static, cols, (a, b) in zip(statics, columns, together):
+        (x, y), = Scrubber._hash_rows([static], [cols])
+        np.testing.assert_array_equal(a, x)
+        np.testing.assert_array_equal(b, y)
+    lanes = {(int(a[r]), int(b[r])) for a, b in together for r in range(9)}
+    assert len(lanes) == 7 * 9
