@@ -795,6 +795,11 @@ class Scrubber:
         n = len(self.prompts.input_ids)
         self._levels_run += 1
         keys: list = []  # one key per row, item after item (row i: item i // n, reference i % n)
+        leaves = [(graph, c, insts) for graph, v, insts in direct for c, _ in graph.children(v)
+                  if insts[c].keys is None and graph.is_leaf(c)]
+        for (graph, c, insts), lanes in zip(leaves, self._hash_rows(
+                [self._key_parts(*leaf)[0] for leaf in leaves], [[insts[c].rows] for _, c, insts in leaves])):
+            insts[c].keys = lanes
         parts = [self._key_parts(graph, v, insts) for graph, v, insts in direct]
         hashed = self._hash_rows([p[0] for p in parts], [p[1] for p in parts])
         for k, (graph, v, insts) in enumerate(direct):
@@ -1038,6 +1043,9 @@ class Scrubber:
             else:
                 val = self._keys_or_values_many(items, group, entries, channel, channel_site, plan, mode, rows,
                                                 here, changed)
+            if channel not in inputs and len(here) == rows_in and (np.diff(here) == 1).all():
+                inputs[channel] = val  # the whole chunk, in order
+                continue
             if channel not in inputs:
                 inputs[channel] = torch.empty(rows_in, *val.shape[1:], dtype=val.dtype)
             inputs[channel].index_copy_(0, where, val.to(inputs[channel].dtype))
