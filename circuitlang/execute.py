@@ -104,6 +104,7 @@ class _Inst:
     # [N, T, D] where it reads every position; leaves read the cache
     value: torch.Tensor | None = None
     keys: tuple | None = None  # two uint64 [N] lanes: what the row is (see `Scrubber._row_keys`)
+    home: tuple | None = None  # (the level's tensor `value` is rows of, its first row there)
 
 
 @dataclass
@@ -852,7 +853,7 @@ class Scrubber:
             self._stores[where] = None
         for graph, v, insts in items:  # children's values are read: let them go
             for c, _ in graph.children(v):
-                insts[c].value = None
+                insts[c].value = insts[c].home = None
         return int(bool(forward))
 
     def _store(self, out: torch.Tensor) -> int:
@@ -893,6 +894,7 @@ class Scrubber:
             for j, k in enumerate(ks):
                 graph, v, insts = direct[k]
                 insts[v].value = out[j * n:(j + 1) * n]
+                insts[v].home = (out, j * n)
 
     def _compute(self, items: list, site, every: bool, ks: np.ndarray, refs: np.ndarray) -> torch.Tensor:
         """Rows of nodes at `site` (row j: item `ks[j]` on reference `refs[j]`), by the
@@ -1150,7 +1152,13 @@ class Scrubber:
             if rank is None:
                 child = gather(self.cache, sites, prompts, tok)
             else:
-                child = torch.cat([insts[parts[1][j]].value[torch.as_tensor(sel)] for insts, _, sel, parts in entries])
+                homes = [insts[parts[1][j]].home for insts, _, _, parts in entries]
+                if all(h is not None and h[0] is homes[0][0] for h in homes):  # rows of one tensor: one gather
+                    flat = np.concatenate([h[1] + sel for h, (_, _, sel, _) in zip(homes, entries)])
+                    child = homes[0][0].index_select(0, torch.as_tensor(flat))
+                else:
+                    child = torch.cat([insts[parts[1][j]].value[torch.as_tensor(sel)]
+                                       for insts, _, sel, parts in entries])
                 if rank == 3:
                     child = child[torch.arange(len(child)), tok]
             hit = hits(position)
