@@ -179,6 +179,16 @@ def _gather_at(values: torch.Tensor, rows: np.ndarray, token: torch.Tensor) -> t
     return values.reshape(n * t, -1).index_select(0, flat)
 
 
+def _put(dest: torch.Tensor, hit: torch.Tensor | None, src: torch.Tensor, add: bool = False) -> None:
+    """dest (+)= src on the rows `hit` ([rows] bools; None: every row), in place."""
+    if hit is None:
+        dest.add_(src) if add else dest.copy_(src)
+    elif add:
+        dest.add_(src * hit.unsqueeze(-1).to(src.dtype))
+    else:
+        dest.copy_(torch.where(hit.unsqueeze(-1), src, dest))
+
+
 def _kernel(site) -> str | None:
     """The `NodeKernels` kernel that computes a node at `site`, if any (a subspace of a
     head's or an MLP's output: that head's or MLP's, then the projection)."""
@@ -652,16 +662,8 @@ class Scrubber:
                 _, kid_rows, leaf_site = leaves[last]
                 out, rest = self._plain_at(site or leaf_site, kid_rows, token), leaves[last + 1:]
             for position, kid_rows, leaf_site in rest:
-                put(out, hits(position), self._plain_at(site or leaf_site, kid_rows, there(position, kid_rows)))
+                _put(out, hits(position), self._plain_at(site or leaf_site, kid_rows, there(position, kid_rows)))
             return out
-
-        def put(dest, hit, src, add=False):  # dest (+)= src on the rows hit (None: every row)
-            if hit is None:
-                dest.add_(src) if add else dest.copy_(src)
-            elif add:
-                dest.add_(src * hit.unsqueeze(-1).to(src.dtype))
-            else:
-                dest.copy_(torch.where(hit.unsqueeze(-1), src, dest))
 
         leaves = []  # (position, the leaf's prompts, its site), in order
         for c, t in kids:
@@ -680,8 +682,8 @@ class Scrubber:
             kid_rows = insts[c].rows[sel]
             child = self._child_at(graph, c, insts, sel, there(t.position, kid_rows))
             hit = hits(t.position)
-            put(value, hit, child - base, add=True)
-            put(base, hit, child)
+            _put(value, hit, child - base, add=True)
+            _put(base, hit, child)
         return value
 
     def _plain_at(self, site, rows: np.ndarray, token: torch.Tensor) -> torch.Tensor:
@@ -1107,14 +1109,6 @@ class Scrubber:
         def there(position: Position, prompts: np.ndarray) -> torch.Tensor:
             return token if position.is_all else self._index(position, prompts)
 
-        def put(dest, hit, src, add=False):
-            if hit is None:
-                dest.add_(src) if add else dest.copy_(src)
-            elif add:
-                dest.add_(src * hit.unsqueeze(-1).to(src.dtype))
-            else:
-                dest.copy_(torch.where(hit.unsqueeze(-1), src, dest))
-
         def gather(cache, sites, prompts, tok):  # plain values (one site, or one per node)
             if not isinstance(sites, list):
                 return _gather_at(cache.get(sites), prompts, tok)
@@ -1135,8 +1129,8 @@ class Scrubber:
                 rest = range(last + 1, len(leaves))
             for i in rest:
                 position, leaf_site = leaves[i]
-                put(out, hits(position), gather(self.cache, sites if sites is not None else leaf_site, leaf_rows[i],
-                                                there(position, leaf_rows[i])))
+                _put(out, hits(position), gather(self.cache, sites if sites is not None else leaf_site, leaf_rows[i],
+                                                 there(position, leaf_rows[i])))
             return out
 
         value = covered(None, lambda: gather(remainder_cache, input_site, remainder, token))
@@ -1162,8 +1156,8 @@ class Scrubber:
                 if rank == 3:
                     child = child[torch.arange(len(child)), tok]
             hit = hits(position)
-            put(value, hit, child - base, add=True)
-            put(base, hit, child)
+            _put(value, hit, child - base, add=True)
+            _put(base, hit, child)
         return value
 
     # -- a head's keys and values: plain streams projected once -------------------------
