@@ -141,14 +141,19 @@ class InterventionGraph:
     given: tuple = ()
     semantics: str = DEFAULT_SEMANTICS
     warnings: list[Diagnostic] = field(default_factory=list)
+    # children per node, read once (the tree is built whole before it is used, and not changed)
+    _children: dict = field(default_factory=dict, repr=False, compare=False)
 
     def node(self, n: int) -> ScrubNode:
         return self.graph.nodes[n]["node"]
 
     def children(self, n: int) -> list[tuple[int, Transplant]]:
-        """Children of `n` with the way each enters it, in a stable order."""
-        kids = [(c, self.graph.edges[c, n]["transplant"]) for c in self.graph.predecessors(n)]
-        return sorted(kids, key=lambda item: item[0])
+        """Children of `n` with the way each enters it, in a stable order (a new list)."""
+        kids = self._children.get(n)
+        if kids is None:
+            kids = [(c, self.graph.edges[c, n]["transplant"]) for c in self.graph.predecessors(n)]
+            kids = self._children[n] = sorted(kids, key=lambda item: item[0])
+        return list(kids)
 
     def parent(self, n: int) -> int | None:
         parents = list(self.graph.successors(n))
