@@ -186,7 +186,12 @@ class _Template:
         r = self._site(receiver, pool, picks)
         if isinstance(r, Head) and not r.channel.is_input:
             r = r.with_channel(Channel.Q)
-        return topology.edge_exists(shape, self._site(sender, pool, picks), r)
+        s = self._site(sender, pool, picks)
+        known = self.__dict__.setdefault("_exists", {})  # (shape, sender, receiver) -> is an edge
+        key = (shape, s, r)
+        if key not in known:
+            known[key] = topology.edge_exists(shape, s, r)
+        return known[key]
 
     def valid(self, pool, picks, shape: ModelShape) -> bool:
         return all(self._edge_ok(s, r, pool, picks, shape) for s, r in self.edges)
