@@ -635,56 +635,12 @@ class Scrubber:
         """`_assemble` at one token of each row ([len(sel), D]): `token` [len(sel)] is the
         index, in the node's own prompts, where the node is read (a head's query, an MLP
         or a subspace read at a named position). It places exactly what `_assemble` places,
-        at that token only, and gathers nothing else."""
-        if not graph.reads_from_remainder(v, channel):
+        at that token only, and gathers nothing else (`_assemble_at_many` for one node)."""
+        plan = self._channel_plan(graph, v, insts, channel)
+        if plan is None:
             return None
-        kids = [(c, t) for c, t in graph.children(v) if enters(t, channel)]
-        inst, mode = insts[v], graph.ablation
-        rows, remainder = inst.rows[sel], inst.remainder[sel]
-
-        hit_at: dict = {}
-
-        def hits(position: Position) -> torch.Tensor | None:  # rows where `position` is the token
-            if position.is_all:
-                return None
-            if position not in hit_at:
-                hit_at[position] = self._index(position, rows) == token
-            return hit_at[position]
-
-        def there(position: Position, kid_rows: np.ndarray) -> torch.Tensor:  # the token in kid_rows
-            return token if position.is_all else self._index(position, kid_rows)
-
-        def covered(site, start) -> torch.Tensor:  # `start()` as the input leaves leave it at the token
-            last = max((i for i, (position, _, _) in enumerate(leaves) if position.is_all), default=None)
-            if last is None:
-                out, rest = start(), leaves
-            else:  # a leaf at every position replaces all before it
-                _, kid_rows, leaf_site = leaves[last]
-                out, rest = self._plain_at(site or leaf_site, kid_rows, token), leaves[last + 1:]
-            for position, kid_rows, leaf_site in rest:
-                _put(out, hits(position), self._plain_at(site or leaf_site, kid_rows, there(position, kid_rows)))
-            return out
-
-        leaves = []  # (position, the leaf's prompts, its site), in order
-        for c, t in kids:
-            node = graph.node(c)
-            if node.role != "input":
-                continue
-            leaves.append((self._leaf_position(t, channel), insts[c].rows[sel], self._leaf_site(node.site, channel)))
-        value = covered(None, lambda: self._remainder_at(input_site, remainder, mode, token))
-        current: dict = {}  # site -> what it contributes to the channel at the token
-        senders = [(c, t) for c, t in kids if graph.node(c).role != "input"]
-        for c, t in sorted(senders, key=lambda item: not item[1].position.is_all):
-            site = self._sender_site(graph.node(c).site)
-            base = current.get(site)
-            if base is None:
-                base = current[site] = covered(site, lambda site=site: self._remainder_at(site, remainder, mode, token))
-            kid_rows = insts[c].rows[sel]
-            child = self._child_at(graph, c, insts, sel, there(t.position, kid_rows))
-            hit = hits(t.position)
-            _put(value, hit, child - base, add=True)
-            _put(base, hit, child)
-        return value
+        signature, parts = plan
+        return self._assemble_at_many([(insts, v, sel, parts)], input_site, signature, graph.ablation, token)
 
     def _plain_at(self, site, rows: np.ndarray, token: torch.Tensor) -> torch.Tensor:
         """A site's plain value on `rows` at one token each ([len(rows), D])."""
@@ -982,14 +938,11 @@ class Scrubber:
 
     # -- many nodes at once: one set of tensor operations for a chunk's nodes alike ------
 
-    def _node_plan(self, graph, v: int, insts) -> tuple | None:
+    def _node_plan(self, graph, v: int, insts) -> tuple:
         """How head node `v`, read at one position, is assembled, as (signature, parts): nodes
         with one signature (where they are read, the ablation, and per channel q, k, v
         `_channel_plan`'s signature) are assembled together by `_compute_many`; the parts
-        are each channel's children and senders' sites. None for an ablation whose
-        remainder is not a plain cache (mean, zero): those are assembled node by node."""
-        if graph.ablation not in ("resample", "corrupt"):
-            return None
+        are each channel's children and senders' sites."""
         signatures, parts = [], []
         for channel in (Channel.Q, Channel.K, Channel.V):
             plan = self._channel_plan(graph, v, insts, channel)
@@ -1089,7 +1042,6 @@ class Scrubber:
         token of each row ([rows, D]). `entries`: per node (insts, node, references, the
         plan's parts), their rows in order; `token` [rows]."""
         leaves, senders = signature
-        remainder_cache = self.cache if mode == "resample" else self.corrupt_cache
         counts = np.array([len(sel) for _, _, sel, _ in entries], dtype=np.int64)
         rows = np.concatenate([insts[v].rows[sel] for insts, v, sel, _ in entries])
         remainder = np.concatenate([insts[v].remainder[sel] for insts, v, sel, _ in entries])
@@ -1118,6 +1070,15 @@ class Scrubber:
             cache.ensure(distinct)
             return cache.gather_many(sites, counts, prompts, tok)
 
+        def remainder_of(sites):  # the remainder's value of `sites` (one, or one per node) at the token
+            if mode in ("resample", "corrupt"):
+                return gather(self.cache if mode == "resample" else self.corrupt_cache, sites, remainder, token)
+            each = sites if isinstance(sites, list) else [sites] * len(entries)
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            parts = [self._remainder_at(site, remainder[i:j], mode, token[i:j])
+                     for site, i, j in zip(each, bounds[:-1], bounds[1:])]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
         leaf_rows = [kid_rows(0, j) for j in range(len(leaves))]
 
         def covered(sites, start) -> torch.Tensor:
@@ -1133,14 +1094,13 @@ class Scrubber:
                                                  there(position, leaf_rows[i])))
             return out
 
-        value = covered(None, lambda: gather(remainder_cache, input_site, remainder, token))
+        value = covered(None, lambda: remainder_of(input_site))
         current: dict = {}
         for j, (position, shared, rank) in enumerate(senders):
             sites = [parts[2][j] for _, _, _, parts in entries]
             base = current.get(shared)
             if base is None:
-                base = current[shared] = covered(sites, lambda sites=sites: gather(remainder_cache, sites, remainder,
-                                                                                   token))
+                base = current[shared] = covered(sites, lambda sites=sites: remainder_of(sites))
             prompts = kid_rows(1, j)
             tok = there(position, prompts)
             if rank is None:

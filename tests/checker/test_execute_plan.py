@@ -251,7 +251,7 @@ head 0.3 at S1+1 depends on token(S1)
 """
 
 
-@pytest.mark.parametrize("ablation", ["resample", "corrupt"])
+@pytest.mark.parametrize("ablation", ["resample", "corrupt", "mean", "zero"])
 @pytest.mark.parametrize("memo_floats", [None, 4096])
 def test_alike_nodes_assembled_together_give_the_numbers_of_node_by_node(ablation, memo_floats, monkeypatch):
     """A chunk's head nodes that are assembled alike (the permutation test's random
