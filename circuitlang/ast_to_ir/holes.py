@@ -68,30 +68,20 @@ def hole_size(constraints: tuple[ir.HoleConstraint, ...]) -> tuple[int, int | No
     return lo, hi
 
 
-def _hole_kinds(claims, experiments) -> dict[str, str]:
-    kinds: dict[str, str] = {}
+def _holes(claims, experiments) -> dict[str, ir.Hole]:
+    """Each hole the claims and experiments use, as first seen."""
+    found: dict[str, ir.Hole] = {}
     for claim in claims:
         parts = (claim.site,) if isinstance(claim, ir.DependsClaim) else (claim.sender, claim.receiver)
         for site in parts:
             if isinstance(site, ir.Hole):
-                kinds.setdefault(site.name, site.kind)
+                found.setdefault(site.name, site)
     for exp in experiments:
         parts = exp.senders + exp.receivers if isinstance(exp, ir.PathPatch) else exp.sites
         for site in parts:
             if isinstance(site, ir.Hole):
-                kinds.setdefault(site.name, site.kind)
-    return kinds
-
-
-def _hole_saes(claims) -> dict:
-    """Each latent (group) hole's dictionary."""
-    out: dict = {}
-    for claim in claims:
-        parts = (claim.site,) if isinstance(claim, ir.DependsClaim) else (claim.sender, claim.receiver)
-        for site in parts:
-            if isinstance(site, ir.Hole) and site.sae is not None:
-                out.setdefault(site.name, site.sae)
-    return out
+                found.setdefault(site.name, site)
+    return found
 
 
 _KIND_WORDS = {"head": "one head (`head ?{0}`)", "group": "a group of heads (`heads ?{0}`)",
@@ -115,8 +105,9 @@ class HoleResolver:
     def _hole_constraints(self, program: ast.Program, claims, experiments
                           ) -> tuple[ir.HoleConstraint, ...]:
         """Every hole constraint of the program, checked (problems are reported)."""
-        kinds = _hole_kinds(claims, experiments)
-        self._hole_saes = _hole_saes(claims)
+        holes = _holes(claims, experiments)
+        kinds = {name: hole.kind for name, hole in holes.items()}
+        self._hole_saes = {name: hole.sae for name, hole in holes.items() if hole.sae is not None}
         out: list[ir.HoleConstraint] = []
         last_span: dict[str, object] = {}
         for stmt in program.statements:
