@@ -4,12 +4,14 @@
 pass: `Problem.forward` gives `logits_at=END`), the last block's MLP runs at that token
 only (`circuitlang.models.run._only_read_at_logits`). `--switch sparse`: a mixed edge
 row that differs from the ablated or the clean stream in a few senders reads only their
-deltas (`circuitlang.models.edge_engine._sparse_row`). ACDC runs at tau 0.01 (KL, its own
+deltas (`circuitlang.models.edge_engine._sparse_row`). `--switch last-attention`: the last
+block's output projection, its heads' deltas and the inputs of the receivers that read
+them run at that token only (`circuitlang.models.run._last_attention_at_logits`). ACDC runs at tau 0.01 (KL, its own
 order, 2 circuits per pass) on the 4-layer, 8-head model of bench/bench_discovery.py, and
 both settings must keep the same edges. Results go to bench/results/acdc_ab_SWITCH.json
 (written atomically).
 
-    python bench/bench_acdc_ab.py [--switch last-mlp|sparse] [--rounds 2] [--threads 1]
+    python bench/bench_acdc_ab.py [--switch last-mlp|last-attention|sparse] [--rounds 2] [--threads 1]
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from circuitlang.report import write_json_atomic  # noqa: E402
 
 #: --switch -> (module, attribute, its value when off)
 SWITCHES = {"last-mlp": (run_engine, "_only_read_at_logits", lambda *a: False),
+            "last-attention": (run_engine, "_last_attention_at_logits", lambda *a: False),
             "sparse": (edge_engine, "_sparse_row", lambda *a: None)}
 
 

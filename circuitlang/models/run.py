@@ -67,6 +67,8 @@ class _Plan:
     attn_in: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # edge inputs per layer
     start: int = 0  # blocks below this one return `skipped` (a clean pass resumed)
     skipped: tuple = ()
+    at: torch.Tensor | None = None  # the last block's attention output is read at this token per row only
+    top: int = -1  # the last block
 
     def wants(self, site: Site) -> bool:
         return site in self.capture
@@ -159,12 +161,19 @@ def run_model(
                          "captured whole", code="model.bad-patch",
                          hint="patch or capture the logits without logit_columns= or logits_at=")
 
-    last_mlp_at = logits_at if logits_at is not None and _only_read_at_logits(lm, plan, record_blocks) else None
+    read_at = logits_at if logits_at is not None and _only_read_at_logits(lm, plan, record_blocks) else None
+    plan.at = read_at if read_at is not None and _last_attention_at_logits(lm, plan) else None
+    plan.top = lm.shape.n_layers - 1
 
     with ExitStack() as stack:
-        if last_mlp_at is not None:
-            handle = lm.adapter.mlp(lm.shape.n_layers - 1).register_forward_pre_hook(
-                _one_token_hook(last_mlp_at), with_kwargs=True)
+        top = lm.shape.n_layers - 1
+        # the last block at the one token the logits read: its MLP, and (when nothing
+        # reads its heads elsewhere) its attention's output projection; a pre-hook
+        # registered before the others, so the heads' own hooks see that token only
+        one_token = ([lm.adapter.mlp(top)] if read_at is not None and lm.shape.has_mlp else []) + (
+            [lm.adapter.out_proj(top)] if plan.at is not None and plan.start <= top else [])
+        for module in one_token:
+            handle = module.register_forward_pre_hook(_one_token_hook(read_at), with_kwargs=True)
             stack.callback(handle.remove)
         if record_blocks is not None:
             for block in lm.adapter.blocks():
@@ -214,7 +223,7 @@ def _only_read_at_logits(lm: "LoadedModel", plan: _Plan, record_blocks) -> bool:
     at the one token the unembedding reads. Nothing may capture or patch the last MLP,
     its input or the final stream (neurons, latents and subspaces included), and the
     pass records no blocks (a `CleanPass` keeps them whole)."""
-    if record_blocks is not None or not lm.shape.has_mlp:
+    if record_blocks is not None:
         return False
     last = lm.shape.n_layers - 1
     for site in list(plan.capture) + list(plan.patches):
@@ -226,6 +235,20 @@ def _only_read_at_logits(lm: "LoadedModel", plan: _Plan, record_blocks) -> bool:
             continue
         return False
     return True
+
+
+def _last_attention_at_logits(lm: "LoadedModel", plan: _Plan) -> bool:
+    """Whether, besides (`_only_read_at_logits`), the last block's attention output is read
+    at the logits' token alone: then its output projection runs there only ([B, 1, D],
+    broadcast like the MLP's), and under edge patches so do its heads' outputs and the
+    inputs of the receivers that read them (the last MLP, the logits: `_Edges.inputs_at`).
+    Its keys and values are still computed at every token. Nothing may capture or patch a
+    head of the last layer, and the pass takes no gradients (under autograd each sender's
+    delta is a tensor of its own, written whole)."""
+    if torch.is_grad_enabled():
+        return False
+    top = lm.shape.n_layers - 1
+    return not any(isinstance(s, Head) and s.layer == top for s in list(plan.capture) + list(plan.patches))
 
 
 def _one_token_hook(at: torch.Tensor):
@@ -581,10 +604,11 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
         heads = None
         sends = edges is not None and layer in edges.head_slots
         in_delta = False  # heads computed straight into the edge buffer
+        at_one = plan.at is not None and layer == lm.shape.n_layers - 1  # z, heads: at the logits' token
         if sends:
             hs, slots, srcs = edges.head_slots[layer]
             in_delta = (isinstance(hs, slice) and hs == slice(0, n_heads) and isinstance(slots, slice) and not torch.is_grad_enabled()
-                        and not any(Head(layer, h) in plan.capture for h in range(n_heads)))
+                        and not any(Head(layer, h) in plan.capture for h in range(n_heads)) and not at_one)
             heads = _head_outputs(zh, w_o, edges.delta[slots] if in_delta else None)
         elif patterns:
             heads = _head_outputs(zh, w_o)
@@ -628,8 +652,10 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
                     heads[:, h] = new
             if site in plan.capture:
                 plan.cache[site] = new
-        if sends:
-            abl = edges.ablated[:, srcs].transpose(0, 1)
+        if sends and at_one:  # heads [B, H, 1, D]: their deltas at that token only
+            edges.put_at(slots, plan.at, heads[:, hs, 0].transpose(0, 1) - edges.ablated_at(srcs, plan.at))
+        elif sends:
+            abl = edges.ablated_of(srcs).transpose(0, 1)
             if in_delta and heads.data_ptr() == edges.delta[slots].data_ptr():
                 edges.delta[slots].sub_(abl)  # heads were written there and not patched since
             elif isinstance(slots, slice) and not torch.is_grad_enabled():
@@ -652,7 +678,11 @@ def _mlp_in_hook(layer: int, plan: _Plan):
         x = _first(args, kwargs, "input")
         new = x
         if edges is not None and layer in edges.mlp:
-            xs = edges.inputs(x, edges.mlp[layer])[0]
+            if plan.at is not None and layer == plan.top:  # read at one token: computed there only
+                xs = edges.inputs_at(x, edges.mlp[layer], plan.at)[0]
+                xs = None if xs is None else xs.expand_as(x)
+            else:
+                xs = edges.inputs(x, edges.mlp[layer])[0]
             if xs is not None:
                 new = xs
         for p in plan.patches.get(site, ()):
@@ -676,7 +706,10 @@ def _mlp_out_hook(layer: int, plan: _Plan):
         edges = plan.edges
         if edges is not None and layer in edges.mlp_slot:
             i, src = edges.mlp_slot[layer]
-            edges.delta[i] = output - edges.ablated[:, src]
+            if plan.at is not None and layer == plan.top:  # output [B, 1, D] at the logits' token
+                edges.put_at([i], plan.at, (output[:, 0] - edges.ablated_at([src], plan.at)[0])[None])
+            else:
+                edges.delta[i] = output - edges.ablated[:, src]
         return output
     return hook
 
@@ -693,7 +726,11 @@ def _final_hook(n_layers: int, plan: _Plan):
             plan.cache[site] = x
         edges = plan.edges
         if edges is not None and edges.logits is not None:
-            xs = edges.inputs(x, edges.logits)[0]
+            if plan.at is not None:  # unembedded at one token per row: the input there only
+                xs = edges.inputs_at(x, edges.logits, plan.at)[0]
+                xs = None if xs is None else xs.expand_as(x)
+            else:
+                xs = edges.inputs(x, edges.logits)[0]
             if xs is not None:
                 x = xs
         if x is not x0:

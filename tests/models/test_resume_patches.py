@@ -105,13 +105,20 @@ def test_logits_at_one_token_per_row_are_those_of_the_full_logits(tiny, tokens):
 
 def _mlp_tokens(lm, **run):
     """(logits, the number of tokens the last MLP was given) of one `lm.run(**run)`."""
-    seen = []
-    handle = lm.adapter.mlp(lm.shape.n_layers - 1).register_forward_hook(
-        lambda m, args, out: seen.append(args[0].shape[1]))
+    logits, seen = _tokens_seen(lm, [lm.adapter.mlp(lm.shape.n_layers - 1)], **run)
+    return logits, seen[0]
+
+
+def _tokens_seen(lm, modules, **run):
+    """(logits, per module the token counts its input had) of one `lm.run(**run)`."""
+    seen = [[] for _ in modules]
+    handles = [m.register_forward_hook(lambda m, args, out, s=s: s.append(args[0].shape[1]))
+               for m, s in zip(modules, seen)]
     try:
         logits = lm.run(**run).logits
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return logits, seen
 
 
@@ -175,3 +182,55 @@ def test_the_last_mlp_runs_whole_when_something_reads_it(tiny, tokens):
             handle.remove()
         assert run_seen == [clean.shape[1]], site
         torch.testing.assert_close(run.cache[site], lm.run(clean, capture=[site]).cache[site])
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+@pytest.mark.parametrize("resume_at", [None, "top"])
+@pytest.mark.parametrize("ablation", ["corrupt", "mean"])
+def test_the_last_attention_runs_at_the_logits_token_under_edge_patches(tiny, tokens, per_position, resume_at,
+                                                                        ablation):
+    """With the logits read at one token per row and no head of the last layer captured or
+    patched, the last layer's output projection, its heads' deltas and the inputs of the
+    last MLP and the logits are computed at that token alone (keys and values still at
+    every token): the logits there are the full pass's, also resumed at the last layer,
+    with ablated values per row or one for every row (a mean)."""
+    from circuitlang.models import EdgePatch
+
+    _, lm = tiny
+    clean, corrupt = tokens
+    es = lm.edge_set()
+    top = lm.shape.n_layers - 1
+    ablated = lm.run(corrupt, capture=es.senders).cache
+    ablated = torch.stack([ablated[s] for s in es.senders], 1)  # [B, S, T, D]
+    if ablation == "mean":
+        ablated = ablated.mean(0, keepdim=True)
+    g = torch.Generator().manual_seed(5)
+    b, t = clean.shape
+    shape = (b, t, len(es.receivers), len(es.senders)) if per_position else (b, len(es.receivers), len(es.senders))
+    mask = (torch.rand(*shape, generator=g) < 0.5).float() * es.valid()
+    resume = None
+    if resume_at is not None:  # ablate edges into the last layer and the logits only
+        below = torch.tensor([not isinstance(r, Logits) and r.layer < top for r in es.receivers])
+        if per_position:
+            mask[:, :, below] = 0
+        else:
+            mask[:, below] = 0
+        resume = (lm.clean_pass(clean, senders=es.senders), top)
+    at = torch.tensor([8, 3, 5])
+    rows = torch.arange(b)
+    full = lm.run(clean, edges=EdgePatch.from_set(es, ablated, mask)).logits[rows, at]
+    # the edge buffers are reused between runs: leave other deltas in them first, so the
+    # values at the logits' token must be this run's own
+    lm.run(clean, edges=EdgePatch.from_set(es, ablated, (1 - mask * 0.5) * es.valid()))
+    modules = [lm.adapter.out_proj(top), lm.adapter.mlp(top)]
+    got, seen = _tokens_seen(lm, modules, input_ids=clean, edges=EdgePatch.from_set(es, ablated, mask),
+                             logits_at=at, resume=resume)
+    torch.testing.assert_close(got[:, 0], full, atol=1e-5, rtol=1e-5)
+    assert seen == [[1], [1]]
+    assert (full - lm.run(clean).logits[rows, at]).abs().max() > 1e-3  # the mask moved the logits
+    # a head of the last layer captured: its attention runs whole, the numbers are the same
+    lm.run(clean, edges=EdgePatch.from_set(es, ablated, (1 - mask * 0.5) * es.valid()))
+    got, seen = _tokens_seen(lm, modules, input_ids=clean, edges=EdgePatch.from_set(es, ablated, mask),
+                             logits_at=at, resume=resume, capture=[Head(top, 0)])
+    torch.testing.assert_close(got[:, 0], full, atol=1e-5, rtol=1e-5)
+    assert seen == [[t], [1]]
