@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,13 @@ class _Group:
     sparse: list[tuple[int, bool, list[int], torch.Tensor]] = dataclasses.field(default_factory=list)
     # (distinct row, from the ablated stream, the senders it reads, their weights [B|1, n]):
     # the row is base - sum_n weight_n * delta_n, base the stream or the ablated stream
+    distinct: torch.Tensor | None = None  # the distinct mask rows, flattened [n, (B|1) * (T) * prefix]
+
+    def row_key(self, j: int) -> bytes:
+        """Distinct row `j`'s mask, as bytes (with the prefix's senders, it fixes the input)."""
+        if self.kinds[j] == CLEAN or self.distinct is None:
+            return b"clean"
+        return self.distinct[j].cpu().numpy().tobytes()
 
     def counts(self) -> list[int]:
         out = [0] * len(self.kinds)
@@ -110,7 +117,7 @@ def _group(mask: torch.Tensor, rows: list[int], prefix: int, differentiable: boo
             if len(dense) < len(mixed):
                 mixed = [mixed[i] for i in dense]
                 coef = coef[:, dense].contiguous() if dense else None
-    return _Group(prefix, inverse.tolist(), kinds, coef, mixed, sparse)
+    return _Group(prefix, inverse.tolist(), kinds, coef, mixed, sparse, uniq)
 
 
 def _sparse_row(row: torch.Tensor, prefix: int) -> tuple[bool, list[int], torch.Tensor] | None:
@@ -162,6 +169,7 @@ class _Edges:
     attn_base: dict[int, int]  # layer -> distinct row the attention norm reads (others: per unit)
     mlp: dict[int, _Group]
     logits: _Group | None
+    sources: tuple = ()  # per kept sender (sorted order): its index in the edge patch's senders
     _cum: tuple[int, torch.Tensor | None] = (0, None)
     _ablated_at: torch.Tensor | None = None  # [B, S_all, D] at the logits' token (`ablated_at`)
 
@@ -220,20 +228,22 @@ class _Edges:
             group = dataclasses.replace(group, coef=group.coef[rows, at][:, None])
         return one.inputs(x.reshape(b * t, d).index_select(0, flat)[:, None], group)
 
-    def inputs(self, x: torch.Tensor, group: _Group) -> list[torch.Tensor | None]:
-        """Per distinct row: the receivers' input stream (None: `x` itself)."""
+    def inputs(self, x: torch.Tensor, group: _Group, only: set[int] | None = None) -> list[torch.Tensor | None]:
+        """Per distinct row: the receivers' input stream (None: `x` itself, or a row not in
+        `only` when given)."""
         out: list[torch.Tensor | None] = [None] * len(group.kinds)
         for j, kind in enumerate(group.kinds):
-            if kind == ABLATED:
+            if kind == ABLATED and (only is None or j in only):
                 out[j] = x - self.cum(group.prefix, x)
-        used = 0
-        if group.coef is not None:
+        if group.coef is not None and (only is None or not only.isdisjoint(group.mixed)):
             for j, xs in zip(group.mixed, _mix(x, group.coef, self.delta[:group.prefix], self.scratch)):
                 out[j] = xs
-            used = len(group.mixed)
+        used = len(group.mixed) if group.coef is not None else 0  # the sparse rows' scratch slots follow
         b, t, d = x.shape
         n = b * t * d
         for slot, (j, ablated, senders, weights) in enumerate(group.sparse, start=used):
+            if only is not None and j not in only:
+                continue
             base = x - self.cum(group.prefix, x) if ablated else x
             if self.scratch is None:  # (grad enabled for other reasons: no reused buffer)
                 row = base.clone()
@@ -445,6 +455,7 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
         attn_base=attn_base,
         mlp=mlp,
         logits=logits,
+        sources=tuple(source),
     )
 
 
@@ -505,6 +516,57 @@ def _remember_clean_prefix(lm: "LoadedModel", delta, start, clean, ablated, send
         lm.buffers[_HOLDS] = (_holding(delta, clean, ablated, senders, source), count)
     else:
         lm.buffers.pop(_HOLDS, None)
+
+
+# The q/k/v columns the first layer of a resumed pass computes, kept between passes: at
+# that layer every sender a receiver reads is below the resume layer, so a unit's input is
+# fixed by the clean pass, the ablated values and its mask row, and ACDC's next pass
+# changes one receiver's row of dozens. Key: `_REUSE` in `LoadedModel.buffers`.
+_REUSE = "edge-qkv-reuse"
+_REUSE_BYTES = 256 << 20
+
+
+class ReusedColumns:
+    """Projected q/k/v columns by (layer, units, shape, senders, mask row), for one clean
+    pass and one ablated tensor (by identity: neither is changed in place), least recently
+    used dropped beyond `_REUSE_BYTES`."""
+
+    def __init__(self, clean, ablated):
+        self.holding = (weakref.ref(clean), weakref.ref(ablated))
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = 0
+
+    def holds(self, clean, ablated) -> bool:
+        return self.holding[0]() is clean and self.holding[1]() is ablated
+
+    def get(self, key) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > _REUSE_BYTES:
+            return
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > _REUSE_BYTES:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def reused_columns(lm: "LoadedModel", clean, ablated) -> ReusedColumns | None:
+    """The store of projected columns for passes resumed from `clean` with `ablated` (a new,
+    empty one when the model's held another's); None for ablated values given as a dict
+    (stacked anew each run)."""
+    if not isinstance(ablated, torch.Tensor) or clean is None:
+        return None
+    held = lm.buffers.get(_REUSE)
+    if held is None or not held.holds(clean, ablated):
+        held = ReusedColumns(clean, ablated)
+        lm.buffers[_REUSE] = held
+    return held
 
 
 def _as_index(values: list[int], device) -> torch.Tensor | slice:

@@ -28,7 +28,7 @@ import torch
 from circuitlang.errors import ModelError
 from circuitlang.models import compat
 from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
-from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges
+from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges, reused_columns
 from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
 from circuitlang.models.offload import execution_devices, resident
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
@@ -69,6 +69,7 @@ class _Plan:
     skipped: tuple = ()
     at: torch.Tensor | None = None  # the last block's attention output is read at this token per row only
     top: int = -1  # the last block
+    reuse: Any = None  # `ReusedColumns` for the q/k/v units of layer `start` (a resumed pass)
 
     def wants(self, site: Site) -> bool:
         return site in self.capture
@@ -155,6 +156,8 @@ def run_model(
                                     start=start, resumed=clean)
     if start:
         plan.skipped = clean.blocks
+        if _reuses_columns(lm, plan):
+            plan.reuse = reused_columns(lm, clean, edges.ablated)
     partial = logit_columns is not None or logits_at is not None
     if partial and (Logits() in plan.patches or Logits() in plan.capture):
         raise ModelError("logit_columns= / logits_at= compute only some logits: they cannot be patched or "
@@ -377,7 +380,8 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
             hooks.append((adapter.blocks()[layer], plan.skipped[layer], "replace"))
             continue
         qkv_recv = edges.qkv_recv.get(layer, {}) if edges else {}
-        rebase = edges is not None and layer in edges.attn_base
+        reuse = plan.reuse is not None and layer == plan.start  # every unit's columns: `_reused_projection`
+        rebase = edges is not None and layer in edges.attn_base and not reuse
         qkv_sites = plan.layer_heads(layer, _QKV)
         pattern_patch = any(isinstance(s, Head) and s.layer == layer and s.channel is Channel.PATTERN
                             for s in plan.patches)
@@ -388,7 +392,7 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
             hooks.append((adapter.blocks()[layer], _block_hook(layer, plan), "pre"))
         if rebase:  # the norm reads an edge input: every projection rewrites the units it misleads
             hooks.append((adapter.attn_norm(layer), _attn_norm_hook(layer, plan), "pre"))
-        channels = set(_QKV) if rebase else {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
+        channels = set(_QKV) if rebase or reuse else {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
         if pattern_patch:
             channels.add(Channel.V)
         by_module: dict[int, tuple[torch.nn.Module, list[Channel]]] = {}
@@ -396,7 +400,7 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
             proj = adapter.projection(layer, c)
             by_module.setdefault(id(proj.module), (proj.module, []))[1].append(c)
         for module, chans in by_module.values():
-            if edges is not None and _rewrites_every_unit(lm, layer, module, chans, plan):
+            if reuse or (edges is not None and _rewrites_every_unit(lm, layer, module, chans, plan)):
                 hooks.append((module, None, "skip"))  # its own output would be overwritten whole
             hooks.append((module, _proj_hook(lm, layer, chans, plan, pattern_patch), "fwd"))
         per_head = plan.layer_heads(layer, [Channel.OUT, Channel.PATTERN]) or (
@@ -456,8 +460,9 @@ def _block_hook(layer: int, plan: _Plan):
             i, src = edges.embed_slot
             edges.delta[i] = x - edges.ablated[:, src]
         plan.resid_pre[layer] = x
-        if edges is not None and layer in edges.attn:
-            plan.attn_in[layer] = edges.inputs(x, edges.attn[layer])
+        if edges is not None and layer in edges.attn:  # (reused columns: the inputs they lack, later)
+            plan.attn_in[layer] = None if plan.reuse is not None and layer == plan.start else \
+                edges.inputs(x, edges.attn[layer])
         if x is not x0:
             return _replace_first(args, kwargs, "hidden_states", x)
         return None
@@ -497,6 +502,8 @@ def _proj_hook(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Pl
     n_heads = lm.shape.n_heads
 
     def hook(module, args, output):
+        if plan.reuse is not None and layer == plan.start:
+            return _reused_projection(lm, layer, channels, plan, module, output)
         x = plan.resid_pre.get(layer)
         edges = plan.edges
         base, base_row, row_inputs = x, None, None
@@ -564,6 +571,64 @@ def _proj_hook(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Pl
             plan.v[layer] = output[..., cols.reshape(-1)].view(*output.shape[:2], *cols.shape)
         return output
     return hook
+
+
+def _reuses_columns(lm: "LoadedModel", plan: _Plan) -> bool:
+    """Whether the q/k/v columns of the first layer a resumed pass computes can come from
+    the ones earlier passes computed (`edge_engine.ReusedColumns`): edge patches only (no
+    node patch or capture, no gradients), and every projection's output columns are its
+    units' (so the module itself need not run)."""
+    edges, layer = plan.edges, plan.start
+    if edges is None or not 0 < layer < lm.shape.n_layers or torch.is_grad_enabled():
+        return False
+    if plan.capture or plan.patches or not isinstance(edges.delta, torch.Tensor) or layer not in edges.attn:
+        return False
+    width: dict[int, list] = {}
+    for c in _QKV:
+        proj = lm.adapter.projection(layer, c)
+        width.setdefault(id(proj.module), [proj.module, 0])[1] += proj.columns.numel()
+    return all(n == linear_weight_in_out(module).shape[1] for module, n in width.values())
+
+
+def _reused_projection(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Plan, module,
+                       output: torch.Tensor) -> torch.Tensor:
+    """Every q/k/v unit's columns of `module` (which did not run: `output` is empty), the
+    units reading one input projected together, from `plan.reuse` where an earlier pass
+    computed them for the same units and mask row; the inputs of the others are computed
+    here (`_Edges.inputs(only=)`)."""
+    edges, store = plan.edges, plan.reuse
+    group = edges.attn[layer]
+    x = plan.resid_pre[layer]
+    reads: dict[tuple[Channel, int], int] = {}
+    for c, units in edges.qkv_recv.get(layer, {}).items():
+        for unit, i in units:
+            j = group.inverse[i]
+            if group.kinds[j] != CLEAN:
+                reads[(c, unit)] = j
+    by_row: dict[int | None, list] = {}
+    for c in channels:
+        proj = lm.adapter.projection(layer, c)
+        for unit in range(proj.columns.shape[0]):
+            by_row.setdefault(reads.get((c, unit)), []).append((c, proj, unit))
+    senders = edges.sources[:group.prefix]
+    keys = {j: (layer, tuple((c.value, u) for c, _, u in units), tuple(x.shape), senders,
+                b"clean" if j is None else group.row_key(j)) for j, units in by_row.items()}
+    found = {j: store.get(key) for j, key in keys.items()}
+    missing = {j for j, y in found.items() if y is None and j is not None}
+    inputs = edges.inputs(x, group, only=missing) if missing else [None] * len(group.kinds)
+    weight, bias = linear_weight_in_out(module), linear_bias(module)
+    norm = lm.adapter.attn_norm(layer)
+    for j, units in by_row.items():
+        cs = torch.cat([proj.columns[u] for _, proj, u in units])
+        y = found[j]
+        if y is None:
+            normed = norm.forward(x if j is None else inputs[j])
+            w = units[0][1].weight[units[0][2]] if len(units) == 1 else weight[:, cs]
+            flat = normed.reshape(-1, normed.shape[-1])
+            y = (torch.addmm(bias[cs], flat, w) if bias is not None else flat @ w).view(*output.shape[:-1], -1)
+            store.put(keys[j], y)
+        output.index_copy_(-1, cs, y)
+    return output
 
 
 def _z_hook(layer: int, plan: _Plan):

@@ -171,10 +171,10 @@ def test_buffers_are_reused_and_can_be_freed(tiny, tokens):
     clean, es, abl = _setup(lm, tokens)
     patch = EdgePatch.from_set(es, abl, es.mask(clean.shape[0]))
     first = lm.run(clean, edges=patch).logits
-    held = {k: v.data_ptr() for k, v in lm.buffers.items()}
+    held = {k: v.data_ptr() for k, v in lm.buffers.items() if isinstance(v, torch.Tensor)}
     assert held, "edge patching on CPU keeps its scratch between runs"
     second = lm.run(clean, edges=patch).logits
-    assert {k: v.data_ptr() for k, v in lm.buffers.items()} == held
+    assert {k: v.data_ptr() for k, v in lm.buffers.items() if isinstance(v, torch.Tensor)} == held
     lm.free_buffers()
     assert not lm.buffers
     assert torch.equal(lm.run(clean, edges=patch).logits, first) and torch.equal(second, first)
@@ -275,6 +275,60 @@ def test_runs_resumed_one_after_another_reuse_the_clean_deltas_they_may(tiny, to
     keys = sorted(edge_engine.sender_key(s) for s in es.senders)
     b = {layer: sum(k[0] < layer for k in keys) for layer in (1, 2, n)}
     assert writes == [b[2], 0, 0, b[2] - b[1], b[n] - b[2], b[1], b[2], b[2]]
+
+
+@pytest.mark.parametrize("start", [1, "last"])
+def test_resumed_runs_reuse_the_first_layers_columns_only_where_the_row_is_the_same(tiny, tokens, start):
+    """ACDC's passes at one layer: resumed from one clean pass with one ablated tensor,
+    each mask changing one receiver's row of the resume layer. Its q/k/v columns come from
+    the earlier runs' (`edge_engine.ReusedColumns`) for every unchanged row, and are
+    computed for the changed one; another ablated tensor reuses nothing. Every run equals
+    the whole pass."""
+    from circuitlang.models import edge_engine
+
+    arch, lm = tiny
+    clean, es, abl = _setup(lm, tokens)
+    n = lm.shape.n_layers
+    start = n - 1 if start == "last" else start
+    stacked = torch.stack([abl[s] for s in es.senders], 1)
+    other = stacked.flip(0).contiguous()
+    kept = lm.clean_pass(clean, senders=es.senders)
+    at_start = [i for i, r in enumerate(es.receivers) if isinstance(r, Head) and r.layer == start]
+    g = torch.Generator().manual_seed(11)
+    above = torch.tensor([_receiver_layer(r, n) >= start for r in es.receivers])
+    mask = (torch.rand(1, len(es.receivers), len(es.senders), generator=g) < 0.5).float() * es.valid()
+    mask = mask * above[None, :, None]
+    masks, values = [], []
+    for step in range(6):
+        mask = mask.clone()
+        r = at_start[step % len(at_start)]
+        mask[0, r] = (torch.rand(len(es.senders), generator=g) < 0.5).float() * es.valid()[r]
+        masks.append(mask)
+        values.append(other if step == 4 else stacked)
+    lm.free_buffers()
+    counts = []
+    real_put = edge_engine.ReusedColumns.put
+
+    def put(self, key, value):
+        counts[-1] += 1
+        return real_put(self, key, value)
+
+    edge_engine.ReusedColumns.put = put
+    try:
+        for mask, v in zip(masks, values):
+            want = lm.run(clean, edges=EdgePatch(v, mask, es.senders, es.receivers)).logits
+            counts.append(0)
+            got = lm.run(clean, edges=EdgePatch(v, mask, es.senders, es.receivers), resume=(kept, start)).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        edge_engine.ReusedColumns.put = real_put
+    first = counts[0]
+    assert first >= 2  # the rows of the first run, all computed
+    # each later run computes at most the changed receiver's new row and the row it left
+    # (units reading one row are projected, and kept, together); the run with the other
+    # ablated tensor and the one after it start again
+    assert all(c <= 2 for c in counts[1:4]), counts
+    assert counts[4] >= 2 and counts[5] >= 2, counts
 
 
 @pytest.mark.parametrize("form", ["few kept", "few ablated"])
