@@ -169,7 +169,7 @@ def run_model(
     plan.top = lm.shape.n_layers - 1
 
     with ExitStack() as stack:
-        top = lm.shape.n_layers - 1
+        top = plan.top
         # the last block at the one token the logits read: its MLP, and (when nothing
         # reads its heads elsewhere) its attention's output projection; a pre-hook
         # registered before the others, so the heads' own hooks see that token only
@@ -669,7 +669,7 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
         heads = None
         sends = edges is not None and layer in edges.head_slots
         in_delta = False  # heads computed straight into the edge buffer
-        at_one = plan.at is not None and layer == lm.shape.n_layers - 1  # z, heads: at the logits' token
+        at_one = plan.at is not None and layer == plan.top  # z, heads: at the logits' token
         if sends:
             hs, slots, srcs = edges.head_slots[layer]
             in_delta = (isinstance(hs, slice) and hs == slice(0, n_heads) and isinstance(slots, slice) and not torch.is_grad_enabled()
