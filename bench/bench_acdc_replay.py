@@ -8,7 +8,7 @@ after the other (bench/bench_acdc_ab.py) do not give on a noisy machine. Both si
 give the same faith for every batch to 1e-5. Results go to
 bench/results/acdc_replay_SWITCH.json (written atomically).
 
-    python bench/bench_acdc_replay.py [--switch reuse|last-attention|last-mlp|sparse] [--every 1]
+    python bench/bench_acdc_replay.py [--switch reuse|reference|last-attention|last-mlp|sparse] [--every 1]
 """
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ from circuitlang.discover.problem import Problem  # noqa: E402
 from circuitlang.models import load_model  # noqa: E402
 from circuitlang.report import write_json_atomic  # noqa: E402
 
-#: --switch -> (module, attribute, its value when off)
-SWITCHES = {**AB_SWITCHES, "reuse": (run_engine, "_reuses_columns", lambda *a: False)}
+#: --switch -> (module, attribute, its value when off); "reference": ACDC's `EdgeReference`
+#: (each batch replayed with the reference it was scored with, and without one)
+SWITCHES = {**AB_SWITCHES, "reuse": (run_engine, "_reuses_columns", lambda *a: False),
+            "reference": (None, None, None)}
 
 
 def main() -> None:
@@ -48,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     module, name, off_value = SWITCHES[args.switch]
-    shortcut = getattr(module, name)
+    shortcut = getattr(module, name) if module is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model(Path(tmp) / "gpt2-4x8", layers=4, heads=8, d_model=256, vocab=512, n_ctx=64)
         make_prompts(folder / "prompts.json", batch=16, tokens=32, vocab=512)
@@ -60,7 +62,10 @@ def main() -> None:
         score = acdc_module._Faith.__call__
 
         def recording(self, kept):
-            batches.append(kept.clone())
+            if len(batches) % args.every == 0:  # (the reference it is scored with: shared, not copied)
+                batches.append((kept.clone(), self.reference))
+            else:
+                batches.append(None)
             return score(self, kept)
 
         acdc_module._Faith.__call__ = recording
@@ -73,16 +78,20 @@ def main() -> None:
         evaluator = acdc_module._Faith(problem, 2 * len(prompts.input_ids))
         seconds = {True: 0.0, False: 0.0}
         worst = 0.0
-        replayed = batches[::args.every]
-        for kept in replayed:
+        replayed = [b for b in batches if b is not None]
+        for kept, reference in replayed:
             got = {}
             for on in (True, False):
-                setattr(module, name, shortcut if on else off_value)
+                evaluator.reference = reference  # as ACDC scored it (the reference switch: none when off)
+                evaluator.reuse = on or module is not None
+                if module is not None:
+                    setattr(module, name, shortcut if on else off_value)
                 t = time.perf_counter()
                 got[on] = evaluator(kept)
                 seconds[on] += time.perf_counter() - t
             worst = max(worst, float(np.abs(got[True] - got[False]).max()))
-        setattr(module, name, shortcut)
+        if module is not None:
+            setattr(module, name, shortcut)
     if worst > 1e-5:
         raise SystemExit(f"{args.switch}: faith differs by {worst:.2e} between on and off")
     result = {"switch": args.switch, "model": "gpt2-shaped 4 layers x 8 heads, d_model 256 (random init)",

@@ -168,6 +168,9 @@ class Problem:
     _reference: torch.Tensor | None = field(default=None, repr=False)
     _donors: np.ndarray | None = field(default=None, repr=False)
     _metric_columns: dict = field(default_factory=dict, repr=False)
+    #: the last pass's `Run.deltas` and `Run.deltas_at` (views of a reused buffer: valid
+    #: until the next edge-patched pass), for an `EdgeReference`
+    last_deltas: tuple = field(default=({}, None), repr=False)
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -252,6 +255,7 @@ class Problem:
         run = self.model.run(self.prompts.input_ids[rows], self.prompts.attention_mask[rows], edges=edges,
                              patches=patches, grad=grad, resume=resume, logit_columns=columns, logits_at=end)
         self.passes += 1
+        self.last_deltas = (run.deltas, run.deltas_at)
         if not at_end:
             return run.logits
         part = run.logits[:, 0]  # [B, V], or [B, len(columns)]

@@ -33,7 +33,7 @@ of the key/value head query head h uses (shared by its group).
 
 Identity interventions reproduce the plain forward pass exactly (CPU fp32).
 """
-from circuitlang.models.interventions import CleanPass, EdgePatch, EdgeSet, Patch, Run
+from circuitlang.models.interventions import CleanPass, EdgePatch, EdgeReference, EdgeSet, Patch, Run
 from circuitlang.models.known import KNOWN_SHAPES, ToyInfo, known_shape, list_models, toy_names
 from circuitlang.models.load import LoadedModel, load_config, load_model
 from circuitlang.models.adapters import supported_model_types
@@ -41,6 +41,7 @@ from circuitlang.models.adapters import supported_model_types
 __all__ = [
     "CleanPass",
     "EdgePatch",
+    "EdgeReference",
     "EdgeSet",
     "KNOWN_SHAPES",
     "LoadedModel",

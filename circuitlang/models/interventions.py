@@ -151,6 +151,31 @@ Ablated = Union[Mapping[Site, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class EdgeReference:
+    """A circuit already run on the same batch rows with the same ablated values: its
+    mask and what each sender computed there. An edge-patched pass given one computes
+    again only the nodes (heads, MLPs) whose input can differ from that pass's: a node
+    whose receivers' mask rows equal the reference's and whose kept edges come from nodes
+    that are not computed again gives what it gave there (ACDC's passes change the edges
+    of one receiver, so only that node and what its kept edges reach are computed).
+
+    Attributes:
+        mask: [R, S], the reference circuit's mask over the patch's receivers and senders
+            (one circuit for every batch row).
+        deltas: sender -> [B, T, D]: its output there minus its ablated value (`Run.deltas`
+            of that pass, copied: those are views of a reused buffer); or [n, T, D] when
+            the batch is n rows repeated (circuits along the batch). A node with none is
+            computed.
+        at: [B] (or [n]) when the last layer's deltas hold only at one token per row (a
+            pass with `logits_at=`): they are then used only by passes that read there.
+    """
+
+    mask: torch.Tensor
+    deltas: Mapping[Site, torch.Tensor]
+    at: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class EdgePatch:
     """Ablate any set of edges in one forward pass.
 
@@ -161,12 +186,15 @@ class EdgePatch:
             between mix clean and ablated linearly.
         senders: the sender sites (the mask's last axis).
         receivers: the receiver sites (the mask's second-to-last axis).
+        reference: an `EdgeReference` (a pass of another circuit on the same rows),
+            so that the nodes this mask leaves as they were there are not computed.
     """
 
     ablated: Ablated
     mask: torch.Tensor
     senders: Sequence[Site]
     receivers: Sequence[Site]
+    reference: EdgeReference | None = None
 
     @staticmethod
     def all_edges(shape: ModelShape) -> EdgeSet:
@@ -174,9 +202,10 @@ class EdgePatch:
         return EdgeSet.build(shape)
 
     @classmethod
-    def from_set(cls, edge_set: EdgeSet, ablated: Ablated, mask: torch.Tensor) -> "EdgePatch":
+    def from_set(cls, edge_set: EdgeSet, ablated: Ablated, mask: torch.Tensor,
+                 reference: EdgeReference | None = None) -> "EdgePatch":
         """An edge patch over an `EdgeSet`'s senders and receivers."""
-        return cls(ablated, mask, edge_set.senders, edge_set.receivers)
+        return cls(ablated, mask, edge_set.senders, edge_set.receivers, reference)
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,10 +248,19 @@ class Run:
     Attributes:
         logits: [B, T, V].
         cache: the captured sites' values (as they were in this pass, patches included).
+        deltas: under edge patches without gradients, sender -> [B, T, D]: its output in
+            this pass minus its ablated value, for every sender with an ablated edge (views
+            of a buffer the next edge-patched pass overwrites: copy what you keep; for an
+            `EdgeReference`; a node the pass took from its reference gives the reference's
+            own tensor, which may hold fewer rows, repeated along the batch). With
+            `logits_at=` the last layer's hold only at that token.
+        deltas_at: that token per row, or None (every token holds).
     """
 
     logits: torch.Tensor
     cache: dict[Site, torch.Tensor]
+    deltas: dict[Site, torch.Tensor] = field(default_factory=dict)
+    deltas_at: torch.Tensor | None = None
 
     def __getitem__(self, site: Site) -> torch.Tensor:
         try:

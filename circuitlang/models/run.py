@@ -28,7 +28,7 @@ import torch
 from circuitlang.errors import ModelError
 from circuitlang.models import compat
 from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
-from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges, reused_columns
+from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges, reused_columns, reused_nodes
 from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
 from circuitlang.models.offload import execution_devices, resident
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
@@ -68,8 +68,11 @@ class _Plan:
     start: int = 0  # blocks below this one return `skipped` (a clean pass resumed)
     skipped: tuple = ()
     at: torch.Tensor | None = None  # the last block's attention output is read at this token per row only
+    at_mlp: torch.Tensor | None = None  # the last MLP runs at this token per row only
     top: int = -1  # the last block
     reuse: Any = None  # `ReusedColumns` for the q/k/v units of layer `start` (a resumed pass)
+    reused_units: dict = field(default_factory=dict)  # (layer, channel) -> q/k/v units only reused heads read
+    qkv_rows: dict = field(default_factory=dict)  # layer -> the distinct input rows its computed units read
 
     def wants(self, site: Site) -> bool:
         return site in self.capture
@@ -167,6 +170,10 @@ def run_model(
     read_at = logits_at if logits_at is not None and _only_read_at_logits(lm, plan, record_blocks) else None
     plan.at = read_at if read_at is not None and _last_attention_at_logits(lm, plan) else None
     plan.top = lm.shape.n_layers - 1
+    plan.at_mlp = read_at
+    if edges is not None and edges.reference is not None and not plan.capture and not plan.patches:
+        plan.edges.reused = reused_nodes(lm, edges, plan.edges, read_at, plan.at)
+        _plan_reused_heads(lm, plan)
 
     with ExitStack() as stack:
         top = plan.top
@@ -188,9 +195,13 @@ def run_model(
             if kind == "replace":  # a block below the resume layer: its clean output, not computed
                 _swap_forward(stack, module, lambda *a, out=hook, **k: out)
                 continue
-            if kind == "skip":
+            if kind == "forward":  # another forward for this run
+                _swap_forward(stack, module, hook)
+                continue
+            if kind in ("skip", "zeros"):
                 n_out = linear_weight_in_out(module).shape[1]
-                _swap_forward(stack, module, lambda x, *a, n_out=n_out, **k: x.new_empty(*x.shape[:-1], n_out))
+                make = torch.Tensor.new_zeros if kind == "zeros" else torch.Tensor.new_empty
+                _swap_forward(stack, module, lambda x, *a, n_out=n_out, make=make, **k: make(x, (*x.shape[:-1], n_out)))
                 continue
             if kind == "pre":
                 handle = module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -201,7 +212,39 @@ def run_model(
         logits, _ = compat.forward(lm.hf_model, input_ids, attention_mask, cache=cache)
     if Logits() in plan.capture:
         plan.cache[Logits()] = logits
-    return Run(logits=logits, cache=plan.cache)
+    deltas = {}
+    if plan.edges is not None and isinstance(plan.edges.delta, torch.Tensor):
+        reused = plan.edges.reused  # (their reference's own tensors: nothing changes those)
+        deltas = {site: reused.get(site, plan.edges.delta[i]) for i, site in enumerate(plan.edges.sites)}
+    return Run(logits=logits, cache=plan.cache, deltas=deltas, deltas_at=read_at if deltas else None)
+
+
+def _plan_reused_heads(lm: "LoadedModel", plan: _Plan) -> None:
+    """For the layers with heads taken from the edge reference (`edge_engine.reused_nodes`):
+    the q/k/v units only those heads read (their columns are not projected but zeroed, so
+    those heads attend to nothing and output nothing of their own: `_attn_with_reused`
+    adds their reference outputs), and the distinct input rows the other units read (the
+    only ones mixed)."""
+    edges, g = plan.edges, lm.adapter.kv_group()
+    for layer in range(plan.start, lm.shape.n_layers):
+        heads = {h for h in range(lm.shape.n_heads) if Head(layer, h) in edges.reused}
+        # a head whose key/value head serves one that is computed is computed too (with its
+        # keys and values, a zeroed query would still average them)
+        kv = {u for u in range(lm.shape.n_heads // g) if all(u * g + i in heads for i in range(g))}
+        for h in [h for h in heads if h // g not in kv]:
+            heads.discard(h)
+            del edges.reused[Head(layer, h)]
+        if not heads:
+            continue
+        plan.reused_units[(layer, Channel.Q)] = heads
+        plan.reused_units[(layer, Channel.K)] = plan.reused_units[(layer, Channel.V)] = kv
+        if layer in edges.attn:
+            group = edges.attn[layer]
+            rows = {group.inverse[i] for c, units in edges.qkv_recv.get(layer, {}).items()
+                    for u, i in units if u not in plan.reused_units[(layer, c)]}
+            if layer in edges.attn_base:
+                rows.add(edges.attn_base[layer])
+            plan.qkv_rows[layer] = rows
 
 
 def _refuse_compiled(lm: "LoadedModel") -> None:
@@ -392,7 +435,9 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
             hooks.append((adapter.blocks()[layer], _block_hook(layer, plan), "pre"))
         if rebase:  # the norm reads an edge input: every projection rewrites the units it misleads
             hooks.append((adapter.attn_norm(layer), _attn_norm_hook(layer, plan), "pre"))
-        channels = set(_QKV) if rebase or reuse else {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
+        some_reused = (layer, Channel.Q) in plan.reused_units  # then every unit's columns are written or zeroed
+        channels = set(_QKV) if rebase or reuse or some_reused else \
+            {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
         if pattern_patch:
             channels.add(Channel.V)
         by_module: dict[int, tuple[torch.nn.Module, list[Channel]]] = {}
@@ -400,16 +445,22 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
             proj = adapter.projection(layer, c)
             by_module.setdefault(id(proj.module), (proj.module, []))[1].append(c)
         for module, chans in by_module.values():
-            if reuse or (edges is not None and _rewrites_every_unit(lm, layer, module, chans, plan)):
+            if some_reused:  # its reused heads' columns stay 0, the others are written
+                hooks.append((module, None, "zeros"))
+            elif reuse or (edges is not None and _rewrites_every_unit(lm, layer, module, chans, plan)):
                 hooks.append((module, None, "skip"))  # its own output would be overwritten whole
             hooks.append((module, _proj_hook(lm, layer, chans, plan, pattern_patch), "fwd"))
         per_head = plan.layer_heads(layer, [Channel.OUT, Channel.PATTERN]) or (
             edges is not None and layer in edges.head_slots)
         if per_head:
             hooks.append((adapter.out_proj(layer), _z_hook(layer, plan), "pre"))
+            if some_reused:  # the layer's output is built from its heads' deltas (`_attn_with_reused`)
+                hooks.append((adapter.out_proj(layer), None, "skip"))
             hooks.append((adapter.attn(layer), _attn_hook(lm, layer, plan), "fwd"))
         if (edges is not None and layer in edges.mlp) or MlpIn(layer) in touched:
             hooks.append((adapter.mlp_norm(layer), _mlp_in_hook(layer, plan), "pre"))
+        if edges is not None and Mlp(layer) in edges.reused:  # as in the reference pass: not computed
+            hooks.append((adapter.mlp(layer), _reused_mlp(layer, plan), "forward"))
         if shape.has_mlp and (Mlp(layer) in touched or (edges is not None and layer in edges.mlp_slot)):
             hooks.append((adapter.mlp(layer), _mlp_out_hook(layer, plan), "fwd"))
     if Resid(n) in touched or (edges is not None and edges.logits is not None):
@@ -462,7 +513,7 @@ def _block_hook(layer: int, plan: _Plan):
         plan.resid_pre[layer] = x
         if edges is not None and layer in edges.attn:  # (reused columns: the inputs they lack, later)
             plan.attn_in[layer] = None if plan.reuse is not None and layer == plan.start else \
-                edges.inputs(x, edges.attn[layer])
+                edges.inputs(x, edges.attn[layer], only=plan.qkv_rows.get(layer))
         if x is not x0:
             return _replace_first(args, kwargs, "hidden_states", x)
         return None
@@ -513,17 +564,18 @@ def _proj_hook(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Pl
             if base_row is not None:
                 base = row_inputs[base_row]
         recvs = edges.qkv_recv.get(layer, {}) if edges is not None else {}
+        whole = (layer, Channel.Q) in plan.reused_units  # the module did not run: write every other unit
         direct: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         added: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         for c in channels:
             proj = adapter.projection(layer, c)
             own: dict[int, torch.Tensor] = {}
-            if base is not x:
+            if base is not x or whole:
                 own = dict.fromkeys(range(proj.columns.shape[0]), x)
             for unit, i in recvs.get(c, ()):
                 j = edges.attn[layer].inverse[i]
                 inp = x if row_inputs[j] is None else row_inputs[j]
-                if j == base_row or inp is base:
+                if (j == base_row or inp is base) and not whole:
                     own.pop(unit, None)
                 else:
                     own[unit] = inp
@@ -537,6 +589,8 @@ def _proj_hook(lm: "LoadedModel", layer: int, channels: list[Channel], plan: _Pl
                 if site in plan.capture:  # (edge inputs live in reused scratch: copy them)
                     value = own.get(unit, base)
                     plan.cache[site] = value.clone() if edges is not None and value is not x else value
+            for unit in plan.reused_units.get((layer, c), ()):  # (the module gave zeros: left so)
+                own.pop(unit, None)
             for unit, inp in own.items():
                 bucket = added if unit in patched else direct
                 bucket.setdefault(id(inp), (inp, []))[1].append((proj, unit))
@@ -608,8 +662,10 @@ def _reused_projection(lm: "LoadedModel", layer: int, channels: list[Channel], p
     by_row: dict[int | None, list] = {}
     for c in channels:
         proj = lm.adapter.projection(layer, c)
+        skip = plan.reused_units.get((layer, c), ())  # (the module gave zeros: left so)
         for unit in range(proj.columns.shape[0]):
-            by_row.setdefault(reads.get((c, unit)), []).append((c, proj, unit))
+            if unit not in skip:
+                by_row.setdefault(reads.get((c, unit)), []).append((c, proj, unit))
     senders = edges.sources[:group.prefix]
     keys = {j: (layer, tuple((c.value, u) for c, _, u in units), tuple(x.shape), senders,
                 b"clean" if j is None else group.row_key(j)) for j, units in by_row.items()}
@@ -656,6 +712,8 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
     group = adapter.kv_group()
 
     def hook(module, args, output):
+        if (layer, Channel.Q) in plan.reused_units:
+            return _attn_with_reused(lm, layer, plan, output)
         attn_out, weights = output[0], output[1]
         z = plan.z.pop(layer)
         b, t = z.shape[:2]
@@ -734,6 +792,42 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
     return hook
 
 
+def _attn_with_reused(lm: "LoadedModel", layer: int, plan: _Plan, output):
+    """The attention output and the heads' deltas of a layer some of whose heads are taken
+    from the edge reference (their q/k/v columns were left 0 and nothing reads their z):
+    the other heads' outputs are computed as usual; the layer's output is every head's
+    delta plus its ablated value, plus W_O's bias (the output projection did not run).
+    Edge patches only (no node patch or capture: `reused_nodes`), every head a sender."""
+    edges = plan.edges
+    z = plan.z.pop(layer)
+    b, t = z.shape[:2]
+    n_heads = lm.shape.n_heads
+    hs_o, slots_o, srcs_o = edges.head_slots[layer]
+    hs, slots, srcs = (list(range(v.start, v.stop)) if isinstance(v, slice) else v.tolist()
+                       for v in edges.head_slots[layer])
+    at = plan.at if plan.at is not None and layer == plan.top else None  # z, heads: at the logits' token
+    computed = [k for k, h in enumerate(hs) if Head(layer, h) not in edges.reused]
+    if computed:
+        which = torch.tensor([hs[k] for k in computed], device=z.device)
+        zh = z.reshape(b, t, n_heads, -1).index_select(2, which)
+        heads = _head_outputs(zh, lm.adapter.out_weight(layer).index_select(0, which))  # [B, Hc, T|1, D]
+        sl, sr = [slots[k] for k in computed], [srcs[k] for k in computed]
+        if at is not None:
+            edges.put_at(sl, at, heads[:, :, 0].transpose(0, 1) - edges.ablated_at(sr, at))
+        else:
+            edges.delta[torch.tensor(sl, device=z.device)] = heads.transpose(0, 1) - edges.ablated_of(sr).transpose(0, 1)
+    for k, h in enumerate(hs):
+        if Head(layer, h) in edges.reused:
+            edges.put_reused(slots[k], Head(layer, h), at)
+    if at is None:
+        out = edges.delta[slots_o].sum(0) + edges.ablated_of(srcs_o).sum(1)
+    else:
+        rows = torch.arange(len(at), device=z.device)
+        out = (edges.delta[slots_o][:, rows, at.to(z.device)].sum(0) + edges.ablated_at(srcs_o, at).sum(0))[:, None]
+    bias = lm.adapter.out_bias(layer)
+    return (out if bias is None else out + bias, *output[1:])
+
+
 def _mlp_in_hook(layer: int, plan: _Plan):
     """The stream MLP `layer` reads (its norm's input): edge patches, then `MlpIn` patches."""
     site = MlpIn(layer)
@@ -742,7 +836,7 @@ def _mlp_in_hook(layer: int, plan: _Plan):
         edges = plan.edges
         x = _first(args, kwargs, "input")
         new = x
-        if edges is not None and layer in edges.mlp:
+        if edges is not None and layer in edges.mlp and Mlp(layer) not in edges.reused:  # (reused: not read)
             if plan.at is not None and layer == plan.top:  # read at one token: computed there only
                 xs = edges.inputs_at(x, edges.mlp[layer], plan.at)[0]
                 xs = None if xs is None else xs.expand_as(x)
@@ -760,6 +854,16 @@ def _mlp_in_hook(layer: int, plan: _Plan):
     return hook
 
 
+def _reused_mlp(layer: int, plan: _Plan):
+    """A forward for MLP `layer` when it gives what it gave in the edge reference
+    (`edge_engine.reused_nodes`): that output, at the logits' token alone where the last
+    MLP runs there (its input is then [B, 1, D])."""
+    def forward(x, *args, **kwargs):
+        at = plan.at_mlp if layer == plan.top else None
+        return plan.edges.reused_output(Mlp(layer), at)
+    return forward
+
+
 def _mlp_out_hook(layer: int, plan: _Plan):
     site = Mlp(layer)
 
@@ -771,7 +875,9 @@ def _mlp_out_hook(layer: int, plan: _Plan):
         edges = plan.edges
         if edges is not None and layer in edges.mlp_slot:
             i, src = edges.mlp_slot[layer]
-            if plan.at is not None and layer == plan.top:  # output [B, 1, D] at the logits' token
+            if Mlp(layer) in edges.reused:  # its reference delta (at the logits' token where it ran there)
+                edges.put_reused(i, Mlp(layer))
+            elif plan.at is not None and layer == plan.top:  # output [B, 1, D] at the logits' token
                 edges.put_at([i], plan.at, (output[:, 0] - edges.ablated_at([src], plan.at)[0])[None])
             else:
                 edges.delta[i] = output - edges.ablated[:, src]
