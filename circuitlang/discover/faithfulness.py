@@ -133,7 +133,8 @@ def curve(problem, ranking: torch.Tensor, *, fractions=MIB_FRACTIONS, metric: st
         circuits.append(prune(kept) if prune is not None else kept)
     full = problem.full(metric=metric) if full is None else np.asarray(full)
     lead = [] if empty is not None else [torch.zeros(total, dtype=torch.bool)]
-    values = problem.score(torch.stack(lead + circuits), metric=metric, progress=progress)  # [(1 +) K, N]
+    # (the circuits grow one from the next: each pass computes only the nodes the added edges reach)
+    values = problem.score(torch.stack(lead + circuits), metric=metric, progress=progress, chained=True)
     empty, per = (values[0], values[1:]) if empty is None else (np.asarray(empty), values)
     x = np.asarray(fractions, dtype=float)
 

@@ -31,7 +31,7 @@ import torch
 
 from circuitlang.errors import DiscoveryError
 from circuitlang.execute import position_index, spread_columns
-from circuitlang.models import EdgePatch, EdgeSet, Patch
+from circuitlang.models import EdgePatch, EdgeReference, EdgeSet, Patch
 from circuitlang.sites import ALL, Embed, Position, Site
 
 __all__ = ["ABLATIONS", "EdgeSpace", "Problem", "resample_donors"]
@@ -301,7 +301,8 @@ class Problem:
         return self.task.metric(self.metric, logits, sub)
 
     # ---- circuits -----------------------------------------------------------------
-    def score(self, kept: torch.Tensor, *, metric: str | None = None, progress=None) -> np.ndarray:
+    def score(self, kept: torch.Tensor, *, metric: str | None = None, progress=None,
+              chained: bool = False) -> np.ndarray:
         """The metric of circuits `kept` [K, E] (True/1 = kept; fractions mix) on every
         prompt: [K, N]. Rows of each pass are (circuit, prompt) pairs.
 
@@ -309,16 +310,20 @@ class Problem:
             kept: circuits over the edge space.
             metric: another metric than the problem's (the task's, or "kl").
             progress: called with the number of rows done.
+            chained: circuits that grow one from the next (the faithfulness curve's): each
+                pass holding one circuit is given the previous circuit's pass as its
+                `EdgeReference`, so that only the nodes the added edges reach are computed
+                (edges over all positions; the numbers are the same to float rounding).
         """
         previous = self.metric
         if metric is not None:
             self.metric = metric
         try:
-            return self._score(kept, progress)
+            return self._score(kept, progress, chained)
         finally:
             self.metric = previous
 
-    def _score(self, kept: torch.Tensor, progress) -> np.ndarray:
+    def _score(self, kept: torch.Tensor, progress, chained: bool = False) -> np.ndarray:
         kept = kept.reshape(-1, len(self.space))
         k, n = kept.shape[0], self.n
         out = np.zeros((k, n))
@@ -329,6 +334,8 @@ class Problem:
             index = torch.arange(start, min(n, start + per_chunk))
             ablated = self.ablated(index)
             group = max(1, self.batch_size // len(index))
+            chain = chained and group == 1 and not self.space.per_position
+            reference = EdgeReference(torch.zeros(len(es.receivers), len(es.senders)), {}) if chain else None
             for c0 in range(0, k, group):
                 cs = torch.arange(c0, min(k, c0 + group))
                 rows = index.repeat(len(cs))
@@ -336,8 +343,13 @@ class Problem:
                 masks = self.space.masks(kept[circuit], self.prompts, rows)
                 abl = ablated if ablated.shape[0] == 1 else ablated.repeat(len(cs), 1, 1, 1)
                 with torch.no_grad():
-                    logits = self.forward(rows, edges=EdgePatch.from_set(es, abl, masks))
+                    logits = self.forward(rows, edges=EdgePatch.from_set(es, abl, masks, reference))
                     vals = self.metric_of(logits, rows).double().cpu().numpy()
+                if chain:  # this circuit is the next one's reference (its deltas copied from the buffer)
+                    deltas, at = self.last_deltas
+                    reference = EdgeReference(masks[0].clone(), {
+                        s: d if d is reference.deltas.get(s) else d.clone() for s, d in deltas.items()},
+                        None if at is None else at.clone())
                 out[circuit.numpy(), rows.numpy()] = vals
                 rows_done += len(rows)
                 if progress is not None:
