@@ -221,9 +221,9 @@ def run_model(
 
 def _plan_reused_heads(lm: "LoadedModel", plan: _Plan) -> None:
     """For the layers with heads taken from the edge reference (`edge_engine.reused_nodes`):
-    the q/k/v units only those heads read (their columns are not projected but zeroed, so
-    those heads attend to nothing and output nothing of their own: `_attn_with_reused`
-    adds their reference outputs), and the distinct input rows the other units read (the
+    the q/k/v units only those heads read (not projected: their columns are left 0, and
+    nothing reads those heads' z, since the layer's output is built from every head's
+    delta: `_attn_with_reused`), and the distinct input rows the other units read (the
     only ones mixed)."""
     edges, g = plan.edges, lm.adapter.kv_group()
     for layer in range(plan.start, lm.shape.n_layers):
