@@ -135,9 +135,15 @@ def curve(problem, ranking: torch.Tensor, *, fractions=MIB_FRACTIONS, metric: st
         circuits.append(prune(kept) if prune is not None else kept)
     full = problem.full(metric=metric) if full is None else np.asarray(full)
     lead = [] if empty is not None else [torch.zeros(total, dtype=torch.bool)]
+    # a circuit of every edge over the whole sequence is the full model: not scored again
+    whole = [not problem.space.per_position and bool(c.all()) for c in circuits]
+    scored = [c for c, w in zip(circuits, whole) if not w]
     # (the circuits grow one from the next: each pass computes only the nodes the added edges reach)
-    values = problem.score(torch.stack(lead + circuits), metric=metric, progress=progress, chained=True)
-    empty, per = (values[0], values[1:]) if empty is None else (np.asarray(empty), values)
+    values = problem.score(torch.stack(lead + scored), metric=metric, progress=progress, chained=True) \
+        if lead or scored else np.zeros((0, problem.n))
+    empty, rest = (values[0], values[1:]) if empty is None else (np.asarray(empty), values)
+    it = iter(rest)
+    per = np.stack([full if w else next(it) for w in whole])
     x = np.asarray(fractions, dtype=float)
 
     def f_of(idx):
