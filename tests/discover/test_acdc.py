@@ -188,16 +188,16 @@ def test_acdc_on_named_positions_finds_the_planted_edges_where_they_act(planted)
 def test_passes_grow_with_the_edges_kept_not_the_edges_tried(planted, skip_dead):
     lm, task = planted
     prompts = task.prompts(8, 0)
-    problem = Problem(lm, task, prompts, "kl", "corrupt", batch_size=8 * 64)  # a pass holds 64 circuits
-    circuit, decisions = acdc(problem, TAU_PLANTED, skip_dead=skip_dead)
+    problem = Problem(lm, task, prompts, "kl", "corrupt", batch_size=8 * 64)
+    circuit, decisions = acdc(problem, TAU_PLANTED, skip_dead=skip_dead, rows=8 * 64)  # a pass holds 64 circuits
     tried, kept = len(decisions.order), int(decisions.kept.sum())
     assert kept == len(pc.PLANTED) and tried == len(problem.space) == 46
     # one pass per kept edge, one that ends the order, and the reference, ablated and
     # clean runs (passes above layer 0 resume the clean run)
     assert decisions.passes <= kept + 1 + 3
     assert problem.passes == decisions.passes
-    # one circuit per pass: the same decisions, a pass per edge scored
-    narrow = Problem(lm, task, prompts, "kl", "corrupt", batch_size=8)
+    # one circuit per pass (on a CPU, the default): the same decisions, a pass per edge scored
+    narrow = Problem(lm, task, prompts, "kl", "corrupt", batch_size=8 * 64)
     _, one_by_one = acdc(narrow, TAU_PLANTED, skip_dead=skip_dead)
     assert torch.equal(one_by_one.kept, decisions.kept)
     assert one_by_one.passes == int(one_by_one.scored.sum()) + 3
