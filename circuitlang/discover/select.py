@@ -160,7 +160,9 @@ def grow(problem, ranking: torch.Tensor, target: float, *, full=None, empty=None
     sizes = [1]
     while sizes[-1] < total:
         sizes.append(min(total, sizes[-1] * 2))
-    scores = faithfulness(problem.score(torch.stack([circuit(k) for k in sizes]), metric=metric), full, empty)
+    # (each size grows from the one before: scored as a chain, `Problem.score(chained=True)`)
+    scores = faithfulness(problem.score(torch.stack([circuit(k) for k in sizes]), metric=metric, chained=True),
+                          full, empty)
     hits = [i for i, f in enumerate(scores) if f >= target]
     if not hits:
         every = "every candidate kept" if problem.space.per_position else "the full model"
