@@ -161,6 +161,9 @@ _MASK = (1 << 64) - 1
 _GOLDEN, _MUL1, _MUL2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _LANE_SALT = np.array([1, 2], dtype=np.uint64)[:, None, None]  # lane 0 adds 1 to a column, lane 1 adds 2
+#: A row's key in the memo: its two 64-bit lanes as 16 bytes. Bytes, unlike tuples, are
+#: not tracked by the garbage collector, so neither is a memo of millions of them.
+_ROW_KEY = np.dtype((np.void, 16))
 
 
 def _mix(x):
@@ -425,11 +428,10 @@ class Scrubber:
         """
         results: list[ScrubResult | None] = [None] * len(graphs)
         done = 0
-        self._capture_up_front(graphs)
+        reads = [self.sites_needed(g) + self._own_channel_sites(g) for g in graphs]
+        self._capture_up_front(graphs, reads)
         for group in self._groups(graphs):
-            sites: list = []
-            for i in group:
-                sites += self.sites_needed(graphs[i]) + self._own_channel_sites(graphs[i])
+            sites = [s for i in group for s in reads[i]]
             self.cache.ensure(sites)
             if any(graphs[i].ablation == "corrupt" for i in group):
                 self.corrupt_cache.ensure(sites)
@@ -466,14 +468,14 @@ class Scrubber:
                 progress(done)
         return results
 
-    def _capture_up_front(self, graphs: list[InterventionGraph]) -> None:
-        """Capture what every graph reads in one pass (one per cache), when it fits
-        `CAPTURE_BUDGET`; else each group of graphs captures what it lacks. Many graphs
-        (the permutation test's random circuits) would otherwise cost a capture pass per
-        group, each for the few heads it adds."""
+    def _capture_up_front(self, graphs: list[InterventionGraph], reads: list[list]) -> None:
+        """Capture what every graph reads (`reads[i]`: graph i's sites) in one pass (one per
+        cache), when it fits `CAPTURE_BUDGET`; else each group of graphs captures what it
+        lacks. Many graphs (the permutation test's random circuits) would otherwise cost a
+        capture pass per group, each for the few heads it adds."""
         if len(graphs) < 2:
             return
-        sites = list(dict.fromkeys(s for g in graphs for s in self.sites_needed(g) + self._own_channel_sites(g)))
+        sites = list(dict.fromkeys(s for sites in reads for s in sites))
         missing = [s for s in sites if s not in self.cache.values]
         streams = {self._capture_key(s) for s in missing}
         n, t = self.prompts.input_ids.shape
@@ -763,9 +765,8 @@ class Scrubber:
         hashed = self._hash_rows([p[0] for p in parts], [p[1] for p in parts])
         for k, (graph, v, insts) in enumerate(direct):
             insts[v].keys = hashed[k]
-            if self.use_memo:
-                a, b = insts[v].keys
-                keys += zip(a.tolist(), b.tolist())
+            if self.use_memo:  # a row's two lanes as one bytes object (`_ROW_KEY`)
+                keys += np.stack(insts[v].keys, 1).view(_ROW_KEY).ravel().tolist()
             else:  # every row its own
                 keys += zip(itertools.repeat(self._levels_run), itertools.repeat(k), range(n))
         memo = self._memo if self.use_memo else {}

@@ -141,17 +141,24 @@ class InterventionGraph:
     given: tuple = ()
     semantics: str = DEFAULT_SEMANTICS
     warnings: list[Diagnostic] = field(default_factory=list)
-    # children per node, read once (the tree is built whole before it is used, and not changed)
-    _children: dict = field(default_factory=dict, repr=False, compare=False)
+    # what is read of each node, read once (the tree is built whole before it is used, and not
+    # changed): its children, its payload, its input channels, whether each starts from the remainder
+    _children: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _nodes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _channels: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _remainder: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def node(self, n: int) -> ScrubNode:
-        return self.graph.nodes[n]["node"]
+        node = self._nodes.get(n)
+        if node is None:
+            node = self._nodes[n] = self.graph.nodes[n]["node"]
+        return node
 
     def children(self, n: int) -> list[tuple[int, Transplant]]:
         """Children of `n` with the way each enters it, in a stable order (a new list)."""
         kids = self._children.get(n)
         if kids is None:
-            kids = [(c, self.graph.edges[c, n]["transplant"]) for c in self.graph.predecessors(n)]
+            kids = [(c, edge["transplant"]) for c, edge in self.graph.pred[n].items()]
             kids = self._children[n] = sorted(kids, key=lambda item: item[0])
         return list(kids)
 
@@ -192,7 +199,13 @@ class InterventionGraph:
     def input_channels(self, n: int) -> tuple[Channel | None, ...]:
         """The input channels of node `n`'s site: q, k, v of a head; the one stream of an
         MLP or of the root (None); none for the embedding or an input leaf."""
-        node = self.node(n)
+        channels = self._channels.get(n)
+        if channels is None:
+            channels = self._channels[n] = self._input_channels(self.node(n))
+        return channels
+
+    @staticmethod
+    def _input_channels(node: ScrubNode) -> tuple[Channel | None, ...]:
         if node.role == "input":
             return ()
         if isinstance(node.site, Head) or (isinstance(node.site, Subspace) and node.site.basis.hook == "head"):
@@ -203,7 +216,13 @@ class InterventionGraph:
 
     def reads_from_remainder(self, n: int, channel: Channel | None) -> bool:
         """Whether node `n`'s `channel` input starts from the remainder (is rebuilt)."""
-        kids = self.children(n)
+        known = self._remainder.get((n, channel))
+        if known is None:
+            known = self._remainder[(n, channel)] = self._reads_from_remainder(n, channel)
+        return known
+
+    def _reads_from_remainder(self, n: int, channel: Channel | None) -> bool:
+        kids = self._children.get(n) or self.children(n)
         if not kids or channel not in self.input_channels(n):
             return False
         if self.semantics == "paths":

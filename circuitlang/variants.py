@@ -174,6 +174,10 @@ class _Template:
             self.parts.append((type(claim).__name__, tuple(ends), claim.position,
                                getattr(claim, "features", None)))
         self.edges = [ends[1:] for kind, ends, _, _ in self.parts if kind == "EdgeClaim"]
+        self._slots = [tuple(e[0] if isinstance(e, tuple) else None for e in edge) for edge in self.edges]
+        kinds: dict = {}  # an end as the edge check sees it, less its pick: a slot's channel, or a fixed site
+        self._kinds = [tuple(kinds.setdefault(e[1:] if isinstance(e, tuple) else e, len(kinds)) for e in edge)
+                       for edge in self.edges]
 
     @staticmethod
     def _site(end, pool, picks):
@@ -182,40 +186,55 @@ class _Template:
             return Head(layer, head, end[1])
         return end
 
-    def _edge_ok(self, sender, receiver, pool, picks, shape: ModelShape) -> bool:
-        r = self._site(receiver, pool, picks)
-        if isinstance(r, Head) and not r.channel.is_input:
-            r = r.with_channel(Channel.Q)
-        s = self._site(sender, pool, picks)
-        known = self.__dict__.setdefault("_exists", {})  # (shape, sender, receiver) -> is an edge
-        key = (shape, s, r)
-        if key not in known:
-            known[key] = topology.edge_exists(shape, s, r)
-        return known[key]
+    def _exists(self, pool, shape: ModelShape) -> dict:
+        """Which edges exist, by their ends' kinds and picks (`_edge_ok`), for this pool and
+        shape: filled as edges are asked for (ints hash fast)."""
+        tables = self.__dict__.setdefault("_tables", {})
+        key = (id(pool), shape)
+        if key not in tables:
+            tables[key] = (pool, {})  # (the pool kept alive, so that its id stays its own)
+        return tables[key][1]
+
+    def _edge_ok(self, j: int, s_pick: int, r_pick: int, pool, shape: ModelShape, known: dict) -> bool:
+        """Whether edge `j` exists with its slot ends given the pool heads `s_pick`, `r_pick`
+        (-1 for a fixed end)."""
+        key = (self._kinds[j], s_pick, r_pick)
+        ok = known.get(key)
+        if ok is None:
+            sender, receiver = self.edges[j]
+            r = receiver if r_pick < 0 else Head(*pool[r_pick], receiver[1])
+            if isinstance(r, Head) and not r.channel.is_input:
+                r = r.with_channel(Channel.Q)
+            s = sender if s_pick < 0 else Head(*pool[s_pick], sender[1])
+            ok = known[key] = topology.edge_exists(shape, s, r)
+        return ok
 
     def valid(self, pool, picks, shape: ModelShape) -> bool:
-        return all(self._edge_ok(s, r, pool, picks, shape) for s, r in self.edges)
+        known = self._exists(pool, shape)
+        return all(self._edge_ok(j, -1 if s is None else picks[s], -1 if r is None else picks[r], pool, shape, known)
+                   for j, (s, r) in enumerate(self._slots))
 
-    def allows(self, pool, picks, slot: int, candidate: int, shape: ModelShape) -> bool:
+    def allows(self, pool, picks, slot: int, candidate: int, shape: ModelShape, known: dict | None = None) -> bool:
         """Whether giving `slot` the pool head `candidate` keeps every edge that joins it to
         a fixed site or to a slot already given (`picks[i]` None: not given yet)."""
-        trial = list(picks)
-        trial[slot] = candidate
-        for sender, receiver, ends in self._edges_of(slot):
-            if any(trial[e] is None for e in ends):
+        known = self._exists(pool, shape) if known is None else known
+        for j, s, r in self._edges_of(slot):
+            s_pick = -1 if s is None else candidate if s == slot else picks[s]
+            r_pick = -1 if r is None else candidate if r == slot else picks[r]
+            if s_pick is None or r_pick is None:
                 continue
-            if not self._edge_ok(sender, receiver, pool, trial, shape):
+            if not self._edge_ok(j, s_pick, r_pick, pool, shape, known):
                 return False
         return True
 
     def _edges_of(self, slot: int) -> list:
-        """The edges with an end at `slot`: (sender, receiver, the slots of their ends)."""
+        """The edges with an end at `slot`: (edge index, sender's slot, receiver's slot), None
+        for a fixed end."""
         if getattr(self, "_by_slot", None) is None:
             self._by_slot = {}
-            for sender, receiver in self.edges:
-                ends = tuple(e[0] for e in (sender, receiver) if isinstance(e, tuple))
-                for end in set(ends):
-                    self._by_slot.setdefault(end, []).append((sender, receiver, ends))
+            for j, ends in enumerate(self._slots):
+                for end in {e for e in ends if e is not None}:
+                    self._by_slot.setdefault(end, []).append((j, *ends))
         return self._by_slot.get(slot, [])
 
     def _plan(self, n_slots: int) -> tuple[list[int], dict[int, list[int]]]:
@@ -259,8 +278,9 @@ class _Template:
                 free[layer] += free[layer + 1]
             room = [all(need[slot][k] <= free[min(layer + k, shape.n_layers)] for k in range(1, len(need[slot])))
                     for layer in range(shape.n_layers)]
+            known = self._exists(pool, shape)
             options = [i for i in range(len(pool)) if i not in used and room[pool[i][0]]
-                       and self.allows(pool, picks, slot, i, shape)]
+                       and self.allows(pool, picks, slot, i, shape, known)]
             if not options:
                 return None
             picks[slot] = int(options[int(rng.integers(len(options)))])
