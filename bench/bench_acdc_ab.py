@@ -65,7 +65,7 @@ def main() -> None:
                 setattr(module, name, shortcut if mode == "on" else off_value)
                 problem = Problem(lm, task, prompts, "kl", "corrupt", batch_size=2 * len(prompts.input_ids))
                 start = time.perf_counter()
-                circuit, decisions = acdc(problem, 0.01)
+                circuit, decisions = acdc(problem, 0.01, rows=2 * len(prompts.input_ids))  # 2 circuits a pass
                 seconds = time.perf_counter() - start
                 edges = sorted(circuit.nonzero()[:, 0].tolist())
                 if kept.setdefault(mode, edges) != edges:

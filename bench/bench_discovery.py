@@ -188,21 +188,20 @@ def acdc_bench(tmp: Path, threads: int, tau: float, peers: bool) -> dict:
     for name, how, rows in runs:
         if name == "auto_circuit_order" and order is None:
             continue
-        if True:
-            problem = Problem(lm, task, prompts, "kl", "corrupt", batch_size=rows)
-            (circuit, decisions), seconds = timed(lambda: acdc(problem, tau, order=how))
-            entry = {"rows_per_pass": rows, "seconds": seconds, "passes": decisions.passes,
-                     "kept": int(decisions.kept.sum()), "scored": int(decisions.scored.sum()),
-                     "tried": len(decisions.order),
-                     "scoring_passes": scoring_passes(decisions, rows // n),
-                     "scoring_passes_at_64_circuits_per_pass": scoring_passes(decisions, 64)}
-            if how is not None:
-                entry["same_edges_as_auto_circuit"] = set(circuit.nonzero()[:, 0].tolist()) == theirs
-                entry["speedup"] = round(row["auto_circuit"]["seconds"] / seconds, 2)
-            row.setdefault(name, []).append(entry)
-            print(f"[acdc] circuitlang ({name}, {rows} rows/pass): {seconds:.1f} s, {entry['passes']} passes, "
-                  f"kept {entry['kept']} of {entry['tried']}" + (f", same edges: {entry['same_edges_as_auto_circuit']}"
-                                                                 if how is not None else ""), flush=True)
+        problem = Problem(lm, task, prompts, "kl", "corrupt", batch_size=rows)
+        (circuit, decisions), seconds = timed(lambda: acdc(problem, tau, order=how, rows=rows))
+        entry = {"rows_per_pass": rows, "seconds": seconds, "passes": decisions.passes,
+                 "kept": int(decisions.kept.sum()), "scored": int(decisions.scored.sum()),
+                 "tried": len(decisions.order),
+                 "scoring_passes": scoring_passes(decisions, rows // n),
+                 "scoring_passes_at_64_circuits_per_pass": scoring_passes(decisions, 64)}
+        if how is not None:
+            entry["same_edges_as_auto_circuit"] = set(circuit.nonzero()[:, 0].tolist()) == theirs
+            entry["speedup"] = round(row["auto_circuit"]["seconds"] / seconds, 2)
+        row.setdefault(name, []).append(entry)
+        print(f"[acdc] circuitlang ({name}, {rows} rows/pass): {seconds:.1f} s, {entry['passes']} passes, "
+              f"kept {entry['kept']} of {entry['tried']}" + (f", same edges: {entry['same_edges_as_auto_circuit']}"
+                                                             if how is not None else ""), flush=True)
     return row
 
 

@@ -78,12 +78,13 @@ differ from the state ACDC goes on from in the edges into one receiver, so above
 that receiver's node and the nodes its kept edges reach (and theirs) can change. Each
 pass is given an `EdgeReference`: the last circuit accepted (at first the full model,
 its clean pass) and what every node gave there; the run engine takes from it every head
-and MLP whose inputs are as there (`edge_engine.reused_nodes`) and computes the rest
+and MLP whose inputs are as there (`edge_reference.reused_nodes`) and computes the rest
 (`accept` makes the circuit of the last accepted removal the next reference; its nodes
 below L are the clean pass's). On the 4-layer benchmark model about 70% of the heads and
 a third of the MLPs above L are taken from the reference. One chunk of prompts only (a
 pass over several chunks overwrites the buffer its deltas are read from), edges over
-all positions, and the same float caveat as above (a node computed in another batch
+all positions, while the chunk's values fit in 1 GiB (as for resuming), and the same
+float caveat as above (a node computed in another batch
 shape differs in the last bits).
 
 **Checkpoints.** With a run directory, after every pass that finishes the edges of a
@@ -216,7 +217,9 @@ class _Faith:
         #: an `EdgeReference` of the one chunk: a circuit scored before and what each node
         #: gave there, so that a pass computes only the nodes its circuits change (`accept`)
         self.reference = None
-        self._last = None  # (masks, k) of the last pass, while its deltas are in the buffer
+        self._full = None  # the full model as a reference: the clean pass's deltas
+        self._last = None  # (run, masks, k, first circuit, resume layer) of the last pass, while its
+        #                    deltas are in the buffer
         self.reuse = len(self.chunks) == 1 and not problem.space.per_position
         shape = problem.model.shape
         self.layer = torch.tensor([shape.n_layers if isinstance(r, Logits) else r.layer
@@ -258,12 +261,7 @@ class _Faith:
         start = int(self.layer[changed].min()) if bool(changed.any()) else int(self.layer.max())
         if start == 0 or not self._keep:
             return None
-        if ci not in self._clean:
-            p = self.problem
-            self._clean[ci] = p.model.clean_pass(p.prompts.input_ids[index], p.prompts.attention_mask[index],
-                                                 senders=p.space.edge_set.senders)
-            p.passes += 1
-        clean = self._clean[ci]
+        clean = self._clean_of(ci, index)
         if k > 1:
             key = (ci, k)
             if key not in self._clean:
@@ -294,29 +292,29 @@ class _Faith:
                 reference = self._reference(ci, index, ablated) if self.reuse and self._keep else None
                 with torch.no_grad():
                     resume = self._resume(ci, index, masks, len(cs))
-                    logits = p.forward(rows, edges=EdgePatch.from_set(es, abl, masks, reference), resume=resume)
+                    logits, run = p.forward_run(rows, edges=EdgePatch.from_set(es, abl, masks, reference),
+                                                resume=resume)
                     out[circuit.numpy(), rows.numpy()] = p.metric_of(logits, rows).double().cpu().numpy()
-                self._last = (masks, len(cs), c0, resume[1] if resume else 0) if self.reuse and self._keep else None
+                self._last = (run, masks, len(cs), c0, resume[1] if resume else 0) if reference is not None else None
         return out
+
+    def _clean_of(self, ci: int, index: torch.Tensor):
+        """The chunk's clean pass (one forward pass, kept)."""
+        if ci not in self._clean:
+            p = self.problem
+            self._clean[ci] = p.model.clean_pass(p.prompts.input_ids[index], p.prompts.attention_mask[index],
+                                                 senders=p.space.edge_set.senders)
+            p.passes += 1
+        return self._clean[ci]
 
     def _reference(self, ci: int, index: torch.Tensor, ablated: torch.Tensor):
         """The reference for the chunk's next pass: the last accepted circuit (`accept`),
         at first the full model (its clean pass)."""
         if self.reference is None:
-            p = self.problem
-            if ci not in self._clean:
-                self._clean[ci] = p.model.clean_pass(p.prompts.input_ids[index], p.prompts.attention_mask[index],
-                                                     senders=p.space.edge_set.senders)
-                p.passes += 1
-            clean, es = self._clean[ci], p.space.edge_set
+            clean, es = self._clean_of(ci, index), self.problem.space.edge_set
             deltas = {s: clean.senders[s] - ablated[:, i] for i, s in enumerate(es.senders)}
-            self._full = EdgeReference(torch.zeros(len(es.receivers), len(es.senders)), deltas)
-            self.reference = self._full
+            self._full = self.reference = EdgeReference(torch.zeros(len(es.receivers), len(es.senders)), deltas)
         return self.reference
-
-    def reference_of_clean(self) -> EdgeReference:
-        """The full model as a reference (its deltas are the clean pass's)."""
-        return self._full
 
     def accept(self, j: int) -> None:
         """Circuit `j` of the last call becomes the reference, while its pass's deltas are
@@ -325,26 +323,13 @@ class _Faith:
         the state ACDC goes on from may differ from it by edges into dead nodes.)"""
         if self._last is None:
             return
-        masks, k, c0, start = self._last
-        if not c0 <= j < c0 + k:
+        run, masks, k, c0, start = self._last
+        if not c0 <= j < c0 + k or not run.deltas:
             return
-        deltas, at = self.problem.last_deltas
-        if not deltas:
-            return
-        n = self.problem.n
-        c = j - c0
-        rows = slice(c * n, (c + 1) * n)
-        mask = masks[0] if masks.shape[0] == 1 else masks[c * n]
-        clean, before = self.reference_of_clean(), self.reference
-        kept = {}
-        for s, d in deltas.items():
-            if sender_key(s)[0] < start:  # below the resume layer: the clean pass's
-                kept[s] = clean.deltas[s]
-            elif d is before.deltas.get(s):  # taken from the reference: its own tensor
-                kept[s] = d
-            else:  # a view of the reused buffer
-                kept[s] = d[rows].clone()
-        self.reference = EdgeReference(mask.clone(), kept, None if at is None else at[rows].clone())
+        n, c = self.problem.n, j - c0
+        below = {s: self._full.deltas[s] for s in run.deltas if sender_key(s)[0] < start}  # the clean pass's
+        self.reference = EdgeReference.from_run(run, masks[0] if masks.shape[0] == 1 else masks[c * n],
+                                                slice(c * n, (c + 1) * n), previous=self.reference, known=below)
 
     def __call__(self, kept: torch.Tensor) -> np.ndarray:
         """faith of each circuit [K] (float64)."""
@@ -410,14 +395,14 @@ class _Liveness:
 # ---- the search ---------------------------------------------------------------------
 def _default_rows(problem: Problem) -> int:
     """Rows per pass when not given: the batch size on a GPU (many circuits per pass cost
-    about one); on a CPU one circuit per pass (a pass costs its rows there, and each pass
-    is then referred to the very state ACDC goes on from: docs/benchmarks.md, 10.8x
-    auto-circuit against 9.3x with two circuits per pass)."""
+    about one); on a CPU one circuit per pass. A pass costs its rows there, so batching
+    circuits saves passes but not time, and with the edge reference (`_Faith.reuse`)
+    each pass is then referred to the very state ACDC goes on from: docs/benchmarks.md,
+    10.8x auto-circuit against 9.3x with two circuits per pass."""
     rows = max(problem.batch_size, 1)
     if torch.device(problem.model.device).type == "cpu":
         rows = min(rows, max(problem.n, 1))
     return rows
-
 
 
 def _check_tau(tau) -> float:

@@ -8,8 +8,10 @@ for the circuits C_k of the k top-ranked edges, at MIB's edge fractions {0.1, 0.
 0.5, 1, 2, 5, 10, 20, 50, 100}% of all edges (Mueller et al. 2025), every circuit
 evaluated in the same batched passes (rows are (circuit, prompt) pairs), with a
 paired bootstrap interval over prompts per point. The circuits grow one from the next,
-so a pass of one circuit computes only the nodes the edges added since the previous
-circuit reach (`Problem.score(chained=True)`). m is the task metric (the mean
+so when a pass holds one circuit (the batch is as many prompts as the batch size; edges
+over the whole sequence) it computes only the nodes the edges added since the previous
+circuit reach (`Problem.score(chained=True)`); with several circuits a pass, each pass
+computes all of them. m is the task metric (the mean
 over prompts); `empty` ablates every edge at every position, `full` is the full model
 (the clean run, nothing ablated): the checker's `random` and `clean`, so that f is its
 % recovered. With named positions (`positions=("END", "S2")`) the full model is not

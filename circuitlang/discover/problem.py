@@ -31,7 +31,7 @@ import torch
 
 from circuitlang.errors import DiscoveryError
 from circuitlang.execute import position_index, spread_columns
-from circuitlang.models import EdgePatch, EdgeReference, EdgeSet, Patch
+from circuitlang.models import EdgePatch, EdgeReference, EdgeSet, Patch, Run
 from circuitlang.sites import ALL, Embed, Position, Site
 
 __all__ = ["ABLATIONS", "EdgeSpace", "Problem", "resample_donors"]
@@ -168,9 +168,6 @@ class Problem:
     _reference: torch.Tensor | None = field(default=None, repr=False)
     _donors: np.ndarray | None = field(default=None, repr=False)
     _metric_columns: dict = field(default_factory=dict, repr=False)
-    #: the last pass's `Run.deltas` and `Run.deltas_at` (views of a reused buffer: valid
-    #: until the next edge-patched pass), for an `EdgeReference`
-    last_deltas: tuple = field(default=({}, None), repr=False)
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -249,19 +246,23 @@ class Problem:
         only those columns of the unembedding are computed (`metric_columns`), at END
         only, laid into [B, V] with the others 0; for any other metric of END alone (kl,
         a probability) the whole vocabulary at END only, [B, V]; else [B, T, V]."""
+        return self.forward_run(rows, edges=edges, patches=patches, grad=grad, resume=resume)[0]
+
+    def forward_run(self, rows: torch.Tensor, *, edges=None, patches=(), grad: bool = False,
+                    resume=None) -> tuple[torch.Tensor, Run]:
+        """`forward`'s logits and the pass's `Run` (its `deltas` make an `EdgeReference`)."""
         columns = self._columns()
         at_end = columns is not None or self._end_only()
         end = self.prompts.positions["END"][rows] if at_end else None
         run = self.model.run(self.prompts.input_ids[rows], self.prompts.attention_mask[rows], edges=edges,
                              patches=patches, grad=grad, resume=resume, logit_columns=columns, logits_at=end)
         self.passes += 1
-        self.last_deltas = (run.deltas, run.deltas_at)
         if not at_end:
-            return run.logits
+            return run.logits, run
         part = run.logits[:, 0]  # [B, V], or [B, len(columns)]
         if columns is None:
-            return part
-        return spread_columns(part, columns, self.model.shape.vocab_size)
+            return part, run
+        return spread_columns(part, columns, self.model.shape.vocab_size), run
 
     def _end_only(self) -> bool:
         """Whether the current metric reads the logits at END only: kl (the distributions
@@ -343,13 +344,10 @@ class Problem:
                 masks = self.space.masks(kept[circuit], self.prompts, rows)
                 abl = ablated if ablated.shape[0] == 1 else ablated.repeat(len(cs), 1, 1, 1)
                 with torch.no_grad():
-                    logits = self.forward(rows, edges=EdgePatch.from_set(es, abl, masks, reference))
+                    logits, run = self.forward_run(rows, edges=EdgePatch.from_set(es, abl, masks, reference))
                     vals = self.metric_of(logits, rows).double().cpu().numpy()
-                if chain:  # this circuit is the next one's reference (its deltas copied from the buffer)
-                    deltas, at = self.last_deltas
-                    reference = EdgeReference(masks[0].clone(), {
-                        s: d if d is reference.deltas.get(s) else d.clone() for s, d in deltas.items()},
-                        None if at is None else at.clone())
+                if chain:  # this circuit is the next one's reference
+                    reference = EdgeReference.from_run(run, masks[0], previous=reference)
                 out[circuit.numpy(), rows.numpy()] = vals
                 rows_done += len(rows)
                 if progress is not None:

@@ -19,9 +19,8 @@ keeps every row in the GEMM so attribution gets d(metric)/d(mask) everywhere.
 
 With an `EdgeReference` (another circuit's pass over the same rows: ACDC's last accepted
 state), the heads and MLPs whose inputs are as in that pass are not computed
-(`reused_nodes`): their deltas are copied from it, a reused MLP's forward returns its
-reference output, a reused head's q/k/v columns stay 0 and its layer's output is built
-from every head's delta (`run._attn_with_reused`).
+(`circuitlang.models.edge_reference`): their deltas are copied from it into the buffer
+(`_Edges.put_reused`), and a reused MLP's output is its reference one (`reused_output`).
 """
 from __future__ import annotations
 
@@ -178,7 +177,7 @@ class _Edges:
     logits: _Group | None
     sources: tuple = ()  # per kept sender (sorted order): its index in the edge patch's senders
     sites: tuple = ()  # per kept sender (sorted order): its site
-    reused: dict = dataclasses.field(default_factory=dict)  # head/MLP site -> its reference delta (`reused_nodes`)
+    reused: dict = dataclasses.field(default_factory=dict)  # head/MLP site -> its reference delta (`edge_reference.reused_nodes`)
     index: dict = dataclasses.field(default_factory=dict)  # sender site -> its index in the patch's senders
     _cum: tuple[int, torch.Tensor | None] = (0, None)
     _ablated_at: torch.Tensor | None = None  # [B, S_all, D] at the logits' token (`ablated_at`)
@@ -338,6 +337,20 @@ def _valid_matrix(senders: tuple, receivers: tuple, shape) -> torch.Tensor:
     ).reshape(len(receivers), len(senders))
 
 
+def _check_reference(ref, n_r: int, n_s: int, batch: int, tokens: int, d_model: int) -> None:
+    """An `EdgeReference` fits the patch: a mask [R, S] and deltas [n, T, D] whose n rows,
+    repeated, are the batch's."""
+    if tuple(ref.mask.shape) != (n_r, n_s):
+        raise ModelError(f"the edge reference's mask has shape {tuple(ref.mask.shape)}", code="model.bad-reference",
+                         hint=f"expected [{n_r}, {n_s}]: one circuit over the patch's receivers and senders")
+    for site, delta in ref.deltas.items():
+        if tuple(delta.shape[1:]) != (tokens, d_model) or batch % max(1, delta.shape[0]):
+            raise ModelError(f"the edge reference's delta of {site} has shape {tuple(delta.shape)}",
+                             code="model.bad-reference",
+                             hint=f"expected [n, {tokens}, {d_model}] with this pass's {batch} batch rows those "
+                                  "n rows repeated (n = the batch, or a divisor of it)")
+
+
 def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int], dtype, device,
                    start: int = 0, resumed=None) -> _Edges:
     shape, adapter = lm.shape, lm.adapter
@@ -373,6 +386,8 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
             hint="a sender must be computed before its receiver reads the residual stream",
         )
     d_model = shape.d_model
+    if edges.reference is not None:
+        _check_reference(edges.reference, n_r, n_s, batch, tokens, d_model)
 
     # Senders whose every edge is kept cost nothing: drop them (an all-zero mask is free),
     # unless the mask wants gradients (attribution needs them at 0 too).
@@ -610,104 +625,3 @@ def _as_index(values: list[int], device) -> torch.Tensor | slice:
     if values == list(range(values[0], values[0] + len(values))):
         return slice(values[0], values[0] + len(values))
     return torch.tensor(values, device=device)
-
-
-
-# ---- nodes a reference pass already computed -------------------------------------------
-def reused_nodes(lm: "LoadedModel", patch: EdgePatch, edges: _Edges, read_at: torch.Tensor | None,
-                 heads_at: torch.Tensor | None) -> dict:
-    """The heads and MLPs this pass need not compute: sender site -> its delta in the
-    patch's `EdgeReference` ([B, T, D]), which this pass's value equals.
-
-    A node gives what it gave in the reference when each of its inputs does: an input
-    named as a receiver, when its mask row equals the reference's in every batch row and
-    every sender it keeps (partly, in any row) is itself reused; an input no receiver
-    names (the whole stream), when no node before it is computed. Nodes are decided in
-    computation order; one without a delta in the reference is computed. The embedding
-    never changes. Reuse needs the patch's senders to be every head, MLP and the
-    embedding (the stream is then a sum of senders), ablated values as one tensor, and
-    no gradients. The last layer's deltas of a reference made at one token per row
-    (`EdgeReference.at`) serve only a pass that reads that token alone: its heads when
-    this pass computes them there (`heads_at`), its MLP when it reads the logits there
-    (`read_at`)."""
-    ref = patch.reference
-    if ref is None or torch.is_grad_enabled() or not isinstance(patch.ablated, torch.Tensor):
-        return {}
-    shape = lm.shape
-    senders, receivers = tuple(patch.senders), tuple(patch.receivers)
-    n_s, n_r = len(senders), len(receivers)
-    if tuple(ref.mask.shape) != (n_r, n_s):
-        raise ModelError(f"the edge reference's mask has shape {tuple(ref.mask.shape)}", code="model.bad-reference",
-                         hint=f"expected [{n_r}, {n_s}]: one circuit over the patch's receivers and senders")
-    layout = _node_inputs(senders, receivers, shape, lm.adapter.kv_group())
-    if layout is None:
-        return {}
-    mask = patch.mask.detach().reshape(-1, n_r, n_s)
-    rm = ref.mask.to(device=mask.device, dtype=mask.dtype)
-    differs = (mask != rm).any(0).any(-1).cpu().numpy()  # [R]
-    valid = _valid_matrix(senders, receivers, shape)
-    kept = ((mask != 1).any(0).cpu() & valid).numpy()  # [R, S]: an edge that carries the sender's value somewhere
-    top = shape.n_layers - 1
-
-    def held_at_top(node) -> bool:
-        if ref.at is None:
-            return True
-        at = read_at if isinstance(node, Mlp) else heads_at
-        if at is None or len(at) % len(ref.at):
-            return False
-        return bool(torch.equal(at.cpu().view(-1, len(ref.at)), ref.at.cpu().expand(len(at) // len(ref.at), -1)))
-
-    computed = np.zeros(n_s, dtype=bool)
-    any_computed = False
-    out: dict = {}
-    batch, rest = edges.ablated.shape[0], tuple(edges.ablated.shape[2:])
-    for node, at_index, inputs in layout:
-        delta = ref.deltas.get(node)
-        if delta is not None and (tuple(delta.shape[1:]) != rest or batch % max(1, delta.shape[0])):
-            raise ModelError(f"the edge reference's delta of {node} has shape {tuple(delta.shape)}",
-                             code="model.bad-reference",
-                             hint=f"expected [n, {rest[0]}, {rest[1]}] with this pass's {batch} batch rows those "
-                                  "n rows repeated (n = the batch, or a divisor of it)")
-        same = delta is not None and (node.layer != top or held_at_top(node))
-        if same:
-            for r in inputs:
-                if r is None:
-                    same = not any_computed
-                else:
-                    same = not differs[r] and not (kept[r] & computed).any()
-                if not same:
-                    break
-        if same:
-            out[node] = delta
-        else:
-            computed[at_index] = True
-            any_computed = True
-    return out
-
-
-@functools.lru_cache(maxsize=32)
-def _node_inputs(senders: tuple, receivers: tuple, shape, g: int):
-    """Every head and MLP in computation order, as (site, its index among `senders`, the
-    receivers its inputs are: q, k, v or the MLP's; None for one no receiver names); None
-    when the senders are not every head, MLP and the embedding (`reused_nodes`)."""
-    nodes = [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
-    nodes += [Mlp(l) for l in range(shape.n_layers)] if shape.has_mlp else []
-    index = {s: i for i, s in enumerate(senders)}
-    if Embed() not in index or any(n not in index for n in nodes):
-        return None
-    channel_of: dict = {}
-    for r, site in enumerate(receivers):
-        if isinstance(site, Head):
-            unit = site.head if site.channel is Channel.Q else site.head // g
-            channel_of[(site.layer, site.channel, unit)] = r
-        elif isinstance(site, Mlp):
-            channel_of[("mlp", site.layer)] = r
-    out = []
-    for node in sorted(nodes, key=sender_key):
-        if isinstance(node, Head):
-            inputs = [channel_of.get((node.layer, Channel.Q, node.head))]
-            inputs += [channel_of.get((node.layer, c, node.head // g)) for c in (Channel.K, Channel.V)]
-        else:
-            inputs = [channel_of.get(("mlp", node.layer))]
-        out.append((node, index[node], tuple(inputs)))
-    return tuple(out)

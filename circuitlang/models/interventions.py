@@ -174,6 +174,25 @@ class EdgeReference:
     deltas: Mapping[Site, torch.Tensor]
     at: torch.Tensor | None = None
 
+    @classmethod
+    def from_run(cls, run: "Run", mask: torch.Tensor, rows: slice = slice(None), *,
+                 previous: "EdgeReference | None" = None, known: Mapping | None = None) -> "EdgeReference":
+        """The circuit `mask` [R, S] that batch rows `rows` of `run` held, as the reference
+        of a later pass: each sender's delta there copied out of the reused buffer, except
+        those the pass took from `previous` (that reference's own tensors, which nothing
+        changes) and those `known` gives (sender -> a tensor equal to its delta there)."""
+        known = known or {}
+        deltas = {}
+        for site, delta in run.deltas.items():
+            if site in known:
+                deltas[site] = known[site]
+            elif previous is not None and delta is previous.deltas.get(site):
+                deltas[site] = delta
+            else:
+                deltas[site] = delta[rows].clone()
+        at = None if run.deltas_at is None else run.deltas_at[rows].clone()
+        return cls(mask.clone(), deltas, at)
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class EdgePatch:

@@ -27,8 +27,9 @@ import torch
 
 from circuitlang.errors import ModelError
 from circuitlang.models import compat
-from circuitlang.models.adapters.base import linear_bias, linear_weight_in_out
-from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges, reused_columns, reused_nodes
+from circuitlang.models.adapters.base import head_outputs, linear_bias, linear_weight_in_out
+from circuitlang.models.edge_engine import CLEAN, _Edges, _prepare_edges, reused_columns
+from circuitlang.models.edge_reference import attn_with_reused, plan_reused_heads, reused_mlp, reused_nodes
 from circuitlang.models.interventions import CleanPass, EdgePatch, Patch, Run
 from circuitlang.models.offload import execution_devices, resident
 from circuitlang.models.patches import _first, _replace_first, apply_patch, check_site
@@ -51,7 +52,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
 
 _QKV = (Channel.Q, Channel.K, Channel.V)
-
 
 
 # ---- the run -----------------------------------------------------------------------
@@ -173,7 +173,7 @@ def run_model(
     plan.at_mlp = read_at
     if edges is not None and edges.reference is not None and not plan.capture and not plan.patches:
         plan.edges.reused = reused_nodes(lm, edges, plan.edges, read_at, plan.at)
-        _plan_reused_heads(lm, plan)
+        plan_reused_heads(lm, plan)
 
     with ExitStack() as stack:
         top = plan.top
@@ -217,34 +217,6 @@ def run_model(
         reused = plan.edges.reused  # (their reference's own tensors: nothing changes those)
         deltas = {site: reused.get(site, plan.edges.delta[i]) for i, site in enumerate(plan.edges.sites)}
     return Run(logits=logits, cache=plan.cache, deltas=deltas, deltas_at=read_at if deltas else None)
-
-
-def _plan_reused_heads(lm: "LoadedModel", plan: _Plan) -> None:
-    """For the layers with heads taken from the edge reference (`edge_engine.reused_nodes`):
-    the q/k/v units only those heads read (not projected: their columns are left 0, and
-    nothing reads those heads' z, since the layer's output is built from every head's
-    delta: `_attn_with_reused`), and the distinct input rows the other units read (the
-    only ones mixed)."""
-    edges, g = plan.edges, lm.adapter.kv_group()
-    for layer in range(plan.start, lm.shape.n_layers):
-        heads = {h for h in range(lm.shape.n_heads) if Head(layer, h) in edges.reused}
-        # a head whose key/value head serves one that is computed is computed too (with its
-        # keys and values, a zeroed query would still average them)
-        kv = {u for u in range(lm.shape.n_heads // g) if all(u * g + i in heads for i in range(g))}
-        for h in [h for h in heads if h // g not in kv]:
-            heads.discard(h)
-            del edges.reused[Head(layer, h)]
-        if not heads:
-            continue
-        plan.reused_units[(layer, Channel.Q)] = heads
-        plan.reused_units[(layer, Channel.K)] = plan.reused_units[(layer, Channel.V)] = kv
-        if layer in edges.attn:
-            group = edges.attn[layer]
-            rows = {group.inverse[i] for c, units in edges.qkv_recv.get(layer, {}).items()
-                    for u, i in units if u not in plan.reused_units[(layer, c)]}
-            if layer in edges.attn_base:
-                rows.add(edges.attn_base[layer])
-            plan.qkv_rows[layer] = rows
 
 
 def _refuse_compiled(lm: "LoadedModel") -> None:
@@ -428,14 +400,14 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
         qkv_sites = plan.layer_heads(layer, _QKV)
         pattern_patch = any(isinstance(s, Head) and s.layer == layer and s.channel is Channel.PATTERN
                             for s in plan.patches)
-        need_resid = qkv_sites or bool(qkv_recv)
+        some_reused = (layer, Channel.Q) in plan.reused_units  # then every unit's columns are written or zeroed
+        need_resid = qkv_sites or bool(qkv_recv) or some_reused
         block_needed = (need_resid or Resid(layer) in touched
                         or (layer == 0 and (Embed() in touched or (edges and edges.embed_slot is not None))))
         if block_needed:
             hooks.append((adapter.blocks()[layer], _block_hook(layer, plan), "pre"))
         if rebase:  # the norm reads an edge input: every projection rewrites the units it misleads
             hooks.append((adapter.attn_norm(layer), _attn_norm_hook(layer, plan), "pre"))
-        some_reused = (layer, Channel.Q) in plan.reused_units  # then every unit's columns are written or zeroed
         channels = set(_QKV) if rebase or reuse or some_reused else \
             {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
         if pattern_patch:
@@ -454,13 +426,13 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
             edges is not None and layer in edges.head_slots)
         if per_head:
             hooks.append((adapter.out_proj(layer), _z_hook(layer, plan), "pre"))
-            if some_reused:  # the layer's output is built from its heads' deltas (`_attn_with_reused`)
+            if some_reused:  # the layer's output is built from its heads' deltas (`edge_reference.attn_with_reused`)
                 hooks.append((adapter.out_proj(layer), None, "skip"))
             hooks.append((adapter.attn(layer), _attn_hook(lm, layer, plan), "fwd"))
         if (edges is not None and layer in edges.mlp) or MlpIn(layer) in touched:
             hooks.append((adapter.mlp_norm(layer), _mlp_in_hook(layer, plan), "pre"))
         if edges is not None and Mlp(layer) in edges.reused:  # as in the reference pass: not computed
-            hooks.append((adapter.mlp(layer), _reused_mlp(layer, plan), "forward"))
+            hooks.append((adapter.mlp(layer), reused_mlp(layer, plan), "forward"))
         if shape.has_mlp and (Mlp(layer) in touched or (edges is not None and layer in edges.mlp_slot)):
             hooks.append((adapter.mlp(layer), _mlp_out_hook(layer, plan), "fwd"))
     if Resid(n) in touched or (edges is not None and edges.logits is not None):
@@ -694,18 +666,6 @@ def _z_hook(layer: int, plan: _Plan):
     return hook
 
 
-def _head_outputs(zh: torch.Tensor, w_o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, H, T, D]: each head's own output `z_h @ W_O[h]` from zh [B, T, H, dh] and
-    w_o [H, dh, D]; a view of `out` [H, B, T, D] when given (one GEMM per head)."""
-    b, t, n, dh = zh.shape
-    zc = zh.permute(2, 0, 1, 3).reshape(n, b * t, dh)
-    if out is None:
-        out = torch.bmm(zc, w_o).view(n, b, t, -1)
-    else:
-        torch.bmm(zc, w_o, out=out.view(n, b * t, -1))
-    return out.transpose(0, 1)
-
-
 def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
     adapter = lm.adapter
     n_heads = lm.shape.n_heads
@@ -713,7 +673,7 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
 
     def hook(module, args, output):
         if (layer, Channel.Q) in plan.reused_units:
-            return _attn_with_reused(lm, layer, plan, output)
+            return attn_with_reused(lm, layer, plan, output)
         attn_out, weights = output[0], output[1]
         z = plan.z.pop(layer)
         b, t = z.shape[:2]
@@ -732,9 +692,9 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
             hs, slots, srcs = edges.head_slots[layer]
             in_delta = (isinstance(hs, slice) and hs == slice(0, n_heads) and isinstance(slots, slice) and not torch.is_grad_enabled()
                         and not any(Head(layer, h) in plan.capture for h in range(n_heads)) and not at_one)
-            heads = _head_outputs(zh, w_o, edges.delta[slots] if in_delta else None)
+            heads = head_outputs(zh, w_o, edges.delta[slots] if in_delta else None)
         elif patterns:
-            heads = _head_outputs(zh, w_o)
+            heads = head_outputs(zh, w_o)
         delta = None
         new_weights = weights
         for h in range(n_heads):
@@ -792,42 +752,6 @@ def _attn_hook(lm: "LoadedModel", layer: int, plan: _Plan):
     return hook
 
 
-def _attn_with_reused(lm: "LoadedModel", layer: int, plan: _Plan, output):
-    """The attention output and the heads' deltas of a layer some of whose heads are taken
-    from the edge reference (their q/k/v columns were left 0 and nothing reads their z):
-    the other heads' outputs are computed as usual; the layer's output is every head's
-    delta plus its ablated value, plus W_O's bias (the output projection did not run).
-    Edge patches only (no node patch or capture: `reused_nodes`), every head a sender."""
-    edges = plan.edges
-    z = plan.z.pop(layer)
-    b, t = z.shape[:2]
-    n_heads = lm.shape.n_heads
-    hs_o, slots_o, srcs_o = edges.head_slots[layer]
-    hs, slots, srcs = (list(range(v.start, v.stop)) if isinstance(v, slice) else v.tolist()
-                       for v in edges.head_slots[layer])
-    at = plan.at if plan.at is not None and layer == plan.top else None  # z, heads: at the logits' token
-    computed = [k for k, h in enumerate(hs) if Head(layer, h) not in edges.reused]
-    if computed:
-        which = torch.tensor([hs[k] for k in computed], device=z.device)
-        zh = z.reshape(b, t, n_heads, -1).index_select(2, which)
-        heads = _head_outputs(zh, lm.adapter.out_weight(layer).index_select(0, which))  # [B, Hc, T|1, D]
-        sl, sr = [slots[k] for k in computed], [srcs[k] for k in computed]
-        if at is not None:
-            edges.put_at(sl, at, heads[:, :, 0].transpose(0, 1) - edges.ablated_at(sr, at))
-        else:
-            edges.delta[torch.tensor(sl, device=z.device)] = heads.transpose(0, 1) - edges.ablated_of(sr).transpose(0, 1)
-    for k, h in enumerate(hs):
-        if Head(layer, h) in edges.reused:
-            edges.put_reused(slots[k], Head(layer, h), at)
-    if at is None:
-        out = edges.delta[slots_o].sum(0) + edges.ablated_of(srcs_o).sum(1)
-    else:
-        rows = torch.arange(len(at), device=z.device)
-        out = (edges.delta[slots_o][:, rows, at.to(z.device)].sum(0) + edges.ablated_at(srcs_o, at).sum(0))[:, None]
-    bias = lm.adapter.out_bias(layer)
-    return (out if bias is None else out + bias, *output[1:])
-
-
 def _mlp_in_hook(layer: int, plan: _Plan):
     """The stream MLP `layer` reads (its norm's input): edge patches, then `MlpIn` patches."""
     site = MlpIn(layer)
@@ -854,16 +778,6 @@ def _mlp_in_hook(layer: int, plan: _Plan):
     return hook
 
 
-def _reused_mlp(layer: int, plan: _Plan):
-    """A forward for MLP `layer` when it gives what it gave in the edge reference
-    (`edge_engine.reused_nodes`): that output, at the logits' token alone where the last
-    MLP runs there (its input is then [B, 1, D])."""
-    def forward(x, *args, **kwargs):
-        at = plan.at_mlp if layer == plan.top else None
-        return plan.edges.reused_output(Mlp(layer), at)
-    return forward
-
-
 def _mlp_out_hook(layer: int, plan: _Plan):
     site = Mlp(layer)
 
@@ -875,7 +789,8 @@ def _mlp_out_hook(layer: int, plan: _Plan):
         edges = plan.edges
         if edges is not None and layer in edges.mlp_slot:
             i, src = edges.mlp_slot[layer]
-            if Mlp(layer) in edges.reused:  # its reference delta (at the logits' token where it ran there)
+            if Mlp(layer) in edges.reused:  # its reference delta (where the last MLP ran at the logits'
+                #                              token, only that token of it is ever read)
                 edges.put_reused(i, Mlp(layer))
             elif plan.at is not None and layer == plan.top:  # output [B, 1, D] at the logits' token
                 edges.put_at([i], plan.at, (output[:, 0] - edges.ablated_at([src], plan.at)[0])[None])

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import circuitlang
-from circuitlang.discover.acdc import acdc, default_order
+from circuitlang.discover.acdc import _Faith, acdc, default_order
 from circuitlang.discover.problem import EdgeSpace, Problem
 from circuitlang.discover.rundir import RunDir
 from circuitlang.errors import DiscoveryError
-from circuitlang.models import LoadedModel
+from circuitlang.models import EdgePatch, EdgeReference, LoadedModel
 from circuitlang.sites import ALL, Head, Logits, Position
 from circuitlang.tasks import load_task
 
@@ -154,6 +154,46 @@ def test_batched_decisions_equal_the_sequential_algorithm_on_many_cases(case):
     _check_against_the_sequential_algorithm(case)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("metric", ["kl", "logit_diff"])
+def test_an_accepted_circuit_is_the_reference_its_own_pass_gives(arch, metric):
+    """`_Faith.accept` makes circuit j of the last call the reference of later passes: its
+    mask and each sender's delta as a pass of that circuit alone gives them (below the
+    resume layer too; the last layer's at the logits' token), taken out of a pass of two
+    circuits that was itself referred to an earlier accepted one."""
+    lm = _random_model(arch, 3, layers=3, heads=2)
+    task = load_task("induction", tokenizer=None, length=4, vocab=16)
+    prompts = task.prompts(4, 0)
+    space = EdgeSpace.build(lm.edge_set(), (ALL,))
+    problem = Problem(lm, task, prompts, metric, "corrupt", space, batch_size=4)
+    faith = _Faith(problem, rows=8)  # two circuits per pass
+    es, n = space.edge_set, problem.n
+    top = lm.shape.n_layers - 1
+    layer = torch.tensor([lm.shape.n_layers if isinstance(r, Logits) else r.layer for r in es.receivers])
+    late = (layer[space.pairs[:, 0]] >= top).nonzero()[:, 0]  # edges into the last layer and the logits
+    g = torch.Generator().manual_seed(1)
+    rows = torch.arange(n)
+    ablated = problem.ablated(rows)
+    for rnd in range(2):
+        kept = torch.ones(4, len(space), dtype=torch.bool)
+        kept[:, late] = torch.rand(4, len(late), generator=g) < 0.5  # the passes resume at the last layer
+        faith(kept)
+        before = faith.reference
+        faith.accept(3)  # the second circuit of the last pass
+        ref = faith.reference
+        assert ref is not before
+        mask = space.masks(kept[3:], prompts)
+        torch.testing.assert_close(ref.mask, mask[0])
+        # (a reference with no deltas: every node computed, every sender's delta kept)
+        _, run = problem.forward_run(rows, edges=EdgePatch.from_set(es, ablated, mask, EdgeReference(mask[0], {})))
+        assert set(ref.deltas) == set(run.deltas) == set(es.senders)
+        for s, d in run.deltas.items():
+            got = ref.deltas[s]
+            if getattr(s, "layer", -1) == top and run.deltas_at is not None:
+                d, got = d[rows, run.deltas_at], got[rows, ref.at]
+            torch.testing.assert_close(got, d, atol=1e-5, rtol=1e-5, msg=f"round {rnd}: {s}")
+
+
 # ---- the planted circuit ------------------------------------------------------------------
 @pytest.mark.parametrize("metric", ["kl", "logit_diff"])
 def test_acdc_recovers_the_planted_circuit(planted, metric):
@@ -263,7 +303,7 @@ _KILLED_RUN = textwrap.dedent("""
     from circuitlang.discover.acdc import acdc
     from circuitlang.discover.problem import Problem
     from circuitlang.discover.rundir import RunDir
-    from circuitlang.models import LoadedModel
+    from circuitlang.models import EdgePatch, EdgeReference, LoadedModel
 
     lm = LoadedModel.from_hf(pc.model(), pc.tokenizer(), name="planted-acdc")
     task = pc.FreshInduction(lm.tokenizer, length=6)

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import circuitlang.models.run as run_engine
 from circuitlang.discover.faithfulness import curve
 from circuitlang.discover.problem import EdgeSpace, Problem
-from circuitlang.models import LoadedModel
+from circuitlang.models import EdgeReference, LoadedModel
 from circuitlang.sites import ALL
 from circuitlang.tasks import load_task
 
@@ -45,15 +44,14 @@ def test_chained_circuits_score_as_each_alone(arch, ablation, monkeypatch):
     for i, k in enumerate([0, 2, 5, 20, len(space) // 2, len(space)]):  # each grows from the one before
         kept[i, ranking[:k]] = True
     alone = problem.score(kept, chained=False)
-    taken = []
-    real = run_engine.reused_nodes
+    taken = []  # per pass: the nodes it took from the previous circuit's (their very tensors)
+    real = EdgeReference.from_run
 
-    def counting(*args):
-        out = real(*args)
-        taken.append(len(out))
-        return out
+    def recording(run, mask, rows=slice(None), *, previous=None, known=None):
+        taken.append(sum(d is previous.deltas.get(s) for s, d in run.deltas.items()))
+        return real(run, mask, rows, previous=previous, known=known)
 
-    monkeypatch.setattr(run_engine, "reused_nodes", counting)
+    monkeypatch.setattr(EdgeReference, "from_run", staticmethod(recording))
     chained = problem.score(kept, chained=True)
     np.testing.assert_allclose(chained, alone, atol=1e-5, rtol=1e-5)
     assert len(taken) == len(kept) and max(taken) > 0  # some nodes were taken from the previous circuit

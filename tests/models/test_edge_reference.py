@@ -11,7 +11,7 @@ import torch
 
 from circuitlang.errors import ModelError
 from circuitlang.models import EdgePatch, EdgeReference
-from circuitlang.sites import Logits
+from circuitlang.sites import Channel, Head, Logits, Mlp
 
 
 def _ablated(lm, corrupt, senders, ablation):
@@ -109,3 +109,67 @@ def test_a_reference_of_the_wrong_shape_is_refused(tiny, tokens):
         lm.run(clean, edges=EdgePatch.from_set(es, ablated, mask, EdgeReference(mask[0] * 0, bad)))
     assert err.value.diagnostics[0].code == "model.bad-reference"
     assert "divisor" in err.value.diagnostics[0].hint
+
+
+@pytest.mark.parametrize("start", [0, 1])
+@pytest.mark.parametrize("read_at", [False, True])
+def test_one_changed_query_takes_every_node_it_cannot_reach(tiny, tokens, start, read_at):
+    """One circuit whose last-layer head 0 reads other edges into its query than the
+    reference's: every node below that layer is taken (MLPs too), and in that layer every
+    head outside head 0's key/value group (a layer of reused and computed heads under
+    grouped-query attention); the pass is the one without the reference."""
+    _, lm = tiny
+    clean, corrupt = tokens
+    es = lm.edge_set()
+    b = clean.shape[0]
+    top, g = lm.shape.n_layers - 1, lm.adapter.kv_group()
+    valid = es.valid().float()
+    movable = (_receiver_layers(lm, es) >= start).float()[:, None] * valid
+    ref_mask = (torch.rand(valid.shape, generator=torch.Generator().manual_seed(5)) < 0.5).float() * movable
+    ablated = _ablated(lm, corrupt, es.senders, "corrupt")
+    at = torch.tensor([8, 3, 5]) if read_at else None
+    resume = (lm.clean_pass(clean, senders=es.senders), start) if start else None
+    first = lm.run(clean, edges=EdgePatch.from_set(es, ablated, ref_mask[None], EdgeReference(ref_mask, {})),
+                   logits_at=at, resume=resume)
+    reference = EdgeReference(ref_mask, {s: d.clone() for s, d in first.deltas.items()}, first.deltas_at)
+    mask = ref_mask.clone()
+    r = es.receivers.index(Head(top, 0, Channel.Q))
+    mask[r] = (1 - ref_mask[r]) * valid[r]
+    want = lm.run(clean, edges=EdgePatch.from_set(es, ablated, mask[None]), logits_at=at, resume=resume)
+    want_logits = want.logits.clone()
+    got = lm.run(clean, edges=EdgePatch.from_set(es, ablated, mask[None], reference), logits_at=at, resume=resume)
+    torch.testing.assert_close(got.logits, want_logits, atol=1e-5, rtol=1e-5)
+    taken = {s for s in es.senders if got.deltas[s] is reference.deltas[s]}
+    below = {s for s in es.senders if isinstance(s, (Head, Mlp)) and s.layer < top}
+    assert below <= taken
+    assert any(isinstance(s, Mlp) for s in taken)
+    top_heads = {Head(top, h) for h in range(lm.shape.n_heads)}
+    assert taken & top_heads == {Head(top, h) for h in range(g, lm.shape.n_heads)}
+
+
+def test_a_layer_without_receivers_some_of_whose_heads_are_taken(tiny, tokens):
+    """A patch whose receivers leave out a layer's heads, with a reference holding the
+    deltas of only some of them (whole key/value groups): those are taken, the others
+    computed from the stream."""
+    _, lm = tiny
+    clean, corrupt = tokens
+    es = lm.edge_set()
+    receivers = [r for r in es.receivers if not (isinstance(r, Head) and r.layer == 1)]
+    rows = [es.receivers.index(r) for r in receivers]
+    valid = es.valid().float()[rows]
+    ablated = _ablated(lm, corrupt, es.senders, "corrupt")
+    mask = (torch.rand(valid.shape, generator=torch.Generator().manual_seed(2)) < 0.5).float() * valid
+    first = lm.run(clean, edges=EdgePatch(ablated, mask[None], es.senders, receivers, EdgeReference(mask, {})))
+    g = lm.adapter.kv_group()
+    kept = {Head(1, h) for h in range(g * max(1, lm.shape.n_heads // g // 2))}
+    reference = EdgeReference(mask, {s: d.clone() for s, d in first.deltas.items()
+                                     if not (isinstance(s, Head) and s.layer == 1) or s in kept})
+    changed = mask.clone()
+    r = receivers.index(Logits())
+    changed[r] = (1 - mask[r]) * valid[r]
+    want = lm.run(clean, edges=EdgePatch(ablated, changed[None], es.senders, receivers)).logits.clone()
+    got = lm.run(clean, edges=EdgePatch(ablated, changed[None], es.senders, receivers, reference))
+    torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=1e-5)
+    taken = {s for s in es.senders if got.deltas[s] is reference.deltas.get(s)}
+    assert kept <= taken
+    assert not {Head(1, h) for h in range(lm.shape.n_heads)} - kept & taken

@@ -142,6 +142,18 @@ def linear_bias(module: nn.Module) -> torch.Tensor | None:
     return resident(module, "bias")
 
 
+def head_outputs(zh: torch.Tensor, w_o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, T, D]: each head's own output `z_h @ W_O[h]` from zh [B, T, H, dh] and
+    w_o [H, dh, D]; a view of `out` [H, B, T, D] when given (one GEMM per head)."""
+    b, t, n, dh = zh.shape
+    zc = zh.permute(2, 0, 1, 3).reshape(n, b * t, dh)
+    if out is None:
+        out = torch.bmm(zc, w_o).view(n, b, t, -1)
+    else:
+        torch.bmm(zc, w_o, out=out.view(n, b * t, -1))
+    return out.transpose(0, 1)
+
+
 class Adapter(ABC):
     """Module accessors and weight layouts for one architecture.
 
