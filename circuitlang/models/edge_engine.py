@@ -337,6 +337,12 @@ def _valid_matrix(senders: tuple, receivers: tuple, shape) -> torch.Tensor:
     ).reshape(len(receivers), len(senders))
 
 
+def qkv_unit(receiver: Head, kv_group: int) -> int:
+    """The projection unit a head's q/k/v receiver names: its head for the query; under
+    grouped-query attention its key/value head (`kv_group` query heads share one)."""
+    return receiver.head if receiver.channel is Channel.Q else receiver.head // kv_group
+
+
 def _check_reference(ref, n_r: int, n_s: int, batch: int, tokens: int, d_model: int) -> None:
     """An `EdgeReference` fits the patch: a mask [R, S] and deltas [n, T, D] whose n rows,
     repeated, are the batch's."""
@@ -453,7 +459,7 @@ def _prepare_edges(lm: "LoadedModel", edges: EdgePatch, x_shape: tuple[int, int]
     logits = None
     for r, site in enumerate(receivers):
         if isinstance(site, Head):
-            unit = site.head if site.channel is Channel.Q else site.head // kv_group
+            unit = qkv_unit(site, kv_group)
             if (site.layer, site.channel, unit) in seen:
                 raise ModelError(
                     f"{site}: query heads {unit * kv_group}-{unit * kv_group + kv_group - 1} share one "

@@ -18,13 +18,15 @@ import numpy as np
 import torch
 
 from circuitlang.models.adapters.base import head_outputs
-from circuitlang.models.edge_engine import _Edges, _valid_matrix
+from circuitlang.models.edge_engine import _Edges, _valid_matrix, qkv_unit
 from circuitlang.models.interventions import EdgePatch, sender_key
 from circuitlang.sites import Channel, Embed, Head, Mlp
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
     from circuitlang.models.run import _Plan
+
+_QKV = (Channel.Q, Channel.K, Channel.V)
 
 
 def reused_nodes(lm: "LoadedModel", patch: EdgePatch, edges: _Edges, read_at: torch.Tensor | None,
@@ -102,15 +104,13 @@ def _node_inputs(senders: tuple, receivers: tuple, shape, g: int):
     channel_of: dict = {}
     for r, site in enumerate(receivers):
         if isinstance(site, Head):
-            unit = site.head if site.channel is Channel.Q else site.head // g
-            channel_of[(site.layer, site.channel, unit)] = r
+            channel_of[(site.layer, site.channel, qkv_unit(site, g))] = r
         elif isinstance(site, Mlp):
             channel_of[("mlp", site.layer)] = r
     out = []
     for node in sorted(nodes, key=sender_key):
         if isinstance(node, Head):
-            inputs = [channel_of.get((node.layer, Channel.Q, node.head))]
-            inputs += [channel_of.get((node.layer, c, node.head // g)) for c in (Channel.K, Channel.V)]
+            inputs = [channel_of.get((node.layer, c, qkv_unit(node.with_channel(c), g))) for c in _QKV]
         else:
             inputs = [channel_of.get(("mlp", node.layer))]
         out.append((node, index[node], tuple(inputs)))
