@@ -66,6 +66,10 @@ class Channel(enum.Enum):
         return self in (Channel.Q, Channel.K, Channel.V)
 
 
+#: A head's input channels, in the order its projections compute them.
+QKV = (Channel.Q, Channel.K, Channel.V)
+
+
 @dataclass(frozen=True, slots=True)
 class Embed:
     """Token + positional embedding: the residual stream before block 0."""

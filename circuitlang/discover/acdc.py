@@ -84,8 +84,7 @@ below L are the clean pass's). On the 4-layer benchmark model about 70% of the h
 a third of the MLPs above L are taken from the reference. One chunk of prompts only (a
 pass over several chunks overwrites the buffer its deltas are read from), edges over
 all positions, while the chunk's values fit in 1 GiB (as for resuming), and the same
-float caveat as above (a node computed in another batch
-shape differs in the last bits).
+float caveat as above (a node computed in another batch shape differs in the last bits).
 
 **Checkpoints.** With a run directory, after every pass that finishes the edges of a
 receiver, `acdc.pt` (tau, the order, the decisions so far and p) is written atomically,
@@ -218,8 +217,9 @@ class _Faith:
         #: gave there, so that a pass computes only the nodes its circuits change (`accept`)
         self.reference = None
         self._full = None  # the full model as a reference: the clean pass's deltas
-        self._last = None  # (run, masks, k, first circuit, resume layer) of the last pass, while its
-        #                    deltas are in the buffer
+        # (run, masks, k, first circuit, resume layer) of the last pass: its deltas are views of
+        # the reused buffer, valid until the next pass (held so that `accept` can copy them out)
+        self._last = None
         self.reuse = len(self.chunks) == 1 and not problem.space.per_position
         shape = problem.model.shape
         self.layer = torch.tensor([shape.n_layers if isinstance(r, Logits) else r.layer

@@ -42,7 +42,6 @@ from circuitlang.sites import Channel, Embed, Head, Mlp
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
 
-_QKV = (Channel.Q, Channel.K, Channel.V)
 
 from circuitlang.models.patches import check_site
 

@@ -20,13 +20,11 @@ import torch
 from circuitlang.models.adapters.base import head_outputs
 from circuitlang.models.edge_engine import _Edges, _valid_matrix, qkv_unit
 from circuitlang.models.interventions import EdgePatch, sender_key
-from circuitlang.sites import Channel, Embed, Head, Mlp
+from circuitlang.sites import QKV, Channel, Embed, Head, Mlp
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
     from circuitlang.models.run import _Plan
-
-_QKV = (Channel.Q, Channel.K, Channel.V)
 
 
 def reused_nodes(lm: "LoadedModel", patch: EdgePatch, edges: _Edges, read_at: torch.Tensor | None,
@@ -110,11 +108,12 @@ def _node_inputs(senders: tuple, receivers: tuple, shape, g: int):
     out = []
     for node in sorted(nodes, key=sender_key):
         if isinstance(node, Head):
-            inputs = [channel_of.get((node.layer, c, qkv_unit(node.with_channel(c), g))) for c in _QKV]
+            inputs = [channel_of.get((node.layer, c, qkv_unit(node.with_channel(c), g))) for c in QKV]
         else:
             inputs = [channel_of.get(("mlp", node.layer))]
         out.append((node, index[node], tuple(inputs)))
     return tuple(out)
+
 
 def plan_reused_heads(lm: "LoadedModel", plan: _Plan) -> None:
     """For the layers with heads taken from the edge reference (`reused_nodes`):
@@ -142,6 +141,7 @@ def plan_reused_heads(lm: "LoadedModel", plan: _Plan) -> None:
             if layer in edges.attn_base:
                 rows.add(edges.attn_base[layer])
             plan.qkv_rows[layer] = rows
+
 
 def attn_with_reused(lm: "LoadedModel", layer: int, plan: _Plan, output):
     """The attention output and the heads' deltas of a layer some of whose heads are taken
@@ -177,6 +177,7 @@ def attn_with_reused(lm: "LoadedModel", layer: int, plan: _Plan, output):
         out = (edges.delta[all_slots][:, rows, at.to(z.device)].sum(0) + edges.ablated_at(all_srcs, at).sum(0))[:, None]
     bias = lm.adapter.out_bias(layer)
     return (out if bias is None else out + bias, *output[1:])
+
 
 def reused_mlp(layer: int, plan: _Plan):
     """A forward for MLP `layer` when it gives what it gave in the edge reference

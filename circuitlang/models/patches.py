@@ -12,8 +12,6 @@ from circuitlang.sites import Channel, Embed, Head, Logits, Mlp, MlpIn, PosEmbed
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
 
-_QKV = (Channel.Q, Channel.K, Channel.V)
-
 
 # ---- checking sites and applying patch values ---------------------------------------
 def check_site(lm: "LoadedModel", site: Site) -> None:

@@ -43,6 +43,7 @@ from circuitlang.sites import (
     Mlp,
     MlpIn,
     PosEmbed,
+    QKV,
     Resid,
     Site,
     TokenEmbed,
@@ -51,7 +52,6 @@ from circuitlang.sites import (
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
 
-_QKV = (Channel.Q, Channel.K, Channel.V)
 
 
 # ---- the run -----------------------------------------------------------------------
@@ -397,7 +397,7 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
         qkv_recv = edges.qkv_recv.get(layer, {}) if edges else {}
         reuse = plan.reuse is not None and layer == plan.start  # every unit's columns: `_reused_projection`
         rebase = edges is not None and layer in edges.attn_base and not reuse
-        qkv_sites = plan.layer_heads(layer, _QKV)
+        qkv_sites = plan.layer_heads(layer, QKV)
         pattern_patch = any(isinstance(s, Head) and s.layer == layer and s.channel is Channel.PATTERN
                             for s in plan.patches)
         some_reused = (layer, Channel.Q) in plan.reused_units  # then every unit's columns are written or zeroed
@@ -408,8 +408,8 @@ def _component_hooks(lm: "LoadedModel", plan: _Plan) -> list[tuple[torch.nn.Modu
             hooks.append((adapter.blocks()[layer], _block_hook(layer, plan), "pre"))
         if rebase:  # the norm reads an edge input: every projection rewrites the units it misleads
             hooks.append((adapter.attn_norm(layer), _attn_norm_hook(layer, plan), "pre"))
-        channels = set(_QKV) if rebase or reuse or some_reused else \
-            {c for c in _QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
+        channels = set(QKV) if rebase or reuse or some_reused else \
+            {c for c in QKV if c in qkv_recv or plan.layer_heads(layer, [c])}
         if pattern_patch:
             channels.add(Channel.V)
         by_module: dict[int, tuple[torch.nn.Module, list[Channel]]] = {}
@@ -610,7 +610,7 @@ def _reuses_columns(lm: "LoadedModel", plan: _Plan) -> bool:
     if plan.capture or plan.patches or not isinstance(edges.delta, torch.Tensor) or layer not in edges.attn:
         return False
     width: dict[int, list] = {}
-    for c in _QKV:
+    for c in QKV:
         proj = lm.adapter.projection(layer, c)
         width.setdefault(id(proj.module), [proj.module, 0])[1] += proj.columns.numel()
     return all(n == linear_weight_in_out(module).shape[1] for module, n in width.values())

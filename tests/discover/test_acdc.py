@@ -303,7 +303,7 @@ _KILLED_RUN = textwrap.dedent("""
     from circuitlang.discover.acdc import acdc
     from circuitlang.discover.problem import Problem
     from circuitlang.discover.rundir import RunDir
-    from circuitlang.models import EdgePatch, EdgeReference, LoadedModel
+    from circuitlang.models import LoadedModel
 
     lm = LoadedModel.from_hf(pc.model(), pc.tokenizer(), name="planted-acdc")
     task = pc.FreshInduction(lm.tokenizer, length=6)

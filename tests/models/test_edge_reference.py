@@ -161,7 +161,9 @@ def test_a_layer_without_receivers_some_of_whose_heads_are_taken(tiny, tokens):
     mask = (torch.rand(valid.shape, generator=torch.Generator().manual_seed(2)) < 0.5).float() * valid
     first = lm.run(clean, edges=EdgePatch(ablated, mask[None], es.senders, receivers, EdgeReference(mask, {})))
     g = lm.adapter.kv_group()
-    kept = {Head(1, h) for h in range(g * max(1, lm.shape.n_heads // g // 2))}
+    if lm.shape.n_heads // g < 2:
+        pytest.skip("one key/value group: a layer's heads are taken all together or not at all")
+    kept = {Head(1, h) for h in range(g * (lm.shape.n_heads // g // 2))}
     reference = EdgeReference(mask, {s: d.clone() for s, d in first.deltas.items()
                                      if not (isinstance(s, Head) and s.layer == 1) or s in kept})
     changed = mask.clone()
