@@ -725,8 +725,9 @@ class Scrubber:
             stacked = np.stack([np.stack([c.astype(np.uint64) for c in columns[i]]) for i in which])  # [K, cols, N]
             # both lanes at once: lane L hashes each column as mix(col + L + 1), then chains
             mixed = _mix(stacked[None] + _LANE_SALT[:, None])  # [2, K, cols, N]
-            seeds = np.array([[int(_mix(np.uint64(hash((statics[i], lane)) & _MASK))[0]) for i in which]
-                              for lane in (0, 1)], dtype=np.uint64)  # [2, K]
+            base = [hash(statics[i]) for i in which]  # (a tuple's hash is one of its items' hashes)
+            seeds = _mix(np.array([[hash((b, lane)) & _MASK for b in base] for lane in (0, 1)],
+                                  dtype=np.uint64))  # [2, K]
             h = np.repeat(seeds[:, :, None], stacked.shape[-1], axis=2)  # [2, K, N]
             for j in range(width):
                 h = _mix(h ^ mixed[:, :, j])

@@ -167,7 +167,7 @@ class InterventionGraph:
         return parents[0] if parents else None
 
     def is_leaf(self, n: int) -> bool:
-        return self.graph.in_degree(n) == 0
+        return not self.graph.pred[n]
 
     def postorder(self) -> list[int]:
         """Nodes with every child before its parent (the order of evaluation)."""
@@ -553,23 +553,28 @@ def ir_to_graph(hypothesis) -> InterventionGraph:
     graph = nx.DiGraph()
     counter = iter(range(10**9))
 
+    nodes: list = []  # (id, attributes), edges (child, parent, attributes): added at once, in this order
+    edges: list = []
+    payloads: dict = {}  # template key -> its ScrubNode (one for all of its copies: it is frozen)
+
     def build(key: tuple) -> int:
         t = templates[key]
         n = next(counter)
-        graph.add_node(
-            n,
-            node=ScrubNode(t.site, t.position, t.features, t.role, tuple(sorted(set(t.claims)))),
-        )
+        if key not in payloads:
+            payloads[key] = ScrubNode(t.site, t.position, t.features, t.role, tuple(sorted(set(t.claims))))
+        nodes.append((n, {"node": payloads[key]}))
         seen = set()
         for child_key, transplant in t.children:
             if (child_key, transplant) in seen:
                 continue
             seen.add((child_key, transplant))
             c = build(child_key)
-            graph.add_edge(c, n, transplant=transplant)
+            edges.append((c, n, {"transplant": transplant}))
         return n
 
     root_id = build(root_key)
+    graph.add_nodes_from(nodes)
+    graph.add_edges_from(edges)
     ablation = getattr(hypothesis, "ablation", None)
     mode = getattr(ablation, "mode", ablation) or "resample"
     given = tuple(getattr(ablation, "given", ()) or ())
