@@ -336,7 +336,7 @@ class Problem:
             ablated = self.ablated(index)
             group = max(1, self.batch_size // len(index))
             chain = chained and group == 1 and not self.space.per_position
-            reference = EdgeReference(torch.zeros(len(es.receivers), len(es.senders)), {}) if chain else None
+            reference = self._empty_reference(ablated) if chain else None
             for c0 in range(0, k, group):
                 cs = torch.arange(c0, min(k, c0 + group))
                 rows = index.repeat(len(cs))
@@ -353,6 +353,18 @@ class Problem:
                 if progress is not None:
                     progress(rows_done)
         return out
+
+    def _empty_reference(self, ablated: torch.Tensor) -> EdgeReference:
+        """A chain's first reference. When the ablated values are a forward pass of other
+        prompts (corrupt, resample), the empty circuit: with every edge ablated each head
+        and MLP reads those prompts' stream, so it gives its ablated value, a delta of 0
+        (the empty circuit's own pass then computes no node). Otherwise (mean, zero) none:
+        the first circuit is computed whole."""
+        es = self.space.edge_set
+        if self.ablation not in ("corrupt", "resample"):
+            return EdgeReference(torch.zeros(len(es.receivers), len(es.senders)), {})
+        zero = torch.zeros(1, *ablated.shape[2:], dtype=ablated.dtype, device=ablated.device)  # every row's
+        return EdgeReference(es.valid().to(torch.float32), {s: zero for s in es.senders if s != Embed()})
 
     def full(self, *, metric: str | None = None) -> np.ndarray:
         """The metric of the full model per prompt [N]: the clean run, nothing ablated,
