@@ -31,7 +31,6 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from circuitlang.errors import ModelError
@@ -41,7 +40,6 @@ from circuitlang.sites import Channel, Embed, Head, Mlp
 
 if TYPE_CHECKING:  # pragma: no cover
     from circuitlang.models.load import LoadedModel
-
 
 from circuitlang.models.patches import check_site
 
