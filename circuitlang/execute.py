@@ -1056,8 +1056,9 @@ class Scrubber:
         def hits(position: Position) -> torch.Tensor | None:
             if position.is_all:
                 return None
-            if position not in hit_at:
-                hit_at[position] = self._index(position, rows) == token
+            if position not in hit_at:  # (a token every row reads there: None, a plain copy or add)
+                hit = self._index(position, rows) == token
+                hit_at[position] = None if bool(hit.all()) else hit
             return hit_at[position]
 
         def there(position: Position, prompts: np.ndarray) -> torch.Tensor:
