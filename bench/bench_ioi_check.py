@@ -8,7 +8,8 @@ part's own), on one prompt set:
 2. **check**: `circuitlang check stdlib/ioi.circ -n N --permutations 0 --no-breakdown`
    (the scrubbed and fully ablated graphs, the clean run, the plain captures);
 3. **full**: the check with the per-claim breakdown and K random circuits: the same
-   pipeline as `check` (`checker.prepare`, `verdict.score`), then the breakdown's and
+   pipeline as `check` (`checker.prepare`, `verdict.null_circuits`, `verdict.score`
+   capturing what the random circuits read in its pass), then the breakdown's and
    the permutation null's scrubbing (`variants.claim_breakdown`,
    `variants.permutation_null`) called directly, since on random weights the task
    shows no behaviour and `check` would skip both.
@@ -54,7 +55,7 @@ def part(name: str, folder: str, n: int, permutations: int) -> dict:
     from circuitlang.checker import check, load_hypothesis, prepare
     from circuitlang.ir_to_graph import ir_to_graph
     from circuitlang.models import load_model
-    from circuitlang.verdict import score
+    from circuitlang.verdict import null_circuits, score
 
     torch.set_grad_enabled(False)
     model = load_model(folder)
@@ -81,7 +82,8 @@ def part(name: str, folder: str, n: int, permutations: int) -> dict:
         hypothesis, _ = load_hypothesis(_text(), model=model)
         setup = prepare(hypothesis, model=model, n=n, batch_size=BATCH)
         graph = ir_to_graph(hypothesis)
-        scores = score(graph, setup)
+        drawn = null_circuits(hypothesis, setup, permutations)  # as `check` does: read in the main pass
+        scores = score(graph, setup, later=drawn.graphs)
         out["main_s"] = time.perf_counter() - start
         out["inner_nodes"] = sum(1 for v in graph.graph.nodes if v != graph.root and not graph.is_leaf(v))
         t = time.perf_counter()
@@ -90,7 +92,7 @@ def part(name: str, folder: str, n: int, permutations: int) -> dict:
         out["statements"] = len(claims)
         t = time.perf_counter()
         null = variants.permutation_null(hypothesis, setup.scrubber, scores.clean, scores.random, setup.model.shape,
-                                         permutations, setup.seed, 0.5)
+                                         permutations, setup.seed, 0.5, drawn=drawn)
         out["permutations_s"] = time.perf_counter() - t
         out["random_circuits"] = len(null.scores)
         out["work"] = setup.scrubber.work.as_dict()

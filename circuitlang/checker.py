@@ -209,10 +209,11 @@ def check(
     if not hypothesis.claims and not hypothesis.expectations:  # a file of experiments only
         result = verdict.experiments_only(hypothesis, setup, experiments, started)
     else:
-        scores = verdict.score(graph, setup, progress=progress)                    # execute
+        drawn = verdict.null_circuits(hypothesis, setup, permutations)            # random circuits, their
+        scores = verdict.score(graph, setup, progress=progress, later=drawn.graphs)  # reads in this pass: execute
         result = verdict.judge(hypothesis, graph, setup, scores, experiments=experiments,  # statistics, expect
-                               permutations=permutations, breakdown=breakdown,
-                               max_examples=max_examples, progress=progress, started=started)
+                               permutations=permutations, breakdown=breakdown, max_examples=max_examples,
+                               progress=progress, started=started, drawn=drawn)
     recording.save(result, hypothesis, source, setup)                             # the run directory
     return result
 

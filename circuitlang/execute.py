@@ -242,6 +242,7 @@ class Scrubber:
         self._stores: list[torch.Tensor | None] = []  # chunks of computed rows
         self._levels_run = 0
         self._projections: dict = {}  # (stream, layer, key/value group, channel) -> [N, T, d_head]
+        self._resample_groups: dict = {}  # the prompts' groups by features, for every graph's `Sampler`
         self._projection_floats = 0
         self._reads: torch.Tensor | None = None
         self._positions: dict = {}  # Position -> its token index in every prompt
@@ -410,7 +411,7 @@ class Scrubber:
         return self.scrub_many([graph], seed=seed)[0]
 
     def scrub_many(self, graphs: list[InterventionGraph], *, seed: int, progress=None,
-                   on_level=None) -> list[ScrubResult]:
+                   on_level=None, later: list[InterventionGraph] = ()) -> list[ScrubResult]:
         """Scrub many graphs, level by level of their trees, all graphs of a group at once.
 
         Each graph draws its resamples from its own generator seeded with `seed`, so a
@@ -425,11 +426,16 @@ class Scrubber:
             progress: called with the number of graphs finished after each group.
             on_level: called as `on_level(done, total, what)` after each tree level
                 (`done` and `total` in rows of the current group).
+            later: graphs to be scrubbed by a later call (the permutation test's random
+                circuits): what they read is captured in this call's pass where it fits
+                `CAPTURE_BUDGET` with this call's own, so that the later call runs none.
         """
         results: list[ScrubResult | None] = [None] * len(graphs)
         done = 0
         reads = [self.sites_needed(g) + self._own_channel_sites(g) for g in graphs]
-        self._capture_up_front(graphs, reads)
+        ahead = [self.sites_needed(g) + self._own_channel_sites(g) for g in later]
+        if not (ahead and self._capture_up_front(list(graphs) + list(later), reads + ahead)):
+            self._capture_up_front(graphs, reads)
         for group in self._groups(graphs):
             sites = [s for i in group for s in reads[i]]
             self.cache.ensure(sites)
@@ -468,22 +474,23 @@ class Scrubber:
                 progress(done)
         return results
 
-    def _capture_up_front(self, graphs: list[InterventionGraph], reads: list[list]) -> None:
+    def _capture_up_front(self, graphs: list[InterventionGraph], reads: list[list]) -> bool:
         """Capture what every graph reads (`reads[i]`: graph i's sites) in one pass (one per
         cache), when it fits `CAPTURE_BUDGET`; else each group of graphs captures what it
         lacks. Many graphs (the permutation test's random circuits) would otherwise cost a
-        capture pass per group, each for the few heads it adds."""
+        capture pass per group, each for the few heads it adds. Gives whether it captured."""
         if len(graphs) < 2:
-            return
+            return False
         sites = list(dict.fromkeys(s for sites in reads for s in sites))
         missing = [s for s in sites if s not in self.cache.values]
         streams = {self._capture_key(s) for s in missing}
         n, t = self.prompts.input_ids.shape
         if len(streams) * n * t * self.model.shape.d_model > CAPTURE_BUDGET:
-            return
+            return False
         self.cache.ensure(sites)
         if any(g.ablation == "corrupt" for g in graphs):
             self.corrupt_cache.ensure(sites)
+        return True
 
     @staticmethod
     def _capture_key(site):
@@ -529,7 +536,7 @@ class Scrubber:
     def _sample(self, graph: InterventionGraph, seed: int) -> dict[int, _Inst]:
         """Top-down: the prompt each node runs on, and its remainder prompt."""
         rng = np.random.default_rng(seed)
-        sampler = Sampler(self.prompts, rng, same_length=True)
+        sampler = Sampler(self.prompts, rng, same_length=True, groups=self._resample_groups)
         refs = np.arange(len(self.prompts.input_ids))
         given = tuple(graph.given)
         insts: dict[int, _Inst] = {}

@@ -287,14 +287,17 @@ class Sampler:
         prompts: the task's `PromptSet` (the resampling pool).
         rng: a numpy Generator (the run's seed).
         same_length: also agree on the prompt's token length.
+        groups: where to keep the prompts' groups by features (a dict shared by the
+            samplers of one prompt set and one `same_length`, which draw the same with
+            it as without: the groups are what the prompts give, and only `rng` draws).
     """
 
-    def __init__(self, prompts, rng: np.random.Generator, *, same_length: bool):
+    def __init__(self, prompts, rng: np.random.Generator, *, same_length: bool, groups: dict | None = None):
         self.prompts = prompts
         self.rng = rng
         self.same_length = same_length
         self.lengths = prompts.attention_mask.sum(1).numpy()
-        self._groups: dict = {}
+        self._groups: dict = {} if groups is None else groups
 
     def feature_values(self, feature: Feature) -> list:
         p = self.prompts

@@ -142,11 +142,14 @@ class InterventionGraph:
     semantics: str = DEFAULT_SEMANTICS
     warnings: list[Diagnostic] = field(default_factory=list)
     # what is read of each node, read once (the tree is built whole before it is used, and not
-    # changed): its children, its payload, its input channels, whether each starts from the remainder
+    # changed): its children, its payload, its input channels, whether each starts from the
+    # remainder, its parent, its height
     _children: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _nodes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _channels: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _remainder: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _parents: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _heights: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def node(self, n: int) -> ScrubNode:
         node = self._nodes.get(n)
@@ -154,28 +157,35 @@ class InterventionGraph:
             node = self._nodes[n] = self.graph.nodes[n]["node"]
         return node
 
-    def children(self, n: int) -> list[tuple[int, Transplant]]:
-        """Children of `n` with the way each enters it, in a stable order (a new list)."""
+    def children(self, n: int) -> tuple[tuple[int, Transplant], ...]:
+        """Children of `n` with the way each enters it, in a stable order (increasing id)."""
         kids = self._children.get(n)
         if kids is None:
             kids = [(c, edge["transplant"]) for c, edge in self.graph.pred[n].items()]
-            kids = self._children[n] = sorted(kids, key=lambda item: item[0])
-        return list(kids)
+            kids = self._children[n] = tuple(sorted(kids, key=lambda item: item[0]))
+        return kids
 
     def parent(self, n: int) -> int | None:
+        if n in self._parents:
+            return self._parents[n]
         parents = list(self.graph.successors(n))
-        return parents[0] if parents else None
+        parent = self._parents[n] = parents[0] if parents else None
+        return parent
 
     def is_leaf(self, n: int) -> bool:
-        return not self.graph.pred[n]
+        kids = self._children.get(n)
+        return not (self.graph.pred[n] if kids is None else kids)
 
     def postorder(self) -> list[int]:
         """Nodes with every child before its parent (the order of evaluation)."""
         return list(nx.topological_sort(self.graph))
 
     def height(self, n: int) -> int:
-        kids = self.children(n)
-        return 0 if not kids else 1 + max(self.height(c) for c, _ in kids)
+        known = self._heights.get(n)
+        if known is None:
+            kids = self.children(n)
+            known = self._heights[n] = 0 if not kids else 1 + max(self.height(c) for c, _ in kids)
+        return known
 
     def path(self, n: int) -> tuple:
         """Node `n`'s place in the tree, independent of node numbering: one step per node
@@ -222,7 +232,7 @@ class InterventionGraph:
         return known
 
     def _reads_from_remainder(self, n: int, channel: Channel | None) -> bool:
-        kids = self._children.get(n) or self.children(n)
+        kids = self.children(n)
         if not kids or channel not in self.input_channels(n):
             return False
         if self.semantics == "paths":

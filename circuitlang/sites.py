@@ -54,6 +54,11 @@ class Channel(enum.Enum):
     OUT = "out"
     PATTERN = "pattern"
 
+    # members are singletons compared by identity: hashing by identity agrees with that,
+    # and is a C slot where Enum's hashes the name in Python (sites hash their channel
+    # wherever they key a dict, millions of times in a permutation test)
+    __hash__ = object.__hash__
+
     @classmethod
     def parse(cls, text: str) -> "Channel":
         for channel in cls:

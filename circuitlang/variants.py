@@ -36,7 +36,8 @@ from circuitlang.ir import Hypothesis
 from circuitlang.ir_to_graph import ir_to_graph
 from circuitlang.sites import Channel, Head, Latent, ModelShape, Neuron, Subspace
 
-__all__ = ["Null", "Statement", "claim_breakdown", "permutation_null", "random_circuits", "statements"]
+__all__ = ["Null", "NullCircuits", "Statement", "claim_breakdown", "null_circuits", "permutation_null",
+           "random_circuits", "statements"]
 
 #: Enumerate every random circuit when the injective head maps number at most this many.
 ENUMERATE_UP_TO = 50_000
@@ -448,9 +449,19 @@ def _random_head_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, see
     return RandomCircuits([template.build(heads, pool, p) for p in drawn.values()], None, False, head_by_head)
 
 
-def permutation_null(hypothesis: Hypothesis, scrubber, clean: np.ndarray, random: np.ndarray,
-                     shape: ModelShape, k: int, seed: int, observed: float, progress=None) -> Null:
-    """Score random circuits of the same size (`random_circuits`) and test `observed`."""
+@dataclass(frozen=True, slots=True)
+class NullCircuits:
+    """The permutation test's random circuits (`random_circuits`), drawn and lowered.
+
+    Drawn before the hypothesis's own scrub, their graphs can go to it as `later`
+    (`Scrubber.scrub_many`), so that one capture pass serves both."""
+
+    circuits: RandomCircuits
+    graphs: list
+
+
+def null_circuits(hypothesis: Hypothesis, shape: ModelShape, k: int, seed: int) -> NullCircuits:
+    """`random_circuits` and their intervention graphs."""
     circuits = random_circuits(hypothesis, shape, k, seed)
     graphs = []
     for h in circuits.hypotheses:
@@ -458,6 +469,16 @@ def permutation_null(hypothesis: Hypothesis, scrubber, clean: np.ndarray, random
             graphs.append(ir_to_graph(h))
         except CircuitlangError:  # pragma: no cover - `_valid` already kept edges forward
             continue
+    return NullCircuits(circuits, graphs)
+
+
+def permutation_null(hypothesis: Hypothesis, scrubber, clean: np.ndarray, random: np.ndarray,
+                     shape: ModelShape, k: int, seed: int, observed: float, progress=None,
+                     drawn: NullCircuits | None = None) -> Null:
+    """Score random circuits of the same size (`random_circuits`; `drawn`: those
+    `null_circuits` drew with the same arguments) and test `observed`."""
+    drawn = drawn if drawn is not None else null_circuits(hypothesis, shape, k, seed)
+    circuits, graphs = drawn.circuits, drawn.graphs
     results = scrubber.scrub_many(graphs, seed=seed, progress=progress) if graphs else []
     scores = np.array([stats.recovered(clean, r.scrubbed, random) for r in results])
     return Null(scores, stats.permutation_p_value(observed, scores), circuits.total, circuits.exact,

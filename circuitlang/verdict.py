@@ -32,7 +32,7 @@ from circuitlang.progress import Progress
 from circuitlang.report import CheckResult, PerPrompt
 from circuitlang.stats import Interval
 
-__all__ = ["Scores", "experiments_only", "judge", "remainder_by_node", "score"]
+__all__ = ["Scores", "experiments_only", "judge", "null_circuits", "remainder_by_node", "score"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +44,10 @@ class Scores:
     scrubbed: np.ndarray
 
 
-def score(graph, setup, *, progress=False) -> Scores:
+def score(graph, setup, *, progress=False, later=()) -> Scores:
     """Run a graph and its fully ablated baseline, level by level of the trees (a bar per
-    tree level with an ETA when `progress`)."""
+    tree level with an ETA when `progress`); `later`: graphs scrubbed afterwards whose
+    plain reads are captured in the same pass (`Scrubber.scrub_many`)."""
     scrubber = setup.scrubber
     empty = ir_to_graph(_empty(graph))
     bar = None
@@ -58,11 +59,19 @@ def score(graph, setup, *, progress=False) -> Scores:
         bar.set(done, what)
 
     try:
-        random, scrubbed = scrubber.scrub_many([empty, graph], seed=setup.seed, on_level=on_level)
+        random, scrubbed = scrubber.scrub_many([empty, graph], seed=setup.seed, on_level=on_level, later=later)
     finally:
         if bar is not None:
             bar.close()
     return Scores(scrubber.clean(), random.scrubbed, scrubbed.scrubbed)
+
+
+def null_circuits(hypothesis, setup, permutations: int):
+    """The permutation test's random circuits (none when `permutations` is 0), drawn
+    before `score` so that its capture pass reads what they read too (`later`)."""
+    if not permutations:
+        return variants.NullCircuits(variants.RandomCircuits([], 0, True), [])
+    return variants.null_circuits(hypothesis, setup.model.shape, permutations, setup.seed)
 
 
 def _empty(graph):
@@ -74,8 +83,9 @@ def _empty(graph):
 
 
 def judge(hypothesis, graph, setup, scores: Scores, *, experiments=(), permutations: int, breakdown: bool,
-          max_examples: int, progress=False, started: float | None = None) -> CheckResult:
-    """Everything `check` reports about one hypothesis; see the module docstring."""
+          max_examples: int, progress=False, started: float | None = None, drawn=None) -> CheckResult:
+    """Everything `check` reports about one hypothesis; see the module docstring. `drawn`:
+    the permutation test's circuits, when `null_circuits` drew them before `score`."""
     started = time.perf_counter() if started is None else started
     seed = setup.seed
     clean, random, scrubbed = scores.clean, scores.random, scores.scrubbed
@@ -127,7 +137,8 @@ def judge(hypothesis, graph, setup, scores: Scores, *, experiments=(), permutati
         offset = bar.done
         null = variants.permutation_null(hypothesis, setup.scrubber, clean, random, setup.model.shape,
                                          permutations, seed, recovered.value,
-                                         progress=lambda done: bar.set(offset + done, "random circuits"))
+                                         progress=lambda done: bar.set(offset + done, "random circuits"),
+                                         drawn=drawn)
         result.null_scores = [float(x) for x in null.scores]
         result.p_value = null.p_value
         result.null_exact = null.exact

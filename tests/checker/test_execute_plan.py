@@ -321,3 +321,34 @@ def test_row_keys_hashed_together_equal_each_hashed_alone():
         np.testing.assert_array_equal(b, y)
     lanes = {(int(a[r]), int(b[r])) for a, b in together for r in range(9)}
     assert len(lanes) == 7 * 9
+
+
+@pytest.mark.parametrize("ablation", ["resample", "corrupt"])
+def test_the_nulls_circuits_drawn_first_are_captured_by_the_main_pass(ablation):
+    """`check` draws the permutation test's circuits before its own scrub and hands them
+    to it (`verdict.score`'s `later`): one capture pass per cache serves both, where the
+    null drawn afterwards costs a pass of its own, and every number is the same."""
+    from circuitlang import variants
+    from circuitlang.checker import prepare
+    from circuitlang.verdict import null_circuits, score
+
+    model = load_model("toy-ioi")
+    hypothesis, _ = load_hypothesis(ALIKE.format(ablation=ablation), model=model)
+    graph = ir_to_graph(hypothesis)
+    runs = {}
+    for first in (True, False):
+        setup = prepare(hypothesis, model=model, n=24, batch_size=16)
+        caches = [setup.scrubber.cache] + ([setup.scrubber.corrupt_cache] if ablation == "corrupt" else [])
+        drawn = null_circuits(hypothesis, setup, 12) if first else None
+        scores = score(graph, setup, later=drawn.graphs if first else ())
+        before = [c.passes for c in caches]
+        null = variants.permutation_null(hypothesis, setup.scrubber, scores.clean, scores.random, model.shape,
+                                         12, setup.seed, 0.5, drawn=drawn)
+        assert len(null.scores) == 12
+        added = [c.passes - b for c, b in zip(caches, before)]
+        assert added == ([0] * len(caches) if first else [1] * len(caches))
+        runs[first] = (scores, null)
+    (a, null_a), (b, null_b) = runs[True], runs[False]
+    for x, y in ((a.clean, b.clean), (a.random, b.random), (a.scrubbed, b.scrubbed), (null_a.scores, null_b.scores)):
+        np.testing.assert_array_equal(x, y)
+    assert null_a.p_value == null_b.p_value
