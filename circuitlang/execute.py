@@ -243,6 +243,7 @@ class Scrubber:
         self._levels_run = 0
         self._projections: dict = {}  # (stream, layer, key/value group, channel) -> [N, T, d_head]
         self._resample_groups: dict = {}  # the prompts' groups by features, for every graph's `Sampler`
+        self._read_ahead: dict = {}  # id(graph) -> (graph, its reads), for the last call's `later`
         self._projection_floats = 0
         self._reads: torch.Tensor | None = None
         self._positions: dict = {}  # Position -> its token index in every prompt
@@ -432,8 +433,9 @@ class Scrubber:
         """
         results: list[ScrubResult | None] = [None] * len(graphs)
         done = 0
-        reads = [self.sites_needed(g) + self._own_channel_sites(g) for g in graphs]
-        ahead = [self.sites_needed(g) + self._own_channel_sites(g) for g in later]
+        reads = [self._graph_reads(g) for g in graphs]
+        ahead = [self._graph_reads(g) for g in later]
+        self._read_ahead = {id(g): (g, sites) for g, sites in zip(later, ahead)}
         if not (ahead and self._capture_up_front(list(graphs) + list(later), reads + ahead)):
             self._capture_up_front(graphs, reads)
         for group in self._groups(graphs):
@@ -473,6 +475,14 @@ class Scrubber:
             if progress is not None:
                 progress(done)
         return results
+
+    def _graph_reads(self, graph: InterventionGraph) -> list:
+        """The sites a graph reads (`sites_needed`, and its nodes' own channels), found
+        once for a graph the previous call was given as `later`."""
+        known = self._read_ahead.pop(id(graph), None)
+        if known is not None and known[0] is graph:
+            return known[1]
+        return self.sites_needed(graph) + self._own_channel_sites(graph)
 
     def _capture_up_front(self, graphs: list[InterventionGraph], reads: list[list]) -> bool:
         """Capture what every graph reads (`reads[i]`: graph i's sites) in one pass (one per
